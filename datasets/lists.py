@@ -1,0 +1,427 @@
+"""Image lists and train/test splits of a data root.
+
+A data root is laid out in one of three ways:
+
+- ``root/<class>/<image>``: one sub-folder per class (split here by images or by classes);
+- ``root/train/<class>/<image>`` and ``root/test/<class>/<image>``: split already;
+- ``root/x_train.csv`` and ``root/x_test.csv``: the original system's lists, one
+  ``label,relative/path`` line per image (see :func:`read_csv_list`).
+
+:func:`load_splits` turns a root and the config's ``data.split`` section into a :class:`Splits`
+of two :class:`ImageList` s. Everything is deterministic: folders and files are sorted, and the
+random splits use NumPy generators seeded with the run's seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datasets.images import IMAGE_EXTENSIONS, is_image_name
+from tfcbir import UserError
+
+log = logging.getLogger("tfcbir")
+
+SPLIT_KINDS = ("images", "classes", "folders", "csv", "none")
+CLASS_ORDERS = ("random", "sorted")
+TRAIN_CSV, TEST_CSV = "x_train.csv", "x_test.csv"
+
+# The split's own random stream, kept apart from the sampler's [seed, round] streams.
+_SPLIT_STREAM = 0x5911
+
+
+@dataclass
+class ImageList:
+    """Images of a data set: ``paths[i]`` (posix, relative to ``root``) has class ``labels[i]``.
+
+    ``labels`` ``(N,)`` int32 index ``classes``, the names of ALL the data set's classes (also
+    those without an image in this list, e.g. the test classes of a class-disjoint split), so
+    train and test lists share one label space.
+    """
+
+    root: Path
+    paths: list[str]
+    labels: np.ndarray
+    classes: list[str]
+
+    def __post_init__(self):
+        self.root = Path(self.root)
+        self.paths = list(self.paths)
+        self.labels = np.asarray(self.labels, dtype=np.int32).reshape(-1)
+        if len(self.paths) != len(self.labels):
+            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices) -> ImageList:
+        """The images at ``indices`` (integer array or boolean mask), same root and classes."""
+        indices = np.asarray(indices)
+        if indices.dtype == bool:
+            indices = np.flatnonzero(indices)
+        indices = indices.astype(np.int64).reshape(-1)
+        return ImageList(
+            self.root, [self.paths[i] for i in indices], self.labels[indices], list(self.classes)
+        )
+
+    def absolute_paths(self) -> list[str]:
+        root = str(self.root)
+        return [os.path.join(root, p) for p in self.paths]
+
+    def class_counts(self) -> np.ndarray:
+        """``(C,)`` int64: number of images of each class of ``classes`` (zero for absent ones)."""
+        return np.bincount(self.labels, minlength=len(self.classes)).astype(np.int64)
+
+
+@dataclass
+class Splits:
+    """The training list, the test list (None when there is none) and how they were made.
+
+    ``kind`` is the split actually used: images, classes, folders, csv or none (never auto).
+    """
+
+    train: ImageList
+    test: ImageList | None
+    kind: str
+
+
+def load_splits(root: str | os.PathLike, split: dict, seed: int) -> Splits:
+    """Read the data root and split it as ``split`` says.
+
+    ``split``: ``{"by": auto|images|classes|folders|csv|none, "test_fraction": 0.2,
+    "train_classes": 0.5, "order": "random"}`` (missing keys take these defaults).
+
+    - auto: ``folders`` if root/train and root/test exist, else ``csv`` if root/x_train.csv
+      exists, else ``images``.
+    - images: stratified; each class gives round(test_fraction * n) of its n images (rounded half
+      up) to test, drawn at random, but always keeps at least one for training, so a class with a
+      single image stays in train only.
+    - classes: class-disjoint; round(train_classes * C) classes (half up) train, the rest test.
+      order=random (default) takes the first classes of a seeded permutation; order=sorted takes
+      the first classes in sorted name order, the benchmarks' protocol (CUB-200: classes 1-100
+      train) when folder names sort by class number.
+    - folders, csv: the lists given; csv without x_test.csv has no test list.
+    - none: every image is for training (on a pre-split root: train and test together).
+
+    Raises UserError (one line) for a missing root, no classes or images, an empty side of a
+    split, or a ``by`` that does not match the root's layout.
+    """
+    root = Path(os.path.abspath(os.fspath(root)))
+    by = split.get("by", "auto")
+    test_fraction = float(split.get("test_fraction", 0.2))
+    train_classes = float(split.get("train_classes", 0.5))
+    order = split.get("order", "random")
+    if by not in ("auto", *SPLIT_KINDS):
+        raise UserError(f"data.split.by: {by!r} is not one of auto, {', '.join(SPLIT_KINDS)}")
+    if order not in CLASS_ORDERS:
+        raise UserError(f"data.split.order: {order!r} is not one of {', '.join(CLASS_ORDERS)}")
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise UserError(
+            f"data.root: {root} {what}; give the folder holding the class folders "
+            "(or train/ and test/, or x_train.csv)"
+        )
+
+    layout = _layout(root)
+    if by == "auto":
+        by = {"folders": "folders", "csv": "csv"}.get(layout, "images")
+    if by in ("images", "classes") and layout != "classes":
+        where = "train/ and test/ folders" if layout == "folders" else f"{TRAIN_CSV}"
+        raise UserError(
+            f"data.split.by: {by!r} but {root} is already split ({where}); use "
+            "data.split.by: auto, or point data.root at a folder of class folders"
+        )
+    if by == "folders" and layout != "folders":
+        raise UserError(
+            f"data.split.by: 'folders' but {root} has no train/ and test/ folders; "
+            "add root/train/<class>/ and root/test/<class>/, or use data.split.by: "
+            "auto"
+        )
+    if by == "csv" and layout != "csv":
+        raise UserError(
+            f"data.split.by: 'csv' but {root / TRAIN_CSV} does not exist; write the "
+            "lists (lines 'label,relative/path') or use data.split.by: auto"
+        )
+
+    if by == "folders":
+        train, test = _read_split_folders(root)
+        return Splits(train, test, "folders")
+    if by == "csv":
+        train, test = _read_csv_lists(root)
+        return Splits(train, test, "csv")
+    if by == "none":
+        if layout == "folders":
+            images = _concat(*_read_split_folders(root))
+        elif layout == "csv":
+            images = _concat(*_read_csv_lists(root))
+        else:
+            images = scan_class_folders(root)
+        return Splits(images, None, "none")
+
+    images = scan_class_folders(root)
+    rng = np.random.default_rng([seed, _SPLIT_STREAM])
+    if by == "images":
+        test_mask = _stratified_test_mask(images.labels, len(images.classes), test_fraction, rng)
+        if not test_mask.any():
+            raise UserError(
+                f"data.split.test_fraction: {test_fraction:g} leaves no test image "
+                f"in {root} (each class keeps one image for training); raise it, "
+                "add images, or use data.split.by: none"
+            )
+    else:
+        test_mask = _class_disjoint_test_mask(images, train_classes, order, rng, root)
+    return Splits(images.subset(~test_mask), images.subset(test_mask), by)
+
+
+def _layout(root: Path) -> str:
+    """folders (train/ and test/), csv (x_train.csv) or classes (class folders)."""
+    has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
+    if has_train and has_test:
+        return "folders"
+    if (root / TRAIN_CSV).is_file():
+        return "csv"
+    if has_train != has_test:
+        present, absent = ("train", "test") if has_train else ("test", "train")
+        raise UserError(
+            f"data.root: {root} has {present}/ but no {absent}/; add "
+            f"{root / absent}/<class>/ folders, or rename {present}/ if it is a class"
+        )
+    return "classes"
+
+
+def _round_half_up(x: float) -> int:
+    return math.floor(x + 0.5 + 1e-9)  # 1e-9: 0.1 * 25 = 2.5000000000000004 and 2.4999... alike
+
+
+def _stratified_test_mask(
+    labels: np.ndarray, num_classes: int, test_fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    """``(N,)`` bool: round(test_fraction * n) random images of each class, n - 1 at most."""
+    test = np.zeros(len(labels), dtype=bool)
+    for label in range(num_classes):  # in label order, so the draws are reproducible
+        members = np.flatnonzero(labels == label)
+        n_test = min(_round_half_up(test_fraction * len(members)), len(members) - 1)
+        if n_test > 0:
+            test[rng.permutation(members)[:n_test]] = True
+    return test
+
+
+def _class_disjoint_test_mask(
+    images: ImageList, train_classes: float, order: str, rng: np.random.Generator, root: Path
+) -> np.ndarray:
+    """``(N,)`` bool: the images of the test classes."""
+    num_classes = len(images.classes)
+    n_train = _round_half_up(train_classes * num_classes)
+    if n_train < 1 or n_train >= num_classes:
+        side = "no training class" if n_train < 1 else "no test class"
+        raise UserError(
+            f"data.split.train_classes: {train_classes:g} of the {num_classes} "
+            f"classes in {root} leaves {side}; choose a share that keeps at least one "
+            "class on each side, or use data.split.by: images"
+        )
+    ranked = np.arange(num_classes) if order == "sorted" else rng.permutation(num_classes)
+    is_test_class = np.ones(num_classes, dtype=bool)
+    is_test_class[ranked[:n_train]] = False
+    return is_test_class[images.labels]
+
+
+def _list_images(folder: Path) -> list[str]:
+    """Names of the visible image files directly inside ``folder``, sorted."""
+    with os.scandir(folder) as entries:
+        return sorted(
+            e.name
+            for e in entries
+            if not e.name.startswith(".") and is_image_name(e.name) and e.is_file()
+        )
+
+
+def _class_folders(folder: Path) -> list[str]:
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
+
+
+def _scan(folder: Path) -> dict[str, list[str]]:
+    """``{class: [image names]}`` of a folder of class folders; folders without images left out
+    with a warning."""
+    found = {}
+    empty = []
+    for name in _class_folders(folder):
+        files = _list_images(folder / name)
+        if files:
+            found[name] = files
+        else:
+            empty.append(name)
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        log.warning("%s: %d class folder(s) without images ignored: %s", folder, len(empty), shown)
+    return found
+
+
+def _no_images_error(folder: Path, has_folders: bool) -> UserError:
+    suffixes = ", ".join(sorted(IMAGE_EXTENSIONS))
+    if has_folders:
+        return UserError(
+            f"data.root: the class folders in {folder} hold no images ({suffixes}); "
+            "put each class's images directly in its folder"
+        )
+    return UserError(
+        f"data.root: {folder} has no class folders; put the images of each class "
+        "in a sub-folder named after the class (root/<class>/<image>)"
+    )
+
+
+def scan_class_folders(root: str | os.PathLike) -> ImageList:
+    """All images of ``root/<class>/<image>``: classes are the sorted folder names, images the
+    sorted visible files with an image suffix directly in each (hidden ones ignored)."""
+    root = Path(os.path.abspath(os.fspath(root)))
+    found = _scan(root)
+    if not found:
+        raise _no_images_error(root, bool(_class_folders(root)))
+    classes = sorted(found)
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        paths += [f"{name}/{file}" for file in found[name]]
+        labels += [label] * len(found[name])
+    return ImageList(root, paths, np.array(labels, dtype=np.int32), classes)
+
+
+def _read_split_folders(root: Path) -> tuple[ImageList, ImageList]:
+    """root/train/<class>/ and root/test/<class>/: one label space, the union of the classes."""
+    sides = {side: _scan(root / side) for side in ("train", "test")}
+    for side, found in sides.items():
+        if not found:
+            raise _no_images_error(root / side, bool(_class_folders(root / side)))
+    classes = sorted(set(sides["train"]) | set(sides["test"]))
+    index = {name: i for i, name in enumerate(classes)}
+    lists = []
+    for side, found in sides.items():
+        paths, labels = [], []
+        for name in sorted(found):
+            paths += [f"{side}/{name}/{file}" for file in found[name]]
+            labels += [index[name]] * len(found[name])
+        lists.append(ImageList(root, paths, np.array(labels, dtype=np.int32), classes))
+    return lists[0], lists[1]
+
+
+def read_csv_list(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``[(label, relative path), ...]`` of a ``label,relative/path`` list.
+
+    The label is a class name or an integer; a path may contain commas (everything after the
+    first field is the path) or be quoted. Blank lines are skipped. The first line is a header,
+    and skipped, when its path does not end with an image suffix and no such file exists.
+    """
+    path = Path(path)
+    rows = []
+    with open(path, newline="", encoding="utf-8-sig") as file:  # -sig: Excel's BOM
+        for line_number, row in enumerate(csv.reader(file), start=1):
+            if not row or all(not field.strip() for field in row):
+                continue
+            if len(row) < 2:
+                raise UserError(
+                    f"{path}:{line_number}: {','.join(row)!r} is not "
+                    "'label,relative/path'; give the class and the image path"
+                )
+            label, relative = row[0].strip(), ",".join(row[1:]).strip()
+            if not rows and line_number == 1 and _looks_like_header(path.parent, relative):
+                continue
+            rows.append((label, relative))
+    return rows
+
+
+def _looks_like_header(root: Path, relative: str) -> bool:
+    return not is_image_name(relative) and not (root / relative).is_file()
+
+
+def _read_csv_lists(root: Path) -> tuple[ImageList, ImageList | None]:
+    """x_train.csv (and x_test.csv if present): labels by class name or integer."""
+    files = [root / TRAIN_CSV] + ([root / TEST_CSV] if (root / TEST_CSV).is_file() else [])
+    if len(files) == 1:
+        log.warning("%s: no %s next to %s; there is no test list", root, TEST_CSV, TRAIN_CSV)
+    entries = [_existing(file, read_csv_list(file), root) for file in files]
+    names = {label for rows in entries for label, _ in rows}
+    if all(_is_int(name) for name in names):
+        classes = sorted(names, key=int)  # numeric order: "2" before "10"
+    else:
+        classes = sorted(names)
+    index = {name: i for i, name in enumerate(classes)}
+    lists = [
+        ImageList(
+            root,
+            [p for _, p in rows],
+            np.array([index[c] for c, _ in rows], dtype=np.int32),
+            classes,
+        )
+        for rows in entries
+    ]
+    return lists[0], (lists[1] if len(lists) > 1 else None)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _existing(file: Path, rows: list[tuple[str, str]], root: Path) -> list[tuple[str, str]]:
+    """Rows whose image exists, paths made posix and relative to root; missing ones dropped with
+    a warning (a UserError if none exists)."""
+    if not rows:
+        raise UserError(
+            f"{file}: the list is empty; write one 'label,relative/path' line per image"
+        )
+    kept, missing = [], []
+    for label, relative in rows:
+        normalised = _relative_to_root(relative, root)
+        if os.path.isfile(os.path.join(root, normalised)):
+            kept.append((label, normalised))
+        else:
+            missing.append(relative)
+    if not kept:
+        raise UserError(
+            f"{file}: none of its {len(rows)} images exist (first: "
+            f"{root / missing[0]}); paths must be relative to {root}"
+        )
+    if missing:
+        shown = ", ".join(missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
+        log.warning(
+            "%s: %d of %d listed images do not exist and are left out: %s",
+            file,
+            len(missing),
+            len(rows),
+            shown,
+        )
+    return kept
+
+
+def _relative_to_root(relative: str, root: Path) -> str:
+    """A CSV path as posix text relative to root ('./a\\b.jpg' -> 'a/b.jpg'); absolute paths
+    outside root stay absolute (``root / absolute`` is still the file)."""
+    text = relative.replace("\\", "/")
+    if os.path.isabs(text):
+        try:
+            return Path(text).relative_to(root).as_posix()
+        except ValueError:
+            return Path(text).as_posix()
+    return Path(os.path.normpath(text)).as_posix()
+
+
+def _concat(first: ImageList, second: ImageList | None) -> ImageList:
+    """One list of two that share root and classes."""
+    if second is None:
+        return first
+    return ImageList(
+        first.root,
+        first.paths + second.paths,
+        np.concatenate([first.labels, second.labels]),
+        first.classes,
+    )

@@ -1,0 +1,193 @@
+"""What the losses share: the registry, two base classes and a few masked reductions.
+
+Two kinds of loss:
+
+- :class:`MetricLoss` (a ``keras.losses.Loss``): a function of the batch only.
+- :class:`ClassVectorLoss` (a ``keras.layers.Layer``): learns one vector per class (proxies, class
+  weights) that the trainer optimises with the model and saves in checkpoints. It creates them on
+  its first call, from the embedding dimension.
+
+Both are called as ``loss(labels, embeddings)``: labels (B,) integers (floats are accepted, as
+Keras may send them), embeddings (B, D) of any float type, computed in float32 (float64 stays
+float64, which the tests use for finite differences). The result is a scalar in that dtype.
+
+Every reduction here is masked and guarded so that an empty set (no positive pair, no negative)
+gives a defined value and finite gradients: ``tf.where`` is applied *before* ``exp``/``log``/
+``sqrt`` so that the branch it drops never holds an inf whose zero gradient would become NaN.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from losses.distances import METRICS
+from tfcbir.params import Param
+from tfcbir.registry import Registry
+
+LOSSES = Registry("loss")
+
+
+def metric_param(default: str = "euclidean") -> Param:
+    """The ``metric`` key of the distance-based losses."""
+    return Param(str, default, "Distance between embeddings.", choices=METRICS)
+
+
+def prepare(labels, embeddings, dtype=None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Labels -> (B,) integers; embeddings -> (B, D) in ``dtype``.
+
+    dtype: None picks float64 for float64 embeddings and float32 for all others (float16 and
+    bfloat16 included: distances and exponentials need float32's range and precision).
+    """
+    embeddings = tf.convert_to_tensor(embeddings)
+    if dtype is None:
+        dtype = tf.float64 if embeddings.dtype == tf.float64 else tf.float32
+    embeddings = tf.cast(embeddings, dtype)
+    labels = tf.convert_to_tensor(labels)
+    if not labels.dtype.is_integer:  # Keras casts y_true to float
+        labels = tf.cast(labels, tf.int64)
+    labels = tf.reshape(labels, [-1])  # (B,) or (B, 1) -> (B,)
+    tf.debugging.assert_equal(tf.shape(labels)[0], tf.shape(embeddings)[0],
+                              message="labels and embeddings differ in batch size")
+    return labels, embeddings
+
+
+def class_masks(labels) -> tuple[tf.Tensor, tf.Tensor]:
+    """(positives, negatives), both (B, B) bool: same class without the diagonal; other class."""
+    same = tf.equal(labels[:, None], labels[None, :])
+    index = tf.range(tf.shape(labels)[0])
+    positives = tf.logical_and(same, index[:, None] != index[None, :])
+    return positives, tf.logical_not(same)
+
+
+def fill(value: float, like: tf.Tensor) -> tf.Tensor:
+    """A scalar ``value`` in ``like``'s dtype (``tf.where`` does not convert Python floats)."""
+    return tf.constant(value, like.dtype)
+
+
+def masked_mean(values, mask) -> tf.Tensor:
+    """Mean of ``values`` where ``mask``; 0 when the mask is empty (instead of 0/0)."""
+    total = tf.reduce_sum(tf.where(mask, values, tf.zeros_like(values)))
+    count = tf.reduce_sum(tf.cast(mask, values.dtype))
+    return tf.math.divide_no_nan(total, count)
+
+
+def masked_logsumexp(values, mask, axis: int, add_one: bool = False) -> tf.Tensor:
+    """log(sum of exp(values) where mask) along ``axis``; with ``add_one``, log(1 + sum).
+
+    Stabilised by the masked maximum (a constant for the gradient). An empty set gives -inf
+    (0 with ``add_one``) and zero gradients.
+    """
+    neg_inf = fill(-float("inf"), values)
+    peak = tf.reduce_max(tf.where(mask, values, neg_inf), axis=axis, keepdims=True)
+    if add_one:
+        peak = tf.maximum(peak, 0.0)
+    peak = tf.stop_gradient(tf.where(tf.math.is_finite(peak), peak, tf.zeros_like(peak)))
+    total = tf.reduce_sum(tf.exp(tf.where(mask, values - peak, neg_inf)), axis=axis,
+                          keepdims=True)
+    if add_one:
+        total += tf.exp(-peak)
+    nonempty = total > 0.0
+    result = tf.where(nonempty, tf.math.log(tf.where(nonempty, total, tf.ones_like(total))) + peak,
+                      neg_inf)
+    return tf.squeeze(result, axis)
+
+
+def pair_softmax_loss(similarities, positives, negatives) -> tf.Tensor:
+    """Mean over same-class pairs (a, p) of log(1 + sum_n exp(s_an - s_ap)), n of another class.
+
+    The softmax cross-entropy of the positive against the anchor's negatives (N-pair, NT-Xent).
+    similarities, positives, negatives: (B, B). Pairs whose anchor has no negative give 0.
+    O(B^2): the sum over n depends on the anchor only, so it is one log-sum-exp per row.
+    """
+    negatives_lse = masked_logsumexp(similarities, negatives, axis=1)  # (B,), -inf if none
+    per_pair = tf.nn.softplus(negatives_lse[:, None] - similarities)
+    return masked_mean(per_pair, positives)
+
+
+def l2_penalty(embeddings, l2_reg: float) -> tf.Tensor:
+    """l2_reg / 2 * mean squared norm of (B, D) embeddings: tf.contrib npairs_loss's regulariser
+    0.25 * reg_lambda * (mean ||anchor||^2 + mean ||positive||^2) over a whole batch."""
+    return 0.5 * l2_reg * tf.reduce_mean(tf.reduce_sum(tf.square(embeddings), axis=1))
+
+
+def sorted_negatives(distances, negatives) -> tuple[tf.Tensor, tf.Tensor]:
+    """Each anchor's negative distances in ascending order, padded with +inf, and their count.
+
+    distances, negatives: (B, B). Returns sorted (B, B) and count (B,) int32. The sorted values
+    stay differentiable with respect to ``distances`` (top_k's gradient scatters them back).
+    """
+    count = tf.reduce_sum(tf.cast(negatives, tf.int32), axis=1)
+    padded = tf.where(negatives, distances, fill(float("inf"), distances))
+    descending, _ = tf.math.top_k(-padded, k=tf.shape(distances)[1])
+    return -descending, count
+
+
+class MetricLoss(keras.losses.Loss):
+    """Base of the losses without weights: ``loss(labels (B,), embeddings (B, D))`` -> scalar.
+
+    ``__call__`` skips Keras' per-sample machinery: it would cast the integer labels to float
+    and reduce per-sample values, while these losses compare labels and return one value per
+    batch. Subclasses implement ``call(labels, embeddings)`` and ``get_config``.
+    """
+
+    registry_name = ""
+
+    def __init__(self, name=None, **kwargs):
+        super().__init__(name=name or self.registry_name, **kwargs)
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is not None:
+            raise ValueError(f"{self.name} is a batch loss; it takes no sample_weight")
+        with tf.name_scope(self.name):
+            labels, embeddings = prepare(y_true, y_pred)
+            return self.call(labels, embeddings)
+
+    def call(self, labels, embeddings):
+        raise NotImplementedError
+
+
+class ClassVectorLoss(keras.layers.Layer):
+    """Base of the losses that learn one vector per class: ``loss(labels, embeddings)``.
+
+    The (num_classes, D) variable is created on the first call (or by ``build``) from the
+    embedding dimension. It belongs to this layer, not to the embedding model: the trainer
+    optimises ``trainable_variables`` alongside the model, with its learning rate multiplied by
+    ``lr_multiplier``, and saves ``weights`` in checkpoints. Computes in float32 whatever the
+    global mixed-precision policy (pass ``dtype="float64"`` for float64).
+    """
+
+    registry_name = ""
+    vector_name = "class_vectors"
+    lr_multiplier = 1.0
+
+    def __init__(self, num_classes: int, name=None, dtype="float32", **kwargs):
+        super().__init__(name=name or self.registry_name, dtype=dtype, **kwargs)
+        self.num_classes = int(num_classes)
+        self.class_vectors = None
+
+    def initializer(self):
+        raise NotImplementedError
+
+    def build(self, labels_shape, embeddings_shape):
+        dim = embeddings_shape[-1]
+        if dim is None:
+            raise ValueError(f"{self.name} needs the embedding dimension to build its "
+                             f"{self.vector_name}")
+        self.class_vectors = self.add_weight(shape=(self.num_classes, int(dim)),
+                                             initializer=self.initializer(),
+                                             name=self.vector_name, trainable=True)
+
+    def call(self, labels, embeddings):
+        labels, embeddings = prepare(labels, embeddings, self.compute_dtype)
+        tf.debugging.assert_non_negative(labels, message=f"{self.name}: negative label")
+        tf.debugging.assert_less(labels, tf.cast(self.num_classes, labels.dtype),
+                                 message=f"{self.name}: a label is >= num_classes")
+        return self.compute(labels, embeddings, tf.cast(self.class_vectors, embeddings.dtype))
+
+    def compute(self, labels, embeddings, class_vectors):
+        """labels (B,), embeddings (B, D), class_vectors (C, D) -> scalar."""
+        raise NotImplementedError
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes}

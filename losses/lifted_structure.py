@@ -1,0 +1,70 @@
+"""Lifted structured loss (Oh Song, Xiang, Jegelka and Savarese, CVPR 2016), the smooth
+log-sum-exp form of their Eq. 4.
+
+For every positive pair (i, j), with N_i the samples of other classes than i:
+
+    J(i, j) = log( sum_{k in N_i} exp(margin - d(i, k)) + sum_{l in N_j} exp(margin - d(j, l)) )
+              + d(i, j)
+    loss = 1 / (2 |P|) * sum_{(i, j) in P} relu(J(i, j))^2
+
+P: the unordered positive pairs; summing over ordered pairs counts each twice, which the same
+formula over ordered pairs absorbs (pml's LiftedStructureLoss does the same). A pair without any
+negative (a one-class batch) has J = -inf and adds 0. O(B^2): both sums depend on one index only,
+so they are two per-row log-sum-exps combined per pair.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from losses.base import (
+    LOSSES,
+    MetricLoss,
+    class_masks,
+    fill,
+    masked_logsumexp,
+    masked_mean,
+    metric_param,
+)
+from losses.distances import pairwise_distances
+from tfcbir.params import Param
+
+
+@LOSSES.register(
+    "lifted_structure",
+    params={
+        "margin": Param(float, 1.0, "Margin (alpha in the paper).", min=0),
+        "metric": metric_param(),
+    },
+    doc="Lifted structured loss, smooth form (Oh Song et al. 2016).",
+    min_K=2, min_P=2, uses_proxies=False)
+@keras.saving.register_keras_serializable(package="tfcbir")
+class LiftedStructureLoss(MetricLoss):
+    """Lifted structured loss over all positive pairs of the batch."""
+
+    registry_name = "lifted_structure"
+
+    def __init__(self, margin: float = 1.0, metric: str = "euclidean", **kwargs):
+        super().__init__(**kwargs)
+        self.margin = float(margin)
+        self.metric = metric
+
+    def call(self, labels, embeddings):
+        distances = pairwise_distances(embeddings, self.metric)  # (B, B)
+        positives, negatives = class_masks(labels)
+        row = masked_logsumexp(self.margin - distances, negatives, axis=1)  # (B,), -inf if none
+        # log(exp(row_i) + exp(row_j)) for every pair, stable and safe when both are -inf.
+        peak = tf.maximum(row[:, None], row[None, :])
+        has_negative = tf.math.is_finite(peak)
+        peak = tf.stop_gradient(tf.where(has_negative, peak, tf.zeros_like(peak)))
+        both = tf.exp(row[:, None] - peak) + tf.exp(row[None, :] - peak)
+        neg_inf = fill(-float("inf"), distances)
+        log_both = tf.where(has_negative,
+                            tf.math.log(tf.where(has_negative, both, tf.ones_like(both))) + peak,
+                            neg_inf)
+        per_pair = tf.square(tf.nn.relu(log_both + distances))
+        return 0.5 * masked_mean(per_pair, positives)
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin, "metric": self.metric}

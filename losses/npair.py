@@ -1,0 +1,50 @@
+"""Multi-class N-pair loss (Sohn, "Improved Deep Metric Learning with Multi-class N-pair Loss
+Objective", NeurIPS 2016), generalised from N (anchor, positive) pairs to any P x K batch.
+
+On inner products s_ij = x_i . x_j (no normalisation, as in the paper), for every ordered
+same-class pair (a, p), a != p, with n running over all samples of other classes:
+
+    l(a, p) = log(1 + sum_n exp(s_an - s_ap))
+    loss = mean over pairs of l(a, p) + l2_reg / 2 * mean_i ||x_i||^2
+
+For K = 2 this is the softmax cross-entropy form of tf.contrib's ``npairs_loss``, whose
+regulariser 0.25 * reg_lambda * (mean ||anchor||^2 + mean ||positive||^2) equals the term above,
+except that the negatives are every sample of another class (anchors and positives alike) rather
+than the other classes' positives only. 0 without a pair; pairs without negatives add 0. O(B^2).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from losses.base import LOSSES, MetricLoss, class_masks, l2_penalty, pair_softmax_loss
+from tfcbir.params import Param
+
+
+@LOSSES.register(
+    "npair",
+    params={
+        "l2_reg": Param(float, 0.002, "Weight of the embeddings' squared-norm penalty "
+                        "(lambda; tf.contrib's reg_lambda).", min=0),
+    },
+    doc="Multi-class N-pair loss on inner products, with its L2 penalty (Sohn 2016).",
+    min_K=2, min_P=2, uses_proxies=False)
+@keras.saving.register_keras_serializable(package="tfcbir")
+class NPairLoss(MetricLoss):
+    """Multi-class N-pair loss over every same-class pair of the batch."""
+
+    registry_name = "npair"
+
+    def __init__(self, l2_reg: float = 0.002, **kwargs):
+        super().__init__(**kwargs)
+        self.l2_reg = float(l2_reg)
+
+    def call(self, labels, embeddings):
+        similarities = tf.matmul(embeddings, embeddings, transpose_b=True)  # (B, B)
+        positives, negatives = class_masks(labels)
+        loss = pair_softmax_loss(similarities, positives, negatives)
+        return loss + l2_penalty(embeddings, self.l2_reg)
+
+    def get_config(self):
+        return {**super().get_config(), "l2_reg": self.l2_reg}

@@ -1,0 +1,45 @@
+"""NT-Xent, the normalised temperature-scaled cross-entropy (Chen et al., SimCLR, ICML 2020), with
+labels: pytorch-metric-learning's ``NTXentLoss`` (the supervised form, every same-class pair is a
+positive).
+
+On cosine similarities s_ij divided by the temperature tau, for every ordered same-class pair
+(a, p), a != p, with n running over all samples of other classes:
+
+    l(a, p) = -log( exp(s_ap / tau) / (exp(s_ap / tau) + sum_n exp(s_an / tau)) )
+    loss = mean over pairs (0 without a pair; pairs without negatives add 0). O(B^2).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from losses.base import LOSSES, MetricLoss, class_masks, pair_softmax_loss
+from losses.distances import cosine_similarities
+from tfcbir.params import Param
+
+
+@LOSSES.register(
+    "ntxent",
+    params={
+        "temperature": Param(float, 0.07, "Softmax temperature tau (pml's default; SimCLR used "
+                             "0.1 to 0.5).", min=0, min_exclusive=True),
+    },
+    doc="NT-Xent / supervised InfoNCE on cosine similarities (pytorch-metric-learning's form).",
+    min_K=2, min_P=2, uses_proxies=False)
+@keras.saving.register_keras_serializable(package="tfcbir")
+class NTXentLoss(MetricLoss):
+    """NT-Xent with every same-class pair as a positive."""
+
+    registry_name = "ntxent"
+
+    def __init__(self, temperature: float = 0.07, **kwargs):
+        super().__init__(**kwargs)
+        self.temperature = float(temperature)
+
+    def call(self, labels, embeddings):
+        logits = cosine_similarities(embeddings, embeddings) / self.temperature  # (B, B)
+        positives, negatives = class_masks(labels)
+        return pair_softmax_loss(logits, positives, negatives)
+
+    def get_config(self):
+        return {**super().get_config(), "temperature": self.temperature}

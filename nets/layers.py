@@ -1,0 +1,92 @@
+"""The two custom Keras layers of the embedding model: pixel preprocessing and L2 normalisation.
+
+Both serialise with ``get_config`` (registered under the ``tfcbir`` package), so an embedding
+model round-trips through ``model.to_json()`` / ``keras.models.model_from_json`` and
+``model.save("x.keras")`` / ``keras.models.load_model`` once ``nets`` is imported.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+# ImageNet statistics, as keras.applications.imagenet_utils uses them.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # 0..255 scale, BGR order
+TORCH_MEAN_RGB = (0.485, 0.456, 0.406)  # 0..1 scale, RGB order
+TORCH_STD_RGB = (0.229, 0.224, 0.225)
+
+PREPROCESS_MODES = {
+    "caffe": "RGB -> BGR, minus the ImageNet mean pixel (no scaling)",
+    "tf": "scaled to [-1, 1]: x / 127.5 - 1",
+    "torch": "x / 255, minus the ImageNet mean, divided by the ImageNet std (RGB)",
+    "unit": "scaled to [0, 1]: x / 255",
+    "raw": "unchanged 0..255 (the backbone rescales internally)",
+}
+
+
+@keras.saving.register_keras_serializable(package="tfcbir")
+class ImagePreprocessing(keras.layers.Layer):
+    """Maps 0..255 RGB pixels to what a backbone was trained on (see ``PREPROCESS_MODES``).
+
+    Input ``(B, H, W, 3)`` uint8 or float, values 0..255; output ``(B, H, W, 3)`` in the layer's
+    compute dtype (float16 under a mixed_float16 policy). The modes follow
+    ``keras.applications.imagenet_utils.preprocess_input``, so a model that contains this layer
+    takes raw pixels and embed/query code never has to know the backbone.
+    """
+
+    def __init__(self, mode: str = "tf", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in PREPROCESS_MODES:
+            raise ValueError(
+                f"unknown preprocessing mode {mode!r}; one of {list(PREPROCESS_MODES)}"
+            )
+        self.mode = mode
+
+    def call(self, images):
+        # Integer pixels are not auto-cast by Keras, so cast explicitly.
+        x = ops.cast(images, self.compute_dtype)
+        if self.mode == "caffe":
+            x = ops.flip(x, axis=-1)  # RGB -> BGR
+            return x - ops.convert_to_tensor(CAFFE_MEAN_BGR, dtype=self.compute_dtype)
+        if self.mode == "tf":
+            return x / 127.5 - 1.0
+        if self.mode == "torch":
+            mean = ops.convert_to_tensor(TORCH_MEAN_RGB, dtype=self.compute_dtype)
+            std = ops.convert_to_tensor(TORCH_STD_RGB, dtype=self.compute_dtype)
+            return (x / 255.0 - mean) / std
+        if self.mode == "unit":
+            return x / 255.0
+        return x  # raw
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="tfcbir")
+class L2Normalize(keras.layers.Layer):
+    """Scales each row to unit L2 norm: ``(B, D) -> (B, D)``, computed in float32.
+
+    ``epsilon`` bounds the squared norm from below, so an all-zero row stays zero instead of
+    becoming NaN. The layer defaults to dtype float32 (whatever the global policy) because
+    embeddings are compared by distances, where float16 rounding would show.
+    """
+
+    def __init__(self, axis: int = -1, epsilon: float = 1e-12, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.axis = axis
+        self.epsilon = epsilon
+
+    def call(self, x):
+        x = ops.cast(x, self.compute_dtype)
+        squared_norm = ops.sum(ops.square(x), axis=self.axis, keepdims=True)
+        return x * ops.rsqrt(ops.maximum(squared_norm, self.epsilon))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis, "epsilon": self.epsilon}

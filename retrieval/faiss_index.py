@@ -1,0 +1,235 @@
+"""Approximate search with FAISS, for galleries of millions of images (faiss-cpu is optional).
+
+A :class:`FaissIndex` is built from a gallery with a FAISS factory string (``IVF4096,Flat``,
+``HNSW32``, ``Flat``, ...) and has :class:`retrieval.search.ExactIndex`'s ``search``: scores
+(cosine, or negative Euclidean distance) best first, ties to the lower gallery index, ``exclude``,
+padding with -1 / -inf.
+
+:func:`build_index` (for embed.py) builds and saves one; :func:`open_index` (for the evaluation
+CLIs) opens the index a config names, ``"exact"`` or a factory string. An index is saved beside
+its gallery as ``<gallery stem>.faiss``: one HDF5 file holding the serialised
+index and what it was built from (the gallery's ``gallery_id``, the factory string, N, D, the
+score type), written atomically. Loading refuses an index whose gallery has been re-embedded
+since, or that was built with another factory string.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from retrieval.files import atomic_output
+from retrieval.gallery import Gallery, hdf5_value
+from retrieval.search import ExactIndex, SearchIndex, check_embeddings, exclusion_mask
+from tfcbir import UserError, __version__
+
+INSTALL = "pip install -r requirements-faiss.txt"
+
+
+def import_faiss():
+    """The faiss module, or a UserError saying how to install it."""
+    try:
+        import faiss
+    except ImportError:
+        raise UserError(
+            f"a FAISS index needs the optional package faiss-cpu; install it with: {INSTALL} "
+            "(or use the exact index)"
+        ) from None
+    return faiss
+
+
+def index_path(gallery_path: str | os.PathLike) -> Path:
+    """Where the index of a gallery lives: ``<run>/embeddings/<split>.faiss``."""
+    return Path(gallery_path).with_suffix(".faiss")
+
+
+def build_index(gallery: Gallery, factory: str, *, search_parameters: str = "") -> Path:
+    """embed.py's step: build a FAISS index of a gallery and save it beside it; returns its path."""
+    index = FaissIndex.build(
+        gallery.embeddings,
+        normalized=gallery.normalized,
+        factory=factory,
+        search_parameters=search_parameters,
+    )
+    return index.save(index_path(gallery.path), gallery)
+
+
+def open_index(
+    gallery: Gallery,
+    index: str = "exact",
+    *,
+    search_parameters: str = "",
+    config_path: str | os.PathLike | None = None,
+) -> SearchIndex:
+    """The search index the config names: ``"exact"`` (no files, no faiss) or a FAISS factory
+    string, whose index embed.py saved beside the gallery."""
+    if index == "exact":
+        return ExactIndex(gallery.embeddings, gallery.normalized)
+    return FaissIndex.load(
+        index_path(gallery.path),
+        gallery,
+        factory=index,
+        search_parameters=search_parameters,
+        config_path=config_path,
+    )
+
+
+class FaissIndex:
+    """A FAISS index over a gallery (N, D); inner product when normalised, else L2.
+
+    search_parameters: FAISS run-time parameters, e.g. ``"nprobe=16"`` (IVF) or
+    ``"efSearch=64"`` (HNSW), trading speed for recall.
+    """
+
+    def __init__(self, index, *, normalized: bool, factory: str, search_parameters: str = ""):
+        self.index = index
+        self.normalized = bool(normalized)
+        self.factory = factory
+        self.search_parameters = search_parameters
+        if search_parameters:
+            faiss = import_faiss()
+            try:
+                faiss.ParameterSpace().set_index_parameters(index, search_parameters)
+            except RuntimeError as error:
+                raise UserError(
+                    f"FAISS search parameters {search_parameters!r} do not fit {factory}: "
+                    f"{_first_line(error)}"
+                ) from None
+
+    @classmethod
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        *,
+        normalized: bool,
+        factory: str,
+        search_parameters: str = "",
+    ) -> FaissIndex:
+        """Train (when the index type needs it) and fill an index with embeddings (N, D)."""
+        faiss = import_faiss()
+        embeddings = check_embeddings(embeddings, "gallery embeddings")
+        metric = faiss.METRIC_INNER_PRODUCT if normalized else faiss.METRIC_L2
+        try:
+            index = faiss.index_factory(embeddings.shape[1], factory, metric)
+        except RuntimeError as error:
+            raise UserError(
+                f"{factory!r} is not a FAISS factory string ({_first_line(error)}); "
+                "use e.g. IVF4096,Flat, HNSW32 or Flat"
+            ) from None
+        if not index.is_trained:
+            try:
+                index.train(embeddings)
+            except RuntimeError as error:  # e.g. fewer gallery items than IVF lists
+                raise UserError(
+                    f"cannot train the FAISS index {factory} on {len(embeddings)} gallery items "
+                    f"({_first_line(error)}); use fewer lists, e.g. "
+                    f"IVF{max(1, int(np.sqrt(len(embeddings))))},Flat, or the exact index"
+                ) from None
+        index.add(embeddings)
+        return cls(
+            index, normalized=normalized, factory=factory, search_parameters=search_parameters
+        )
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def search(
+        self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`retrieval.search.ExactIndex.search`, approximately."""
+        queries = check_embeddings(queries, "queries")
+        if k < 1:
+            raise ValueError(f"k must be >= 1; got {k}")
+        exclude = exclusion_mask(exclude, len(queries), len(self))
+        # Ask for as many more as may be excluded, then drop them.
+        fetch = min(k + exclude.shape[1], len(self))
+        raw_scores, indices = self.index.search(queries, fetch)
+        if not self.normalized:  # FAISS's L2 is the squared distance
+            raw_scores = -np.sqrt(np.maximum(raw_scores, 0.0))
+        dropped = (indices[:, :, None] == exclude[:, None, :]).any(axis=2) | (indices < 0)
+        scores = np.where(dropped, -np.inf, raw_scores).astype(np.float32)
+        indices = np.where(dropped, -1, indices).astype(np.int64)
+        # Deterministic order: score descending, then gallery index ascending, -1 last.
+        order = np.lexsort((np.where(indices < 0, np.iinfo(np.int64).max, indices), -scores))
+        scores = np.take_along_axis(scores, order, axis=1)[:, :k]
+        indices = np.take_along_axis(indices, order, axis=1)[:, :k]
+        if scores.shape[1] < k:  # k > N: pad as FAISS does
+            pad = k - scores.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            indices = np.pad(indices, ((0, 0), (0, pad)), constant_values=-1)
+        return scores, indices
+
+    def save(self, path: str | os.PathLike, gallery: Gallery) -> Path:
+        """Write the index atomically with the identity of the gallery it was built from."""
+        faiss = import_faiss()
+        if len(gallery) != len(self) or gallery.normalized != self.normalized:
+            raise ValueError("the index was not built from this gallery")
+        path = Path(path)
+        with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+            f.create_dataset("index", data=faiss.serialize_index(self.index))
+            f.attrs.update(
+                {
+                    "gallery_id": gallery.gallery_id,
+                    "gallery": gallery.path.name,
+                    "factory": self.factory,
+                    "normalized": self.normalized,
+                    "n": len(self),
+                    "dim": gallery.dim,
+                    "tfcbir_version": __version__,
+                }
+            )
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        gallery: Gallery,
+        *,
+        factory: str | None = None,
+        search_parameters: str = "",
+        config_path: str | os.PathLike | None = None,
+    ) -> FaissIndex:
+        """Read the index of ``gallery``; refuse (UserError) a missing or stale one, or one of
+        another factory string than ``factory`` (when given)."""
+        faiss = import_faiss()
+        path = Path(path)
+        rebuild = (
+            f"rebuild it: python embed.py -c {config_path or '<config>'} --split {gallery.split}"
+        )
+        if not path.is_file():
+            raise UserError(f"{path}: no FAISS index there; {rebuild}")
+        try:
+            with h5py.File(path, "r") as f:
+                attrs = {key: hdf5_value(value) for key, value in f.attrs.items()}
+                data = f["index"][...]
+            index = faiss.deserialize_index(data)
+        except (OSError, KeyError, RuntimeError) as error:
+            raise UserError(
+                f"{path}: not a readable tfcbir FAISS index ({_first_line(error)}); {rebuild}"
+            ) from None
+        if attrs.get("gallery_id") != gallery.gallery_id or index.ntotal != len(gallery):
+            raise UserError(
+                f"{path} is stale: it was built from an earlier {attrs.get('gallery', 'gallery')}"
+                f" than {gallery.path}; {rebuild}"
+            )
+        if factory is not None and attrs.get("factory") != factory:
+            raise UserError(
+                f"{path} was built as {attrs.get('factory')}, the config asks for {factory}; "
+                f"{rebuild}"
+            )
+        return cls(
+            index,
+            normalized=bool(attrs["normalized"]),
+            factory=attrs["factory"],
+            search_parameters=search_parameters,
+        )
+
+
+def _first_line(error: Exception) -> str:
+    """FAISS's message without its C++ location prefix ("Error in ... at file:line: ...")."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.rsplit(": ", 1)[-1]

@@ -1,0 +1,497 @@
+"""Retrieval metrics: mAP (of AP@r), Precision@1, Recall@k, MAP@R, R-precision and NMI.
+
+Every retrieval metric is a function of one thing per query: the ranks of its relevant gallery
+items (those of its class, the query itself excluded), ranked by :mod:`retrieval.search`'s rules
+(cosine or negative Euclidean score, ties to the lower gallery index). With ``rank_1 < rank_2 <
+... < rank_G`` the ranks of a query's G relevant items, and ``P(i)`` the precision at rank i
+(``P(rank_m) = m / rank_m``):
+
+- Recall@k: 1 if ``rank_1 <= k`` (any of the top k shares the query's class), else 0.
+- Precision@1: 1 if ``rank_1 == 1``, else 0 (equal to Recall@1).
+- AP@r: ``sum_{m: rank_m <= r} P(rank_m) / min(r, G)``; mAP is its mean. ``r=None``: all ranks.
+  ``ap_denominator="found"`` divides by the relevant items found in the top r instead (what the
+  original system did; it inflates mAP, a query with a single early hit scores 1).
+- MAP@R (Musgrave et al. 2020, with R = G): ``sum_{m: rank_m <= R} P(rank_m) / R``.
+- R-precision: ``#{m: rank_m <= R} / R``.
+
+A query with G = 0 (its class has no other gallery item) has no defined AP or recall; as in
+Musgrave et al. it is left out of every retrieval average and counted in ``n_excluded``.
+
+NMI clusters the query embeddings with k-means (as many clusters as query classes) and compares
+the clusters with the classes: mutual information over the arithmetic mean of the two entropies.
+
+Memory stays bounded: queries are processed in blocks sized from ``memory_mb``, each block's
+scores are turned into distinct ranking keys, and each relevant item's rank is the number of keys
+above its own, counted directly when classes are small or read off a sorted row when they are
+large. Both are exact. See docs/retrieval.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from retrieval.search import (
+    DEFAULT_MEMORY_MB,
+    EXCLUDED,
+    block_rows,
+    check_embeddings,
+    exclude_keys,
+    exclusion_mask,
+    order_keys,
+    similarity,
+)
+from tfcbir import UserError
+
+#: The evaluation protocols: where queries and gallery come from (the CLIs build the sets).
+PROTOCOLS = {
+    "train_gallery": "queries from the test split, the training split as gallery",
+    "leave_one_out": "one set is queries and gallery, each query left out of its own answers",
+    "query_gallery": "explicit query and gallery lists",
+}
+AP_DENOMINATORS = ("min_r_g", "found")
+DEFAULT_KS = (1, 2, 4, 8)
+
+# Up to this many relevant items per query, counting the keys above each one (G passes over
+# the row) beats sorting the row (about 40 passes' worth for 60,000 items).
+COUNT_MAX_RELEVANT = 32
+# Buffers per (query, gallery item): float32 scores, int64 keys (sorted in place when ranking
+# by sorting), a boolean comparison; per (query, relevant item): keys, ranks, float64 precisions.
+BYTES_PER_PAIR = 16
+BYTES_PER_RELEVANT = 48
+
+
+@dataclass
+class QueryResults:
+    """Per-query results (Q,) of :func:`query_results`; NaN / 0 where ``n_relevant == 0``."""
+
+    n_relevant: np.ndarray  # G: gallery items of the query's class, the query excluded
+    first_rank: np.ndarray  # rank (1-based) of the best relevant item; 0 when G == 0
+    average_precision: np.ndarray  # AP@r
+    map_at_r: np.ndarray  # MAP@R, R = G
+    r_precision: np.ndarray  # R-precision, R = G
+
+    @property
+    def evaluated(self) -> np.ndarray:
+        """(Q,) bool: the queries with at least one relevant item, which the averages use."""
+        return self.n_relevant > 0
+
+
+@dataclass
+class Metrics:
+    """Averages over the evaluated queries (those with a relevant item in the gallery)."""
+
+    mean_average_precision: float  # mAP of AP@r
+    precision_at_1: float
+    recall_at_k: dict[int, float]
+    map_at_r: float  # MAP@R
+    r_precision: float
+    nmi: float | None  # None when not computed
+    n_queries: int
+    n_excluded: int  # queries without a relevant item, left out of every average above
+    r: int | None  # AP@r's r; None: the whole ranking
+    ap_denominator: str
+    per_query: QueryResults | None = field(default=None, repr=False)
+
+    @property
+    def n_evaluated(self) -> int:
+        return self.n_queries - self.n_excluded
+
+    def as_dict(self) -> dict:
+        """Flat, JSON-ready, in the order reports show them."""
+        values = {"mAP": self.mean_average_precision, "P@1": self.precision_at_1}
+        values.update({f"R@{k}": v for k, v in self.recall_at_k.items()})
+        values.update({"MAP@R": self.map_at_r, "R-precision": self.r_precision})
+        if self.nmi is not None:
+            values["NMI"] = self.nmi
+        values.update(
+            {
+                "queries": self.n_queries,
+                "excluded_queries": self.n_excluded,
+                "r": self.r,
+                "ap_denominator": self.ap_denominator,
+            }
+        )
+        return values
+
+
+def evaluate(
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    *,
+    normalized: bool,
+    exclude: np.ndarray | None = None,
+    r: int | None = None,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    ap_denominator: str = "min_r_g",
+    nmi: bool = True,
+    seed: int = 0,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+) -> Metrics:
+    """All metrics of queries (Q, D) with labels (Q,) against a gallery (N, D) with labels (N,).
+
+    exclude: (Q,) the gallery index of each query when queries are in the gallery
+    (leave-one-out), -1 for none; or (Q, M) several distinct indices per query.
+    r: AP@r's cut-off (None: the whole ranking). ks: the k of Recall@k.
+    nmi: also cluster the queries and compute NMI (the slowest part for many classes).
+    Raises UserError when no query has a relevant item (query and gallery classes disjoint).
+    """
+    results = query_results(
+        queries,
+        query_labels,
+        gallery,
+        gallery_labels,
+        normalized=normalized,
+        exclude=exclude,
+        r=r,
+        ap_denominator=ap_denominator,
+        memory_mb=memory_mb,
+    )
+    evaluated = results.evaluated
+    n_queries, n_evaluated = len(evaluated), int(evaluated.sum())
+    if n_evaluated == 0:
+        raise UserError(
+            f"none of the {n_queries} queries has an item of its class in the gallery, so "
+            "retrieval metrics are undefined; for class-disjoint splits set eval.protocol "
+            "to leave_one_out"
+        )
+    first_rank = results.first_rank[evaluated]
+    clusters_nmi = None
+    if nmi:
+        clusters_nmi = clustering_nmi(queries, query_labels, seed=seed, memory_mb=memory_mb)
+    return Metrics(
+        mean_average_precision=float(results.average_precision[evaluated].mean()),
+        precision_at_1=float((first_rank == 1).mean()),
+        recall_at_k={int(k): float((first_rank <= k).mean()) for k in ks},
+        map_at_r=float(results.map_at_r[evaluated].mean()),
+        r_precision=float(results.r_precision[evaluated].mean()),
+        nmi=clusters_nmi,
+        n_queries=n_queries,
+        n_excluded=n_queries - n_evaluated,
+        r=r,
+        ap_denominator=ap_denominator,
+        per_query=results,
+    )
+
+
+def evaluate_leave_one_out(
+    embeddings: np.ndarray, labels: np.ndarray, *, normalized: bool, **options
+) -> Metrics:
+    """:func:`evaluate` of a set (N, D) against itself, each query left out of its answers."""
+    return evaluate(
+        embeddings,
+        labels,
+        embeddings,
+        labels,
+        normalized=normalized,
+        exclude=np.arange(len(embeddings)),
+        **options,
+    )
+
+
+def query_results(
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    *,
+    normalized: bool,
+    exclude: np.ndarray | None = None,
+    r: int | None = None,
+    ap_denominator: str = "min_r_g",
+    memory_mb: float = DEFAULT_MEMORY_MB,
+) -> QueryResults:
+    """Per-query G, first relevant rank, AP@r, MAP@R and R-precision; see :func:`evaluate`."""
+    queries = check_embeddings(queries, "query embeddings")
+    gallery = check_embeddings(gallery, "gallery embeddings")
+    query_labels = _labels(query_labels, len(queries), "query labels")
+    gallery_labels = _labels(gallery_labels, len(gallery), "gallery labels")
+    if queries.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"queries have dimension {queries.shape[1]}, the gallery {gallery.shape[1]}"
+        )
+    if ap_denominator not in AP_DENOMINATORS:
+        raise ValueError(f"ap_denominator must be one of {AP_DENOMINATORS}; got {ap_denominator!r}")
+    if r is not None and r < 1:
+        raise ValueError(f"r must be >= 1 or None; got {r}")
+    n_queries, n_gallery = len(queries), len(gallery)
+    exclude = exclusion_mask(exclude, n_queries, n_gallery)
+    classes = _ClassMembers(gallery_labels)
+    starts, n_members = classes.lookup(query_labels)
+    # G: members of the query's class minus those excluded for it (the query itself).
+    excluded_relevant = (exclude >= 0) & (
+        gallery_labels[np.maximum(exclude, 0)] == query_labels[:, None]
+    )
+    n_relevant = n_members - excluded_relevant.sum(axis=1)
+
+    results = QueryResults(
+        n_relevant=n_relevant,
+        first_rank=np.zeros(n_queries, dtype=np.int64),
+        average_precision=np.full(n_queries, np.nan),
+        map_at_r=np.full(n_queries, np.nan),
+        r_precision=np.full(n_queries, np.nan),
+    )
+    sq_norms = None if normalized else np.einsum("nd,nd->n", gallery, gallery)
+    # Blocks of queries with similar class sizes: the per-block (B, C) arrays stay narrow.
+    order = np.argsort(n_members, kind="stable")
+    order = order[n_relevant[order] > 0]
+    # Buffers reused by every block (fresh (B, N) arrays would page-fault every time). Widths
+    # only grow along `order`, so no block needs more rows than the narrowest row allows.
+    narrowest = int(n_members[order[0]]) if len(order) else 0
+    most_rows = min(len(order), _rows_for(n_gallery, narrowest, memory_mb))
+    score_buffer = np.empty((most_rows, n_gallery), dtype=np.float32)
+    key_buffer = np.empty((most_rows, n_gallery), dtype=np.int64)
+    flag_buffer = np.empty((most_rows, n_gallery), dtype=bool)
+    position = 0
+    while position < len(order):
+        size = min(most_rows, _block_size(n_gallery, n_members, order, position, memory_mb))
+        rows = order[position : position + size]
+        position += len(rows)
+        scores = similarity(
+            queries[rows],
+            gallery,
+            normalized=normalized,
+            gallery_sq_norms=sq_norms,
+            out=score_buffer[: len(rows)],
+        )
+        keys = order_keys(scores, out=key_buffer[: len(rows)])
+        exclude_keys(keys, exclude[rows])
+        # The keys of each query's class members, best first; excluded ones and padding
+        # (EXCLUDED) sort last, so the first G columns are the relevant items in rank order.
+        members = classes.gather(starts[rows], n_members[rows])
+        member_keys = np.where(
+            members >= 0, np.take_along_axis(keys, np.maximum(members, 0), axis=1), EXCLUDED
+        )
+        member_keys = np.sort(member_keys, axis=1)[:, ::-1][:, : n_relevant[rows].max()]
+        ranks = _ranks(keys, member_keys, n_relevant[rows], flag_buffer[: len(rows)])
+        _fill(results, rows, ranks, n_relevant[rows], r, n_gallery, ap_denominator)
+    return results
+
+
+def _labels(labels: np.ndarray, n: int, what: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"{what} have shape {labels.shape}; expected ({n},)")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{what} must be integers; got {labels.dtype}")
+    return labels.astype(np.int64, copy=False)
+
+
+class _ClassMembers:
+    """The gallery indices of each class, ascending, as slices of one index array."""
+
+    def __init__(self, gallery_labels: np.ndarray):
+        self.order = np.argsort(gallery_labels, kind="stable")
+        self.classes, self.starts, self.counts = np.unique(
+            gallery_labels[self.order], return_index=True, return_counts=True
+        )
+
+    def lookup(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start, count) into ``order`` of each label's members; count 0 for unknown labels."""
+        position = np.clip(np.searchsorted(self.classes, labels), 0, len(self.classes) - 1)
+        known = self.classes[position] == labels
+        return self.starts[position], np.where(known, self.counts[position], 0)
+
+    def gather(self, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """(B, max count) member indices, padded with -1."""
+        offsets = np.arange(counts.max())
+        valid = offsets[None, :] < counts[:, None]
+        positions = np.where(valid, starts[:, None] + offsets[None, :], 0)
+        return np.where(valid, self.order[positions], -1)
+
+
+def _rows_for(n_gallery: int, width: int, memory_mb: float) -> int:
+    """Query rows that fit the budget when each holds N gallery pairs and ``width`` relevant."""
+    return block_rows(1, n_gallery * BYTES_PER_PAIR + width * BYTES_PER_RELEVANT, memory_mb)
+
+
+def _block_size(
+    n_gallery: int, n_members: np.ndarray, order: np.ndarray, position: int, memory_mb: float
+) -> int:
+    """Query rows for the block starting at ``position`` of ``order`` (sorted by class size, so
+    the block's last row is its widest)."""
+    first_guess = _rows_for(n_gallery, int(n_members[order[position]]), memory_mb)
+    last = order[min(position + first_guess, len(order)) - 1]
+    return min(first_guess, _rows_for(n_gallery, int(n_members[last]), memory_mb))
+
+
+def _ranks(
+    keys: np.ndarray, member_keys: np.ndarray, n_relevant: np.ndarray, flags: np.ndarray
+) -> np.ndarray:
+    """Ranks (B, C) of the relevant items whose keys (B, C) are given best first.
+
+    An item's rank is 1 + the number of gallery keys (B, N) above its own (keys are distinct).
+    Columns at or beyond a row's G are padding; callers mask them. ``flags`` is a (B, N) bool
+    buffer; ``keys`` may be sorted in place.
+    """
+    n_rows, width = member_keys.shape
+    ranks = np.zeros((n_rows, width), dtype=np.int64)
+    if width <= COUNT_MAX_RELEVANT:
+        for column in range(width):
+            # Rows whose G is smaller hold padding in this column; counting it is harmless.
+            np.greater(keys, member_keys[:, column, None], out=flags)
+            ranks[:, column] = 1 + np.count_nonzero(flags, axis=1)
+    else:
+        keys.sort(axis=1)
+        n_gallery = keys.shape[1]
+        for row in range(n_rows):
+            relevant = member_keys[row, : n_relevant[row]]
+            above = n_gallery - np.searchsorted(keys[row], relevant, side="right")
+            ranks[row, : n_relevant[row]] = 1 + above
+    return ranks
+
+
+def _fill(
+    results: QueryResults,
+    rows: np.ndarray,
+    ranks: np.ndarray,
+    n_relevant: np.ndarray,
+    r: int | None,
+    n_gallery: int,
+    ap_denominator: str,
+) -> None:
+    """Write the per-query metrics of ``rows`` from the ranks (B, C) of their relevant items."""
+    m = np.arange(1, ranks.shape[1] + 1)
+    valid = m[None, :] <= n_relevant[:, None]
+    precision = np.divide(m[None, :], ranks, out=np.zeros(ranks.shape), where=valid)
+    cutoff = n_gallery if r is None else r
+    in_top_r = valid & (ranks <= cutoff)
+    if ap_denominator == "min_r_g":
+        denominator = np.minimum(cutoff, n_relevant)
+    else:  # "found": the original system's; no relevant item found scores 0
+        denominator = np.maximum(in_top_r.sum(axis=1), 1)
+    results.average_precision[rows] = (precision * in_top_r).sum(axis=1) / denominator
+    in_top_g = valid & (ranks <= n_relevant[:, None])
+    results.map_at_r[rows] = (precision * in_top_g).sum(axis=1) / n_relevant
+    results.r_precision[rows] = in_top_g.sum(axis=1) / n_relevant
+    results.first_rank[rows] = ranks[:, 0]
+
+
+# --- clustering quality -------------------------------------------------------------------------
+
+
+def clustering_nmi(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    *,
+    seed: int = 0,
+    max_iter: int = 20,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+) -> float:
+    """NMI between the classes (N,) and a k-means clustering of the embeddings (N, D) into as
+    many clusters as there are classes."""
+    n_classes = len(np.unique(labels))
+    clusters = kmeans(embeddings, n_classes, seed=seed, max_iter=max_iter, memory_mb=memory_mb)
+    return normalized_mutual_information(labels, clusters)
+
+
+def normalized_mutual_information(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
+    """NMI with arithmetic-mean normalisation (scikit-learn's default), from the contingency table.
+
+    ``MI / ((H(true) + H(pred)) / 2)``; 1.0 when both labelings are a single cluster, 0.0 when
+    the mutual information is 0.
+    """
+    _, true = np.unique(np.asarray(labels_true), return_inverse=True)
+    _, pred = np.unique(np.asarray(labels_pred), return_inverse=True)
+    true, pred = true.ravel(), pred.ravel()
+    if len(true) != len(pred):
+        raise ValueError(f"{len(true)} true labels but {len(pred)} predicted")
+    n_true, n_pred = true.max(initial=-1) + 1, pred.max(initial=-1) + 1
+    if n_true == n_pred and n_true <= 1:
+        return 1.0
+    n = len(true)
+    # The non-zero cells of the contingency table, without building the dense table.
+    cells, joint = np.unique(true * n_pred + pred, return_counts=True)
+    true_counts = np.bincount(true, minlength=n_true)
+    pred_counts = np.bincount(pred, minlength=n_pred)
+    outer = true_counts[cells // n_pred].astype(np.float64) * pred_counts[cells % n_pred]
+    mutual_information = max(0.0, float(np.sum(joint / n * (np.log(joint * n / outer)))))
+    if mutual_information == 0.0:
+        return 0.0
+    normalizer = (_entropy(true_counts, n) + _entropy(pred_counts, n)) / 2
+    return float(mutual_information / max(normalizer, np.finfo(np.float64).eps))
+
+
+def _entropy(counts: np.ndarray, n: int) -> float:
+    p = counts[counts > 0] / n
+    return float(-np.sum(p * np.log(p)))
+
+
+# k-means++ seeding costs k sequential passes over the data; above this many (point, cluster)
+# pairs, seed with k distinct random points instead (what FAISS's k-means does).
+KMEANS_PLUSPLUS_MAX_PAIRS = 2**24
+
+
+def kmeans(
+    points: np.ndarray,
+    k: int,
+    *,
+    seed: int = 0,
+    max_iter: int = 20,
+    memory_mb: float = DEFAULT_MEMORY_MB,
+) -> np.ndarray:
+    """Lloyd's k-means of points (N, D) into k clusters; returns cluster ids (N,) int64.
+
+    Seeded and deterministic: k-means++ seeding for small problems, k distinct random points
+    for large ones; nearest centres by blocked float32 matrix products (ties to the lower
+    centre); an empty cluster keeps its centre; stops when no assignment changes.
+    """
+    points = check_embeddings(points, "embeddings")
+    n_points = len(points)
+    k = max(1, min(int(k), n_points))
+    rng = np.random.default_rng(seed)
+    if n_points * k <= KMEANS_PLUSPLUS_MAX_PAIRS:
+        centers = _kmeans_plusplus(points, k, rng)
+    else:
+        centers = points[np.sort(rng.choice(n_points, size=k, replace=False))]
+    assignment = None
+    for _ in range(max_iter):
+        nearest = _nearest_centers(points, centers, memory_mb)
+        if assignment is not None and np.array_equal(nearest, assignment):
+            break
+        assignment = nearest
+        centers = _cluster_means(points, assignment, centers)
+    return assignment
+
+
+def _kmeans_plusplus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each centre drawn with probability
+    proportional to the squared distance to the nearest centre so far."""
+    sq_norms = np.einsum("nd,nd->n", points, points, dtype=np.float64)
+    chosen = [int(rng.integers(len(points)))]
+    nearest_sq = np.full(len(points), np.inf)
+    for _ in range(1, k):
+        center = points[chosen[-1]]
+        distance = sq_norms - 2.0 * (points @ center) + float(center @ center)
+        np.minimum(nearest_sq, np.maximum(distance, 0.0), out=nearest_sq)
+        total = nearest_sq.sum()
+        if total <= 0:  # every point sits on a centre: any new centre is as good
+            chosen.append(int(rng.integers(len(points))))
+            continue
+        cumulative = np.cumsum(nearest_sq)
+        pick = int(np.searchsorted(cumulative, rng.random() * total, side="right"))
+        chosen.append(min(pick, len(points) - 1))
+    return points[chosen].copy()
+
+
+def _nearest_centers(points: np.ndarray, centers: np.ndarray, memory_mb: float) -> np.ndarray:
+    center_sq = np.einsum("kd,kd->k", centers, centers)
+    step = block_rows(len(centers), 8, memory_mb)
+    nearest = np.empty(len(points), dtype=np.int64)
+    for start in range(0, len(points), step):
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every centre.
+        distance = center_sq[None, :] - 2.0 * (points[start : start + step] @ centers.T)
+        nearest[start : start + step] = np.argmin(distance, axis=1)
+    return nearest
+
+
+def _cluster_means(points: np.ndarray, assignment: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    order = np.argsort(assignment, kind="stable")
+    clusters, starts, counts = np.unique(assignment[order], return_index=True, return_counts=True)
+    sums = np.add.reduceat(points[order].astype(np.float64), starts, axis=0)
+    centers = centers.copy()
+    centers[clusters] = (sums / counts[:, None]).astype(np.float32)
+    return centers

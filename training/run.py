@@ -1,0 +1,110 @@
+"""A run's folder, ``<data_dir>/trainings/<name>/``, and what may change when it resumes.
+
+    config.json        the resolved config the run was started with
+    checkpoints/       ckpt-<step>.h5, the newest few
+    best.weights.h5    the embedding model's best weights (by validation Recall@1)
+    best.json          step and score of those weights
+    metrics.csv        step, loss, learning rate, steps/s, validation Recall@1
+    logs/              TensorBoard event files
+    embeddings/, evaluation/, queries/   written by embed.py, evaluation.py, test.py and cbir.py
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from config.schema import RESUMABLE_CHANGES
+from tfcbir import UserError
+
+log = logging.getLogger("tfcbir")
+
+CSV_FIELDS = ["step", "loss", "lr", "steps_per_s", "val_recall@1", "elapsed_s"]
+
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.config_file = self.path / "config.json"
+        self.checkpoints = self.path / "checkpoints"
+        self.logs = self.path / "logs"
+        self.metrics = self.path / "metrics.csv"
+        self.best_weights = self.path / "best.weights.h5"
+        self.best_info = self.path / "best.json"
+        self.embeddings = self.path / "embeddings"
+        self.evaluation = self.path / "evaluation"
+        self.queries = self.path / "queries"
+
+    def saved_config(self) -> dict | None:
+        if not self.config_file.exists():
+            return None
+        return json.loads(self.config_file.read_text())
+
+    def prepare(self, config: dict, restart: bool) -> None:
+        """Start a new run or check that ``config`` may resume the one found here."""
+        if restart:
+            for path in (self.checkpoints, self.logs):
+                shutil.rmtree(path, ignore_errors=True)
+            for path in (self.metrics, self.best_weights, self.best_info):
+                path.unlink(missing_ok=True)
+        saved = None if restart else self.saved_config()
+        if saved is not None:
+            changed = [key for key in diff(saved, config) if not _resumable(key)]
+            if changed:
+                key = changed[0]
+                raise UserError(
+                    f"{key} changed since the run in {self.path} started "
+                    f"({_show(saved, key)} -> {_show(config, key)}); run with --restart to start "
+                    "over, or give the config another name")
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.config_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        tmp.replace(self.config_file)
+
+    def best(self) -> dict | None:
+        return json.loads(self.best_info.read_text()) if self.best_info.exists() else None
+
+    def write_best(self, info: dict) -> None:
+        tmp = self.best_info.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(self.best_info)
+
+    def open_metrics(self, resume_step: int):
+        """The CSV log, opened for appending; rows after ``resume_step`` are dropped (redone)."""
+        rows = []
+        if self.metrics.exists() and resume_step > 0:
+            with open(self.metrics, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+        handle = open(self.metrics, "w", newline="")  # noqa: SIM115 - closed by the trainer
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        handle.flush()
+        return handle, writer
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)
+
+
+def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Key paths whose values differ between two nested configs."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}.{key}" if prefix else key
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += diff(a, b, path)
+        elif a != b:
+            keys.append(path)
+    return keys
+
+
+def _show(config: dict, key: str) -> str:
+    value = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return json.dumps(value)

@@ -1,0 +1,263 @@
+"""The training loop: P x K batches -> embedding model + loss -> checkpoints, logs, best model.
+
+``train(config)`` starts a run or resumes it from its newest checkpoint. Data order and
+augmentation are pure functions of (seed, step) and the learning rate a function of the
+optimiser's step, so a resumed run computes what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+import config as cfg
+import losses
+import nets
+from datasets.lists import ImageList, load_splits
+from datasets.pipeline import TrainData
+from tfcbir import UserError
+from training import checkpoint, validation
+from training.optim import build_optimizer
+from training.progress import Progress
+from training.run import RunFolder
+
+log = logging.getLogger("tfcbir")
+
+
+@dataclass
+class Result:
+    run: RunFolder
+    step: int
+    loss: float
+    best: dict | None
+    interrupted: bool = False
+
+
+def split_for_validation(config: dict, splits) -> tuple[ImageList, ImageList | None]:
+    """(training images, validation images) as ``train.validation`` and the split allow."""
+    source = config["train"]["validation"]["source"]
+    if config["train"]["validate_every"] == 0 or source == "none":
+        return splits.train, None
+    if source == "test" or (source == "auto" and splits.test is not None):
+        if splits.test is None:
+            raise UserError("train.validation.source: 'test' but the split has no test part; "
+                            "use 'holdout' or 'auto'")
+        return splits.train, splits.test
+    return holdout(splits.train, config["train"]["validation"]["holdout"], config["seed"],
+                   by_class=splits.kind == "classes")
+
+
+def holdout(images: ImageList, share: float, seed: int, by_class: bool):
+    """Hold out whole classes (class-disjoint runs) or a share of each class's images."""
+    rng = np.random.default_rng([seed, 7])
+    labels = images.labels
+    classes = np.unique(labels)
+    if by_class:
+        count = max(1, round(share * len(classes)))
+        if count >= len(classes):
+            raise UserError("train.validation.holdout: leaves no training class; lower it")
+        held = rng.permutation(classes)[:count]
+        mask = np.isin(labels, held)
+    else:
+        mask = np.zeros(len(labels), bool)
+        for c in classes:
+            members = np.flatnonzero(labels == c)
+            take = min(round(share * len(members)), len(members) - 1)
+            mask[rng.permutation(members)[:take]] = True
+    if not mask.any():
+        return images, None
+    return images.subset(np.flatnonzero(~mask)), images.subset(np.flatnonzero(mask))
+
+
+def train(config: dict, *, restart: bool = False) -> Result:
+    run = RunFolder(cfg.run_dir(config))
+    run.prepare(config, restart)
+    data, model_cfg, train_cfg = config["data"], config["model"], config["train"]
+    P, K = train_cfg["batch"]["P"], train_cfg["batch"]["K"]
+    tf.keras.utils.set_random_seed(config["seed"])
+
+    splits = load_splits(cfg.data_root(config), data["split"], config["seed"])
+    train_images, val_images = split_for_validation(config, splits)
+    train_data = TrainData(train_images, P=P, K=K, seed=config["seed"],
+                           image_size=tuple(data["image_size"]),
+                           resize=tuple(data["resize"]) if data["resize"] else None,
+                           flip=data["augment"]["flip"], crop=data["augment"]["crop"],
+                           cache_max_bytes=int(data["cache_gb"] * (1 << 30)))
+
+    found = checkpoint.latest(run.checkpoints)
+    model = nets.build_embedding_model(model_cfg, tuple(data["image_size"]),
+                                       pretrained=found is None)
+    loss_fn = losses.get(config["loss"], num_classes=len(train_images.classes))
+    optimizer = build_optimizer(train_cfg)
+    loss_variables = _build_loss(loss_fn, model, data["image_size"])
+    trainable = list(model.trainable_variables) + loss_variables
+    optimizer.build(trainable)
+    loss_optimizer = None
+    multiplier = getattr(loss_fn, "lr_multiplier", 1.0)
+    if loss_variables and multiplier != 1.0:  # proxies learn faster than the network
+        loss_optimizer = build_optimizer(train_cfg, lr_multiplier=multiplier)
+        loss_optimizer.build(loss_variables)
+        optimizer = build_optimizer(train_cfg)
+        optimizer.build(list(model.trainable_variables))
+
+    groups = {"model": model.weights, "optimizer": optimizer.variables, "loss": loss_variables}
+    if loss_optimizer is not None:
+        groups["loss_optimizer"] = loss_optimizer.variables
+    step, best = 0, None
+    if found is not None:
+        for name, variables in groups.items():
+            checkpoint.restore(variables, found.groups.get(name, []), name, found.path)
+        step, best = found.step, found.meta.get("best")
+        log.info("resuming %s from step %d (%s)", run.path, step, found.path.name)
+
+    validator = None
+    if val_images is not None and train_cfg["validate_every"] > 0:
+        validator = validation.Validator(val_images, data, train_cfg["validation"]["max_images"],
+                                         config["seed"])
+
+    _summary(config, run, splits, train_images, val_images, train_data, model, step)
+    train_step = _make_train_step(model, loss_fn, optimizer, loss_optimizer, loss_variables)
+    writer = tf.summary.create_file_writer(str(run.logs))
+    csv_handle, csv_writer = run.open_metrics(step)
+    progress = Progress(train_cfg["steps"], start=step)
+    signal_handler = _raise_on_sigterm()
+    last_loss = float("nan")
+    interrupted = False
+    t_start = time.monotonic()
+    window_t, window_step = t_start, step
+
+    def save_checkpoint(at: int):
+        meta = {"best": best, "config_hash": cfg.config_hash(config)}
+        checkpoint.save(run.checkpoints, at, groups, meta, train_cfg["keep_checkpoints"])
+
+    try:
+        batches = train_data.dataset(step, train_cfg["steps"])
+        for images, labels in batches:
+            loss_value = float(train_step(images, labels))
+            step += 1
+            last_loss = loss_value
+            if not np.isfinite(loss_value):
+                raise UserError(f"the loss became {loss_value} at step {step}; lower "
+                                "train.optimizer.lr or check the data")
+            row = None
+            if step % train_cfg["log_every"] == 0 or step == train_cfg["steps"]:
+                now = time.monotonic()
+                rate = (step - window_step) / max(now - window_t, 1e-9)
+                window_t, window_step = now, step
+                lr = float(optimizer.learning_rate)
+                with writer.as_default(step=step):
+                    tf.summary.scalar("loss", loss_value)
+                    tf.summary.scalar("learning_rate", lr)
+                    tf.summary.scalar("steps_per_second", rate)
+                row = {"step": step, "loss": f"{loss_value:.6g}", "lr": f"{lr:.6g}",
+                       "steps_per_s": f"{rate:.4g}", "val_recall@1": "",
+                       "elapsed_s": f"{now - t_start:.1f}"}
+            if validator is not None and (step % train_cfg["validate_every"] == 0
+                                          or step == train_cfg["steps"]):
+                recall = validator.recall_at_1(model)
+                with writer.as_default(step=step):
+                    tf.summary.scalar("val_recall@1", recall)
+                improved = best is None or recall > best["val_recall@1"]
+                progress.note(f"step {step}: validation Recall@1 {recall:.4f}"
+                              + (" (best so far)" if improved else ""))
+                if improved:
+                    best = {"step": step, "val_recall@1": recall}
+                    _save_weights(model, run)
+                    run.write_best(best)
+                row = row or {"step": step, "loss": f"{loss_value:.6g}"}
+                row["val_recall@1"] = f"{recall:.6g}"
+            if row is not None:
+                csv_writer.writerow(row)
+                csv_handle.flush()
+            if validator is None and (step % train_cfg["checkpoint_every"] == 0
+                                      or step == train_cfg["steps"]):
+                best = {"step": step, "val_recall@1": None}
+                _save_weights(model, run)  # no validation: the newest weights are the model
+                run.write_best(best)
+            if step % train_cfg["checkpoint_every"] == 0 or step == train_cfg["steps"]:
+                save_checkpoint(step)
+            progress.update(step, loss=loss_value)
+    except KeyboardInterrupt:
+        interrupted = True
+        progress.note(f"interrupted at step {step}; saving a checkpoint")
+        save_checkpoint(step)
+    finally:
+        progress.close()
+        csv_handle.close()
+        writer.close()
+        signal.signal(signal.SIGTERM, signal_handler)
+    if interrupted:
+        log.warning("run the same command to resume %s from step %d", config["name"], step)
+    return Result(run, step, last_loss, best, interrupted)
+
+
+def _build_loss(loss_fn, model, image_size) -> list:
+    """Create a trainable loss's variables (proxies) with one call on a tiny batch."""
+    if not hasattr(loss_fn, "trainable_variables"):
+        return []
+    images = tf.zeros([2, *image_size, 3], tf.uint8)
+    loss_fn(tf.constant([0, 0]), model(images, training=False))
+    return list(loss_fn.trainable_variables)
+
+
+def _make_train_step(model, loss_fn, optimizer, loss_optimizer, loss_variables):
+    model_variables = list(model.trainable_variables)
+    together = loss_optimizer is None
+
+    @tf.function
+    def train_step(images, labels):
+        with tf.GradientTape() as tape:
+            embeddings = model(images, training=True)
+            loss = loss_fn(labels, embeddings)
+            total = loss + tf.add_n(model.losses) if model.losses else loss
+        variables = model_variables + loss_variables
+        grads = tape.gradient(total, variables)
+        if together:
+            optimizer.apply_gradients(zip(grads, variables))
+        else:
+            n = len(model_variables)
+            optimizer.apply_gradients(zip(grads[:n], model_variables))
+            loss_optimizer.apply_gradients(zip(grads[n:], loss_variables))
+        return loss
+
+    return train_step
+
+
+def _save_weights(model, run: RunFolder) -> None:
+    tmp = run.path / ".best.tmp.weights.h5"
+    model.save_weights(tmp)
+    checkpoint.atomic_replace(tmp, run.best_weights)
+
+
+def _raise_on_sigterm():
+    """kill (SIGTERM) ends a run like Ctrl-C: a checkpoint is saved first."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return signal.getsignal(signal.SIGTERM)
+
+
+def _summary(config, run, splits, train_images, val_images, train_data, model, step) -> None:
+    skipped = len(getattr(train_data, "skipped", []))
+    parts = [f"run {config['name']} in {run.path}",
+             f"data {cfg.data_root(config)} ({splits.kind} split): "
+             f"{len(train_images)} training images of {len(np.unique(train_images.labels))} "
+             f"classes" + (f", {skipped} unreadable skipped" if skipped else ""),
+             f"validation: {len(val_images)} images" if val_images is not None else
+             "validation: none",
+             f"model {config['model']['backbone']} + {config['model']['head']} -> "
+             f"{config['model']['embedding_dim']}-d, {model.count_params():,} parameters",
+             f"loss {config['loss']}",
+             f"{'resuming at' if step else 'starting at'} step {step} of "
+             f"{config['train']['steps']}"]
+    for line in parts:
+        log.info(line)
