@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from tfcbir.cli import quiet_tensorflow, run
-
-quiet_tensorflow()
+from tfcbir.cli import run
 
 
 def main(argv: list[str]) -> int:

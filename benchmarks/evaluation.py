@@ -79,8 +79,8 @@ def dense(embeddings, labels, args) -> dict:
         r_precision.append(relevant[:g].sum() / g)
         first.append(int(np.argmax(relevant)) + 1)
     first = np.array(first)
-    values = {"mAP": float(np.mean(ap)), "P@1": float(np.mean(first == 1))}
-    values.update({f"R@{k}": float(np.mean(first <= k)) for k in (1, 2, 4, 8)})
+    values = {"mAP": float(np.mean(ap)), "precision@1": float(np.mean(first == 1))}
+    values.update({f"recall@{k}": float(np.mean(first <= k)) for k in (1, 2, 4, 8)})
     values.update({"MAP@R": float(np.mean(map_r)), "R-precision": float(np.mean(r_precision))})
     values["excluded_queries"] = n - len(first)
     return {"seconds": time.perf_counter() - start, "metrics": values}
@@ -156,7 +156,7 @@ def main() -> None:
     metrics = results[sides[0]]["metrics"]
     print(
         "  metrics: "
-        + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("mAP", "R@1", "R@8", "MAP@R", "R-precision"))
+        + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("mAP", "recall@1", "recall@8", "MAP@R", "R-precision"))
         + f"; {metrics['excluded_queries']} queries without a relevant item"
     )
     if len(results) == 2:

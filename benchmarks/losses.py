@@ -13,6 +13,7 @@ measured). Ratios are loss / baseline; the baseline is skipped where it would ne
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,13 +39,17 @@ def main(argv=None) -> None:
     if args.quick:
         args.sizes, args.repeats = [256], 1
 
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up lines out
     import losses
 
     names = losses.LOSSES.names()
-    print(f"forward + backward, D = {args.dim}, P x K = B/4 x 4, median of {args.repeats} after "
-          f"a warm-up; ratios = loss / addons O(B^3) semi-hard; {MEMORY_NOTE}")
-    header = f"{'loss':<22}" + "".join(
-        f" | B={B:<5} {'ms':>8} {'MB':>6} {'time x':>7} {'mem x':>6}" for B in args.sizes)
+    print(
+        f"forward + backward, D = {args.dim}, P x K = B/4 x 4, median of {args.repeats} after "
+        f"a warm-up; ratios = loss / addons O(B^3) semi-hard; {MEMORY_NOTE}"
+    )
+    header = f"{'loss':<24}" + "".join(
+        f" | B={B:<5} {'ms':>8} {'MB':>6} {'time x':>7} {'mem x':>6}" for B in args.sizes
+    )
     print(header)
     print("-" * len(header))
 
@@ -58,13 +63,15 @@ def main(argv=None) -> None:
             return f" | {'failed':>30}"
         base = baseline.get(B, {})
         if "ms" in base:
-            ratios = (f"{result['ms'] / base['ms']:>7.3f} "
-                      f"{result['peak_mb'] / max(base['peak_mb'], 1.0):>6.3f}")
+            ratios = (
+                f"{result['ms'] / base['ms']:>7.3f} "
+                f"{result['peak_mb'] / max(base['peak_mb'], 1.0):>6.3f}"
+            )
         else:
             ratios = f"{'-':>7} {'-':>6}"
         return f" | {'':<7} {result['ms']:>8.1f} {result['peak_mb']:>6.0f} {ratios}"
 
-    row = f"{'addons semi-hard O(B^3)':<22}"
+    row = f"{'addons semi-hard O(B^3)':<24}"
     for B in args.sizes:
         if B in baseline:
             row += cells(baseline[B], B)
@@ -72,7 +79,7 @@ def main(argv=None) -> None:
             row += f" | {'skipped: ~' + format(addons_estimate_gb(B), '.0f') + ' GB':>30}"
     print(row, flush=True)
     for name in names:
-        row = f"{name:<22}"
+        row = f"{name:<24}"
         for B in args.sizes:
             row += cells(measure(name, B, args.dim, args.repeats), B)
         print(row, flush=True)

@@ -70,19 +70,25 @@ def addons_semi_hard_loss(labels, embeddings, margin=1.0):
         tf.tile(adjacency_not, [batch_size, 1]),
         tf.math.greater(pdist_matrix_tile, tf.reshape(tf.transpose(pdist_matrix), [-1, 1])),
     )
-    mask_final = tf.transpose(tf.reshape(
-        tf.math.greater(tf.math.reduce_sum(tf.cast(mask, tf.float32), 1, keepdims=True), 0.0),
-        [batch_size, batch_size]))
+    mask_final = tf.transpose(
+        tf.reshape(
+            tf.math.greater(tf.math.reduce_sum(tf.cast(mask, tf.float32), 1, keepdims=True), 0.0),
+            [batch_size, batch_size],
+        )
+    )
     adjacency_not = tf.cast(adjacency_not, tf.float32)
     mask = tf.cast(mask, tf.float32)
-    negatives_outside = tf.transpose(tf.reshape(masked_minimum(pdist_matrix_tile, mask),
-                                                [batch_size, batch_size]))
+    negatives_outside = tf.transpose(
+        tf.reshape(masked_minimum(pdist_matrix_tile, mask), [batch_size, batch_size])
+    )
     negatives_inside = tf.tile(masked_maximum(pdist_matrix, adjacency_not), [1, batch_size])
     semi_hard_negatives = tf.where(mask_final, negatives_outside, negatives_inside)
     loss_mat = margin + pdist_matrix - semi_hard_negatives
     mask_positives = tf.cast(adjacency, tf.float32) - tf.linalg.diag(tf.ones([batch_size]))
-    return tf.math.truediv(tf.math.reduce_sum(tf.math.maximum(loss_mat * mask_positives, 0.0)),
-                           tf.math.reduce_sum(mask_positives))
+    return tf.math.truediv(
+        tf.math.reduce_sum(tf.math.maximum(loss_mat * mask_positives, 0.0)),
+        tf.math.reduce_sum(mask_positives),
+    )
 
 
 def addons_estimate_gb(B: int) -> float:
@@ -132,14 +138,26 @@ def run_case(name: str, B: int, D: int, repeats: int) -> dict:
         if i:
             times.append(time.perf_counter() - start)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"name": name, "B": B, "ms": 1000 * statistics.median(times),
-            "peak_mb": max(peak_mb - before_mb, 0.0), "loss": float(value)}
+    return {
+        "name": name,
+        "B": B,
+        "ms": 1000 * statistics.median(times),
+        "peak_mb": max(peak_mb - before_mb, 0.0),
+        "loss": float(value),
+    }
 
 
 def measure(name: str, B: int, D: int, repeats: int) -> dict:
     """run_case in a fresh Python process (peak RSS is per process)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", name, str(B), str(D),
-               str(repeats)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        name,
+        str(B),
+        str(D),
+        str(repeats),
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -148,8 +166,10 @@ def measure(name: str, B: int, D: int, repeats: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-MEMORY_NOTE = ("memory: peak RSS growth of a fresh process over its size before the first loss "
-               "call (ru_maxrss; TF has no CPU allocator stats)")
+MEMORY_NOTE = (
+    "memory: peak RSS growth of a fresh process over its size before the first loss "
+    "call (ru_maxrss; TF has no CPU allocator stats)"
+)
 
 
 def main(argv=None) -> None:
@@ -157,8 +177,12 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 1024, 4096])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-gb", type=float, default=8.0,
-                        help="skip the O(B^3) version above this estimated peak")
+    parser.add_argument(
+        "--max-gb",
+        type=float,
+        default=8.0,
+        help="skip the O(B^3) version above this estimated peak",
+    )
     parser.add_argument("--quick", action="store_true", help="B = 128, 512; 2 repeats")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -169,10 +193,14 @@ def main(argv=None) -> None:
     if args.quick:
         args.sizes, args.repeats = [128, 512], 2
 
-    print(f"semi_hard_triplet forward + backward, D = {args.dim}, P x K = B/4 x 4, "
-          f"median of {args.repeats} after a warm-up; {MEMORY_NOTE}")
-    print(f"{'B':>6} | {'ours ms':>9} {'ours MB':>9} | {'addons ms':>10} {'addons MB':>10} | "
-          f"{'time x':>7} {'memory x':>8}")
+    print(
+        f"semi_hard_triplet forward + backward, D = {args.dim}, P x K = B/4 x 4, "
+        f"median of {args.repeats} after a warm-up; {MEMORY_NOTE}"
+    )
+    print(
+        f"{'B':>6} | {'ours ms':>9} {'ours MB':>9} | {'addons ms':>10} {'addons MB':>10} | "
+        f"{'time x':>7} {'memory x':>8}"
+    )
     for B in args.sizes:
         ours = measure("semi_hard_triplet", B, args.dim, args.repeats)
         if "error" in ours:
@@ -180,17 +208,21 @@ def main(argv=None) -> None:
             continue
         row = f"{B:>6} | {ours['ms']:>9.1f} {ours['peak_mb']:>9.0f} | "
         if addons_estimate_gb(B) > args.max_gb:
-            row += (f"skipped: needs ~{addons_estimate_gb(B):.0f} GB "
-                    f"({ADDONS_TILES} x B^3 float32) > --max-gb {args.max_gb:g}")
+            row += (
+                f"skipped: needs ~{addons_estimate_gb(B):.0f} GB "
+                f"({ADDONS_TILES} x B^3 float32) > --max-gb {args.max_gb:g}"
+            )
         else:
             addons = measure(ADDONS, B, args.dim, args.repeats)
             if "error" in addons:
                 row += f"failed: {addons['error']}"
             else:
                 same = abs(addons["loss"] - ours["loss"]) <= 1e-5 * max(1.0, abs(ours["loss"]))
-                row += (f"{addons['ms']:>10.1f} {addons['peak_mb']:>10.0f} | "
-                        f"{addons['ms'] / ours['ms']:>7.1f} "
-                        f"{addons['peak_mb'] / max(ours['peak_mb'], 1.0):>8.1f}")
+                row += (
+                    f"{addons['ms']:>10.1f} {addons['peak_mb']:>10.0f} | "
+                    f"{addons['ms'] / ours['ms']:>7.1f} "
+                    f"{addons['peak_mb'] / max(ours['peak_mb'], 1.0):>8.1f}"
+                )
                 row += "" if same else f"  (losses differ: {ours['loss']} vs {addons['loss']})"
         print(row, flush=True)
 

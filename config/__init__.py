@@ -77,7 +77,7 @@ def _digest(value) -> str:
 
 def config_hash(config: dict) -> str:
     """Identity of what a run trains: everything but the name and the evaluation settings."""
-    return _digest({k: v for k, v in config.items() if k not in ("name", "eval")})
+    return _digest({k: v for k, v in config.items() if k not in ("name", "eval", "index")})
 
 
 def model_hash(config: dict) -> str:

@@ -143,11 +143,18 @@ SCHEMA: dict = {
         "gallery_list": Param(str, None, "query_gallery: CSV list of the gallery (label,path).",
                               nullable=True),
     },
+    "index": {
+        "type": Param(str, "exact", "Search index of the gallery: exact (blocked matrix "
+                      "products, memory-bounded) or a FAISS index factory string such as "
+                      "IVF4096,Flat, HNSW32 or IVF4096,PQ32 (needs faiss-cpu), built by embed.py."),
+        "search_parameters": Param(str, "", "FAISS search parameters, e.g. nprobe=64 or "
+                                   "efSearch=128; empty: the index's defaults."),
+    },
 }
 
 # Keys whose change does not change what a resumed run computes.
 RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.validate_every", "train.log_every", "data.cache_gb", "eval"}
+                     "train.validate_every", "train.log_every", "data.cache_gb", "eval", "index"}
 
 
 def resolve(raw: dict) -> dict:

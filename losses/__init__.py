@@ -34,8 +34,15 @@ from losses import proxy_anchor  # noqa: F401
 from losses import arcface  # noqa: F401
 # isort: on
 
-__all__ = ["LOSSES", "METRICS", "DEFAULT", "get", "check_batch", "pairwise_distances",
-           "cosine_similarities"]
+__all__ = [
+    "LOSSES",
+    "METRICS",
+    "DEFAULT",
+    "get",
+    "check_batch",
+    "pairwise_distances",
+    "cosine_similarities",
+]
 
 DEFAULT = "semi_hard_triplet"
 
@@ -54,8 +61,10 @@ def get(params: dict, *, num_classes: int | None = None):
     if not entry.meta["uses_proxies"]:
         return entry.builder(**values)
     if num_classes is None or num_classes < 1:
-        raise UserError(f"loss.name: {name} learns one vector per class and needs the number of "
-                        f"training classes (got {num_classes})")
+        raise UserError(
+            f"loss.name: {name} learns one vector per class and needs the number of "
+            f"training classes (got {num_classes})"
+        )
     return entry.builder(num_classes=int(num_classes), **values)
 
 
@@ -65,8 +74,12 @@ def check_batch(params: dict, P: int, K: int) -> None:
     entry = LOSSES.get(name, "loss.name")
     min_K, min_P = entry.meta["min_K"], entry.meta["min_P"]
     if min_K > K:
-        raise UserError(f"loss.name: {name} needs K >= {min_K} images per class in a batch; "
-                        f"set train.batch.K >= {min_K}")
+        raise UserError(
+            f"loss.name: {name} needs K >= {min_K} images per class in a batch; "
+            f"set train.batch.K >= {min_K}"
+        )
     if min_P > P:
-        raise UserError(f"loss.name: {name} needs P >= {min_P} classes in a batch (negatives); "
-                        f"set train.batch.P >= {min_P}")
+        raise UserError(
+            f"loss.name: {name} needs P >= {min_P} classes in a batch (negatives); "
+            f"set train.batch.P >= {min_P}"
+        )

@@ -35,13 +35,24 @@ from tfcbir.params import Param
 @LOSSES.register(
     "angular",
     params={
-        "alpha": Param(float, 45.0, "Angle bound in degrees (the paper tried 36 to 55).", min=0,
-                       max=90, min_exclusive=True, max_exclusive=True),
-        "l2_reg": Param(float, 0.0, "Weight of the embeddings' squared-norm penalty, as in "
-                        "npair.", min=0),
+        "alpha": Param(
+            float,
+            45.0,
+            "Angle bound in degrees (the paper reports 36 to 55 working well).",
+            min=0,
+            max=90,
+            min_exclusive=True,
+            max_exclusive=True,
+        ),
+        "l2_reg": Param(
+            float, 0.0, "Weight of the embeddings' squared-norm penalty, as in npair.", min=0
+        ),
     },
     doc="Angular loss, N-pair form (Wang et al. 2017).",
-    min_K=2, min_P=2, uses_proxies=False)
+    min_K=2,
+    min_P=2,
+    uses_proxies=False,
+)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class AngularLoss(MetricLoss):
     """Angular loss over every same-class pair, all other-class samples as negatives."""
@@ -66,8 +77,9 @@ class AngularLoss(MetricLoss):
         # their negatives when they share a class, the only entries used.
         shared = tf.matmul(scaled, scaled, transpose_b=True)
         usable = tf.logical_and(positives, shared > 0.0)
-        log_sum = tf.math.log(tf.where(usable, shared, tf.ones_like(shared))) + peak + tf.transpose(
-            peak)
+        log_sum = (
+            tf.math.log(tf.where(usable, shared, tf.ones_like(shared))) + peak + tf.transpose(peak)
+        )
         per_pair = tf.nn.softplus(log_sum - 2.0 * (1.0 + tan2) * gram)
         per_pair = tf.where(usable, per_pair, tf.zeros_like(per_pair))
         return masked_mean(per_pair, positives) + l2_penalty(embeddings, self.l2_reg)

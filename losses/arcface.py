@@ -31,11 +31,20 @@ from tfcbir.params import Param
     "arcface",
     params={
         "scale": Param(float, 64.0, "Logit scale s.", min=0, min_exclusive=True),
-        "margin": Param(float, 0.5, "Additive angular margin m, in radians.", min=0,
-                        max=math.pi / 2, max_exclusive=True),
+        "margin": Param(
+            float,
+            0.5,
+            "Additive angular margin m, in radians.",
+            min=0,
+            max=math.pi / 2,
+            max_exclusive=True,
+        ),
     },
     doc="ArcFace additive angular margin softmax, one learned weight per class (Deng et al.).",
-    min_K=1, min_P=1, uses_proxies=True)
+    min_K=1,
+    min_P=1,
+    uses_proxies=True,
+)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class ArcFaceLoss(ClassVectorLoss):
     """ArcFace loss; a layer whose class weights train with the model."""
@@ -61,8 +70,11 @@ class ArcFaceLoss(ClassVectorLoss):
         sine = tf.sqrt(tf.maximum(1.0 - tf.square(cosine), 1e-12))
         with_margin = cosine * math.cos(self.margin) - sine * math.sin(self.margin)
         # cos(theta) > cos(pi - m) <=> theta + m < pi; beyond, a linear continuation.
-        with_margin = tf.where(cosine > math.cos(math.pi - self.margin), with_margin,
-                               cosine - self.margin * math.sin(self.margin))
+        with_margin = tf.where(
+            cosine > math.cos(math.pi - self.margin),
+            with_margin,
+            cosine - self.margin * math.sin(self.margin),
+        )
         target = tf.one_hot(labels, self.num_classes, on_value=True, off_value=False)  # (B, C)
         logits = self.scale * tf.where(target, with_margin, cosine)
         per_sample = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)

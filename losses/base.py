@@ -47,8 +47,11 @@ def prepare(labels, embeddings, dtype=None) -> tuple[tf.Tensor, tf.Tensor]:
     if not labels.dtype.is_integer:  # Keras casts y_true to float
         labels = tf.cast(labels, tf.int64)
     labels = tf.reshape(labels, [-1])  # (B,) or (B, 1) -> (B,)
-    tf.debugging.assert_equal(tf.shape(labels)[0], tf.shape(embeddings)[0],
-                              message="labels and embeddings differ in batch size")
+    tf.debugging.assert_equal(
+        tf.shape(labels)[0],
+        tf.shape(embeddings)[0],
+        message="labels and embeddings differ in batch size",
+    )
     return labels, embeddings
 
 
@@ -83,13 +86,13 @@ def masked_logsumexp(values, mask, axis: int, add_one: bool = False) -> tf.Tenso
     if add_one:
         peak = tf.maximum(peak, 0.0)
     peak = tf.stop_gradient(tf.where(tf.math.is_finite(peak), peak, tf.zeros_like(peak)))
-    total = tf.reduce_sum(tf.exp(tf.where(mask, values - peak, neg_inf)), axis=axis,
-                          keepdims=True)
+    total = tf.reduce_sum(tf.exp(tf.where(mask, values - peak, neg_inf)), axis=axis, keepdims=True)
     if add_one:
         total += tf.exp(-peak)
     nonempty = total > 0.0
-    result = tf.where(nonempty, tf.math.log(tf.where(nonempty, total, tf.ones_like(total))) + peak,
-                      neg_inf)
+    result = tf.where(
+        nonempty, tf.math.log(tf.where(nonempty, total, tf.ones_like(total))) + peak, neg_inf
+    )
     return tf.squeeze(result, axis)
 
 
@@ -172,17 +175,24 @@ class ClassVectorLoss(keras.layers.Layer):
     def build(self, labels_shape, embeddings_shape):
         dim = embeddings_shape[-1]
         if dim is None:
-            raise ValueError(f"{self.name} needs the embedding dimension to build its "
-                             f"{self.vector_name}")
-        self.class_vectors = self.add_weight(shape=(self.num_classes, int(dim)),
-                                             initializer=self.initializer(),
-                                             name=self.vector_name, trainable=True)
+            raise ValueError(
+                f"{self.name} needs the embedding dimension to build its {self.vector_name}"
+            )
+        self.class_vectors = self.add_weight(
+            shape=(self.num_classes, int(dim)),
+            initializer=self.initializer(),
+            name=self.vector_name,
+            trainable=True,
+        )
 
     def call(self, labels, embeddings):
         labels, embeddings = prepare(labels, embeddings, self.compute_dtype)
         tf.debugging.assert_non_negative(labels, message=f"{self.name}: negative label")
-        tf.debugging.assert_less(labels, tf.cast(self.num_classes, labels.dtype),
-                                 message=f"{self.name}: a label is >= num_classes")
+        tf.debugging.assert_less(
+            labels,
+            tf.cast(self.num_classes, labels.dtype),
+            message=f"{self.name}: a label is >= num_classes",
+        )
         return self.compute(labels, embeddings, tf.cast(self.class_vectors, embeddings.dtype))
 
     def compute(self, labels, embeddings, class_vectors):

@@ -34,7 +34,10 @@ from tfcbir.params import Param
         "metric": metric_param(),
     },
     doc="Triplet loss over all triplets of the batch, averaged over the non-zero ones.",
-    min_K=2, min_P=2, uses_proxies=False)
+    min_K=2,
+    min_P=2,
+    uses_proxies=False,
+)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class BatchAllTripletLoss(MetricLoss):
     """Batch-all triplet loss, averaged over the triplets with a positive loss."""
@@ -54,8 +57,9 @@ class BatchAllTripletLoss(MetricLoss):
         # Entry (a, p): how many of a's negatives are closer than the threshold (loss > 0).
         active = tf.searchsorted(sorted_distances, thresholds, side="left")
         column = tf.range(tf.shape(distances)[1])
-        finite = tf.where(column[None, :] < count[:, None], sorted_distances,
-                          tf.zeros_like(sorted_distances))
+        finite = tf.where(
+            column[None, :] < count[:, None], sorted_distances, tf.zeros_like(sorted_distances)
+        )
         prefix = tf.concat([tf.zeros_like(finite[:, :1]), tf.cumsum(finite, axis=1)], axis=1)
         active_sum = tf.gather(prefix, active, batch_dims=1)  # (B, B)
         active = tf.cast(active, distances.dtype)

@@ -30,15 +30,19 @@ from tfcbir.params import Param
         "metric": metric_param(),
     },
     doc="Triplet loss on each anchor's hardest positive and hardest negative (Hermans et al.).",
-    min_K=2, min_P=2, uses_proxies=False)
+    min_K=2,
+    min_P=2,
+    uses_proxies=False,
+)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class BatchHardTripletLoss(MetricLoss):
     """Batch-hard triplet loss, with a hinge margin or the soft margin."""
 
     registry_name = "batch_hard_triplet"
 
-    def __init__(self, margin: float = 0.3, soft_margin: bool = False,
-                 metric: str = "euclidean", **kwargs):
+    def __init__(
+        self, margin: float = 0.3, soft_margin: bool = False, metric: str = "euclidean", **kwargs
+    ):
         super().__init__(**kwargs)
         self.margin = float(margin)
         self.soft_margin = bool(soft_margin)
@@ -47,10 +51,12 @@ class BatchHardTripletLoss(MetricLoss):
     def call(self, labels, embeddings):
         distances = pairwise_distances(embeddings, self.metric)  # (B, B)
         positives, negatives = class_masks(labels)
-        hardest_positive = tf.reduce_max(tf.where(positives, distances, fill(-1.0, distances)),
-                                         axis=1)
+        hardest_positive = tf.reduce_max(
+            tf.where(positives, distances, fill(-1.0, distances)), axis=1
+        )
         hardest_negative = tf.reduce_min(
-            tf.where(negatives, distances, fill(float("inf"), distances)), axis=1)
+            tf.where(negatives, distances, fill(float("inf"), distances)), axis=1
+        )
         valid = tf.logical_and(tf.reduce_any(positives, axis=1), tf.reduce_any(negatives, axis=1))
         gap = tf.where(valid, hardest_positive - hardest_negative, tf.zeros_like(hardest_positive))
         if self.soft_margin:
@@ -61,5 +67,9 @@ class BatchHardTripletLoss(MetricLoss):
         return tf.math.divide_no_nan(total, tf.reduce_sum(tf.cast(valid, total.dtype)))
 
     def get_config(self):
-        return {**super().get_config(), "margin": self.margin, "soft_margin": self.soft_margin,
-                "metric": self.metric}
+        return {
+            **super().get_config(),
+            "margin": self.margin,
+            "soft_margin": self.soft_margin,
+            "metric": self.metric,
+        }

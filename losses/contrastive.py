@@ -31,20 +31,23 @@ def _mean_nonzero(values, mask):
     "contrastive",
     params={
         "pos_margin": Param(float, 0.0, "Same-class pairs closer than this cost nothing.", min=0),
-        "neg_margin": Param(float, 1.0, "Other-class pairs farther than this cost nothing.",
-                            min=0),
+        "neg_margin": Param(float, 1.0, "Other-class pairs farther than this cost nothing.", min=0),
         "metric": metric_param(),
     },
     doc="Contrastive loss on all pairs (pytorch-metric-learning's conventions).",
-    min_K=2, min_P=2, uses_proxies=False)
+    min_K=2,
+    min_P=2,
+    uses_proxies=False,
+)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class ContrastiveLoss(MetricLoss):
     """Contrastive loss over all pairs, each term averaged over its non-zero pairs."""
 
     registry_name = "contrastive"
 
-    def __init__(self, pos_margin: float = 0.0, neg_margin: float = 1.0,
-                 metric: str = "euclidean", **kwargs):
+    def __init__(
+        self, pos_margin: float = 0.0, neg_margin: float = 1.0, metric: str = "euclidean", **kwargs
+    ):
         super().__init__(**kwargs)
         self.pos_margin = float(pos_margin)
         self.neg_margin = float(neg_margin)
@@ -58,5 +61,9 @@ class ContrastiveLoss(MetricLoss):
         return _mean_nonzero(positive_loss, positives) + _mean_nonzero(negative_loss, negatives)
 
     def get_config(self):
-        return {**super().get_config(), "pos_margin": self.pos_margin,
-                "neg_margin": self.neg_margin, "metric": self.metric}
+        return {
+            **super().get_config(),
+            "pos_margin": self.pos_margin,
+            "neg_margin": self.neg_margin,
+            "metric": self.metric,
+        }

@@ -36,8 +36,11 @@ def pairwise_distances(embeddings, metric: str = "euclidean") -> tf.Tensor:
         distances = tf.maximum(1.0 - tf.matmul(unit, unit, transpose_b=True), 0.0)
     else:
         squared_norms = tf.reduce_sum(tf.square(embeddings), axis=1)
-        squared = (squared_norms[:, None] + squared_norms[None, :]
-                   - 2.0 * tf.matmul(embeddings, embeddings, transpose_b=True))
+        squared = (
+            squared_norms[:, None]
+            + squared_norms[None, :]
+            - 2.0 * tf.matmul(embeddings, embeddings, transpose_b=True)
+        )
         # Rounding makes some squared distances slightly negative.
         squared = tf.maximum(squared, 0.0)
         if metric == "squared_euclidean":

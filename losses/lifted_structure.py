@@ -38,7 +38,10 @@ from tfcbir.params import Param
         "metric": metric_param(),
     },
     doc="Lifted structured loss, smooth form (Oh Song et al. 2016).",
-    min_K=2, min_P=2, uses_proxies=False)
+    min_K=2,
+    min_P=2,
+    uses_proxies=False,
+)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class LiftedStructureLoss(MetricLoss):
     """Lifted structured loss over all positive pairs of the batch."""
@@ -60,9 +63,11 @@ class LiftedStructureLoss(MetricLoss):
         peak = tf.stop_gradient(tf.where(has_negative, peak, tf.zeros_like(peak)))
         both = tf.exp(row[:, None] - peak) + tf.exp(row[None, :] - peak)
         neg_inf = fill(-float("inf"), distances)
-        log_both = tf.where(has_negative,
-                            tf.math.log(tf.where(has_negative, both, tf.ones_like(both))) + peak,
-                            neg_inf)
+        log_both = tf.where(
+            has_negative,
+            tf.math.log(tf.where(has_negative, both, tf.ones_like(both))) + peak,
+            neg_inf,
+        )
         per_pair = tf.square(tf.nn.relu(log_both + distances))
         return 0.5 * masked_mean(per_pair, positives)
 

@@ -31,19 +31,32 @@ from tfcbir.params import Param
         "alpha": Param(float, 2.0, "Scale of the positive term.", min=0, min_exclusive=True),
         "beta": Param(float, 50.0, "Scale of the negative term.", min=0, min_exclusive=True),
         "base": Param(float, 0.5, "Similarity margin lambda.", min=-1, max=1),
-        "epsilon": Param(float, 0.1, "Mining margin: pairs this far inside the hardest pair of "
-                         "the other kind are dropped.", min=0),
+        "epsilon": Param(
+            float,
+            0.1,
+            "Mining margin: pairs this far inside the hardest pair of the other kind are dropped.",
+            min=0,
+        ),
     },
     doc="Multi-similarity loss with its hard-pair mining (Wang et al. 2019).",
-    min_K=2, min_P=2, uses_proxies=False)
+    min_K=2,
+    min_P=2,
+    uses_proxies=False,
+)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class MultiSimilarityLoss(MetricLoss):
     """Multi-similarity loss on cosine similarities, with the paper's pair mining."""
 
     registry_name = "multi_similarity"
 
-    def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
-                 epsilon: float = 0.1, **kwargs):
+    def __init__(
+        self,
+        alpha: float = 2.0,
+        beta: float = 50.0,
+        base: float = 0.5,
+        epsilon: float = 0.1,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.alpha = float(alpha)
         self.beta = float(beta)
@@ -56,20 +69,36 @@ class MultiSimilarityLoss(MetricLoss):
         # Mining uses the similarities' values only; the gradient flows through the weighting.
         values = tf.stop_gradient(similarities)
         hardest_positive = tf.reduce_min(
-            tf.where(positives, values, fill(float("inf"), values)), axis=1, keepdims=True)
+            tf.where(positives, values, fill(float("inf"), values)), axis=1, keepdims=True
+        )
         hardest_negative = tf.reduce_max(
-            tf.where(negatives, values, fill(-float("inf"), values)), axis=1, keepdims=True)
+            tf.where(negatives, values, fill(-float("inf"), values)), axis=1, keepdims=True
+        )
         kept_negatives = tf.logical_and(negatives, values + self.epsilon > hardest_positive)
         kept_positives = tf.logical_and(positives, values - self.epsilon < hardest_negative)
-        positive_term = masked_logsumexp(-self.alpha * (similarities - self.base), kept_positives,
-                                         axis=1, add_one=True) / self.alpha
-        negative_term = masked_logsumexp(self.beta * (similarities - self.base), kept_negatives,
-                                         axis=1, add_one=True) / self.beta
-        kept = tf.logical_and(tf.reduce_any(kept_positives, axis=1),
-                              tf.reduce_any(kept_negatives, axis=1))
+        positive_term = (
+            masked_logsumexp(
+                -self.alpha * (similarities - self.base), kept_positives, axis=1, add_one=True
+            )
+            / self.alpha
+        )
+        negative_term = (
+            masked_logsumexp(
+                self.beta * (similarities - self.base), kept_negatives, axis=1, add_one=True
+            )
+            / self.beta
+        )
+        kept = tf.logical_and(
+            tf.reduce_any(kept_positives, axis=1), tf.reduce_any(kept_negatives, axis=1)
+        )
         per_anchor = tf.where(kept, positive_term + negative_term, tf.zeros_like(positive_term))
         return tf.reduce_mean(per_anchor)
 
     def get_config(self):
-        return {**super().get_config(), "alpha": self.alpha, "beta": self.beta,
-                "base": self.base, "epsilon": self.epsilon}
+        return {
+            **super().get_config(),
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "base": self.base,
+            "epsilon": self.epsilon,
+        }

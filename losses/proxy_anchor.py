@@ -29,12 +29,19 @@ from tfcbir.params import Param
     params={
         "alpha": Param(float, 32.0, "Scale.", min=0, min_exclusive=True),
         "margin": Param(float, 0.1, "Margin delta.", min=0),
-        "proxy_lr_multiplier": Param(float, 100.0, "The proxies' learning rate is the model's "
-                                     "times this (the authors use 100).", min=0,
-                                     min_exclusive=True),
+        "proxy_lr_multiplier": Param(
+            float,
+            100.0,
+            "The proxies' learning rate is the model's times this (the authors use 100).",
+            min=0,
+            min_exclusive=True,
+        ),
     },
     doc="Proxy-anchor loss, one learned proxy per class (Kim et al. 2020).",
-    min_K=1, min_P=1, uses_proxies=True)
+    min_K=1,
+    min_P=1,
+    uses_proxies=True,
+)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class ProxyAnchorLoss(ClassVectorLoss):
     """Proxy-anchor loss; a layer whose proxies train with the model."""
@@ -42,8 +49,14 @@ class ProxyAnchorLoss(ClassVectorLoss):
     registry_name = "proxy_anchor"
     vector_name = "proxies"
 
-    def __init__(self, num_classes: int, alpha: float = 32.0, margin: float = 0.1,
-                 proxy_lr_multiplier: float = 100.0, **kwargs):
+    def __init__(
+        self,
+        num_classes: int,
+        alpha: float = 32.0,
+        margin: float = 0.1,
+        proxy_lr_multiplier: float = 100.0,
+        **kwargs,
+    ):
         super().__init__(num_classes, **kwargs)
         self.alpha = float(alpha)
         self.margin = float(margin)
@@ -63,14 +76,22 @@ class ProxyAnchorLoss(ClassVectorLoss):
     def compute(self, labels, embeddings, proxies):
         similarities = cosine_similarities(embeddings, proxies)  # (B, C)
         members = tf.one_hot(labels, self.num_classes, on_value=True, off_value=False)  # (B, C)
-        positive = masked_logsumexp(-self.alpha * (similarities - self.margin), members, axis=0,
-                                    add_one=True)  # (C,)
-        negative = masked_logsumexp(self.alpha * (similarities + self.margin),
-                                    tf.logical_not(members), axis=0, add_one=True)
+        positive = masked_logsumexp(
+            -self.alpha * (similarities - self.margin), members, axis=0, add_one=True
+        )  # (C,)
+        negative = masked_logsumexp(
+            self.alpha * (similarities + self.margin), tf.logical_not(members), axis=0, add_one=True
+        )
         present = tf.reduce_sum(tf.cast(tf.reduce_any(members, axis=0), positive.dtype))
-        return (tf.math.divide_no_nan(tf.reduce_sum(positive), present)
-                + tf.reduce_sum(negative) / self.num_classes)
+        return (
+            tf.math.divide_no_nan(tf.reduce_sum(positive), present)
+            + tf.reduce_sum(negative) / self.num_classes
+        )
 
     def get_config(self):
-        return {**super().get_config(), "alpha": self.alpha, "margin": self.margin,
-                "proxy_lr_multiplier": self.proxy_lr_multiplier}
+        return {
+            **super().get_config(),
+            "alpha": self.alpha,
+            "margin": self.margin,
+            "proxy_lr_multiplier": self.proxy_lr_multiplier,
+        }

@@ -32,7 +32,10 @@ from tfcbir.params import Param
         "metric": metric_param(),
     },
     doc="Triplet loss with semi-hard negatives (FaceNet); tfa.losses.TripletSemiHardLoss.",
-    min_K=2, min_P=2, uses_proxies=False)
+    min_K=2,
+    min_P=2,
+    uses_proxies=False,
+)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class SemiHardTripletLoss(MetricLoss):
     """Triplet loss with semi-hard negative mining, as tensorflow-addons computes it."""
@@ -56,8 +59,7 @@ class SemiHardTripletLoss(MetricLoss):
         # No negative at all: addons' masked maximum over an empty mask is the row minimum.
         row_minimum = tf.reduce_min(distances, axis=1, keepdims=True)
         negative = tf.where(count[:, None] > 0, negative, row_minimum)
-        per_pair = tf.where(positives, self.margin + distances - negative,
-                            tf.zeros_like(distances))
+        per_pair = tf.where(positives, self.margin + distances - negative, tf.zeros_like(distances))
         # tf.maximum, like addons: a pair exactly at the margin still passes its gradient.
         total = tf.reduce_sum(tf.maximum(per_pair, 0.0))
         return tf.math.divide_no_nan(total, tf.reduce_sum(tf.cast(positives, total.dtype)))

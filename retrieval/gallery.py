@@ -339,10 +339,18 @@ class GalleryWriter:
         self._file.flush()
         self._done[indices] = True
 
-    def finalize(self) -> Path:
-        """Rename the finished partial file to the gallery's path (atomic); returns that path."""
+    def finalize(self, *, drop_missing: bool = False) -> Path:
+        """Rename the finished partial file to the gallery's path (atomic); returns that path.
+
+        drop_missing: items never written (unreadable images) are left out of the gallery
+        instead of being an error; the gallery is then rewritten without them.
+        """
         if not self._done.all():
-            raise ValueError(f"{len(self.remaining())} of {len(self)} items are not embedded yet")
+            if not drop_missing:
+                raise ValueError(
+                    f"{len(self.remaining())} of {len(self)} items are not embedded yet"
+                )
+            return self._finalize_without_missing()
         del self._file["done"]
         self._file.attrs["created"] = _now()
         self._file.attrs["gallery_id"] = uuid.uuid4().hex
@@ -350,6 +358,27 @@ class GalleryWriter:
         with open(self.partial_path, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(self.partial_path, self.path)
+        return self.path
+
+    def _finalize_without_missing(self) -> Path:
+        f, keep = self._file, self._done
+        attrs = {key: hdf5_value(f.attrs[key]) for key in _ATTRIBUTES}
+        write_gallery(
+            self.path,
+            f["embeddings"][...][keep],
+            f["labels"][...][keep],
+            [p for p, k in zip(f["paths"].asstr()[...], keep) if k],
+            list(f["classes"].asstr()[...]),
+            normalized=bool(attrs["normalized"]),
+            model_id=attrs["model_id"],
+            model_step=int(attrs["model_step"]),
+            config_hash=attrs["config_hash"],
+            data_root=attrs["data_root"],
+            split=attrs["split"],
+            extra=json.loads(attrs["extra"]),
+        )
+        f.close()
+        self.partial_path.unlink()
         return self.path
 
     def close(self) -> None:

@@ -100,8 +100,8 @@ class Metrics:
 
     def as_dict(self) -> dict:
         """Flat, JSON-ready, in the order reports show them."""
-        values = {"mAP": self.mean_average_precision, "P@1": self.precision_at_1}
-        values.update({f"R@{k}": v for k, v in self.recall_at_k.items()})
+        values = {"mAP": self.mean_average_precision, "precision@1": self.precision_at_1}
+        values.update({f"recall@{k}": v for k, v in self.recall_at_k.items()})
         values.update({"MAP@R": self.map_at_r, "R-precision": self.r_precision})
         if self.nmi is not None:
             values["NMI"] = self.nmi

@@ -14,9 +14,19 @@ from losses.base import ClassVectorLoss, MetricLoss
 from tfcbir import UserError
 from tfcbir.params import Param
 
-NAMES = ["semi_hard_triplet", "angular", "batch_hard_triplet", "batch_all_triplet",
-         "contrastive", "lifted_structure", "npair", "multi_similarity", "ntxent",
-         "proxy_anchor", "arcface"]
+NAMES = [
+    "semi_hard_triplet",
+    "angular",
+    "batch_hard_triplet",
+    "batch_all_triplet",
+    "contrastive",
+    "lifted_structure",
+    "npair",
+    "multi_similarity",
+    "ntxent",
+    "proxy_anchor",
+    "arcface",
+]
 PROXIES = {"proxy_anchor", "arcface"}
 NUM_CLASSES = 10
 
@@ -66,14 +76,17 @@ def test_get_fills_defaults_and_builds_the_registered_class():
     assert losses.get({"name": "arcface"}, num_classes=3).lr_multiplier == 1.0
 
 
-@pytest.mark.parametrize(("params", "message"), [
-    ({"name": "semi_hard_triplet", "margin": -1}, "loss.margin: -1 is below the minimum 0"),
-    ({"name": "angualr"}, "loss.name: 'angualr' is not one of semi_hard_triplet, angular, "),
-    ({"name": "angular", "alpha": 90}, "loss.alpha: 90 must be less than 90"),
-    ({"name": "contrastive", "metric": "l2"}, "loss.metric: 'l2' is not one of euclidean, "),
-    ({"name": "npair", "margin": 1.0}, "loss.margin: unknown key; allowed keys are l2_reg"),
-    ({"name": "ntxent", "temperature": "hot"}, "loss.temperature: 'hot' is not a number"),
-])
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"name": "semi_hard_triplet", "margin": -1}, "loss.margin: -1 is below the minimum 0"),
+        ({"name": "angualr"}, "loss.name: 'angualr' is not one of semi_hard_triplet, angular, "),
+        ({"name": "angular", "alpha": 90}, "loss.alpha: 90 must be less than 90"),
+        ({"name": "contrastive", "metric": "l2"}, "loss.metric: 'l2' is not one of euclidean, "),
+        ({"name": "npair", "margin": 1.0}, "loss.margin: unknown key; allowed keys are l2_reg"),
+        ({"name": "ntxent", "temperature": "hot"}, "loss.temperature: 'hot' is not a number"),
+    ],
+)
 def test_bad_params_raise_one_line_user_errors(params, message):
     with pytest.raises(UserError) as raised:
         losses.get(params)
@@ -89,8 +102,9 @@ def test_proxy_losses_need_the_number_of_classes():
 def test_check_batch():
     with pytest.raises(UserError) as raised:
         losses.check_batch({"name": "npair"}, P=8, K=1)
-    assert str(raised.value) == ("loss.name: npair needs K >= 2 images per class in a batch; "
-                                 "set train.batch.K >= 2")
+    assert str(raised.value) == (
+        "loss.name: npair needs K >= 2 images per class in a batch; set train.batch.K >= 2"
+    )
     with pytest.raises(UserError, match=r"needs P >= 2 classes .* set train.batch.P >= 2"):
         losses.check_batch({"name": "contrastive", "pos_margin": 0.0}, P=1, K=4)
     for name in NAMES:
@@ -107,8 +121,11 @@ def test_pairwise_distances_match_numpy_with_zero_diagonal():
     x = np.random.default_rng(0).normal(size=(6, 4))
     diff = x[:, None] - x[None]
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
-    expected = {"euclidean": np.sqrt((diff**2).sum(-1)), "squared_euclidean": (diff**2).sum(-1),
-                "cosine": 1 - unit @ unit.T}
+    expected = {
+        "euclidean": np.sqrt((diff**2).sum(-1)),
+        "squared_euclidean": (diff**2).sum(-1),
+        "cosine": 1 - unit @ unit.T,
+    }
     for metric in losses.METRICS:
         d = losses.pairwise_distances(tf.constant(x), metric).numpy()
         np.testing.assert_allclose(d, expected[metric], atol=1e-12)
@@ -135,8 +152,9 @@ def test_graph_with_unknown_batch_size_matches_eager(name):
     labels, x = batch()
     eager_value, eager_grad = value_and_gradient(loss, labels, x)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32),
-                                  tf.TensorSpec([None, 8], tf.float32)])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 8], tf.float32)]
+    )
     def step(labels, embeddings):
         return value_and_gradient(loss, labels, embeddings)
 
@@ -151,8 +169,15 @@ def test_graph_with_unknown_batch_size_matches_eager(name):
     assert step.experimental_get_tracing_count() == 1
 
 
-ZERO_WITHOUT_PAIRS = {"semi_hard_triplet", "angular", "batch_hard_triplet", "batch_all_triplet",
-                      "lifted_structure", "multi_similarity", "ntxent"}
+ZERO_WITHOUT_PAIRS = {
+    "semi_hard_triplet",
+    "angular",
+    "batch_hard_triplet",
+    "batch_all_triplet",
+    "lifted_structure",
+    "multi_similarity",
+    "ntxent",
+}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -252,8 +277,9 @@ def largest_tensor(fn, B, D=8):
     for op in graph.get_operations():
         for output in op.outputs:
             if output.shape.rank:
-                largest = max(largest, math.prod(d if d is not None else B
-                                                 for d in output.shape.as_list()))
+                largest = max(
+                    largest, math.prod(d if d is not None else B for d in output.shape.as_list())
+                )
     return largest
 
 

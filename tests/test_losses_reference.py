@@ -3,6 +3,7 @@ float32 and float64, gradients against finite differences of the loop), and tiny
 by hand. semi_hard_triplet is checked against tensorflow-addons in test_losses_semi_hard.py."""
 
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -66,8 +67,9 @@ def ref_contrastive(labels, x, pos_margin=0.0, neg_margin=1.0, metric="euclidean
         return sum(nonzero) / len(nonzero) if nonzero else 0.0
 
     pos = [max(d[a, p] - pos_margin, 0.0) for a, p in pairs(labels)]
-    neg = [max(neg_margin - d[i, j], 0.0) for i in range(n) for j in range(n)
-           if labels[i] != labels[j]]
+    neg = [
+        max(neg_margin - d[i, j], 0.0) for i in range(n) for j in range(n) if labels[i] != labels[j]
+    ]
     return mean_nonzero(pos) + mean_nonzero(neg)
 
 
@@ -84,8 +86,10 @@ def ref_lifted_structure(labels, x, margin=1.0, metric="euclidean"):
 
 
 def ref_npair(labels, x, l2_reg=0.002):
-    terms = [np.log(1 + sum(np.exp(x[a] @ x[n] - x[a] @ x[p]) for n in others(labels, a)))
-             for a, p in pairs(labels)]
+    terms = [
+        np.log(1 + sum(np.exp(x[a] @ x[n] - x[a] @ x[p]) for n in others(labels, a)))
+        for a, p in pairs(labels)
+    ]
     return (np.mean(terms) if terms else 0.0) + 0.25 * l2_reg * 2 * np.mean((x**2).sum(1))
 
 
@@ -117,26 +121,39 @@ def ref_multi_similarity(labels, x, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1)
 
 def ref_ntxent(labels, x, temperature=0.07):
     s = cosines(x, x) / temperature
-    terms = [-np.log(np.exp(s[a, p]) / (np.exp(s[a, p]) + sum(np.exp(s[a, n])
-                                                              for n in others(labels, a))))
-             for a, p in pairs(labels)]
+    terms = [
+        -np.log(
+            np.exp(s[a, p]) / (np.exp(s[a, p]) + sum(np.exp(s[a, n]) for n in others(labels, a)))
+        )
+        for a, p in pairs(labels)
+    ]
     return np.mean(terms) if terms else 0.0
 
 
-def ref_proxy_anchor(labels, x, proxies, alpha=32.0, margin=0.1):
+def ref_proxy_anchor(labels, x, vectors, alpha=32.0, margin=0.1):
     # The authors' Proxy_Anchor.forward, class by class.
-    s = cosines(x, proxies)
-    C = len(proxies)
+    s = cosines(x, vectors)
+    C = len(vectors)
     present = [c for c in range(C) if c in set(labels)]
-    pos = sum(np.log(1 + sum(np.exp(-alpha * (s[i, c] - margin))
-                             for i in range(len(labels)) if labels[i] == c)) for c in present)
-    neg = sum(np.log(1 + sum(np.exp(alpha * (s[i, c] + margin))
-                             for i in range(len(labels)) if labels[i] != c)) for c in range(C))
+    pos = sum(
+        np.log(
+            1
+            + sum(np.exp(-alpha * (s[i, c] - margin)) for i in range(len(labels)) if labels[i] == c)
+        )
+        for c in present
+    )
+    neg = sum(
+        np.log(
+            1
+            + sum(np.exp(alpha * (s[i, c] + margin)) for i in range(len(labels)) if labels[i] != c)
+        )
+        for c in range(C)
+    )
     return (pos / len(present) if present else 0.0) + neg / C
 
 
-def ref_arcface(labels, x, weights, scale=64.0, margin=0.5):
-    cos = np.clip(cosines(x, weights), -1, 1)
+def ref_arcface(labels, x, vectors, scale=64.0, margin=0.5):
+    cos = np.clip(cosines(x, vectors), -1, 1)
     total = 0.0
     for i, y in enumerate(labels):
         logits = scale * cos[i].copy()
@@ -158,8 +175,10 @@ REFERENCES = {
     "lifted_structure": (ref_lifted_structure, [{}, {"margin": 0.5}]),
     "npair": (ref_npair, [{}, {"l2_reg": 0.1}]),
     "angular": (ref_angular, [{}, {"alpha": 36.0, "l2_reg": 0.01}]),
-    "multi_similarity": (ref_multi_similarity, [{}, {"alpha": 1.0, "beta": 10.0, "base": 0.2,
-                                                     "epsilon": 0.3}]),
+    "multi_similarity": (
+        ref_multi_similarity,
+        [{}, {"alpha": 1.0, "beta": 10.0, "base": 0.2, "epsilon": 0.3}],
+    ),
     "ntxent": (ref_ntxent, [{}, {"temperature": 0.5}]),
 }
 WITH_METRIC = {"batch_hard_triplet", "batch_all_triplet", "contrastive", "lifted_structure"}
@@ -214,12 +233,21 @@ def test_values_match_the_formula(name):
             expected = ref(labels, x, **params)
             value32 = loss(labels, x.astype(np.float32))
             assert value32.dtype == tf.float32
-            np.testing.assert_allclose(value32.numpy(), expected, rtol=1e-5, atol=1e-6,
-                                       err_msg=f"{name} {params} {P}x{K}x{D} float32")
+            np.testing.assert_allclose(
+                value32.numpy(),
+                expected,
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=f"{name} {params} {P}x{K}x{D} float32",
+            )
             labels, x = batch(P, K, D, seed + 100)
-            np.testing.assert_allclose(loss(labels, x).numpy(), ref(labels, x, **params),
-                                       rtol=1e-9, atol=1e-12,
-                                       err_msg=f"{name} {params} {P}x{K}x{D} float64")
+            np.testing.assert_allclose(
+                loss(labels, x).numpy(),
+                ref(labels, x, **params),
+                rtol=1e-9,
+                atol=1e-12,
+                err_msg=f"{name} {params} {P}x{K}x{D} float64",
+            )
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
@@ -229,9 +257,10 @@ def test_gradients_match_finite_differences(name):
         for seed, (P, K, D) in enumerate([(3, 3, 2), (2, 4, 3)]):
             labels, x = batch(P, K, D, seed + 200)
             _, grad = value_and_gradient(loss, labels, x)
-            expected = numeric_gradient(lambda e, p=params: ref(labels, e, **p), x)
-            np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-7,
-                                       err_msg=f"{name} {params} {P}x{K}x{D}")
+            expected = numeric_gradient(partial(ref, labels, **params), x)
+            np.testing.assert_allclose(
+                grad, expected, rtol=1e-5, atol=1e-7, err_msg=f"{name} {params} {P}x{K}x{D}"
+            )
 
 
 def test_batch_all_on_a_larger_batch():
@@ -239,15 +268,19 @@ def test_batch_all_on_a_larger_batch():
     labels, x = batch(12, 4, 16, 5)
     for margin in (0.2, 5.0):
         loss = losses.get({"name": "batch_all_triplet", "margin": margin})
-        np.testing.assert_allclose(loss(labels, x.astype(np.float32)).numpy(),
-                                   ref_batch_all(labels, x, margin), rtol=1e-5)
+        np.testing.assert_allclose(
+            loss(labels, x.astype(np.float32)).numpy(), ref_batch_all(labels, x, margin), rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("name", ["proxy_anchor", "arcface"])
 def test_class_vector_losses_match_the_formula(name):
     ref = ref_proxy_anchor if name == "proxy_anchor" else ref_arcface
-    settings = ([{}, {"alpha": 16.0, "margin": 0.2}] if name == "proxy_anchor"
-                else [{}, {"scale": 8.0, "margin": 0.3}, {"scale": 4.0, "margin": 1.5}])
+    settings = (
+        [{}, {"alpha": 16.0, "margin": 0.2}]
+        if name == "proxy_anchor"
+        else [{}, {"scale": 8.0, "margin": 0.3}, {"scale": 4.0, "margin": 1.5}]
+    )
     rng = np.random.default_rng(3)
     for params in settings:
         for C, (P, K, D) in [(7, (3, 2, 4)), (5, (5, 1, 3)), (10, (4, 3, 6))]:
@@ -259,8 +292,13 @@ def test_class_vector_losses_match_the_formula(name):
                 loss = type(loss).from_config({**loss.get_config(), "dtype": dtype})
                 loss(labels[:1], x[:1].astype(dtype))  # builds the vectors
                 loss.class_vectors.assign(vectors.astype(dtype))
-                np.testing.assert_allclose(loss(labels, x.astype(dtype)).numpy(), expected,
-                                           rtol=rtol, atol=1e-6, err_msg=f"{name} {params}")
+                np.testing.assert_allclose(
+                    loss(labels, x.astype(dtype)).numpy(),
+                    expected,
+                    rtol=rtol,
+                    atol=1e-6,
+                    err_msg=f"{name} {params}",
+                )
             # float64 gradients, for the embeddings and the class vectors.
             x64 = tf.constant(x)
             with tf.GradientTape() as tape:
@@ -268,12 +306,17 @@ def test_class_vector_losses_match_the_formula(name):
                 value = loss(labels, x64)
             grad_x, grad_vectors = tape.gradient(value, [x64, loss.class_vectors])
             np.testing.assert_allclose(
-                grad_x.numpy(), numeric_gradient(lambda e: ref(labels, e, vectors, **params), x),
-                rtol=1e-5, atol=1e-7)
+                grad_x.numpy(),
+                numeric_gradient(partial(ref, labels, vectors=vectors, **params), x),
+                rtol=1e-5,
+                atol=1e-7,
+            )
             np.testing.assert_allclose(
                 grad_vectors.numpy(),
-                numeric_gradient(lambda v: ref(labels, x, v, **params), vectors),
-                rtol=1e-5, atol=1e-7)
+                numeric_gradient(partial(ref, labels, x, **params), vectors),
+                rtol=1e-5,
+                atol=1e-7,
+            )
 
 
 # --- tiny cases by hand -----------------------------------------------------------------------
@@ -281,8 +324,7 @@ def test_class_vector_losses_match_the_formula(name):
 
 def value(name, labels, points, num_classes=None, **params):
     x = np.asarray(points, np.float32).reshape(len(labels), -1)
-    return float(losses.get({"name": name, **params}, num_classes=num_classes)(
-        np.array(labels), x))
+    return float(losses.get({"name": name, **params}, num_classes=num_classes)(np.array(labels), x))
 
 
 def test_by_hand_batch_hard():
@@ -349,8 +391,10 @@ def test_by_hand_proxy_anchor():
     loss = losses.get({"name": "proxy_anchor"}, num_classes=3)
     loss(np.array([0]), x[:1])
     loss.proxies.assign(np.float32([[1, 0], [0, 1], [-1, 0]]))
-    expected = (np.log1p(np.exp(-32 * 0.9))
-                + (0 + np.log1p(np.exp(32 * 0.1)) + np.log1p(np.exp(32 * -0.9))) / 3)
+    expected = (
+        np.log1p(np.exp(-32 * 0.9))
+        + (0 + np.log1p(np.exp(32 * 0.1)) + np.log1p(np.exp(32 * -0.9))) / 3
+    )
     assert float(loss(np.array([0]), x[:1])) == pytest.approx(expected, rel=1e-6)
 
 
@@ -360,8 +404,10 @@ def test_by_hand_arcface():
     loss.class_weights.assign(np.float32([[1, 0], [0, 1]]))
     # On its class's weight: theta = 0, logits (2 cos 0.5, 0).
     assert float(loss(np.array([0]), np.float32([[1, 0]]))) == pytest.approx(
-        np.log1p(np.exp(-2 * np.cos(0.5))), rel=1e-6)
+        np.log1p(np.exp(-2 * np.cos(0.5))), rel=1e-6
+    )
     # Opposite its class's weight: theta + m > pi, so cos(theta) - m sin(m) = -1 - 0.5 sin 0.5.
     target = -1 - 0.5 * np.sin(0.5)
     assert float(loss(np.array([0]), np.float32([[-1, 0]]))) == pytest.approx(
-        np.log1p(np.exp(2 * (0 - target))), rel=1e-6)
+        np.log1p(np.exp(2 * (0 - target))), rel=1e-6
+    )

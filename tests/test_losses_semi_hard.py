@@ -127,9 +127,17 @@ def batch(P, K, D, seed, dtype=np.float32):
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "squared_euclidean", "cosine"])
-@pytest.mark.parametrize(("P", "K", "D", "margin"),
-                         [(2, 2, 3, 1.0), (4, 3, 2, 0.5), (8, 4, 16, 1.0), (5, 5, 64, 0.2),
-                          (16, 2, 8, 2.0), (3, 7, 1, 0.1)])
+@pytest.mark.parametrize(
+    ("P", "K", "D", "margin"),
+    [
+        (2, 2, 3, 1.0),
+        (4, 3, 2, 0.5),
+        (8, 4, 16, 1.0),
+        (5, 5, 64, 0.2),
+        (16, 2, 8, 2.0),
+        (3, 7, 1, 0.1),
+    ],
+)
 def test_values_and_gradients_match_addons(metric, P, K, D, margin):
     loss = SemiHardTripletLoss(margin=margin, metric=metric)
     for seed in range(2):
@@ -137,14 +145,18 @@ def test_values_and_gradients_match_addons(metric, P, K, D, margin):
         value, grad = value_and_gradient(loss, labels, x)
         ref_value, ref_grad = value_and_gradient(
             lambda y, e: addons_triplet_semihard_loss(y, e, margin, ADDONS_METRIC[metric]),
-            labels, x)
+            labels,
+            x,
+        )
         np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-5)
         # float64: the gradients agree to rounding.
         value64, grad64 = value_and_gradient(loss, labels, x.astype(np.float64))
         ref64, ref_grad64 = value_and_gradient(
             lambda y, e: addons_triplet_semihard_loss(y, e, margin, ADDONS_METRIC[metric]),
-            labels, x.astype(np.float64))
+            labels,
+            x.astype(np.float64),
+        )
         np.testing.assert_allclose(value64, ref64, rtol=1e-10)
         np.testing.assert_allclose(grad64, ref_grad64, rtol=1e-8, atol=1e-10)
 
@@ -157,7 +169,9 @@ def test_batches_with_unequal_classes_and_singletons_match_addons():
         value, grad = value_and_gradient(SemiHardTripletLoss(0.3, metric), labels, x)
         ref, ref_grad = value_and_gradient(
             lambda y, e, m=metric: addons_triplet_semihard_loss(y, e, 0.3, ADDONS_METRIC[m]),
-            labels, x)
+            labels,
+            x,
+        )
         np.testing.assert_allclose(value, ref, rtol=1e-5)
         np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
 
@@ -165,8 +179,9 @@ def test_batches_with_unequal_classes_and_singletons_match_addons():
 def test_same_graph_with_unknown_batch_size():
     loss = SemiHardTripletLoss(margin=0.5)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int32),
-                                  tf.TensorSpec([None, None], tf.float32)])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, None], tf.float32)]
+    )
     def step(labels, embeddings):
         with tf.GradientTape() as tape:
             tape.watch(embeddings)
@@ -177,7 +192,8 @@ def test_same_graph_with_unknown_batch_size():
         labels, x = batch(P, K, 5, P)
         value, grad = step(tf.constant(labels), tf.constant(x))
         ref, ref_grad = value_and_gradient(
-            lambda y, e: addons_triplet_semihard_loss(y, e, 0.5), labels, x)
+            lambda y, e: addons_triplet_semihard_loss(y, e, 0.5), labels, x
+        )
         np.testing.assert_allclose(value.numpy(), ref, rtol=1e-5)
         np.testing.assert_allclose(grad.numpy(), ref_grad, rtol=1e-4, atol=1e-6)
 
@@ -217,8 +233,9 @@ def test_by_hand_tie_is_not_semi_hard():
     # farthest, 1 + 6 - 3 = 4 and 1 + 6 - 4 = 3. Mean 7 / 4.
     labels, points = [0, 0, 1, 1], [0, 1, 3, -3]
     assert semi_hard(labels, points) == pytest.approx(1.75)
-    ref = addons_triplet_semihard_loss(tf.constant(labels),
-                                       tf.constant(np.float32(points)[:, None]))
+    ref = addons_triplet_semihard_loss(
+        tf.constant(labels), tf.constant(np.float32(points)[:, None])
+    )
     assert float(ref) == pytest.approx(1.75)
 
 
@@ -227,8 +244,9 @@ def test_by_hand_one_class_only_uses_the_row_minimum():
     # itself), so each pair costs margin + d_ap. Pairs: 1, 3, 1, 2, 3, 2 -> (12 + 6) / 6 = 3.
     labels, points = [0, 0, 0], [0, 1, 3]
     assert semi_hard(labels, points) == pytest.approx(3.0)
-    ref = addons_triplet_semihard_loss(tf.constant(labels),
-                                       tf.constant(np.float32(points)[:, None]))
+    ref = addons_triplet_semihard_loss(
+        tf.constant(labels), tf.constant(np.float32(points)[:, None])
+    )
     assert float(ref) == pytest.approx(3.0)
 
 
@@ -252,7 +270,8 @@ def test_by_hand_2d_squared_and_cosine():
     # anchors: no semi-hard, fallback 1 - 1/sqrt(2): 0.5 + 1 - 0.29289 = 1.20711 for each pair.
     points = [[1, 0], [0, 1], [1, 1]]
     assert semi_hard([0, 0, 1], points, 0.5, "cosine") == pytest.approx(
-        0.5 + 1 / np.sqrt(2), rel=1e-6)
+        0.5 + 1 / np.sqrt(2), rel=1e-6
+    )
 
 
 def test_half_precision_is_computed_in_float32():

@@ -152,7 +152,7 @@ def test_leave_one_out_by_hand_with_a_single_image_class():
     assert result.recall_at_k == {1: 0.5, 2: 0.75, 4: 1.0, 8: 1.0}
     assert result.map_at_r == 0.5 and result.r_precision == 0.5
     values = result.as_dict()
-    assert values["excluded_queries"] == 1 and values["R@2"] == 0.75 and "NMI" not in values
+    assert values["excluded_queries"] == 1 and values["recall@2"] == 0.75 and "NMI" not in values
 
 
 def test_query_without_relevant_item_is_excluded_and_all_excluded_is_refused():

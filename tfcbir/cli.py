@@ -16,9 +16,12 @@ from tfcbir import UserError
 
 
 def quiet_tensorflow() -> None:
-    """Silence TensorFlow's C++ start-up chatter; call before TensorFlow is imported."""
+    """Silence TensorFlow's C++ start-up chatter; must run before TensorFlow is imported."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+
+quiet_tensorflow()  # every CLI imports this module first
 
 
 class _Format(logging.Formatter):

@@ -1,0 +1,113 @@
+"""Answer image queries: ``python cbir.py -c <config> -r 10 photo.jpg [more.jpg | folder ...]``.
+
+Queries are image files, folders of images, or list files (--list, one path a line); they are
+embedded in batches and searched in the gallery of the config's eval.protocol (or --gallery).
+Prints each query's ranked answers, or one JSON document with --json; --save writes pictures.
+Exit code: 0 when every query was answered, 1 when some could not be read, 2 when none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tfcbir.cli import run
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
+    parser.add_argument("-r", "--retrieve", type=int, default=10, help="answers per query")
+    parser.add_argument("queries", nargs="*", type=Path, help="image files or folders")
+    parser.add_argument("--list", type=Path, action="append", default=[],
+                        help="a text file naming one query image a line")
+    parser.add_argument("--gallery", choices=["train", "test", "all", "query", "gallery"],
+                        help="the embedded set to search (default: the protocol's gallery)")
+    parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--save", type=Path, help="picture file (several queries: one file "
+                        "each, named after the query)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+
+    import config
+    from datasets.images import is_image_name
+    from retrieval import answers, sets
+    from retrieval.embedder import load_embedder
+    from retrieval.evaluate import open_gallery
+    from retrieval.faiss_index import open_index
+    from tfcbir import UserError
+
+    cfg = config.load(args.config)
+    paths = _query_paths(args.queries, args.list, is_image_name)
+    name = args.gallery or sets.protocol(cfg).gallery
+    gallery = open_gallery(cfg, name, args.config)
+    answers.check_r(args.retrieve, gallery)
+    index = open_index(gallery, args.index or cfg["index"]["type"],
+                       search_parameters=cfg["index"]["search_parameters"],
+                       config_path=args.config)
+    embedder = load_embedder(cfg)
+    failed: list[int] = []
+    results = []
+    for indices, embeddings in embedder.embed_files(
+        [str(p) for p in paths], batch_size=args.batch_size,
+        on_error=lambda i, _message: failed.append(i),
+    ):
+        labels = [_known_class(paths[i], gallery) for i in indices]
+        ranked = answers.rank(index, gallery, embeddings, labels, args.retrieve)
+        for i, label, found in zip(indices, labels, ranked):
+            class_name = None if label is None else gallery.classes[label]
+            results.append((paths[i], class_name, found))
+            if not args.json:
+                print(answers.table(str(paths[i]), class_name, found) + "\n")
+            if args.save:
+                out = args.save if len(paths) == 1 else args.save.with_name(
+                    f"{args.save.stem}_{paths[i].stem}{args.save.suffix}")
+                saved = answers.picture(paths[i], class_name, found, gallery, out)
+                print(f"picture: {saved}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"gallery": str(gallery.path), "r": args.retrieve,
+                          "results": [answers.as_json(str(p), c, a) for p, c, a in results],
+                          "unreadable": [str(paths[i]) for i in sorted(failed)]}, indent=2))
+    if not results:
+        raise UserError(f"none of the {len(paths)} query images could be read (see above)")
+    return 1 if failed else 0
+
+
+def _query_paths(items: list[Path], lists: list[Path], is_image_name) -> list[Path]:
+    """Files as given, folders' images (recursively, sorted), and the paths in list files."""
+    from tfcbir import UserError
+
+    paths: list[Path] = []
+    for list_file in lists:
+        if not list_file.is_file():
+            raise UserError(f"--list {list_file}: no such file")
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+        paths += [Path(line.strip()) for line in lines if line.strip()]
+    for item in items:
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and is_image_name(p.name))
+            if not found:
+                raise UserError(f"{item}: the folder holds no images")
+            paths += found
+        else:
+            paths.append(item)  # a missing or broken file is reported when it is read
+    if not paths:
+        raise UserError("no query given; name image files, folders or --list files")
+    return paths
+
+
+def _known_class(path: Path, gallery) -> int | None:
+    """A query inside a class folder of the gallery's data set has that class."""
+    try:
+        Path(path).resolve().relative_to(Path(gallery.data_root).resolve())
+    except ValueError:
+        return None
+    folder = Path(path).parent.name
+    return gallery.classes.index(folder) if folder in gallery.classes else None
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,76 @@
+"""Answering image queries: the ranked answers of each query, as text, JSON and a picture."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datasets.images import ImageError, load_image
+from retrieval.gallery import Gallery
+from retrieval.visualize import result_grid, save_grid
+from tfcbir import UserError
+
+
+@dataclass
+class Answer:
+    rank: int
+    score: float
+    class_name: str
+    path: str  # relative to the gallery's data root
+    match: bool | None  # None when the query's class is unknown
+
+
+def check_r(r: int, gallery: Gallery, leave_one_out: bool = False) -> None:
+    available = len(gallery) - (1 if leave_one_out else 0)
+    if r < 1:
+        raise UserError(f"-r {r}: give a number of answers >= 1")
+    if r > available:
+        raise UserError(f"-r {r} is larger than the gallery {gallery.path} ({available} images); "
+                        f"give -r <= {available}")
+
+
+def rank(index, gallery: Gallery, queries: np.ndarray, query_labels: list[int | None], r: int,
+         exclude: np.ndarray | None = None) -> list[list[Answer]]:
+    """The r best answers (Q lists) of queries (Q, D) whose labels may be unknown (None)."""
+    scores, indices = index.search(queries, r, exclude)
+    answers = []
+    for row_scores, row_indices, label in zip(scores, indices, query_labels):
+        answers.append([
+            Answer(rank=i + 1, score=float(s), class_name=gallery.classes[gallery.labels[j]],
+                   path=gallery.paths[j],
+                   match=None if label is None else bool(gallery.labels[j] == label))
+            for i, (s, j) in enumerate(zip(row_scores, row_indices)) if j >= 0
+        ])
+    return answers
+
+
+def table(query: str, query_class: str | None, answers: list[Answer]) -> str:
+    lines = [f"query {query}" + (f" (class {query_class})" if query_class else "")]
+    lines.append(f"{'rank':>4}  {'score':>8}  {'match':<5}  class / path")
+    for a in answers:
+        match = "-" if a.match is None else "yes" if a.match else "no"
+        lines.append(f"{a.rank:>4}  {a.score:>8.4f}  {match:<5}  {a.class_name} / {a.path}")
+    return "\n".join(lines)
+
+
+def as_json(query: str, query_class: str | None, answers: list[Answer]) -> dict:
+    return {"query": query, "class": query_class, "answers": [asdict(a) for a in answers]}
+
+
+def picture(query_path: str | Path, query_class: str | None, answers: list[Answer],
+            gallery: Gallery, out: Path) -> Path:
+    """Save the query beside its answers (green frame: same class, red: other, grey: unknown)."""
+    query_image = load_image(query_path, max_pixels=64_000_000)
+    results = []
+    root = Path(gallery.data_root)
+    for a in answers:
+        try:
+            image = load_image(root / a.path, max_pixels=64_000_000)
+        except ImageError:  # the gallery image moved or broke since embedding: show a blank
+            image = np.full((32, 32, 3), 255, np.uint8)
+        results.append((image, a.class_name, a.score, a.match))
+    grid = result_grid(query_image, results, query_label=query_class,
+                       title=f"{Path(query_path).name}: top {len(answers)} of {len(gallery)}")
+    return save_grid(out, grid)

@@ -1,0 +1,64 @@
+"""Query with a random test image: ``python test.py -c <config> -r 10``.
+
+Prints the ranked answers (rank, score, class, path, whether the class matches) and saves a
+picture of the query beside its top r under <run>/queries/.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tfcbir.cli import run
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
+    parser.add_argument("-r", "--retrieve", type=int, default=10, help="answers to show")
+    parser.add_argument("--seed", type=int, help="pick the query with this seed (default: any)")
+    parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
+    parser.add_argument("--save", type=Path, help="picture file (default: <run>/queries/)")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+
+    import config
+    from retrieval import answers, sets
+    from retrieval.embedder import load_embedder
+    from retrieval.evaluate import open_gallery
+    from retrieval.faiss_index import open_index
+    from tfcbir import UserError
+
+    cfg = config.load(args.config)
+    protocol = sets.protocol(cfg)
+    gallery = open_gallery(cfg, protocol.gallery, args.config)
+    answers.check_r(args.retrieve, gallery, protocol.leave_one_out)
+    candidates = sets.images(cfg, protocol.queries)
+    rng = np.random.default_rng(args.seed)
+    embedder = load_embedder(cfg)
+    for pick in rng.permutation(len(candidates))[:20]:  # a broken file: try another image
+        path = candidates.absolute_paths()[pick]
+        found = list(embedder.embed_files([path]))
+        if found:
+            break
+    else:
+        raise UserError(f"no readable query image found in {candidates.root}")
+    label = int(candidates.labels[pick])
+    relative = candidates.paths[pick]
+    exclude = None
+    if protocol.leave_one_out and relative in gallery.paths:
+        exclude = np.array([gallery.paths.index(relative)])
+    index = open_index(gallery, args.index or cfg["index"]["type"],
+                       search_parameters=cfg["index"]["search_parameters"],
+                       config_path=args.config)
+    ranked = answers.rank(index, gallery, found[0][1], [label], args.retrieve, exclude)[0]
+    class_name = candidates.classes[label]
+    print(answers.table(relative, class_name, ranked))
+    out = args.save or config.run_dir(cfg) / "queries" / f"test-{Path(relative).stem}.png"
+    print(f"picture: {answers.picture(path, class_name, ranked, gallery, out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

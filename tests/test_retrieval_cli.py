@@ -1,0 +1,206 @@
+"""embed.py, evaluation.py, test.py and cbir.py end to end on the tiny demo set."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import config
+from retrieval.gallery import partial_path, read_gallery
+from tests.conftest import REPO, tiny_config, write_config
+from tests.helpers_images import gradient, write_image, write_text, write_truncated_jpeg
+from tfcbir.cli import run
+from training.trainer import train
+
+
+def cli(name: str):
+    """A CLI script's main(), loaded by path (test.py would clash with Python's own package)."""
+    spec = importlib.util.spec_from_file_location(f"cli_{name}", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def call(name: str, *argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as done:
+        run(cli(name), [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return done.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_demo):
+    """A data_dir with the tiny demo set and a briefly trained run; yields its config path."""
+    root = tmp_path_factory.mktemp("cli") / "data"
+    shutil.copytree(tiny_demo, root / "datasets" / "shapes")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TFCBIR_DATA_DIR", str(root))
+        raw = tiny_config(train__steps=20, train__validate_every=10)
+        path = write_config(root, "cli", raw)
+        train(config.load(path))
+        yield path
+
+
+def test_embed_evaluate_test_and_cbir(trained, capsys):
+    code, out, err = call("embed", "-c", trained, capsys=capsys)
+    assert code == 0, err
+    files = [p.strip() for p in out.splitlines()]
+    assert [p.split("/")[-1] for p in files] == ["train.h5", "test.h5"]
+    train_set = read_gallery(files[0])
+    assert train_set.embeddings.shape == (72, 16) and train_set.normalized
+    np.testing.assert_allclose(np.linalg.norm(train_set.embeddings, axis=1), 1.0, atol=1e-5)
+    best = json.loads((trained.parent / "trainings" / "cli" / "best.json").read_text())
+    assert len(train_set.classes) == 6 and train_set.model_step == best["step"]
+    assert all(not p.startswith("/") for p in train_set.paths)
+
+    code, out, err = call("evaluation", "-c", trained, "-t", "0", "-r", "5", "--json",
+                          capsys=capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    for key in ("mAP", "precision@1", "recall@1", "recall@2", "recall@4", "recall@8", "MAP@R",
+                "R-precision", "NMI", "queries", "r"):
+        assert key in result
+    assert result["queries"] == 24 and result["r"] == 5
+    assert result["protocol"] == "train_gallery"
+    assert 0 <= result["mAP"] <= 1
+    assert result["recall@1"] <= result["recall@2"] <= result["recall@4"] <= result["recall@8"]
+    saved = json.loads(open(result["saved"]).read())
+    assert saved["mAP"] == result["mAP"]
+
+    code, out, err = call("test", "-c", trained, "-r", "4", "--seed", "3", capsys=capsys)
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(rows) == 4
+    picture = out.strip().splitlines()[-1].split("picture: ")[1]
+    assert Image.open(picture).size[0] > 4 * 32
+
+    query = trained.parent / "datasets" / "shapes" / train_set.paths[0]
+    code, out, err = call("cbir", "-c", trained, "-r", "3", "--json", query, capsys=capsys)
+    assert code == 0, err
+    answer = json.loads(out)["results"][0]
+    assert answer["class"] == train_set.classes[train_set.labels[0]]
+    assert [a["rank"] for a in answer["answers"]] == [1, 2, 3]
+    assert answer["answers"][0]["path"] == train_set.paths[0]  # itself, in the gallery
+    assert answer["answers"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_cbir_bad_query_files_do_not_stop_the_others(trained, tmp_path, capsys):
+    call("embed", "-c", trained, capsys=capsys)
+    good = write_image(tmp_path / "good.png", gradient((40, 50)))
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([gradient((30, 30)), np.full((30, 30), 128, np.uint8)])).save(rgba)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.fromarray(gradient((30, 30))).convert("CMYK").save(cmyk)
+    grey16 = tmp_path / "grey16.png"
+    Image.fromarray((np.arange(900).reshape(30, 30) * 60).astype(np.uint16)).save(grey16)
+    palette = tmp_path / "palette.gif"
+    Image.fromarray(gradient((30, 30))).convert("P").save(palette)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = write_text(tmp_path / "notes.jpg")
+    truncated = write_truncated_jpeg(tmp_path / "cut.jpg")
+    missing = tmp_path / "missing.png"
+    queries = [good, rgba, cmyk, grey16, palette, empty, text, truncated, missing]
+    code, out, err = call("cbir", "-c", trained, "-r", "2", "--json", *queries, capsys=capsys)
+    assert code == 1  # answered, but some files could not be read
+    document = json.loads(out)
+    answered = [r["query"] for r in document["results"]]
+    assert answered == [str(p) for p in (good, rgba, cmyk, grey16, palette)]
+    assert all(r["class"] is None for r in document["results"])
+    assert sorted(document["unreadable"]) == sorted(str(p) for p in (empty, text, truncated,
+                                                                     missing))
+    for bad in ("empty.jpg", "notes.jpg", "cut.jpg", "missing.png"):
+        assert bad in err
+    assert "Traceback" not in err
+
+    code, out, err = call("cbir", "-c", trained, "-r", "2", empty, missing, capsys=capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: none of the 2 query")
+
+
+def test_cbir_saves_pictures_and_reads_folders_and_lists(trained, tmp_path, capsys):
+    call("embed", "-c", trained, capsys=capsys)
+    folder = tmp_path / "queries"
+    write_image(folder / "a.png", gradient((30, 30)))
+    write_image(folder / "sub" / "b.png", gradient((20, 40)))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'a.png'}\n\n")
+    code, out, err = call("cbir", "-c", trained, "-r", "3", folder, "--list", listing,
+                          "--save", tmp_path / "grid.png", capsys=capsys)
+    assert code == 0, err
+    assert out.count("query ") == 3
+    assert sorted(p.name for p in tmp_path.glob("grid_*.png")) == ["grid_a.png", "grid_b.png"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-r", "500", "{query}"], "-r 500 is larger than the gallery"),
+        (["-r", "0", "{query}"], "-r 0: give a number of answers >= 1"),
+        (["-r", "2"], "no query given"),
+        (["-r", "2", "--list", "{missing}"], "--list"),
+    ],
+)
+def test_cbir_bad_arguments_are_one_line(trained, tmp_path, capsys, argv, message):
+    call("embed", "-c", trained, capsys=capsys)
+    query = write_image(tmp_path / "q.png", gradient((30, 30)))
+    argv = [a.format(query=query, missing=tmp_path / "nope.txt") for a in argv]
+    code, out, err = call("cbir", "-c", trained, *argv, capsys=capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()] and message in err
+
+
+def test_missing_and_stale_galleries_are_refused(trained, tmp_path, capsys):
+    embeddings = trained.parent / "trainings" / "cli" / "embeddings"
+    shutil.rmtree(embeddings, ignore_errors=True)
+    code, out, err = call("evaluation", "-c", trained, capsys=capsys)
+    assert code == 2 and "embed.py -c" in err and "no gallery" in err
+
+    call("embed", "-c", trained, capsys=capsys)
+    with h5py.File(embeddings / "train.h5", "r+") as f:
+        f.attrs["model_id"] = "0123456789abcdef"  # as if another model made it
+    code, out, err = call("evaluation", "-c", trained, capsys=capsys)
+    assert code == 2 and "another model checkpoint" in err and "embed.py" in err
+    code, out, err = call("embed", "-c", trained, "--split", "train", capsys=capsys)
+    assert code == 0  # a stale gallery is embedded again
+    read_gallery(embeddings / "train.h5")
+
+
+def test_interrupted_embed_resumes(trained, capsys, monkeypatch):
+    from retrieval import embedder as module
+
+    embeddings = trained.parent / "trainings" / "cli" / "embeddings"
+    shutil.rmtree(embeddings, ignore_errors=True)
+    calls = {"n": 0}
+    original = module.Embedder.embed_files
+
+    def dies_after_one_batch(self, paths, **kwargs):
+        for batch in original(self, paths, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(module.Embedder, "embed_files", dies_after_one_batch)
+    code, out, err = call("embed", "-c", trained, "--split", "train", "--batch-size", "16",
+                          capsys=capsys)
+    assert code == 130
+    assert not (embeddings / "train.h5").exists()
+    with h5py.File(partial_path(embeddings / "train.h5"), "r") as f:
+        assert f["done"][...].sum() == 16
+
+    monkeypatch.setattr(module.Embedder, "embed_files", original)
+    seen = []
+    monkeypatch.setattr(module.Embedder, "embed_files",
+                        lambda self, paths, **kw: (seen.append(len(paths)),
+                                                   original(self, paths, **kw))[1])
+    code, out, err = call("embed", "-c", trained, "--split", "train", capsys=capsys)
+    assert code == 0, err
+    assert seen == [72 - 16]  # only the unfinished images
+    gallery = read_gallery(embeddings / "train.h5")
+    assert len(gallery) == 72 and not partial_path(embeddings / "train.h5").exists()
