@@ -21,6 +21,7 @@ PREPROCESS_MODES = {
     "torch": "x / 255, minus the ImageNet mean, divided by the ImageNet std (RGB)",
     "unit": "scaled to [0, 1]: x / 255",
     "raw": "unchanged 0..255 (the backbone rescales internally)",
+    "per_image": "each image's channels to zero mean and unit variance (removes its colour cast)",
 }
 
 
@@ -56,6 +57,10 @@ class ImagePreprocessing(keras.layers.Layer):
             return (x / 255.0 - mean) / std
         if self.mode == "unit":
             return x / 255.0
+        if self.mode == "per_image":
+            mean = ops.mean(x, axis=(1, 2), keepdims=True)
+            std = ops.std(x, axis=(1, 2), keepdims=True)
+            return (x - mean) / (std + 1.0)  # + 1 (of 255): flat images stay finite
         return x  # raw
 
     def compute_output_shape(self, input_shape):

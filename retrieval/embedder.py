@@ -45,11 +45,12 @@ class Embedder:
 
     def embed_files(self, paths: list[str], *, batch_size: int = 64,
                     on_error: Callable[[int, str], None] | None = None,
+                    workers: int | None = None,
                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Batches ``(indices (b,), embeddings (b, D))`` of image files; unreadable ones skipped."""
         for indices, images in iter_eval_batches(paths, image_size=self.image_size,
                                                  resize=self.resize, batch_size=batch_size,
-                                                 on_error=on_error):
+                                                 on_error=on_error, workers=workers):
             yield indices, np.asarray(self._forward(images), np.float32)
 
     def _forward(self, images):
