@@ -44,7 +44,7 @@ DEFAULT_MEMORY_MB = 256
 GALLERY_BLOCK = 16384
 
 #: The longest run of gallery items that the screen of a block summarises by its maximum.
-CHUNK = 256
+CHUNK = 64
 
 
 class SearchIndex(Protocol):
@@ -162,16 +162,16 @@ def check_embeddings(embeddings: np.ndarray, what: str) -> np.ndarray:
     return embeddings
 
 
-def chunk_maxima(scores: np.ndarray, chunk: int) -> np.ndarray:
-    """The maximum (B, ceil(W / chunk)) of each run of ``chunk`` columns of scores (B, W); the
-    last run may be shorter."""
-    n_rows, width = scores.shape
-    full = width // chunk
-    maxima = np.empty((n_rows, -(-width // chunk)), dtype=np.float32)
-    if full:  # a view: splitting the (contiguous) last axis needs no copy
-        np.max(scores[:, : full * chunk].reshape(n_rows, full, chunk), axis=2, out=maxima[:, :full])
-    if width % chunk:
-        np.max(scores[:, full * chunk :], axis=1, out=maxima[:, full])
+def run_maxima(scores: np.ndarray, run: int) -> np.ndarray:
+    """The maximum (ceil(W / run), B) of each run of ``run`` rows of scores (W, B); the last run
+    may be shorter. Rows are gallery items: the maximum is a vertical (SIMD-friendly) one."""
+    width, n_queries = scores.shape
+    full = width // run
+    maxima = np.empty((-(-width // run), n_queries), dtype=np.float32)
+    if full:  # a view: splitting the first axis of a C-contiguous array needs no copy
+        np.max(scores[: full * run].reshape(full, run, n_queries), axis=1, out=maxima[:full])
+    if width % run:
+        np.max(scores[full * run :], axis=0, out=maxima[full])
     return maxima
 
 
@@ -200,18 +200,37 @@ def top_of_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return top, key_scores(np.take_along_axis(top_keys, order, axis=1), top)
 
 
+def merge_top(top_scores, top_indices, floor, rows, items, scores) -> None:
+    """Merge candidates (rows, gallery indices, scores (C,)) into the running top k of each query
+    (top_scores float32, top_indices int64 (B, k), best first, padded with -inf and -1) and its
+    k-th best score ``floor`` (B,), all in place; exact by (score, index)."""
+    k = top_scores.shape[1]
+    merged, counts = np.unique(rows, return_counts=True)
+    all_rows = np.concatenate([np.repeat(merged, k), rows])
+    all_scores = np.concatenate([top_scores[merged].ravel(), scores])
+    all_items = np.concatenate([top_indices[merged].ravel(), items])
+    # By row, then key descending (no key is int64's minimum, so negating cannot overflow).
+    order = np.lexsort((-pair_keys(all_scores, all_items), all_rows))
+    sizes = counts + k
+    take = order[(np.cumsum(sizes) - sizes)[:, None] + np.arange(k)]
+    top_scores[merged] = all_scores[take]
+    top_indices[merged] = all_items[take]
+    floor[merged] = top_scores[merged, -1]
+
+
 class ExactIndex:
     """Exact search by blocked float32 matrix products; deterministic ties (lower index first).
 
     embeddings: (N, D) the gallery. normalized: whether its rows (and the queries') are unit
     vectors, which picks the score (cosine or negative Euclidean distance).
-    memory_mb: budget of one block's temporaries (at most 20 bytes per query x gallery pair; a
-    search with a small k usually needs 4).
+    memory_mb: budget of one block's temporaries (at most 24 bytes per query x gallery pair; a
+    search with a small k usually needs little more than 4).
     """
 
-    # scores float32 (4) + keys int64 (8) + argpartition's int64 indices (8), when a block must
-    # be ranked whole (large k, or a block whose screen lets too much through).
-    BYTES_PER_PAIR = 20
+    # The block's scores float32 (4), when a block is ranked whole (large k, or a block whose
+    # screen lets too much through) + their row-major copy (4) + keys int64 (8) +
+    # argpartition's int64 indices (8).
+    BYTES_PER_PAIR = 24
     GALLERY_BLOCK = GALLERY_BLOCK
     CHUNK = CHUNK
 
@@ -237,8 +256,9 @@ class ExactIndex:
     def scores(self, queries: np.ndarray) -> np.ndarray:
         """Scores (B, N) float32 of queries (B, D) against the whole gallery, as search's."""
         queries = check_embeddings(queries, "queries")
-        raw = self._raw_scores(self._scaled(queries), 0, len(self))
-        return self._finish(raw, self._query_sq_norms(queries))
+        raw = self._block_scores(self._scaled(queries), None, 0, len(self))
+        sq_norms = self._query_sq_norms(queries)
+        return self._finish(raw.T.copy(), None if sq_norms is None else sq_norms[:, None])
 
     def search(
         self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None
@@ -265,7 +285,7 @@ class ExactIndex:
         screened = 16 * k <= width  # else width == n_gallery: whole rows
         step = block_rows(width, self.BYTES_PER_PAIR, self.memory_mb)
         step = -(-n_queries // -(-n_queries // step))  # equal blocks: no thin last product
-        buffer = np.empty(min(step, n_queries) * width, dtype=np.float32)
+        buffer = np.empty(width * min(step, n_queries), dtype=np.float32)
         for start in range(0, n_queries, step):
             block = slice(start, start + step)
             rows, columns = np.nonzero(exclude[block] >= 0)
@@ -276,23 +296,22 @@ class ExactIndex:
             )
         return out_scores, out_indices
 
-    # --- one block of queries ------------------------------------------------------------------
+    # --- one block of queries (B, D); results written into top_scores, top_indices (B, k) ------
 
     def _search_rows(self, queries, excluded, width, buffer, top_scores, top_indices) -> None:
         """Whole gallery rows (width == N) ranked by their keys: for k > 1/16 of a block."""
-        scores = self._block_scores(self._scaled(queries), excluded, 0, width, buffer)
-        scores = self._finish(scores, self._query_sq_norms(queries))
+        raw = self._block_scores(self._scaled(queries), excluded, 0, width, buffer)
         kept = min(top_scores.shape[1], width)
-        top, top_block_scores = top_of_rows(scores, kept)
-        found = top_block_scores > -np.inf  # excluded items score -inf
+        top, scores = self._block_top(raw, self._query_sq_norms(queries), kept)
+        found = scores > -np.inf  # excluded items score -inf
         top_indices[:, :kept] = np.where(found, top, -1)
-        top_scores[:, :kept] = np.where(found, top_block_scores, -np.inf)
+        top_scores[:, :kept] = np.where(found, scores, -np.inf)
 
     def _search_screened(self, queries, excluded, width, buffer, top_scores, top_indices) -> None:
-        """Gallery blocks of ``width`` items in order, each screened, survivors merged into the
-        running top k (top_scores, top_indices (B, k), filled in place)."""
+        """Gallery blocks of ``width`` items in order, each screened, the survivors merged into
+        the running top k."""
         k = top_scores.shape[1]
-        chunk = max(1, min(self.CHUNK, width // (4 * k)))  # >= 4k runs in a full block
+        run = max(1, min(self.CHUNK, width // (4 * k)))  # >= 4k runs in a full block
         sq_norms = self._query_sq_norms(queries)
         scaled = self._scaled(queries)
         # The k-th best score so far of each query (-inf while fewer than k are found).
@@ -300,74 +319,73 @@ class ExactIndex:
         for start in range(0, len(self), width):
             stop = min(start + width, len(self))
             raw = self._block_scores(scaled, excluded, start, stop, buffer)
-            maxima = self._finish(chunk_maxima(raw, chunk), sq_norms)
+            maxima = run_maxima(raw, run)
+            maxima = self._finish(maxima, None if sq_norms is None else sq_norms[None, :])
             # The block's k-th best score is at least its k-th largest run maximum (k distinct
             # items reach it), and an item must beat the k-th best so far: a tie loses to it.
             threshold = np.nextafter(floor, np.float32(np.inf))
-            if maxima.shape[1] >= k:
-                bound = np.partition(maxima, maxima.shape[1] - k, axis=1)[:, -k]
+            if len(maxima) >= k:
+                bound = np.partition(maxima, len(maxima) - k, axis=0)[-k]
                 np.maximum(threshold, bound, out=threshold)
-            hit_rows, hit_runs = np.nonzero(maxima >= threshold[:, None])
-            if len(hit_rows) * chunk > raw.size // 2:  # many ties, or an adversarial order
-                rows, items, scores = self._block_top(raw, sq_norms, k, threshold)
+            hit_runs, hit_rows = np.nonzero(maxima >= threshold)
+            if len(hit_runs) * run > raw.size // 2:  # many ties, or an adversarial order
+                top, scores = self._block_top(raw, sq_norms, min(k, len(raw)))
+                rows, ranks = np.nonzero(scores >= threshold[:, None])
+                items, scores = top[rows, ranks], scores[rows, ranks]
             else:
-                rows, items, scores = self._survivors(
-                    raw, sq_norms, chunk, threshold, hit_rows, hit_runs
+                items = hit_runs[:, None] * run + np.arange(run)  # (P, run)
+                inside = items < len(raw)  # the last run may be shorter
+                np.minimum(items, len(raw) - 1, out=items)
+                scores = raw[items, hit_rows[:, None]]
+                scores = self._finish(
+                    scores, None if sq_norms is None else sq_norms[hit_rows, None]
                 )
+                inside &= scores >= threshold[hit_rows, None]
+                hits, offsets = np.nonzero(inside)
+                rows, items, scores = hit_rows[hits], items[hits, offsets], scores[hits, offsets]
             if len(rows):
                 merge_top(top_scores, top_indices, floor, rows, items + start, scores)
 
-    def _survivors(self, raw, sq_norms, chunk, threshold, hit_rows, hit_runs):
-        """The items (rows, block columns, scores) >= threshold in the runs that passed."""
-        columns = hit_runs[:, None] * chunk + np.arange(chunk)  # (P, chunk)
-        inside = columns < raw.shape[1]  # the last run may be shorter
-        np.minimum(columns, raw.shape[1] - 1, out=columns)
-        values = raw[hit_rows[:, None], columns]
-        values = self._finish(values, None if sq_norms is None else sq_norms[hit_rows])
-        inside &= values >= threshold[hit_rows, None]
-        runs, offsets = np.nonzero(inside)
-        return hit_rows[runs], columns[runs, offsets], values[runs, offsets]
-
-    def _block_top(self, raw, sq_norms, k, threshold):
-        """The block's own top k of each row (rows, block columns, scores) >= threshold."""
-        scores = self._finish(raw, sq_norms)
-        top, top_block_scores = top_of_rows(scores, min(k, scores.shape[1]))
-        rows, ranks = np.nonzero(top_block_scores >= threshold[:, None])
-        return rows, top[rows, ranks], top_block_scores[rows, ranks]
+    def _block_top(self, raw, sq_norms, k) -> tuple[np.ndarray, np.ndarray]:
+        """The top k (B, k) block rows of each query and their scores from raw scores (W, B)."""
+        scores = np.ascontiguousarray(raw.T)
+        scores = self._finish(scores, None if sq_norms is None else sq_norms[:, None])
+        return top_of_rows(scores, k)
 
     # --- scores ----------------------------------------------------------------------------------
 
-    def _block_scores(self, scaled, excluded, start, stop, buffer) -> np.ndarray:
-        """Raw scores (B, stop - start) of scaled queries (B, D) against gallery items
-        [start, stop), excluded items at -inf, in ``buffer`` (reused: no page faults)."""
-        out = buffer[: len(scaled) * (stop - start)].reshape(len(scaled), stop - start)
-        raw = self._raw_scores(scaled, start, stop, out)
-        rows, items = excluded
-        inside = (items >= start) & (items < stop)
-        raw[rows[inside], items[inside] - start] = -np.inf
+    def _block_scores(self, scaled, excluded, start, stop, buffer=None) -> np.ndarray:
+        """Raw scores (stop - start, B) of gallery items [start, stop) against scaled queries
+        (B, D), excluded (rows, gallery indices) at -inf. Gallery items are rows so that the
+        screen's maxima are vertical; ``buffer`` is reused (fresh arrays page-fault)."""
+        shape = (stop - start, len(scaled))
+        out = None if buffer is None else buffer[: shape[0] * shape[1]].reshape(shape)
+        raw = np.matmul(self.embeddings[start:stop], scaled.T, out=out)
+        if not self.normalized:
+            raw -= self._sq_norms[start:stop, None]
+        if excluded is not None:
+            rows, items = excluded
+            inside = (items >= start) & (items < stop)
+            raw[items[inside] - start, rows[inside]] = -np.inf
         return raw
 
     def _scaled(self, queries: np.ndarray) -> np.ndarray:
-        # Doubling is exact, so (2q).g is bit for bit 2(q.g): one pass over the block saved.
+        """The queries as the matrix product takes them. For the Euclidean distance, raw scores
+        are ``2 q.g - |g|^2``, which order the items as the distance does (``|q|^2`` is the same
+        for all of a query's items): one pass over a block instead of six. Doubling is exact, so
+        (2q).g is bit for bit 2(q.g)."""
         return queries if self.normalized else queries * np.float32(2.0)
 
     def _query_sq_norms(self, queries: np.ndarray) -> np.ndarray | None:
-        """``|q|^2`` (B, 1) of queries (B, D); None when normalised (no use for it)."""
-        return None if self.normalized else np.einsum("bd,bd->b", queries, queries)[:, None]
-
-    def _raw_scores(self, scaled, start, stop, out=None) -> np.ndarray:
-        """The cosine; or for the Euclidean distance ``2 q.g - |g|^2``, which orders the items as
-        the distance does (``|q|^2`` is the same for a whole row), one pass instead of six."""
-        raw = np.matmul(scaled, self.embeddings[start:stop].T, out=out)
-        if not self.normalized:
-            raw -= self._sq_norms[start:stop]
-        return raw
+        """``|q|^2`` (B,) of queries (B, D); None when normalised (no use for it)."""
+        return None if self.normalized else np.einsum("bd,bd->b", queries, queries)
 
     def _finish(self, raw: np.ndarray, sq_norms: np.ndarray | None) -> np.ndarray:
-        """Scores from raw scores (any shape), in place: the negative distance
+        """Scores from raw scores (any shape), in place. The negative distance is
         ``-sqrt(max(|q|^2 - raw, 0))`` (rounding can make it slightly negative for identical
-        vectors), a non-decreasing function of raw, so the maximum of raw scores maps to the
-        maximum of scores. sq_norms: ``|q|^2`` broadcastable to raw; None when normalised."""
+        vectors): a non-decreasing function of raw, so the maximum of raw scores is the raw
+        score of the maximum score. sq_norms: ``|q|^2`` broadcastable to raw; None when
+        normalised (then raw scores are the scores)."""
         if self.normalized:
             return raw
         np.subtract(sq_norms, raw, out=raw)
@@ -375,21 +393,3 @@ class ExactIndex:
         np.sqrt(raw, out=raw)
         np.negative(raw, out=raw)
         return raw
-
-
-def merge_top(top_scores, top_indices, floor, rows, items, scores) -> None:
-    """Merge candidates (rows, gallery indices, scores; rows ascending) into the running top k
-    of each query (top_scores float32, top_indices int64 (B, k), best first, padded with -inf
-    and -1) and its k-th best score ``floor`` (B,), all in place; exact by (score, index)."""
-    k = top_scores.shape[1]
-    merged, counts = np.unique(rows, return_counts=True)
-    all_rows = np.concatenate([np.repeat(merged, k), rows])
-    all_scores = np.concatenate([top_scores[merged].ravel(), scores])
-    all_items = np.concatenate([top_indices[merged].ravel(), items])
-    # By row, then key descending (no key is int64's minimum, so negating cannot overflow).
-    order = np.lexsort((-pair_keys(all_scores, all_items), all_rows))
-    sizes = counts + k
-    take = order[(np.cumsum(sizes) - sizes)[:, None] + np.arange(k)]
-    top_scores[merged] = all_scores[take]
-    top_indices[merged] = all_items[take]
-    floor[merged] = top_scores[merged, -1]
