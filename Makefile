@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format clean-demo
+.PHONY: venv demo test lint format
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,15 @@ venv: $(STAMP)
 
 configuration.py:
 	cp configuration_sample.py configuration.py
+
+# The demo: generate the shapes data set, train, embed, evaluate, answer one query.
+DEMO := trainings/demo.json
+demo: venv configuration.py
+	$(BIN)/python -m datasets.demo --out "$$($(BIN)/python -c 'import config; print(config.data_dir())')/datasets/demo_shapes"
+	$(BIN)/python train.py -c $(DEMO)
+	$(BIN)/python embed.py -c $(DEMO)
+	$(BIN)/python evaluation.py -c $(DEMO) -t 100 -r 10
+	$(BIN)/python test.py -c $(DEMO) -r 10 --seed 0
 
 test: venv
 	$(BIN)/python -m pytest

@@ -3,6 +3,11 @@
 By default the sets the evaluation protocol needs are embedded (e.g. train and test) into
 <data_dir>/trainings/<name>/embeddings/<set>.h5. Re-running after an interruption resumes; a
 gallery already made by the same model is kept.
+
+To share the work among n machines or GPUs, each embeds one part, ``--shard i/n`` (into
+<set>.shard-<i>-of-<n>.h5), and then one of them joins the parts with ``--merge``, which checks
+that every part is there once and all come from the same model, config and image list. The
+shards are kept after merging.
 """
 
 from __future__ import annotations
@@ -17,21 +22,41 @@ from tfcbir.cli import run
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
-    parser.add_argument("--split", choices=["train", "test", "all", "query", "gallery"],
-                        help="the set to embed (default: the sets eval.protocol uses)")
+    parser.add_argument(
+        "--split",
+        choices=["train", "test", "all", "query", "gallery"],
+        help="the set to embed (default: the sets eval.protocol uses)",
+    )
     parser.add_argument("-o", "--output", type=Path, help="gallery file (with one --split only)")
-    parser.add_argument("--checkpoint", type=Path,
-                        help="weights to use instead of the run's best.weights.h5")
-    parser.add_argument("--index", help="exact, or a FAISS factory string such as IVF4096,Flat "
-                        "(default: the config's index.type)")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="weights to use instead of the run's best.weights.h5"
+    )
+    parser.add_argument(
+        "--index",
+        help="exact, or a FAISS factory string such as IVF4096,Flat "
+        "(default: the config's index.type)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="embed only part I of N (0 <= I < N) of each set, into <set>.shard-I-of-N.h5",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="join the checked shards of each set into <set>.h5 (the shards are kept)",
+    )
     args = parser.parse_args(argv)
 
     import config
     from retrieval import sets
-    from retrieval.embedder import embed_images, load_embedder
+    from retrieval.shards import parse_shard
     from tfcbir import UserError
 
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    if shard and args.merge:
+        raise UserError("--shard embeds one part and --merge joins the parts; give one of them")
     cfg = config.load(args.config)
     if args.output is not None and args.split is None:
         raise UserError("-o/--output names one gallery file; give --split too")
@@ -42,23 +67,94 @@ def main(argv: list[str]) -> int:
         protocol = sets.protocol(cfg, made)
         names = list(dict.fromkeys([protocol.gallery, protocol.queries]))
     index = args.index or cfg["index"]["type"]
+    if args.merge:
+        return _merge(args, cfg, names, made, index)
+
+    from retrieval.embedder import embed_images, load_embedder
+    from retrieval.shards import embed_shard, shard_range
+
     embedder = load_embedder(cfg, args.checkpoint)
     for name in names:
         images = sets.images(cfg, name, made)
         out = args.output or sets.gallery_file(cfg, name)
-        print(f"embedding {len(images)} {name} images -> {out}", file=sys.stderr)
-        path = embed_images(embedder, images, out, split=name, batch_size=args.batch_size,
-                            progress=_progress)
+        if shard is None:
+            print(f"embedding {len(images)} {name} images -> {out}", file=sys.stderr)
+            path = embed_images(
+                embedder, images, out, split=name, batch_size=args.batch_size, progress=_progress
+            )
+        else:
+            start, stop = shard_range(len(images), *shard)
+            print(
+                f"embedding shard {shard[0]}/{shard[1]} of the {len(images)} {name} images "
+                f"(items {start} to {stop - 1}) -> {out.parent}",
+                file=sys.stderr,
+            )
+            path = embed_shard(
+                embedder,
+                images,
+                out,
+                shard,
+                split=name,
+                batch_size=args.batch_size,
+                progress=_progress,
+            )
         print(file=sys.stderr)
-        if index != "exact":
-            from retrieval.faiss_index import build_index
-            from retrieval.gallery import read_gallery
-
-            built = build_index(read_gallery(path), index,
-                                search_parameters=cfg["index"]["search_parameters"])
-            print(f"index {index} -> {built}", file=sys.stderr)
+        if shard is None:
+            _build_index(cfg, path, index)
         print(path)
     return 0
+
+
+def _merge(args, cfg: dict, names: list[str], made, index: str) -> int:
+    """--merge: check the shards of every set first, then write each merged gallery."""
+    import config
+    from retrieval import sets
+    from retrieval.embedder import expected_model_id
+    from retrieval.shards import check_shards
+
+    model_id = expected_model_id(cfg, args.checkpoint)
+    checked = []
+    for name in names:
+        command = f"python embed.py -c {args.config} --split {name}"
+        if args.output is not None:
+            command += f" -o {args.output}"
+        if args.checkpoint is not None:
+            command += f" --checkpoint {args.checkpoint}"
+        checked.append(
+            check_shards(
+                args.output or sets.gallery_file(cfg, name),
+                sets.images(cfg, name, made),
+                split=name,
+                expect_config_hash=config.model_hash(cfg),
+                expect_model_id=model_id,
+                command=command,
+            )
+        )
+    for shards in checked:
+        path = shards.merge()
+        count, total, dropped = len(shards.shards), len(shards.images), len(shards.dropped)
+        left_out = f", {dropped} unreadable left out" if dropped else ""
+        print(
+            f"merged {count} shards of the {shards.split} set ({total - dropped} of {total} "
+            f"images{left_out}) -> {path}; the shards are kept: delete "
+            f"{path.parent / path.stem}.shard-*-of-{count}.h5 when no longer needed",
+            file=sys.stderr,
+        )
+        _build_index(cfg, path, index)
+        print(path)
+    return 0
+
+
+def _build_index(cfg: dict, path: Path, index: str) -> None:
+    if index == "exact":
+        return
+    from retrieval.faiss_index import build_index
+    from retrieval.gallery import read_gallery
+
+    built = build_index(
+        read_gallery(path), index, search_parameters=cfg["index"]["search_parameters"]
+    )
+    print(f"index {index} -> {built}", file=sys.stderr)
 
 
 def _progress(done: int, total: int) -> None:

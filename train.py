@@ -25,7 +25,8 @@ def main(argv: list[str]) -> int:
     if result.interrupted:
         return 130
     best = result.best or {}
-    print(f"done: step {result.step}, loss {result.loss:.4f}, model {result.run.best_weights}"
+    loss = "" if result.loss is None else f", loss {result.loss:.4f}"
+    print(f"done: step {result.step}{loss}, model {result.run.best_weights}"
           + (f" (validation Recall@1 {best['val_recall@1']:.4f} at step {best['step']})"
              if best.get("val_recall@1") is not None else ""))
     return 0

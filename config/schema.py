@@ -132,6 +132,12 @@ SCHEMA: dict = {
         },
         "log_every": Param(int, 10, "Write loss and learning rate to the CSV and TensorBoard "
                            "every this many steps.", min=1),
+        "distribute": Param(str, "none", "none; mirrored: every local GPU (tf.distribute."
+                            "MirroredStrategy); multi_worker: several machines described by "
+                            "TF_CONFIG. Each replica gets P / replicas whole classes; the loss "
+                            "sees the whole batch.", choices=["none", "mirrored", "multi_worker"]),
+        "mixed_precision": Param(bool, False, "mixed_float16 on GPUs (embeddings and loss stay "
+                                 "float32); ignored with a warning without a GPU."),
     },
     "eval": {
         "protocol": Param(str, "auto", "auto: leave_one_out for class-disjoint splits, else "
@@ -212,10 +218,10 @@ def _check_cross_keys(config: dict) -> None:
     if size < smallest:
         raise UserError(f"data.image_size: {data['image_size']} is too small for "
                         f"{model['backbone']}; give at least {smallest} px a side")
-    if data["resize"] is not None and data["augment"]["crop"]:
-        if any(r < i for r, i in zip(data["resize"], data["image_size"])):
-            raise UserError(f"data.resize: {data['resize']} is smaller than data.image_size "
-                            f"{data['image_size']}; the crop must fit inside the resized image")
+    resize = data["resize"]
+    if resize is not None and any(r < i for r, i in zip(resize, data["image_size"])):
+        raise UserError(f"data.resize: {resize} is smaller than data.image_size "
+                        f"{data['image_size']}; the crop must fit inside the resized image")
     losses.check_batch(config["loss"], train["batch"]["P"], train["batch"]["K"])
     protocol = config["eval"]["protocol"]
     if protocol == "query_gallery" and not (config["eval"]["query_list"]

@@ -36,7 +36,3 @@ def data_dir() -> Path:
 
 def runs_dir() -> Path:
     return data_dir() / "trainings"
-
-
-if __name__ == "__main__":  # `python -m config.settings` prints data_dir (used by the Makefile)
-    print(data_dir())

@@ -9,7 +9,7 @@ its parameters (the config's ``loss.*`` keys) and two facts the config checks:
 - ``uses_proxies``: the loss learns one vector per class (a Keras layer whose
   ``trainable_variables`` train with the model); :func:`get` then needs ``num_classes``.
 
-See docs/losses.md for the formulas, defaults and sources.
+The README's "Losses" section gives the formulas, defaults and sources.
 """
 
 from __future__ import annotations

@@ -10,5 +10,5 @@ the evaluation CLIs start fast.
 - :mod:`retrieval.visualize`: a query beside its answers, framed by match / miss.
 - :mod:`retrieval.files`: atomic file output and file hashes.
 
-Definitions: docs/retrieval.md.
+Definitions: the README's "Retrieval" section.
 """

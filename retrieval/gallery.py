@@ -9,6 +9,8 @@ Layout of ``<run>/embeddings/<split>.h5`` (format 1):
   ``config_hash``, ``created`` (ISO 8601, UTC), ``tfcbir_version``, ``data_root``, ``split``,
   ``gallery_id`` (random, new for every gallery written: an index built from it records it and is
   refused once the gallery is re-embedded) and ``extra`` (a JSON object).
+- optional dataset ``dropped`` (K,) int64: positions in the list of items that was embedded of
+  the images left out because they could not be read (absent when none was).
 
 A gallery appears atomically: :func:`write_gallery` writes a temporary file and renames it, and
 :class:`GalleryWriter` embeds resumably into ``<out>.partial.h5`` (flushed per chunk, so an
@@ -71,6 +73,7 @@ class Gallery:
     split: str
     gallery_id: str
     extra: dict = field(default_factory=dict)
+    dropped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (K,) see above
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -105,10 +108,12 @@ def write_gallery(
     data_root: str = "",
     split: str = "",
     extra: dict | None = None,
+    dropped: Sequence[int] | np.ndarray | None = None,
 ) -> Path:
     """Write a whole gallery atomically (temporary file, then rename); returns ``path``.
 
-    embeddings: (N, D); labels: (N,) in [0, len(classes)); paths: (N,) relative to data_root.
+    embeddings: (N, D); labels: (N,) in [0, len(classes)); paths: (N,) relative to data_root;
+    dropped: (K,) positions of unreadable images left out (see the module docstring).
     """
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2:
@@ -131,6 +136,8 @@ def write_gallery(
             extra=extra,
         )
         f["embeddings"][...] = embeddings
+        if dropped is not None and len(dropped):
+            f.create_dataset("dropped", data=np.asarray(dropped, dtype=np.int64))
         f.attrs["created"] = _now()
     return path
 
@@ -141,10 +148,11 @@ def read_gallery(
     expect_model_id: str | None = None,
     expect_config_hash: str | None = None,
     config_path: str | os.PathLike | None = None,
+    advice: str | None = None,
 ) -> Gallery:
     """Read a gallery; refuse (UserError) a missing or damaged file, or one made by another model
     (``expect_model_id``) or config (``expect_config_hash``). ``config_path`` only names the
-    config in the re-embedding advice."""
+    config in the re-embedding advice; ``advice`` replaces that advice (e.g. for a shard)."""
     path = Path(path)
     config = config_path or "<config>"
     if not path.is_file():
@@ -159,14 +167,15 @@ def read_gallery(
             labels = f["labels"][...].astype(np.int64)
             paths = list(f["paths"].asstr()[...])
             classes = list(f["classes"].asstr()[...])
+            dropped = f["dropped"][...].astype(np.int64) if "dropped" in f else np.zeros(0, int)
     except (OSError, KeyError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(
             f"{path}: not a readable tfcbir gallery ({reason}); delete it and "
-            f"re-embed: python embed.py -c {config} --split {path.stem}"
+            f"{advice or f're-embed: python embed.py -c {config} --split {path.stem}'}"
         ) from None
     split = attrs["split"] or path.stem
-    advice = f"re-embed it: python embed.py -c {config} --split {split}"
+    advice = advice or f"re-embed it: python embed.py -c {config} --split {split}"
     if attrs["format_version"] != FORMAT_VERSION:
         raise UserError(
             f"{path}: gallery format {attrs['format_version']}, this tfcbir reads "
@@ -203,6 +212,7 @@ def read_gallery(
         split=split,
         gallery_id=attrs["gallery_id"],
         extra=json.loads(attrs["extra"]),
+        dropped=dropped.astype(np.int64),
     )
 
 
@@ -210,8 +220,8 @@ class GalleryWriter:
     """Resumable embedding: chunks go into ``<out>.partial.h5``, which becomes ``<out>`` when done.
 
     The item list (paths, labels, classes) is fixed up front. An existing partial file is resumed
-    when it was made by the same model and config for the same items; otherwise it is started
-    over with a warning. Each :meth:`write` is flushed to disk before it returns, and items are
+    when it was made by the same model and config for the same items and ``extra``; otherwise it
+    is started over with a warning. Each :meth:`write` is flushed to disk before it returns, and items are
     marked done only after their embeddings are written, so a run killed between chunks resumes
     at :meth:`remaining`. Use as a context manager, or call :meth:`close`.
     """
@@ -241,6 +251,7 @@ class GalleryWriter:
             "model_id": model_id,
             "model_step": int(model_step),
             "config_hash": config_hash,
+            "extra": json.dumps(extra or {}, sort_keys=True),
         }
         self._file = self._resume(identity, labels, paths, classes)
         if self._file is None:
@@ -343,7 +354,8 @@ class GalleryWriter:
         """Rename the finished partial file to the gallery's path (atomic); returns that path.
 
         drop_missing: items never written (unreadable images) are left out of the gallery
-        instead of being an error; the gallery is then rewritten without them.
+        instead of being an error; the gallery is then rewritten without them, and their
+        positions are recorded in its ``dropped`` dataset.
         """
         if not self._done.all():
             if not drop_missing:
@@ -376,6 +388,7 @@ class GalleryWriter:
             data_root=attrs["data_root"],
             split=attrs["split"],
             extra=json.loads(attrs["extra"]),
+            dropped=np.flatnonzero(~keep),
         )
         f.close()
         self.partial_path.unlink()

@@ -23,7 +23,7 @@ the clusters with the classes: mutual information over the arithmetic mean of th
 Memory stays bounded: queries are processed in blocks sized from ``memory_mb``, each block's
 scores are turned into distinct ranking keys, and each relevant item's rank is the number of keys
 above its own, counted directly when classes are small or read off a sorted row when they are
-large. Both are exact. See docs/retrieval.md.
+large. Both are exact. See the README's "Retrieval" section.
 """
 
 from __future__ import annotations

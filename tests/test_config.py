@@ -184,3 +184,15 @@ def test_data_dir_from_environment_or_configuration(tmp_path, monkeypatch):
     resolved = resolve({**MINIMAL, "name": "x"})
     assert config.run_dir(resolved) == tmp_path.resolve() / "trainings" / "x"
     assert config.data_root(resolved) == tmp_path.resolve() / "datasets" / "demo_shapes"
+
+
+def test_readme_documents_every_key_and_loss():
+    readme = (REPO / "README.md").read_text()
+    for key, default, _allowed, _doc in reference():
+        assert f"| `{key}` | `{default}` |" in readme, key
+    import losses
+
+    for name in losses.LOSSES.names():
+        assert f"### {name}" in readme, name
+        for param in losses.LOSSES.get(name).params:
+            assert f"| {param} |" in readme, f"{name}.{param}"

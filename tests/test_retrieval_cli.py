@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -70,7 +71,7 @@ def test_embed_evaluate_test_and_cbir(trained, capsys):
     assert result["protocol"] == "train_gallery"
     assert 0 <= result["mAP"] <= 1
     assert result["recall@1"] <= result["recall@2"] <= result["recall@4"] <= result["recall@8"]
-    saved = json.loads(open(result["saved"]).read())
+    saved = json.loads(Path(result["saved"]).read_text())
     assert saved["mAP"] == result["mAP"]
 
     code, out, err = call("test", "-c", trained, "-r", "4", "--seed", "3", capsys=capsys)

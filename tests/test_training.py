@@ -70,7 +70,7 @@ def test_resume_after_kill_continues_at_the_same_step(data_dir, tmp_path):
 
     resumed = run_cli("train.py", "-c", str(path))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming" in resumed.stderr and f"from step {newest.step}" in resumed.stderr
+    assert "resuming" in resumed.stderr and f"from step {newest.step}" in resumed.stderr
     rows = read_metrics(data_dir / "trainings" / "killed")
     assert [int(r["step"]) for r in rows] == list(range(1, 41))
 

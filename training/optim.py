@@ -47,8 +47,15 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
                 "final_fraction": self.final_fraction}
 
 
-def build_optimizer(train: dict, lr_multiplier: float = 1.0) -> keras.optimizers.Optimizer:
-    """The optimiser for the validated ``train`` section (its schedule included)."""
+def build_optimizer(train: dict, lr_multiplier: float = 1.0,
+                    mixed: bool = False) -> keras.optimizers.Optimizer:
+    """The optimiser for the validated ``train`` section (its schedule included); wrapped for
+    dynamic loss scaling under mixed precision."""
+    optimizer = _optimizer(train, lr_multiplier)
+    return keras.optimizers.LossScaleOptimizer(optimizer) if mixed else optimizer
+
+
+def _optimizer(train: dict, lr_multiplier: float) -> keras.optimizers.Optimizer:
     opt, sched = train["optimizer"], train["lr_schedule"]
     schedule = WarmupDecay(opt["lr"] * lr_multiplier, train["steps"], sched["name"],
                            sched["decay_start"], sched["warmup_steps"],

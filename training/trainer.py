@@ -7,11 +7,14 @@ optimiser's step, so a resumed run computes what the uninterrupted one would hav
 
 from __future__ import annotations
 
+import csv
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -21,7 +24,7 @@ import nets
 from datasets.lists import ImageList, load_splits
 from datasets.pipeline import TrainData
 from tfcbir import UserError
-from training import checkpoint, validation
+from training import checkpoint, distribute, validation
 from training.optim import build_optimizer
 from training.progress import Progress
 from training.run import RunFolder
@@ -33,7 +36,7 @@ log = logging.getLogger("tfcbir")
 class Result:
     run: RunFolder
     step: int
-    loss: float
+    loss: float | None  # the last step's loss; None when no step was left to run
     best: dict | None
     interrupted: bool = False
 
@@ -75,11 +78,26 @@ def holdout(images: ImageList, share: float, seed: int, by_class: bool):
 
 
 def train(config: dict, *, restart: bool = False) -> Result:
+    """Train (or resume) the run of a resolved config; returns where it ended."""
+    train_cfg = config["train"]
+    strategy = distribute.make_strategy(train_cfg["distribute"])
+    distribute.check_batch_split(train_cfg["batch"]["P"], strategy.num_replicas_in_sync)
+    chief = distribute.is_chief(strategy)  # only one process of several writes the run's files
     run = RunFolder(cfg.run_dir(config))
-    run.prepare(config, restart)
+    if chief:
+        run.prepare(config, restart)
+    tf.keras.utils.set_random_seed(config["seed"])
+    mixed = _mixed_precision(train_cfg["mixed_precision"])
+    try:
+        return _train(config, run, strategy, chief, mixed)
+    finally:
+        if mixed:
+            keras.mixed_precision.set_global_policy("float32")
+
+
+def _train(config: dict, run: RunFolder, strategy, chief: bool, mixed: bool) -> Result:
     data, model_cfg, train_cfg = config["data"], config["model"], config["train"]
     P, K = train_cfg["batch"]["P"], train_cfg["batch"]["K"]
-    tf.keras.utils.set_random_seed(config["seed"])
 
     splits = load_splits(cfg.data_root(config), data["split"], config["seed"])
     train_images, val_images = split_for_validation(config, splits)
@@ -90,20 +108,20 @@ def train(config: dict, *, restart: bool = False) -> Result:
                            cache_max_bytes=int(data["cache_gb"] * (1 << 30)))
 
     found = checkpoint.latest(run.checkpoints)
-    model = nets.build_embedding_model(model_cfg, tuple(data["image_size"]),
-                                       pretrained=found is None)
-    loss_fn = losses.get(config["loss"], num_classes=len(train_images.classes))
-    optimizer = build_optimizer(train_cfg)
-    loss_variables = _build_loss(loss_fn, model, data["image_size"])
-    trainable = list(model.trainable_variables) + loss_variables
-    optimizer.build(trainable)
-    loss_optimizer = None
-    multiplier = getattr(loss_fn, "lr_multiplier", 1.0)
-    if loss_variables and multiplier != 1.0:  # proxies learn faster than the network
-        loss_optimizer = build_optimizer(train_cfg, lr_multiplier=multiplier)
-        loss_optimizer.build(loss_variables)
-        optimizer = build_optimizer(train_cfg)
-        optimizer.build(list(model.trainable_variables))
+    with strategy.scope():
+        model = nets.build_embedding_model(model_cfg, tuple(data["image_size"]),
+                                           pretrained=found is None)
+        loss_fn = losses.get(config["loss"], num_classes=len(train_images.classes))
+        loss_variables = _build_loss(loss_fn, model, data["image_size"])
+        multiplier = getattr(loss_fn, "lr_multiplier", 1.0)
+        separate = bool(loss_variables) and multiplier != 1.0  # proxies learn faster
+        optimizer = build_optimizer(train_cfg, mixed=mixed)
+        optimizer.build(list(model.trainable_variables)
+                        + ([] if separate else loss_variables))
+        loss_optimizer = None
+        if separate:
+            loss_optimizer = build_optimizer(train_cfg, lr_multiplier=multiplier, mixed=mixed)
+            loss_optimizer.build(loss_variables)
 
     groups = {"model": model.weights, "optimizer": optimizer.variables, "loss": loss_variables}
     if loss_optimizer is not None:
@@ -116,28 +134,36 @@ def train(config: dict, *, restart: bool = False) -> Result:
         log.info("resuming %s from step %d (%s)", run.path, step, found.path.name)
 
     validator = None
-    if val_images is not None and train_cfg["validate_every"] > 0:
+    if chief and val_images is not None and train_cfg["validate_every"] > 0:
         validator = validation.Validator(val_images, data, train_cfg["validation"]["max_images"],
                                          config["seed"])
 
-    _summary(config, run, splits, train_images, val_images, train_data, model, step)
-    train_step = _make_train_step(model, loss_fn, optimizer, loss_optimizer, loss_variables)
-    writer = tf.summary.create_file_writer(str(run.logs))
-    csv_handle, csv_writer = run.open_metrics(step)
+    _summary(config, run, splits, train_images, val_images, train_data, model, step, strategy)
+    train_step = _make_train_step(model, loss_fn, optimizer, loss_optimizer, loss_variables,
+                                  strategy, mixed)
+    if chief:
+        writer = tf.summary.create_file_writer(str(run.logs))
+        csv_handle, csv_writer = run.open_metrics(step)
+    else:
+        writer = tf.summary.create_noop_writer()
+        csv_handle = open(os.devnull, "w")  # noqa: SIM115 - closed below
+        csv_writer = csv.DictWriter(csv_handle, fieldnames=["step"], extrasaction="ignore")
     progress = Progress(train_cfg["steps"], start=step)
     signal_handler = _raise_on_sigterm()
-    last_loss = float("nan")
+    last_loss = None  # None: the run had already finished
     interrupted = False
     t_start = time.monotonic()
     window_t, window_step = t_start, step
 
     def save_checkpoint(at: int):
-        meta = {"best": best, "config_hash": cfg.config_hash(config)}
-        checkpoint.save(run.checkpoints, at, groups, meta, train_cfg["keep_checkpoints"])
+        if chief:
+            meta = {"best": best, "config_hash": cfg.config_hash(config)}
+            checkpoint.save(run.checkpoints, at, groups, meta, train_cfg["keep_checkpoints"])
 
     try:
         batches = train_data.dataset(step, train_cfg["steps"])
         for images, labels in batches:
+            images, labels = distribute.split_per_replica(strategy, images, labels)
             loss_value = float(train_step(images, labels))
             step += 1
             last_loss = loss_value
@@ -174,8 +200,8 @@ def train(config: dict, *, restart: bool = False) -> Result:
             if row is not None:
                 csv_writer.writerow(row)
                 csv_handle.flush()
-            if validator is None and (step % train_cfg["checkpoint_every"] == 0
-                                      or step == train_cfg["steps"]):
+            if chief and validator is None and (step % train_cfg["checkpoint_every"] == 0
+                                                or step == train_cfg["steps"]):
                 best = {"step": step, "val_recall@1": None}
                 _save_weights(model, run)  # no validation: the newest weights are the model
                 run.write_best(best)
@@ -205,19 +231,23 @@ def _build_loss(loss_fn, model, image_size) -> list:
     return list(loss_fn.trainable_variables)
 
 
-def _make_train_step(model, loss_fn, optimizer, loss_optimizer, loss_variables):
+def _make_train_step(model, loss_fn, optimizer, loss_optimizer, loss_variables, strategy,
+                     mixed: bool):
     model_variables = list(model.trainable_variables)
-    together = loss_optimizer is None
+    variables = model_variables + loss_variables
+    replicas = strategy.num_replicas_in_sync
 
-    @tf.function
-    def train_step(images, labels):
+    def replica_step(images, labels):
         with tf.GradientTape() as tape:
-            embeddings = model(images, training=True)
-            loss = loss_fn(labels, embeddings)
+            embeddings = tf.cast(model(images, training=True), tf.float32)
+            # The loss sees the whole batch; the optimisers sum the replicas' gradients.
+            loss = loss_fn(distribute.gather(labels), distribute.gather(embeddings))
             total = loss + tf.add_n(model.losses) if model.losses else loss
-        variables = model_variables + loss_variables
+            total = total / replicas
+            if mixed:
+                total = optimizer.scale_loss(total)
         grads = tape.gradient(total, variables)
-        if together:
+        if loss_optimizer is None:
             optimizer.apply_gradients(zip(grads, variables))
         else:
             n = len(model_variables)
@@ -225,7 +255,23 @@ def _make_train_step(model, loss_fn, optimizer, loss_optimizer, loss_variables):
             loss_optimizer.apply_gradients(zip(grads[n:], loss_variables))
         return loss
 
+    @tf.function
+    def train_step(images, labels):
+        losses_per_replica = strategy.run(replica_step, args=(images, labels))
+        return strategy.reduce("MEAN", losses_per_replica, axis=None)
+
     return train_step
+
+
+def _mixed_precision(wanted: bool) -> bool:
+    """mixed_float16 where it pays (GPUs); a warning and float32 elsewhere."""
+    if not wanted:
+        return False
+    if not tf.config.list_physical_devices("GPU"):
+        log.warning("train.mixed_precision: no GPU here; training in float32")
+        return False
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    return True
 
 
 def _save_weights(model, run: RunFolder) -> None:
@@ -246,7 +292,8 @@ def _raise_on_sigterm():
         return signal.getsignal(signal.SIGTERM)
 
 
-def _summary(config, run, splits, train_images, val_images, train_data, model, step) -> None:
+def _summary(config, run, splits, train_images, val_images, train_data, model, step,
+             strategy) -> None:
     skipped = len(getattr(train_data, "skipped", []))
     parts = [f"run {config['name']} in {run.path}",
              f"data {cfg.data_root(config)} ({splits.kind} split): "
@@ -257,6 +304,9 @@ def _summary(config, run, splits, train_images, val_images, train_data, model, s
              f"model {config['model']['backbone']} + {config['model']['head']} -> "
              f"{config['model']['embedding_dim']}-d, {model.count_params():,} parameters",
              f"loss {config['loss']}",
+             f"devices: {strategy.num_replicas_in_sync} replica(s)"
+             + (", mixed precision" if keras.mixed_precision.global_policy().name
+                == "mixed_float16" else ""),
              f"{'resuming at' if step else 'starting at'} step {step} of "
              f"{config['train']['steps']}"]
     for line in parts:

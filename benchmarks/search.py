@@ -1,0 +1,329 @@
+"""Benchmark: top-k search at scale, ExactIndex against FAISS (exact and approximate indexes).
+
+A gallery of N x 128 unit float32 vectors and Q unit queries (default 1,000,000 and 1,000),
+top-10, inner product (cosine). Two kinds of data:
+
+- random: uniform on the sphere, no cluster structure: the worst case for approximate indexes,
+  whose partitions or graphs then carry little information;
+- clustered: a Gaussian mixture of N / 100 centres (real embeddings look more like this), queries
+  drawn from the same mixture.
+
+Every case runs in a fresh subprocess so that its peak memory (``ru_maxrss``, the resident high
+water mark) is its own; ``extra`` is that peak minus the peak right after loading the gallery and
+queries (the index, its training and the search's temporaries).
+
+- exact: ``retrieval.search.ExactIndex`` (blocked float32 products, exact ties) against FAISS's
+  ``IndexFlatIP`` (what ``FaissIndex`` builds for ``Flat``). Their time ratio is measured in one
+  more process that runs the two alternately and keeps each one's best, so that other load on the
+  machine hits both alike. Goal: exact / FAISS <= 1.2.
+- approximate: each factory string is built once (``FaissIndex.build``: train + add, timed), then
+  searched with each run-time setting: recall@10 against the exact top 10, the batch time, and the
+  median time of one query at a time through ``FaissIndex.search`` (what the CLIs call; the
+  ``raw`` column is ``index.search`` of FAISS alone). Goal: recall@10 >= 0.95 under 2 ms a query.
+
+    python benchmarks/search.py                    # 1M x 128, both kinds of data (~30 min)
+    python benchmarks/search.py --quick            # 100k gallery items, 300 queries (~1 min)
+    python benchmarks/search.py --data clustered --n 300000 --queries 500
+    python benchmarks/search.py --only exact       # ExactIndex against IndexFlatIP only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+K = 10
+GOAL_RATIO = 1.2
+GOAL_RECALL = 0.95
+GOAL_MS = 2.0
+#: One at a time, an exact query reads the whole gallery (~50 ms at 1M): a sample is enough.
+EXACT_LATENCY_QUERIES = 50
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows
+
+
+def make_data(kind: str, n: int, n_queries: int, dim: int, seed: int = 0):
+    """Gallery (n, dim) and queries (n_queries, dim) float32 unit vectors."""
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        gallery = unit(rng.standard_normal((n, dim), dtype=np.float32))
+        return gallery, unit(rng.standard_normal((n_queries, dim), dtype=np.float32))
+    # Noise of norm ~0.6 around unit centres: a point's 10 nearest are mostly its own
+    # cluster's (~100 points), but the clusters are not trivially far apart.
+    centres = unit(rng.standard_normal((max(1, n // 100), dim), dtype=np.float32))
+    noise = 0.6 / np.sqrt(dim)
+
+    def sample(count):
+        points = centres[rng.integers(0, len(centres), size=count)]
+        points += noise * rng.standard_normal((count, dim), dtype=np.float32)
+        return unit(points)
+
+    return sample(n), sample(n_queries)
+
+
+def peak_mib() -> float:
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def best_time(function, repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def one_at_a_time(search, queries: np.ndarray) -> float:
+    """Median milliseconds of searching the queries one by one."""
+    times = []
+    for query in queries:
+        start = time.perf_counter()
+        search(query[None, :])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+# --- the cases, each run in its own process ------------------------------------------------------
+
+
+def case_exact(gallery, queries, args) -> dict:
+    from retrieval.search import ExactIndex
+
+    start = time.perf_counter()
+    index = ExactIndex(gallery, normalized=True, memory_mb=args.memory_mb)
+    build = time.perf_counter() - start
+    seconds, (_, indices) = best_time(lambda: index.search(queries, K), args.repeats)
+    np.save(os.path.join(args.data_dir, f"{args.data}_truth.npy"), indices)
+    few = queries[: min(args.latency_queries, EXACT_LATENCY_QUERIES)]
+    latency = one_at_a_time(lambda q: index.search(q, K), few)
+    return {"rows": [{"build_s": build, "batch_s": seconds, "ms": latency}]}
+
+
+def case_flat(gallery, queries, args) -> dict:
+    from retrieval.faiss_index import FaissIndex
+
+    start = time.perf_counter()
+    index = FaissIndex.build(gallery, normalized=True, factory="Flat")
+    build = time.perf_counter() - start
+    seconds, (_, indices) = best_time(lambda: index.index.search(queries, K), args.repeats)
+    few = queries[: min(args.latency_queries, EXACT_LATENCY_QUERIES)]
+    latency = one_at_a_time(lambda q: index.search(q, K), few)
+    row = {"build_s": build, "batch_s": seconds, "ms": latency, "recall": recall(indices, args)}
+    return {"rows": [row]}
+
+
+def case_ratio(gallery, queries, args) -> dict:
+    """ExactIndex and IndexFlatIP alternately in one process: the fairest ratio on a busy box."""
+    from retrieval.faiss_index import FaissIndex
+    from retrieval.search import ExactIndex
+
+    exact = ExactIndex(gallery, normalized=True, memory_mb=args.memory_mb)
+    flat = FaissIndex.build(gallery, normalized=True, factory="Flat").index
+    times = {"exact": [], "faiss": []}
+    for _ in range(args.repeats):
+        for name, search in (("exact", exact.search), ("faiss", flat.search)):
+            start = time.perf_counter()
+            search(queries, K)
+            times[name].append(time.perf_counter() - start)
+    return {"exact": times["exact"], "faiss": times["faiss"]}
+
+
+def case_faiss(gallery, queries, args) -> dict:
+    from retrieval.faiss_index import FaissIndex
+
+    start = time.perf_counter()
+    index = FaissIndex.build(gallery, normalized=True, factory=args.factory)
+    build = time.perf_counter() - start
+    rows = []
+    for parameters in args.parameters:
+        searcher = FaissIndex(
+            index.index, normalized=True, factory=args.factory, search_parameters=parameters
+        )
+        seconds, (_, indices) = best_time(lambda s=searcher: s.search(queries, K), 1)
+        few = queries[: args.latency_queries]
+        rows.append(
+            {
+                "parameters": parameters or "(default)",
+                "build_s": build,
+                "batch_s": seconds,
+                "ms": one_at_a_time(lambda q, s=searcher: s.search(q, K), few),
+                "raw_ms": one_at_a_time(lambda q, s=searcher: s.index.search(q, K), few),
+                "recall": recall(indices, args),
+            }
+        )
+    return {"rows": rows}
+
+
+def recall(indices: np.ndarray, args) -> float | None:
+    path = os.path.join(args.data_dir, f"{args.data}_truth.npy")
+    if not os.path.exists(path):
+        return None
+    truth = np.load(path)
+    return float(np.mean([len(set(a) & set(b)) / K for a, b in zip(indices, truth)]))
+
+
+def worker(args) -> None:
+    gallery = np.load(os.path.join(args.data_dir, f"{args.data}_gallery.npy"))
+    queries = np.load(os.path.join(args.data_dir, f"{args.data}_queries.npy"))
+    loaded = peak_mib()
+    case = {"exact": case_exact, "flat": case_flat, "ratio": case_ratio, "faiss": case_faiss}
+    result = case[args.worker](gallery, queries, args)
+    result.update({"peak_mib": peak_mib(), "loaded_mib": loaded})
+    print("RESULT " + json.dumps(result))
+
+
+def run_worker(name: str, args, data: str, factory: str = "", parameters=()) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data", data]
+    command += ["--data-dir", args.data_dir, "--repeats", str(args.repeats)]
+    command += ["--memory-mb", str(args.memory_mb), "--latency-queries", str(args.latency_queries)]
+    if factory:
+        command += ["--factory", factory, "--parameters", json.dumps(list(parameters))]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(
+            f"the {name} {factory} run failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+        )
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
+
+
+# --- the driver --------------------------------------------------------------------------------
+
+
+def approximate_cases(n: int) -> list[tuple[str, list[str]]]:
+    """Factory strings scaled to n (about 4 sqrt(n) lists, a power of two) and their settings."""
+    nlist = 2 ** int(np.log2(4 * np.sqrt(n)))
+    probes = [max(1, nlist // d) for d in (256, 128, 64, 32, 16)]
+    return [
+        (f"IVF{nlist},Flat", [""] + [f"nprobe={p}" for p in probes]),
+        ("HNSW32", [""] + [f"efSearch={e}" for e in (32, 64, 128, 256, 512)]),
+        (f"IVF{nlist},PQ32", [f"nprobe={p}" for p in probes[1::2]]),
+    ]
+
+
+ROW = "{:<18} {:<14} {:>8} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9}"
+
+
+def print_row(case, parameters, row, result, base_ms=None):
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    print(
+        ROW.format(
+            case,
+            parameters,
+            fmt(row.get("build_s"), ".1f"),
+            fmt(row.get("batch_s"), ".2f"),
+            fmt(row.get("ms"), ".3f"),
+            fmt(row.get("raw_ms"), ".3f"),
+            fmt(row.get("recall"), ".4f"),
+            fmt(result["peak_mib"], ",.0f"),
+            fmt(result["peak_mib"] - result["loaded_mib"], ",.0f"),
+        )
+    )
+
+
+def run_data(data: str, args) -> None:
+    gallery, queries = make_data(data, args.n, args.queries, args.dim)
+    np.save(os.path.join(args.data_dir, f"{data}_gallery.npy"), gallery)
+    np.save(os.path.join(args.data_dir, f"{data}_queries.npy"), queries)
+    del gallery, queries
+    print(f"\n== {data} data: {args.n:,} x {args.dim} gallery, {args.queries:,} queries, top-{K}")
+    header = ("case", "parameters", "build s", "batch s", "ms/query", "raw ms", "recall@10")
+    print(ROW.format(*header, "peak MiB", "extra MiB"))
+    exact = run_worker("exact", args, data)
+    print_row("ExactIndex", "", exact["rows"][0], exact)
+    flat = run_worker("flat", args, data)
+    print_row("FAISS IndexFlatIP", "", flat["rows"][0], flat)
+    ratio = run_worker("ratio", args, data)
+    best_exact, best_faiss = min(ratio["exact"]), min(ratio["faiss"])
+    verdict = "met" if best_exact <= GOAL_RATIO * best_faiss else "NOT met"
+    print(
+        f"exact, alternating runs in one process (best of {args.repeats}): ExactIndex "
+        f"{best_exact:.2f} s, IndexFlatIP {best_faiss:.2f} s: ratio {best_exact / best_faiss:.2f} "
+        f"(goal <= {GOAL_RATIO}: {verdict}); each round exact/FAISS: "
+        + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(ratio["exact"], ratio["faiss"]))
+    )
+    print(
+        f"peak memory exact / FAISS flat: {exact['peak_mib']:,.0f} / {flat['peak_mib']:,.0f} MiB "
+        f"(x{exact['peak_mib'] / flat['peak_mib']:.2f}); FAISS flat's recall against exact "
+        f"{flat['rows'][0]['recall']:.4f}"
+    )
+    if args.only == "exact":
+        return
+    good = []
+    for factory, settings in approximate_cases(args.n):
+        result = run_worker("faiss", args, data, factory, settings)
+        for row in result["rows"]:
+            print_row(factory, row["parameters"], row, result)
+            if row["recall"] >= GOAL_RECALL and row["ms"] < GOAL_MS:
+                good.append((row["ms"], factory, row["parameters"], row["recall"]))
+    if good:
+        ms, factory, parameters, value = min(good)
+        print(
+            f"ANN goal (recall@{K} >= {GOAL_RECALL} under {GOAL_MS} ms a query) met: fastest "
+            f"{factory} {parameters}: recall {value:.4f} at {ms:.3f} ms"
+        )
+    else:
+        print(
+            f"ANN goal (recall@{K} >= {GOAL_RECALL} under {GOAL_MS} ms a query) NOT met by any "
+            "setting above on this data and machine"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000, help="gallery items (1,000,000)")
+    parser.add_argument("--queries", type=int, default=1_000, help="queries (1,000)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--data", choices=["random", "clustered", "both"], default="both")
+    parser.add_argument("--quick", action="store_true", help="100,000 items, 300 queries")
+    parser.add_argument("--only", choices=["exact"], help="skip the approximate indexes")
+    parser.add_argument("--repeats", type=int, default=3, help="batch searches timed (best)")
+    parser.add_argument("--memory-mb", type=float, default=256, help="ExactIndex's budget")
+    parser.add_argument(
+        "--latency-queries", type=int, default=None, help="one-at-a-time queries (default all)"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--factory", help=argparse.SUPPRESS)
+    parser.add_argument("--parameters", type=json.loads, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if args.quick:
+        args.n, args.queries = 100_000, 300
+    if args.latency_queries is None:
+        args.latency_queries = args.queries
+    import faiss
+
+    print(
+        f"threads: FAISS (OpenMP) {faiss.omp_get_max_threads()}, CPUs {os.cpu_count()}; "
+        f"ExactIndex memory budget {args.memory_mb:g} MiB; each case in a fresh process"
+    )
+    with tempfile.TemporaryDirectory() as data_dir:
+        args.data_dir = data_dir
+        for data in ["random", "clustered"] if args.data == "both" else [args.data]:
+            run_data(data, args)
+
+
+if __name__ == "__main__":
+    main()
