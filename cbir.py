@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from tfcbir.cli import run
+from tfcbir.cli import import_tensorflow, run
 
 
 def main(argv: list[str]) -> int:
@@ -31,6 +31,7 @@ def main(argv: list[str]) -> int:
                         "each, named after the query)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
+    import_tensorflow()
 
     import config
     from datasets.images import is_image_name

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tfcbir.cli import run
+from tfcbir.cli import import_tensorflow, run
 
 
 def main(argv: list[str]) -> int:
@@ -48,6 +48,7 @@ def main(argv: list[str]) -> int:
         help="join the checked shards of each set into <set>.h5 (the shards are kept)",
     )
     args = parser.parse_args(argv)
+    import_tensorflow()
 
     import config
     from retrieval import sets

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tfcbir.cli import run
+from tfcbir.cli import import_tensorflow, run
 
 
 def main(argv: list[str]) -> int:
@@ -20,6 +20,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
     parser.add_argument("--save", type=Path, help="picture file (default: <run>/queries/)")
     args = parser.parse_args(argv)
+    import_tensorflow()
 
     import numpy as np
 

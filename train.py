@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from tfcbir.cli import run
+from tfcbir.cli import import_tensorflow, run
 
 
 def main(argv: list[str]) -> int:
@@ -17,6 +17,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--restart", action="store_true",
                         help="discard the run's checkpoints and logs and start from step 0")
     args = parser.parse_args(argv)
+    import_tensorflow()
 
     import config
     from training.trainer import train

@@ -8,9 +8,10 @@ top-10, inner product (cosine). Two kinds of data:
 - clustered: a Gaussian mixture of N / 100 centres (real embeddings look more like this), queries
   drawn from the same mixture.
 
-Every case runs in a fresh subprocess so that its peak memory (``ru_maxrss``, the resident high
-water mark) is its own; ``extra`` is that peak minus the peak right after loading the gallery and
-queries (the index, its training and the search's temporaries).
+Every case runs in a fresh subprocess so that its peak memory is its own: the high-water mark of
+its resident memory (``VmHWM`` on Linux; see :func:`peak_mib`). ``extra`` is that peak minus
+the peak right after loading the gallery and queries: the index, its training and the search's
+temporaries.
 
 - exact: ``retrieval.search.ExactIndex`` (blocked float32 products, exact ties) against FAISS's
   ``IndexFlatIP`` (what ``FaissIndex`` builds for ``Flat``). Their time ratio is measured in one
@@ -49,6 +50,8 @@ GOAL_RECALL = 0.95
 GOAL_MS = 2.0
 #: One at a time, an exact query reads the whole gallery (~50 ms at 1M): a sample is enough.
 EXACT_LATENCY_QUERIES = 50
+#: The norm of the clustered data's noise around its unit centres.
+NOISE = 1.0
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -62,10 +65,10 @@ def make_data(kind: str, n: int, n_queries: int, dim: int, seed: int = 0):
     if kind == "random":
         gallery = unit(rng.standard_normal((n, dim), dtype=np.float32))
         return gallery, unit(rng.standard_normal((n_queries, dim), dtype=np.float32))
-    # Noise of norm ~0.6 around unit centres: a point's 10 nearest are mostly its own
-    # cluster's (~100 points), but the clusters are not trivially far apart.
+    # Noise of norm ~1 around unit centres: a point's nearest are mostly, not all, of its own
+    # cluster (~100 points); the clusters overlap, as classes do in real embeddings.
     centres = unit(rng.standard_normal((max(1, n // 100), dim), dtype=np.float32))
-    noise = 0.6 / np.sqrt(dim)
+    noise = NOISE / np.sqrt(dim)
 
     def sample(count):
         points = centres[rng.integers(0, len(centres), size=count)]
@@ -76,7 +79,17 @@ def make_data(kind: str, n: int, n_queries: int, dim: int, seed: int = 0):
 
 
 def peak_mib() -> float:
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    """This process's peak resident memory. Linux: VmHWM, the high-water mark of this process's
+    own address space. Not ru_maxrss: a child's starts at its parent's resident size at fork
+    time (the kernel folds the forked copy's mark in at exec), which would hide small peaks."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    # Elsewhere: ru_maxrss (KiB on Linux, bytes on macOS); the driver keeps itself small.
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
@@ -180,6 +193,12 @@ def recall(indices: np.ndarray, args) -> float | None:
 
 
 def worker(args) -> None:
+    if args.worker == "data":
+        gallery, queries = make_data(args.data, args.n, args.queries, args.dim)
+        np.save(os.path.join(args.data_dir, f"{args.data}_gallery.npy"), gallery)
+        np.save(os.path.join(args.data_dir, f"{args.data}_queries.npy"), queries)
+        print("RESULT {}")
+        return
     gallery = np.load(os.path.join(args.data_dir, f"{args.data}_gallery.npy"))
     queries = np.load(os.path.join(args.data_dir, f"{args.data}_queries.npy"))
     loaded = peak_mib()
@@ -193,6 +212,7 @@ def run_worker(name: str, args, data: str, factory: str = "", parameters=()) -> 
     command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data", data]
     command += ["--data-dir", args.data_dir, "--repeats", str(args.repeats)]
     command += ["--memory-mb", str(args.memory_mb), "--latency-queries", str(args.latency_queries)]
+    command += ["--n", str(args.n), "--queries", str(args.queries), "--dim", str(args.dim)]
     if factory:
         command += ["--factory", factory, "--parameters", json.dumps(list(parameters))]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -214,7 +234,7 @@ def approximate_cases(n: int) -> list[tuple[str, list[str]]]:
     return [
         (f"IVF{nlist},Flat", [""] + [f"nprobe={p}" for p in probes]),
         ("HNSW32", [""] + [f"efSearch={e}" for e in (32, 64, 128, 256, 512)]),
-        (f"IVF{nlist},PQ32", [f"nprobe={p}" for p in probes[1::2]]),
+        (f"IVF{nlist},PQ32np", [f"nprobe={p}" for p in probes[1::2]]),
     ]
 
 
@@ -241,10 +261,7 @@ def print_row(case, parameters, row, result, base_ms=None):
 
 
 def run_data(data: str, args) -> None:
-    gallery, queries = make_data(data, args.n, args.queries, args.dim)
-    np.save(os.path.join(args.data_dir, f"{data}_gallery.npy"), gallery)
-    np.save(os.path.join(args.data_dir, f"{data}_queries.npy"), queries)
-    del gallery, queries
+    run_worker("data", args, data)  # in its own process too: the driver stays small
     print(f"\n== {data} data: {args.n:,} x {args.dim} gallery, {args.queries:,} queries, top-{K}")
     header = ("case", "parameters", "build s", "batch s", "ms/query", "raw ms", "recall@10")
     print(ROW.format(*header, "peak MiB", "extra MiB"))

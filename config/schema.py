@@ -247,6 +247,18 @@ def reference() -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def reference_markdown() -> str:
+    """The README's config reference table (between its ``reference`` markers)."""
+    import losses
+
+    lines = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
+    for key, default, allowed, doc in reference():
+        if key == "loss.name":  # the loss's own keys are documented under Losses
+            allowed = "one of " + ", ".join(losses.LOSSES.names())
+        lines.append(f"| `{key}` | `{default}` | {allowed} | {doc} |")
+    return "\n".join(lines)
+
+
 def _json(value) -> str:
     import json
 

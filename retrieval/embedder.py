@@ -132,13 +132,15 @@ def expected_model_id(config: dict, checkpoint: str | Path | None = None) -> str
     ``checkpoint``, else of the run's best weights; None when the run has none."""
     from training.run import RunFolder
 
-    weights = RunFolder(cfg.run_dir(config)).best_weights if checkpoint is None else checkpoint
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise UserError(
-            f"--checkpoint {checkpoint}: no such file; give the weights the shards "
-            "were embedded with"
-        )
-    return hash_file(weights) if Path(weights).is_file() else None
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise UserError(
+                f"--checkpoint {checkpoint}: no such file; give the weights the shards were "
+                "embedded with"
+            )
+        return hash_file(checkpoint)
+    weights = RunFolder(cfg.run_dir(config)).best_weights
+    return hash_file(weights) if weights.is_file() else None
 
 
 def embed_images(

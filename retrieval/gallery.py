@@ -221,9 +221,9 @@ class GalleryWriter:
 
     The item list (paths, labels, classes) is fixed up front. An existing partial file is resumed
     when it was made by the same model and config for the same items and ``extra``; otherwise it
-    is started over with a warning. Each :meth:`write` is flushed to disk before it returns, and items are
-    marked done only after their embeddings are written, so a run killed between chunks resumes
-    at :meth:`remaining`. Use as a context manager, or call :meth:`close`.
+    is started over with a warning. Each :meth:`write` is flushed to disk before it returns, and
+    items are marked done only after their embeddings are written, so a run killed between chunks
+    resumes at :meth:`remaining`. Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(

@@ -281,7 +281,9 @@ class ExactIndex:
         out_indices = np.full((n_queries, k), -1, dtype=np.int64)
         if n_queries == 0 or n_gallery == 0:
             return out_scores, out_indices
-        width = min(n_gallery, max(self.GALLERY_BLOCK, 16 * k))
+        # Few queries: wider blocks (as the budget allows), fewer and larger matrix products.
+        pairs = block_rows(1, self.BYTES_PER_PAIR, self.memory_mb) // n_queries
+        width = min(n_gallery, max(self.GALLERY_BLOCK, 16 * k, pairs))
         screened = 16 * k <= width  # else width == n_gallery: whole rows
         step = block_rows(width, self.BYTES_PER_PAIR, self.memory_mb)
         step = -(-n_queries // -(-n_queries // step))  # equal blocks: no thin last product

@@ -19,6 +19,7 @@ overlap). It writes the merged gallery atomically and never deletes the shards.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -30,6 +31,8 @@ import numpy as np
 from datasets.lists import ImageList
 from retrieval.gallery import Gallery, partial_path, read_gallery, write_gallery
 from tfcbir import UserError
+
+log = logging.getLogger("tfcbir")
 
 _SHARD_FILE = re.compile(r"(?P<stem>.+)\.shard-(?P<index>\d+)-of-(?P<count>\d+)\.h5")
 
@@ -83,12 +86,27 @@ def embed_shard(
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Embed part ``shard = (i, n)`` of ``images`` into its shard file beside ``gallery``
-    (resumable; a shard file already made by the same model for the same items is kept)."""
+    """Embed part ``shard = (i, n)`` of ``images`` into its shard file beside ``gallery``.
+
+    Resumable like a whole gallery. A finished shard file is kept when a merge would accept it
+    (same model, config and items); any other one is embedded again.
+    """
     from retrieval.embedder import embed_images
 
     index, count = shard
     start, stop = shard_range(len(images), index, count)
+    out = shard_path(gallery, index, count)
+    if out.exists():
+        try:
+            found = read_gallery(
+                out, expect_model_id=embedder.model_id, expect_config_hash=embedder.config_hash
+            )
+            _check_record(found, index, count, images, split, "")
+            if found.model_step != embedder.model_step:
+                raise UserError("another step")
+        except UserError:
+            log.info("%s is not a shard of this model and set; embedding it again", out)
+            out.unlink()
     record = {
         "index": index,
         "count": count,
@@ -100,7 +118,7 @@ def embed_shard(
     return embed_images(
         embedder,
         images.subset(np.arange(start, stop)),
-        shard_path(gallery, index, count),
+        out,
         split=split,
         batch_size=batch_size,
         progress=progress,
@@ -242,9 +260,15 @@ def _check_record(
             f"its name says (renamed?); {redo}"
         )
     if record.get("total") != len(images) or record.get("items") != items_hash(images):
+        then = record.get("total")
+        change = (
+            f"{then} images then, {len(images)} now"
+            if then != len(images)
+            else "as many images, other paths or labels"
+        )
         raise UserError(
-            f"{where} was made for another list of {split} images ({record.get('total')} images "
-            f"then, {len(images)} now: the data set or its split changed); {redo}"
+            f"{where} was made for another list of {split} images ({change}: the data set or "
+            f"its split changed since); {redo}"
         )
     start, stop = shard_range(len(images), index, count)
     dropped = shard.dropped

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+from tfcbir.cli import quiet_tensorflow  # the CLIs' TensorFlow settings
+
+quiet_tensorflow()
 
 REPO = Path(__file__).resolve().parent.parent
 

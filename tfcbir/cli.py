@@ -16,12 +16,34 @@ from tfcbir import UserError
 
 
 def quiet_tensorflow() -> None:
-    """Silence TensorFlow's C++ start-up chatter; must run before TensorFlow is imported."""
+    """Silence TensorFlow's start-up chatter and turn on oneDNN's CPU kernels (off by default in
+    tensorflow-cpu 2.21, 2.6x faster ResNet50 steps here: benchmarks/cpu_opts.py); must run
+    before TensorFlow is imported. Values the user set are kept."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 quiet_tensorflow()  # every CLI imports this module first
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow with its C++ start-up lines (oneDNN notice, absl preamble) silenced.
+
+    TF_CPP_MIN_LOG_LEVEL does not reach them, so stderr's file descriptor is pointed at
+    /dev/null while TensorFlow loads and runs its first op; Python errors still surface.
+    """
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    sys.stderr.flush()
+    os.dup2(null, 2)
+    try:
+        import tensorflow as tf
+
+        tf.constant(1) + 1  # the first op prints the rest of the start-up lines
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 class _Format(logging.Formatter):
