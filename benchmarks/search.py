@@ -173,7 +173,7 @@ def case_faiss(gallery, queries, args) -> dict:
         few = queries[: args.latency_queries]
         rows.append(
             {
-                "parameters": parameters or "(default)",
+                "parameters": parameters or f"default {searcher.parameters}",
                 "build_s": build,
                 "batch_s": seconds,
                 "ms": one_at_a_time(lambda q, s=searcher: s.search(q, K), few),
@@ -238,7 +238,7 @@ def approximate_cases(n: int) -> list[tuple[str, list[str]]]:
     ]
 
 
-ROW = "{:<18} {:<14} {:>8} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9}"
+ROW = "{:<18} {:<22} {:>8} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9}"
 
 
 def print_row(case, parameters, row, result, base_ms=None):

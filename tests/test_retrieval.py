@@ -271,6 +271,40 @@ def test_exact_index_matches_brute_force_with_ties_and_exclusion(normalized):
             assert np.all(np.isneginf(scores[i, len(kept) :]))
 
 
+class SmallBlocks(ExactIndex):
+    """Gallery blocks of 40 items screened in runs of 4: many blocks, a short last block and a
+    short last run even for a gallery of a few hundred items."""
+
+    GALLERY_BLOCK = 40
+    CHUNK = 4
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("order", ["as drawn", "worst first", "all equal"])
+def test_exact_index_screened_blocks_match_brute_force(normalized, order):
+    queries, _, gallery, _ = tie_rich_data(seed=7, n_gallery=203, n_queries=12)
+    if order == "worst first":  # every block beats the last: the screen lets everything through
+        gallery = gallery[np.argsort(gallery @ queries[0], kind="stable")]
+    elif order == "all equal":  # one big tie: the whole-block fallback and the index rule
+        gallery = np.ones_like(gallery)
+    rng = np.random.default_rng(3)
+    exclude = rng.integers(-1, len(gallery), size=(len(queries), 3))
+    for k in (1, 3, 10):
+        for memory_mb in (1e-3, 256):  # one query a block; all in one
+            index = SmallBlocks(gallery, normalized=normalized, memory_mb=memory_mb)
+            scores, indices = index.search(queries, k, exclude=exclude)
+            for i, query in enumerate(queries):
+                excluded = {int(j) for j in exclude[i] if j >= 0}
+                ranking, brute_scores = brute_ranking(query, gallery, normalized, excluded)
+                assert indices[i].tolist() == ranking[:k], (k, memory_mb, i)
+                np.testing.assert_allclose(
+                    scores[i], [brute_scores[j] for j in ranking[:k]], rtol=1e-5, atol=1e-5
+                )
+    # Scores come out as ExactIndex.scores has them, bit for bit.
+    full = index.scores(queries)
+    assert np.array_equal(scores, np.take_along_axis(full, indices, axis=1))
+
+
 def test_order_keys_order_like_scores_then_index():
     scores = np.array([[0.5, -0.0, 0.0, -1.5, 0.5, -np.inf, 2.0]], dtype=np.float32)
     keys = order_keys(scores.copy())
@@ -485,6 +519,25 @@ def test_faiss_flat_equals_exact_and_ivf_recall(normalized):
     assert recall > 0.9
     _, padded = flat.search(queries[:2], len(points) + 2, exclude=exclude[:2])
     assert (padded[:, -3:] == -1).all() and (padded[:, :-3] >= 0).all()
+
+
+def test_faiss_default_and_given_search_parameters():
+    faiss = pytest.importorskip("faiss")
+    from retrieval.faiss_index import FaissIndex
+
+    points, _ = blobs(n=2000)
+    ivf = FaissIndex.build(points, normalized=True, factory="IVF64,Flat")
+    assert ivf.parameters == "nprobe=8"  # 64 / 64 lists, but at least 8
+    assert faiss.extract_index_ivf(ivf.index).nprobe == 8
+    given = FaissIndex(
+        ivf.index, normalized=True, factory="IVF64,Flat", search_parameters="nprobe=3"
+    )
+    assert given.parameters == "nprobe=3" and faiss.extract_index_ivf(ivf.index).nprobe == 3
+    hnsw = FaissIndex.build(points, normalized=True, factory="HNSW16")
+    assert hnsw.parameters == "efSearch=128" and hnsw.index.hnsw.efSearch == 128
+    assert FaissIndex.build(points, normalized=True, factory="Flat").parameters == ""
+    with pytest.raises(UserError, match="'nprobe=4' do not fit HNSW16"):
+        FaissIndex(hnsw.index, normalized=True, factory="HNSW16", search_parameters="nprobe=4")
 
 
 def test_faiss_index_save_load_and_refusals(tmp_path):
