@@ -15,7 +15,13 @@ from PIL import Image
 import config
 from retrieval.gallery import partial_path, read_gallery
 from tests.conftest import REPO, tiny_config, write_config
-from tests.helpers_images import gradient, write_image, write_text, write_truncated_jpeg
+from tests.helpers_images import (
+    gradient,
+    write_image,
+    write_png_header,
+    write_text,
+    write_truncated_jpeg,
+)
 from tfcbir.cli import run
 from training.trainer import train
 
@@ -107,16 +113,18 @@ def test_cbir_bad_query_files_do_not_stop_the_others(trained, tmp_path, capsys):
     text = write_text(tmp_path / "notes.jpg")
     truncated = write_truncated_jpeg(tmp_path / "cut.jpg")
     missing = tmp_path / "missing.png"
-    queries = [good, rgba, cmyk, grey16, palette, empty, text, truncated, missing]
+    huge = write_png_header(tmp_path / "huge.png", 60000, 60000)  # a decompression bomb
+    queries = [good, rgba, cmyk, grey16, palette, empty, text, truncated, missing, huge]
     code, out, err = call("cbir", "-c", trained, "-r", "2", "--json", *queries, capsys=capsys)
     assert code == 1  # answered, but some files could not be read
     document = json.loads(out)
     answered = [r["query"] for r in document["results"]]
     assert answered == [str(p) for p in (good, rgba, cmyk, grey16, palette)]
     assert all(r["class"] is None for r in document["results"])
-    assert sorted(document["unreadable"]) == sorted(str(p) for p in (empty, text, truncated,
-                                                                     missing))
-    for bad in ("empty.jpg", "notes.jpg", "cut.jpg", "missing.png"):
+    assert sorted(document["unreadable"]) == sorted(
+        str(p) for p in (empty, text, truncated, missing, huge)
+    )
+    for bad in ("empty.jpg", "notes.jpg", "cut.jpg", "missing.png", "huge.png"):
         assert bad in err
     assert "Traceback" not in err
 
@@ -205,3 +213,11 @@ def test_interrupted_embed_resumes(trained, capsys, monkeypatch):
     assert seen == [72 - 16]  # only the unfinished images
     gallery = read_gallery(embeddings / "train.h5")
     assert len(gallery) == 72 and not partial_path(embeddings / "train.h5").exists()
+
+
+def test_a_run_without_a_model_is_refused(trained, tmp_path, capsys):
+    untrained = write_config(trained.parent, "untrained", tiny_config())
+    code, out, err = call("embed", "-c", untrained, capsys=capsys)
+    assert code == 2
+    assert "has no trained model yet" in err and "train.py" in err
+    assert err.strip().splitlines() == [err.strip()]
