@@ -133,9 +133,8 @@ SCHEMA: dict = {
         "log_every": Param(int, 10, "Write loss and learning rate to the CSV and TensorBoard "
                            "every this many steps.", min=1),
         "distribute": Param(str, "none", "none; mirrored: every local GPU (tf.distribute."
-                            "MirroredStrategy); multi_worker: several machines described by "
-                            "TF_CONFIG. Each replica gets P / replicas whole classes; the loss "
-                            "sees the whole batch.", choices=["none", "mirrored", "multi_worker"]),
+                            "MirroredStrategy). Each replica gets P / replicas whole classes; the "
+                            "loss sees the whole batch.", choices=["none", "mirrored"]),
         "mixed_precision": Param(bool, False, "mixed_float16 on GPUs (embeddings and loss stay "
                                  "float32); ignored with a warning without a GPU."),
     },

@@ -1,4 +1,4 @@
-"""Where training runs: one device, all local GPUs (mirrored) or several machines (multi_worker).
+"""Where training runs: one device, or all local GPUs (mirrored).
 
 P x K batches are split per replica into whole classes (replica r gets classes r*P/n ...), each
 replica embeds its part, and the loss is computed on the whole batch: embeddings and labels are
@@ -8,9 +8,7 @@ optimiser's all-reduce sums the replicas' gradients into the gradient of the who
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import tensorflow as tf
 
@@ -21,35 +19,15 @@ log = logging.getLogger("tfcbir")
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """none: the default strategy; mirrored: every local GPU (without GPUs, the logical CPU
-    devices if several are configured, else the CPU); multi_worker: TF_CONFIG's cluster."""
+    devices if several are configured, else the CPU)."""
     if name == "none":
         return tf.distribute.get_strategy()
-    if name == "multi_worker":
-        if not os.environ.get("TF_CONFIG"):
-            raise UserError("train.distribute: multi_worker needs the TF_CONFIG environment "
-                            "variable describing the cluster (see the README's Scaling up)")
-        try:
-            json.loads(os.environ["TF_CONFIG"])
-        except ValueError:
-            raise UserError("TF_CONFIG: not valid JSON; see the README's Scaling up") from None
-        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
     if len(devices) == 1:
         log.warning("train.distribute: mirrored found one device (%s); training on it alone",
                     devices[0])
     return tf.distribute.MirroredStrategy(devices)
-
-
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """Whether this process writes the run's files (only one of several workers does)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    if resolver.task_type == "chief":
-        return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
 def check_batch_split(P: int, replicas: int) -> None:

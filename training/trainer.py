@@ -7,9 +7,7 @@ optimiser's step, so a resumed run computes what the uninterrupted one would hav
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -82,20 +80,18 @@ def train(config: dict, *, restart: bool = False) -> Result:
     train_cfg = config["train"]
     strategy = distribute.make_strategy(train_cfg["distribute"])
     distribute.check_batch_split(train_cfg["batch"]["P"], strategy.num_replicas_in_sync)
-    chief = distribute.is_chief(strategy)  # only one process of several writes the run's files
     run = RunFolder(cfg.run_dir(config))
-    if chief:
-        run.prepare(config, restart)
+    run.prepare(config, restart)
     tf.keras.utils.set_random_seed(config["seed"])
     mixed = _mixed_precision(train_cfg["mixed_precision"])
     try:
-        return _train(config, run, strategy, chief, mixed)
+        return _train(config, run, strategy, mixed)
     finally:
         if mixed:
             keras.mixed_precision.set_global_policy("float32")
 
 
-def _train(config: dict, run: RunFolder, strategy, chief: bool, mixed: bool) -> Result:
+def _train(config: dict, run: RunFolder, strategy, mixed: bool) -> Result:
     data, model_cfg, train_cfg = config["data"], config["model"], config["train"]
     P, K = train_cfg["batch"]["P"], train_cfg["batch"]["K"]
 
@@ -134,20 +130,15 @@ def _train(config: dict, run: RunFolder, strategy, chief: bool, mixed: bool) -> 
         log.info("resuming %s from step %d (%s)", run.path, step, found.path.name)
 
     validator = None
-    if chief and val_images is not None and train_cfg["validate_every"] > 0:
+    if val_images is not None and train_cfg["validate_every"] > 0:
         validator = validation.Validator(val_images, data, train_cfg["validation"]["max_images"],
                                          config["seed"])
 
     _summary(config, run, splits, train_images, val_images, train_data, model, step, strategy)
     train_step = _make_train_step(model, loss_fn, optimizer, loss_optimizer, loss_variables,
                                   strategy, mixed)
-    if chief:
-        writer = tf.summary.create_file_writer(str(run.logs))
-        csv_handle, csv_writer = run.open_metrics(step)
-    else:
-        writer = tf.summary.create_noop_writer()
-        csv_handle = open(os.devnull, "w")  # noqa: SIM115 - closed below
-        csv_writer = csv.DictWriter(csv_handle, fieldnames=["step"], extrasaction="ignore")
+    writer = tf.summary.create_file_writer(str(run.logs))
+    csv_handle, csv_writer = run.open_metrics(step)
     progress = Progress(train_cfg["steps"], start=step)
     signal_handler = _raise_on_sigterm()
     last_loss = None  # None: the run had already finished
@@ -156,9 +147,8 @@ def _train(config: dict, run: RunFolder, strategy, chief: bool, mixed: bool) -> 
     window_t, window_step = t_start, step
 
     def save_checkpoint(at: int):
-        if chief:
-            meta = {"best": best, "config_hash": cfg.config_hash(config)}
-            checkpoint.save(run.checkpoints, at, groups, meta, train_cfg["keep_checkpoints"])
+        meta = {"best": best, "config_hash": cfg.config_hash(config)}
+        checkpoint.save(run.checkpoints, at, groups, meta, train_cfg["keep_checkpoints"])
 
     try:
         batches = train_data.dataset(step, train_cfg["steps"])
@@ -200,8 +190,8 @@ def _train(config: dict, run: RunFolder, strategy, chief: bool, mixed: bool) -> 
             if row is not None:
                 csv_writer.writerow(row)
                 csv_handle.flush()
-            if chief and validator is None and (step % train_cfg["checkpoint_every"] == 0
-                                                or step == train_cfg["steps"]):
+            if validator is None and (step % train_cfg["checkpoint_every"] == 0
+                                      or step == train_cfg["steps"]):
                 best = {"step": step, "val_recall@1": None}
                 _save_weights(model, run)  # no validation: the newest weights are the model
                 run.write_best(best)
