@@ -40,7 +40,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--shard",
         metavar="I/N",
-        help="embed only part I of N (0 <= I < N) of each set, into <set>.shard-I-of-N.h5",
+        help="embed only part I of N (0 <= I < N) of each set, into <set>.shard-I-of-N.h5 "
+        "(--merge joins the parts and builds the index)",
     )
     parser.add_argument(
         "--merge",
@@ -72,7 +73,7 @@ def main(argv: list[str]) -> int:
         return _merge(args, cfg, names, made, index)
 
     from retrieval.embedder import embed_images, load_embedder
-    from retrieval.shards import embed_shard, shard_range
+    from retrieval.shards import embed_shard, shard_path, shard_range
 
     embedder = load_embedder(cfg, args.checkpoint)
     for name in names:
@@ -85,9 +86,10 @@ def main(argv: list[str]) -> int:
             )
         else:
             start, stop = shard_range(len(images), *shard)
+            items = f"items {start} to {stop - 1}" if stop > start else "no items"
             print(
                 f"embedding shard {shard[0]}/{shard[1]} of the {len(images)} {name} images "
-                f"(items {start} to {stop - 1}) -> {out.parent}",
+                f"({items}) -> {shard_path(out, *shard)}",
                 file=sys.stderr,
             )
             path = embed_shard(

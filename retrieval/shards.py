@@ -144,9 +144,6 @@ class CheckedShards:
             [np.zeros(0, np.int64)] + [start + s.dropped for start, s in zip(starts, self.shards)]
         )
 
-    def files(self) -> list[Path]:
-        return [s.path for s in self.shards]
-
     def merge(self) -> Path:
         """Write the merged gallery atomically; returns its path. The shards are kept."""
         first = self.shards[0]
