@@ -21,14 +21,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
     parser.add_argument("-r", "--retrieve", type=int, default=10, help="answers per query")
     parser.add_argument("queries", nargs="*", type=Path, help="image files or folders")
-    parser.add_argument("--list", type=Path, action="append", default=[],
-                        help="a text file naming one query image a line")
-    parser.add_argument("--gallery", choices=["train", "test", "all", "query", "gallery"],
-                        help="the embedded set to search (default: the protocol's gallery)")
+    parser.add_argument(
+        "--list",
+        type=Path,
+        action="append",
+        default=[],
+        help="a text file naming one query image a line",
+    )
+    parser.add_argument(
+        "--gallery",
+        choices=["train", "test", "all", "query", "gallery"],
+        help="the embedded set to search (default: the protocol's gallery)",
+    )
     parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
-    parser.add_argument("--save", type=Path, help="picture file (several queries: one file "
-                        "each, named after the query)")
+    parser.add_argument(
+        "--save",
+        type=Path,
+        help="picture file (several queries: one file each, named after the query)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     import_tensorflow()
@@ -46,14 +57,18 @@ def main(argv: list[str]) -> int:
     name = args.gallery or sets.protocol(cfg).gallery
     gallery = open_gallery(cfg, name, args.config)
     answers.check_r(args.retrieve, gallery)
-    index = open_index(gallery, args.index or cfg["index"]["type"],
-                       search_parameters=cfg["index"]["search_parameters"],
-                       config_path=args.config)
+    index = open_index(
+        gallery,
+        args.index or cfg["index"]["type"],
+        search_parameters=cfg["index"]["search_parameters"],
+        config_path=args.config,
+    )
     embedder = load_embedder(cfg)
     failed: list[int] = []
     results = []
     for indices, embeddings in embedder.embed_files(
-        [str(p) for p in paths], batch_size=args.batch_size,
+        [str(p) for p in paths],
+        batch_size=args.batch_size,
         on_error=lambda i, _message: failed.append(i),
     ):
         labels = [_known_class(paths[i], gallery) for i in indices]
@@ -64,14 +79,25 @@ def main(argv: list[str]) -> int:
             if not args.json:
                 print(answers.table(str(paths[i]), class_name, found) + "\n")
             if args.save:
-                out = args.save if len(paths) == 1 else args.save.with_name(
-                    f"{args.save.stem}_{paths[i].stem}{args.save.suffix}")
+                out = (
+                    args.save
+                    if len(paths) == 1
+                    else args.save.with_name(f"{args.save.stem}_{paths[i].stem}{args.save.suffix}")
+                )
                 saved = answers.picture(paths[i], class_name, found, gallery, out)
                 print(f"picture: {saved}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"gallery": str(gallery.path), "r": args.retrieve,
-                          "results": [answers.as_json(str(p), c, a) for p, c, a in results],
-                          "unreadable": [str(paths[i]) for i in sorted(failed)]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "gallery": str(gallery.path),
+                    "r": args.retrieve,
+                    "results": [answers.as_json(str(p), c, a) for p, c, a in results],
+                    "unreadable": [str(paths[i]) for i in sorted(failed)],
+                },
+                indent=2,
+            )
+        )
     if not results:
         raise UserError(f"none of the {len(paths)} query images could be read (see above)")
     return 1 if failed else 0

@@ -16,23 +16,43 @@ from tfcbir.cli import run
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
-    parser.add_argument("-t", "--queries", type=int, default=100,
-                        help="number of random queries; 0: all (default 100)")
-    parser.add_argument("-r", "--retrieve", type=int, default=10,
-                        help="answers retrieved per query: the r of AP@r (default 10)")
+    parser.add_argument(
+        "-t",
+        "--queries",
+        type=int,
+        default=100,
+        help="number of random queries; 0: all (default 100)",
+    )
+    parser.add_argument(
+        "-r",
+        "--retrieve",
+        type=int,
+        default=10,
+        help="answers retrieved per query: the r of AP@r (default 10)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the query sample")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--ap-denominator", choices=["min_r_g", "found"], default="min_r_g",
-                        help="AP@r's denominator: min(r, G) (default), or 'found' as the "
-                        "original system did (inflates mAP; for comparison only)")
+    parser.add_argument(
+        "--ap-denominator",
+        choices=["min_r_g", "found"],
+        default="min_r_g",
+        help="AP@r's denominator: min(r, G) (default), or 'found' as the "
+        "original system did (inflates mAP; for comparison only)",
+    )
     args = parser.parse_args(argv)
 
     import config
     from retrieval.evaluate import evaluate_run, report
 
     cfg = config.load(args.config)
-    result = evaluate_run(cfg, queries=args.queries, r=args.retrieve, seed=args.seed,
-                          ap_denominator=args.ap_denominator, config_path=args.config)
+    result = evaluate_run(
+        cfg,
+        queries=args.queries,
+        r=args.retrieve,
+        seed=args.seed,
+        ap_denominator=args.ap_denominator,
+        config_path=args.config,
+    )
     print(json.dumps(result, indent=None) if args.json else report(result))
     return 0
 

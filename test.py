@@ -50,9 +50,12 @@ def main(argv: list[str]) -> int:
     exclude = None
     if protocol.leave_one_out and relative in gallery.paths:
         exclude = np.array([gallery.paths.index(relative)])
-    index = open_index(gallery, args.index or cfg["index"]["type"],
-                       search_parameters=cfg["index"]["search_parameters"],
-                       config_path=args.config)
+    index = open_index(
+        gallery,
+        args.index or cfg["index"]["type"],
+        search_parameters=cfg["index"]["search_parameters"],
+        config_path=args.config,
+    )
     ranked = answers.rank(index, gallery, found[0][1], [label], args.retrieve, exclude)[0]
     class_name = candidates.classes[label]
     print(answers.table(relative, class_name, ranked))

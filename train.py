@@ -14,8 +14,11 @@ from tfcbir.cli import import_tensorflow, run
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
-    parser.add_argument("--restart", action="store_true",
-                        help="discard the run's checkpoints and logs and start from step 0")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the run's checkpoints and logs and start from step 0",
+    )
     args = parser.parse_args(argv)
     import_tensorflow()
 
@@ -27,9 +30,14 @@ def main(argv: list[str]) -> int:
         return 130
     best = result.best or {}
     loss = "" if result.loss is None else f", loss {result.loss:.4f}"
-    print(f"done: step {result.step}{loss}, model {result.run.best_weights}"
-          + (f" (validation Recall@1 {best['val_recall@1']:.4f} at step {best['step']})"
-             if best.get("val_recall@1") is not None else ""))
+    print(
+        f"done: step {result.step}{loss}, model {result.run.best_weights}"
+        + (
+            f" (validation Recall@1 {best['val_recall@1']:.4f} at step {best['step']})"
+            if best.get("val_recall@1") is not None
+            else ""
+        )
+    )
     return 0
 
 

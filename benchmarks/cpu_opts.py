@@ -54,8 +54,9 @@ def measure(onednn: str | None, args) -> dict:
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn or "", "TF_CPP_MIN_LOG_LEVEL": "2"}
     if onednn is None:  # TensorFlow's own default
         del env["TF_ENABLE_ONEDNN_OPTS"]
-    code = CHILD.format(repo=str(REPO), backbone=args.backbone, size=args.size,
-                        batch=args.batch, steps=args.steps)
+    code = CHILD.format(
+        repo=str(REPO), backbone=args.backbone, size=args.size, batch=args.batch, steps=args.steps
+    )
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if done.returncode:
         sys.exit(done.stderr[-2000:])
@@ -69,8 +70,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--backbone", default="resnet_v1_50")
     args = parser.parse_args()
-    print(f"{args.backbone} training step, batch {args.batch}, {args.size} px, "
-          f"median of {args.steps} steps after warm-up")
+    print(
+        f"{args.backbone} training step, batch {args.batch}, {args.size} px, "
+        f"median of {args.steps} steps after warm-up"
+    )
     default, off, on = measure(None, args), measure("0", args), measure("1", args)
     print(f"  unset (TF's default)     {default['median_s'] * 1000:8.1f} ms/step")
     print(f"  TF_ENABLE_ONEDNN_OPTS=0  {off['median_s'] * 1000:8.1f} ms/step")

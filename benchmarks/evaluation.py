@@ -156,7 +156,9 @@ def main() -> None:
     metrics = results[sides[0]]["metrics"]
     print(
         "  metrics: "
-        + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("mAP", "recall@1", "recall@8", "MAP@R", "R-precision"))
+        + ", ".join(
+            f"{k} {metrics[k]:.4f}" for k in ("mAP", "recall@1", "recall@8", "MAP@R", "R-precision")
+        )
         + f"; {metrics['excluded_queries']} queries without a relevant item"
     )
     if len(results) == 2:

@@ -229,7 +229,7 @@ def run_worker(name: str, args, data: str, factory: str = "", parameters=()) -> 
 
 def approximate_cases(n: int) -> list[tuple[str, list[str]]]:
     """Factory strings scaled to n (about 4 sqrt(n) lists, a power of two) and their settings."""
-    nlist = 2 ** int(np.log2(4 * np.sqrt(n)))
+    nlist = 2 ** round(np.log2(4 * np.sqrt(n)))
     probes = [max(1, nlist // d) for d in (256, 128, 64, 32, 16)]
     return [
         (f"IVF{nlist},Flat", [""] + [f"nprobe={p}" for p in probes]),

@@ -17,8 +17,17 @@ from config.schema import resolve
 from config.settings import data_dir, runs_dir
 from tfcbir import UserError
 
-__all__ = ["load", "load_raw", "resolve", "config_hash", "model_hash", "data_root", "data_dir",
-           "runs_dir", "run_dir"]
+__all__ = [
+    "load",
+    "load_raw",
+    "resolve",
+    "config_hash",
+    "model_hash",
+    "data_root",
+    "data_dir",
+    "runs_dir",
+    "run_dir",
+]
 
 log = logging.getLogger("tfcbir")
 
@@ -27,16 +36,19 @@ def load_raw(path: str | Path) -> dict:
     """Parse a .json, .yaml or .yml file into a mapping; syntax errors name the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: config file not found; give the path of a .json or .yaml file "
-                        "(see trainings/)")
+        raise UserError(
+            f"{path}: config file not found; give the path of a .json or .yaml file "
+            "(see trainings/)"
+        )
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as error:
-            raise UserError(f"{path}: line {error.lineno} column {error.colno}: "
-                            f"{error.msg}") from None
+            raise UserError(
+                f"{path}: line {error.lineno} column {error.colno}: {error.msg}"
+            ) from None
     elif suffix in (".yaml", ".yml"):
         import yaml
 
@@ -61,8 +73,12 @@ def load(path: str | Path) -> dict:
     try:
         if legacy.is_legacy(raw):
             raw = legacy.translate(raw)
-            log.warning("%s is in the original system's form; it was translated to this "
-                        "equivalent new config:\n%s", path, json.dumps(raw, indent=2))
+            log.warning(
+                "%s is in the original system's form; it was translated to this "
+                "equivalent new config:\n%s",
+                path,
+                json.dumps(raw, indent=2),
+            )
         config = resolve(raw)
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
@@ -83,8 +99,13 @@ def config_hash(config: dict) -> str:
 def model_hash(config: dict) -> str:
     """Identity of what turns an image into an embedding: the model and the image geometry."""
     data = config["data"]
-    return _digest({"model": {k: v for k, v in config["model"].items() if k != "weights"},
-                    "image_size": data["image_size"], "resize": data["resize"]})
+    return _digest(
+        {
+            "model": {k: v for k, v in config["model"].items() if k != "weights"},
+            "image_size": data["image_size"],
+            "resize": data["resize"],
+        }
+    )
 
 
 def data_root(config: dict) -> Path:

@@ -19,8 +19,14 @@ from tfcbir import UserError
 from tfcbir.params import Param, validate
 
 LOSS_NAMES = {"angular_loss": "angular", "triplet_semihard_loss": "semi_hard_triplet"}
-METRICS = {"euclidean": "euclidean", "L2": "euclidean", "squared_euclidean": "squared_euclidean",
-           "squared-L2": "squared_euclidean", "cosine": "cosine", "angular": "cosine"}
+METRICS = {
+    "euclidean": "euclidean",
+    "L2": "euclidean",
+    "squared_euclidean": "squared_euclidean",
+    "squared-L2": "squared_euclidean",
+    "cosine": "cosine",
+    "angular": "cosine",
+}
 OPTIMIZERS = {"adam": "adam", "adamw": "adamw", "sgd": "sgd", "momentum": "sgd"}
 
 _SIZE = (int, list)
@@ -44,8 +50,11 @@ MODEL = {
     "weights": Param(str, "imagenet"),
 }
 BATCH = {"P": Param(int, 20, min=1), "K": Param(int, 2, min=1)}
-TOP = {"dataset": Param(str, None), "seed": Param(int, 0, min=0), "name": Param(str, None,
-                                                                               nullable=True)}
+TOP = {
+    "dataset": Param(str, None),
+    "seed": Param(int, 0, min=0),
+    "name": Param(str, None, nullable=True),
+}
 
 
 def is_legacy(raw) -> bool:
@@ -66,8 +75,9 @@ def translate(raw: dict) -> dict:
     model = validate(model_raw, MODEL, "model")
     top = validate({k: v for k, v in raw.items() if k != "model"}, TOP, "")
     if not top["dataset"]:
-        raise UserError("dataset: missing; give the data set's folder name under "
-                        "<data_dir>/datasets/")
+        raise UserError(
+            "dataset: missing; give the data set's folder name under <data_dir>/datasets/"
+        )
 
     image_size = _size(model["input"], "model.input")
     crop = model["crop"]
@@ -88,14 +98,25 @@ def translate(raw: dict) -> dict:
         schedule = {"name": "linear", "decay_start": fit["decay_start_iteration"]}
     new = {
         "seed": top["seed"],
-        "data": {"root": f"datasets/{top['dataset']}", "image_size": image_size,
-                 "resize": resize, "augment": {"flip": True, "crop": resize is not None}},
-        "model": {"backbone": model["name"], "weights": model["weights"], "head": model["head"],
-                  "embedding_dim": model["embedding_dim"]},
+        "data": {
+            "root": f"datasets/{top['dataset']}",
+            "image_size": image_size,
+            "resize": resize,
+            "augment": {"flip": True, "crop": resize is not None},
+        },
+        "model": {
+            "backbone": model["name"],
+            "weights": model["weights"],
+            "head": model["head"],
+            "embedding_dim": model["embedding_dim"],
+        },
         "loss": loss,
-        "train": {"batch": batch, "steps": fit["epochs"],
-                  "optimizer": {"name": OPTIMIZERS[fit["optimizer"]], "lr": fit["lr"]},
-                  "lr_schedule": schedule},
+        "train": {
+            "batch": batch,
+            "steps": fit["epochs"],
+            "optimizer": {"name": OPTIMIZERS[fit["optimizer"]], "lr": fit["lr"]},
+            "lr_schedule": schedule,
+        },
     }
     if top["name"]:
         new = {"name": top["name"], **new}
@@ -106,7 +127,10 @@ def _size(value, key: str) -> list[int]:
     """224 -> [224, 224]; [224, 224] or [224, 224, 3] -> [224, 224]."""
     if isinstance(value, int) and not isinstance(value, bool):
         return [value, value]
-    if (isinstance(value, list) and len(value) in (2, 3)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+    if (
+        isinstance(value, list)
+        and len(value) in (2, 3)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         return list(value[:2])
     raise UserError(f"{key}: {value!r} is not a size; give a number of pixels or [height, width]")

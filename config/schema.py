@@ -48,118 +48,240 @@ def _size_pair(default, doc, nullable=False):
 
 
 SCHEMA: dict = {
-    "name": Param(str, None, "Run name: the folder under <data_dir>/trainings/. Default: the "
-                  "config file's name without its suffix.", nullable=True, check=_name_ok),
+    "name": Param(
+        str,
+        None,
+        "Run name: the folder under <data_dir>/trainings/. Default: the "
+        "config file's name without its suffix.",
+        nullable=True,
+        check=_name_ok,
+    ),
     "seed": Param(int, 0, "Seeds Python, NumPy and TensorFlow, the split and the batches.", min=0),
     "data": {
-        "root": Param(str, REQUIRED, "Data set folder (one sub-folder per class, or train/ and "
-                      "test/ folders, or x_train.csv and x_test.csv lists), relative to data_dir "
-                      "or absolute."),
+        "root": Param(
+            str,
+            REQUIRED,
+            "Data set folder (one sub-folder per class, or train/ and "
+            "test/ folders, or x_train.csv and x_test.csv lists), relative to data_dir "
+            "or absolute.",
+        ),
         "split": {
-            "by": Param(str, "auto", "How train and test are made: auto (folders or CSV lists if "
-                        "present, else images), images (stratified), classes (class-disjoint), "
-                        "folders, csv, none (all train).", choices=SPLIT_MODES),
-            "test_fraction": Param(float, 0.2, "by=images: share of each class's images held "
-                                   "out for test.", min=0, max=1, min_exclusive=True,
-                                   max_exclusive=True),
-            "train_classes": Param(float, 0.5, "by=classes: share of the classes used for "
-                                   "training; the rest are test classes.", min=0, max=1,
-                                   min_exclusive=True, max_exclusive=True),
+            "by": Param(
+                str,
+                "auto",
+                "How train and test are made: auto (folders or CSV lists if "
+                "present, else images), images (stratified), classes (class-disjoint), "
+                "folders, csv, none (all train).",
+                choices=SPLIT_MODES,
+            ),
+            "test_fraction": Param(
+                float,
+                0.2,
+                "by=images: share of each class's images held out for test.",
+                min=0,
+                max=1,
+                min_exclusive=True,
+                max_exclusive=True,
+            ),
+            "train_classes": Param(
+                float,
+                0.5,
+                "by=classes: share of the classes used for training; the rest are test classes.",
+                min=0,
+                max=1,
+                min_exclusive=True,
+                max_exclusive=True,
+            ),
         },
         "image_size": _size_pair([224, 224], "[height, width] fed to the network."),
-        "resize": _size_pair([256, 256], "[height, width] images are resized to before the "
-                             "crop (random when training, centre when embedding); null: resize "
-                             "straight to image_size.", nullable=True),
+        "resize": _size_pair(
+            [256, 256],
+            "[height, width] images are resized to before the "
+            "crop (random when training, centre when embedding); null: resize "
+            "straight to image_size.",
+            nullable=True,
+        ),
         "augment": {
             "flip": Param(bool, True, "Random horizontal flips when training."),
             "crop": Param(bool, True, "Random crops of image_size from resize when training."),
         },
-        "cache_gb": Param(float, 4.0, "Decoded training images are kept in memory up to this "
-                          "size (decoded once); larger sets are decoded batch by batch.", min=0),
+        "cache_gb": Param(
+            float,
+            4.0,
+            "Decoded training images are kept in memory up to this "
+            "size (decoded once); larger sets are decoded batch by batch.",
+            min=0,
+        ),
     },
     "model": {
         "backbone": Param(str, "resnet_v1_50", "Feature extractor.", choices=_backbones),
-        "weights": Param(str, "imagenet", "imagenet, none (random init) or the path of a local "
-                         "weights file for the backbone."),
-        "head": Param(str, "direct_normalize", "Embedding head on the pooled features.",
-                      choices=_heads),
+        "weights": Param(
+            str,
+            "imagenet",
+            "imagenet, none (random init) or the path of a local weights file for the backbone.",
+        ),
+        "head": Param(
+            str, "direct_normalize", "Embedding head on the pooled features.", choices=_heads
+        ),
         "embedding_dim": Param(int, 128, "Embedding dimension.", min=1, max=65536),
     },
     "loss": {
-        "name": Param(str, "semi_hard_triplet", "Metric-learning loss; its parameters sit beside "
-                      "it (see Losses).", choices=_losses),
+        "name": Param(
+            str,
+            "semi_hard_triplet",
+            "Metric-learning loss; its parameters sit beside it (see Losses).",
+            choices=_losses,
+        ),
     },
     "train": {
         "batch": {
             "P": Param(int, 20, "Classes per batch.", min=1),
-            "K": Param(int, 2, "Images per class in a batch (a class with fewer is sampled with "
-                       "replacement).", min=1),
+            "K": Param(
+                int,
+                2,
+                "Images per class in a batch (a class with fewer is sampled with replacement).",
+                min=1,
+            ),
         },
         "steps": Param(int, 2000, "Training steps (batches).", min=1),
         "optimizer": {
             "name": Param(str, "adam", "Optimizer.", choices=OPTIMIZERS),
             "lr": Param(float, 3e-4, "Peak learning rate.", min=0, min_exclusive=True),
-            "momentum": Param(float, 0.9, "sgd only: momentum (Nesterov off).", min=0, max=1,
-                              max_exclusive=True),
-            "weight_decay": Param(float, None, "Decoupled weight decay; null: none, or 0.004 "
-                                  "for adamw.", min=0, nullable=True),
-            "clipnorm": Param(float, None, "Clip each gradient to this norm; null: no clipping.",
-                              min=0, min_exclusive=True, nullable=True),
+            "momentum": Param(
+                float, 0.9, "sgd only: momentum (Nesterov off).", min=0, max=1, max_exclusive=True
+            ),
+            "weight_decay": Param(
+                float,
+                None,
+                "Decoupled weight decay; null: none, or 0.004 for adamw.",
+                min=0,
+                nullable=True,
+            ),
+            "clipnorm": Param(
+                float,
+                None,
+                "Clip each gradient to this norm; null: no clipping.",
+                min=0,
+                min_exclusive=True,
+                nullable=True,
+            ),
         },
         "lr_schedule": {
-            "name": Param(str, "constant", "constant; linear: decays to ~0 at the last step, "
-                          "starting at decay_start; cosine: cosine decay from decay_start to the "
-                          "last step.", choices=LR_SCHEDULES),
+            "name": Param(
+                str,
+                "constant",
+                "constant; linear: decays to ~0 at the last step, "
+                "starting at decay_start; cosine: cosine decay from decay_start to the "
+                "last step.",
+                choices=LR_SCHEDULES,
+            ),
             "decay_start": Param(int, 0, "linear/cosine: the step where decay begins.", min=0),
             "warmup_steps": Param(int, 0, "Linear warm-up from 0 over this many steps.", min=0),
-            "final_lr_fraction": Param(float, 0.0, "linear/cosine: the learning rate at the last "
-                                       "step, as a fraction of lr.", min=0, max=1),
+            "final_lr_fraction": Param(
+                float,
+                0.0,
+                "linear/cosine: the learning rate at the last step, as a fraction of lr.",
+                min=0,
+                max=1,
+            ),
         },
         "checkpoint_every": Param(int, 100, "Save a checkpoint every this many steps.", min=1),
         "keep_checkpoints": Param(int, 3, "How many recent checkpoints to keep.", min=1),
-        "validate_every": Param(int, 500, "Measure validation Recall@1 every this many steps; "
-                                "0: never (the last weights are then the model).", min=0),
+        "validate_every": Param(
+            int,
+            500,
+            "Measure validation Recall@1 every this many steps; "
+            "0: never (the last weights are then the model).",
+            min=0,
+        ),
         "validation": {
-            "source": Param(str, "auto", "auto: the test split if there is one, else holdout; "
-                            "test; holdout (images held out of training: a share of each class's "
-                            "images for split by images, whole classes for split by classes); "
-                            "none.", choices=VALIDATION_SOURCES),
-            "holdout": Param(float, 0.1, "Share held out of training for validation when the "
-                             "source is holdout.", min=0, max=1, min_exclusive=True,
-                             max_exclusive=True),
-            "max_images": Param(int, 1000, "Validation uses at most this many images (seeded "
-                                "sample).", min=2),
+            "source": Param(
+                str,
+                "auto",
+                "auto: the test split if there is one, else holdout; "
+                "test; holdout (images held out of training: a share of each class's "
+                "images for split by images, whole classes for split by classes); "
+                "none.",
+                choices=VALIDATION_SOURCES,
+            ),
+            "holdout": Param(
+                float,
+                0.1,
+                "Share held out of training for validation when the source is holdout.",
+                min=0,
+                max=1,
+                min_exclusive=True,
+                max_exclusive=True,
+            ),
+            "max_images": Param(
+                int, 1000, "Validation uses at most this many images (seeded sample).", min=2
+            ),
         },
-        "log_every": Param(int, 10, "Write loss and learning rate to the CSV and TensorBoard "
-                           "every this many steps.", min=1),
-        "distribute": Param(str, "none", "none; mirrored: every local GPU (tf.distribute."
-                            "MirroredStrategy). Each replica gets P / replicas whole classes; the "
-                            "loss sees the whole batch.", choices=["none", "mirrored"]),
-        "mixed_precision": Param(bool, False, "mixed_float16 on GPUs (embeddings and loss stay "
-                                 "float32); ignored with a warning without a GPU."),
+        "log_every": Param(
+            int,
+            10,
+            "Write loss and learning rate to the CSV and TensorBoard every this many steps.",
+            min=1,
+        ),
+        "distribute": Param(
+            str,
+            "none",
+            "none; mirrored: every local GPU (tf.distribute."
+            "MirroredStrategy). Each replica gets P / replicas whole classes; the "
+            "loss sees the whole batch.",
+            choices=["none", "mirrored"],
+        ),
+        "mixed_precision": Param(
+            bool,
+            False,
+            "mixed_float16 on GPUs (embeddings and loss stay "
+            "float32); ignored with a warning without a GPU.",
+        ),
     },
     "eval": {
-        "protocol": Param(str, "auto", "auto: leave_one_out for class-disjoint splits, else "
-                          "train_gallery; train_gallery: test queries against the training "
-                          "split; leave_one_out: the test split against itself; query_gallery: "
-                          "explicit lists.", choices=PROTOCOLS),
-        "query_list": Param(str, None, "query_gallery: CSV list of queries (label,path).",
-                            nullable=True),
-        "gallery_list": Param(str, None, "query_gallery: CSV list of the gallery (label,path).",
-                              nullable=True),
+        "protocol": Param(
+            str,
+            "auto",
+            "auto: leave_one_out for class-disjoint splits, else "
+            "train_gallery; train_gallery: test queries against the training "
+            "split; leave_one_out: the test split against itself; query_gallery: "
+            "explicit lists.",
+            choices=PROTOCOLS,
+        ),
+        "query_list": Param(
+            str, None, "query_gallery: CSV list of queries (label,path).", nullable=True
+        ),
+        "gallery_list": Param(
+            str, None, "query_gallery: CSV list of the gallery (label,path).", nullable=True
+        ),
     },
     "index": {
-        "type": Param(str, "exact", "Search index of the gallery: exact (blocked matrix "
-                      "products, memory-bounded) or a FAISS index factory string such as "
-                      "IVF4096,Flat, HNSW32 or IVF4096,PQ32 (needs faiss-cpu), built by embed.py."),
-        "search_parameters": Param(str, "", "FAISS search parameters, e.g. nprobe=64 or "
-                                   "efSearch=128; empty: the index's defaults."),
+        "type": Param(
+            str,
+            "exact",
+            "Search index of the gallery: exact (blocked matrix "
+            "products, memory-bounded) or a FAISS index factory string such as "
+            "IVF4096,Flat, HNSW32 or IVF4096,PQ32 (needs faiss-cpu), built by embed.py.",
+        ),
+        "search_parameters": Param(
+            str,
+            "",
+            "FAISS search parameters, e.g. nprobe=64 or efSearch=128; empty: the index's defaults.",
+        ),
     },
 }
 
 # Keys whose change does not change what a resumed run computes.
-RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.validate_every", "train.log_every", "data.cache_gb", "eval", "index"}
+RESUMABLE_CHANGES = {
+    "train.steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.validate_every",
+    "train.log_every",
+    "data.cache_gb",
+    "eval",
+    "index",
+}
 
 
 def resolve(raw: dict) -> dict:
@@ -178,10 +300,13 @@ def resolve_loss(loss_raw) -> dict:
     import losses
 
     if not isinstance(loss_raw, dict):
-        raise UserError(f"loss: {fmt(loss_raw)} is not a mapping; give e.g. "
-                        '{"name": "semi_hard_triplet", "margin": 0.2}')
-    name = check_value(loss_raw.get("name", SCHEMA["loss"]["name"].default),
-                       SCHEMA["loss"]["name"], "loss.name")
+        raise UserError(
+            f"loss: {fmt(loss_raw)} is not a mapping; give e.g. "
+            '{"name": "semi_hard_triplet", "margin": 0.2}'
+        )
+    name = check_value(
+        loss_raw.get("name", SCHEMA["loss"]["name"].default), SCHEMA["loss"]["name"], "loss.name"
+    )
     entry = losses.LOSSES.get(name, "loss.name")
     params = validate({k: v for k, v in loss_raw.items() if k != "name"}, entry.params, "loss")
     return {"name": name, **params}
@@ -199,8 +324,10 @@ def _validate_section(values, spec: dict, path: str) -> dict:
         from tfcbir.params import _did_you_mean
 
         where = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise UserError(f"{where}: unknown key; allowed keys are {', '.join(spec)}"
-                        + _did_you_mean(unknown[0], list(spec)))
+        raise UserError(
+            f"{where}: unknown key; allowed keys are {', '.join(spec)}"
+            + _did_you_mean(unknown[0], list(spec))
+        )
     out = validate({k: v for k, v in values.items() if k in flat}, flat, path)
     for key, sub in sections.items():
         out[key] = _validate_section(values.get(key), sub, f"{path}.{key}" if path else key)
@@ -215,18 +342,25 @@ def _check_cross_keys(config: dict) -> None:
     size = min(data["image_size"])
     smallest = nets.min_image_size(model["backbone"])
     if size < smallest:
-        raise UserError(f"data.image_size: {data['image_size']} is too small for "
-                        f"{model['backbone']}; give at least {smallest} px a side")
+        raise UserError(
+            f"data.image_size: {data['image_size']} is too small for "
+            f"{model['backbone']}; give at least {smallest} px a side"
+        )
     resize = data["resize"]
     if resize is not None and any(r < i for r, i in zip(resize, data["image_size"])):
-        raise UserError(f"data.resize: {resize} is smaller than data.image_size "
-                        f"{data['image_size']}; the crop must fit inside the resized image")
+        raise UserError(
+            f"data.resize: {resize} is smaller than data.image_size "
+            f"{data['image_size']}; the crop must fit inside the resized image"
+        )
     losses.check_batch(config["loss"], train["batch"]["P"], train["batch"]["K"])
     protocol = config["eval"]["protocol"]
-    if protocol == "query_gallery" and not (config["eval"]["query_list"]
-                                            and config["eval"]["gallery_list"]):
-        raise UserError("eval.protocol: query_gallery needs eval.query_list and "
-                        "eval.gallery_list (CSV lists of label,path)")
+    if protocol == "query_gallery" and not (
+        config["eval"]["query_list"] and config["eval"]["gallery_list"]
+    ):
+        raise UserError(
+            "eval.protocol: query_gallery needs eval.query_list and "
+            "eval.gallery_list (CSV lists of label,path)"
+        )
 
 
 def reference() -> list[tuple[str, str, str, str]]:

@@ -18,8 +18,10 @@ def data_dir() -> Path:
         return Path(os.environ[ENV_VAR]).expanduser().resolve()
     path = REPO / "configuration.py"
     if not path.exists():
-        raise UserError(f"{path} not found: copy configuration_sample.py to configuration.py and "
-                        f"set data_dir there (or set {ENV_VAR})")
+        raise UserError(
+            f"{path} not found: copy configuration_sample.py to configuration.py and "
+            f"set data_dir there (or set {ENV_VAR})"
+        )
     spec = importlib.util.spec_from_file_location("configuration", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -28,8 +30,9 @@ def data_dir() -> Path:
         raise UserError(f"{path}: cannot be loaded ({type(error).__name__}: {error})") from None
     value = getattr(module, "data_dir", None)
     if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise UserError(f"{path}: data_dir is not set; give a folder path, as in "
-                        "configuration_sample.py")
+        raise UserError(
+            f"{path}: data_dir is not set; give a folder path, as in configuration_sample.py"
+        )
     folder = Path(value).expanduser()
     return (folder if folder.is_absolute() else path.parent / folder).resolve()
 

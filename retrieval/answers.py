@@ -27,22 +27,37 @@ def check_r(r: int, gallery: Gallery, leave_one_out: bool = False) -> None:
     if r < 1:
         raise UserError(f"-r {r}: give a number of answers >= 1")
     if r > available:
-        raise UserError(f"-r {r} is larger than the gallery {gallery.path} ({available} images); "
-                        f"give -r <= {available}")
+        raise UserError(
+            f"-r {r} is larger than the gallery {gallery.path} ({available} images); "
+            f"give -r <= {available}"
+        )
 
 
-def rank(index, gallery: Gallery, queries: np.ndarray, query_labels: list[int | None], r: int,
-         exclude: np.ndarray | None = None) -> list[list[Answer]]:
+def rank(
+    index,
+    gallery: Gallery,
+    queries: np.ndarray,
+    query_labels: list[int | None],
+    r: int,
+    exclude: np.ndarray | None = None,
+) -> list[list[Answer]]:
     """The r best answers (Q lists) of queries (Q, D) whose labels may be unknown (None)."""
     scores, indices = index.search(queries, r, exclude)
     answers = []
     for row_scores, row_indices, label in zip(scores, indices, query_labels):
-        answers.append([
-            Answer(rank=i + 1, score=float(s), class_name=gallery.classes[gallery.labels[j]],
-                   path=gallery.paths[j],
-                   match=None if label is None else bool(gallery.labels[j] == label))
-            for i, (s, j) in enumerate(zip(row_scores, row_indices)) if j >= 0
-        ])
+        answers.append(
+            [
+                Answer(
+                    rank=i + 1,
+                    score=float(s),
+                    class_name=gallery.classes[gallery.labels[j]],
+                    path=gallery.paths[j],
+                    match=None if label is None else bool(gallery.labels[j] == label),
+                )
+                for i, (s, j) in enumerate(zip(row_scores, row_indices))
+                if j >= 0
+            ]
+        )
     return answers
 
 
@@ -59,8 +74,13 @@ def as_json(query: str, query_class: str | None, answers: list[Answer]) -> dict:
     return {"query": query, "class": query_class, "answers": [asdict(a) for a in answers]}
 
 
-def picture(query_path: str | Path, query_class: str | None, answers: list[Answer],
-            gallery: Gallery, out: Path) -> Path:
+def picture(
+    query_path: str | Path,
+    query_class: str | None,
+    answers: list[Answer],
+    gallery: Gallery,
+    out: Path,
+) -> Path:
     """Save the query beside its answers (green frame: same class, red: other, grey: unknown)."""
     query_image = load_image(query_path, max_pixels=64_000_000)
     results = []
@@ -71,6 +91,10 @@ def picture(query_path: str | Path, query_class: str | None, answers: list[Answe
         except ImageError:  # the gallery image moved or broke since embedding: show a blank
             image = np.full((32, 32, 3), 255, np.uint8)
         results.append((image, a.class_name, a.score, a.match))
-    grid = result_grid(query_image, results, query_label=query_class,
-                       title=f"{Path(query_path).name}: top {len(answers)} of {len(gallery)}")
+    grid = result_grid(
+        query_image,
+        results,
+        query_label=query_class,
+        title=f"{Path(query_path).name}: top {len(answers)} of {len(gallery)}",
+    )
     return save_grid(out, grid)

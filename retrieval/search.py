@@ -39,8 +39,9 @@ EXCLUDED = np.iinfo(np.int64).min
 #: The default budget for one block's (queries x gallery) temporaries, in MiB.
 DEFAULT_MEMORY_MB = 256
 
-#: Gallery items per block of :meth:`ExactIndex.search` (more when k > 1/16 of it): wide enough
-#: for BLAS to run near its peak, narrow enough that the block stays in the last-level cache.
+#: Gallery items per block of :meth:`ExactIndex.search` (more when k > 1/16 of it, or for a few
+#: queries): wide enough for BLAS to run near its peak, while the block's items (8 MiB at
+#: D = 128) stay in the last-level cache for all of a query block's product.
 GALLERY_BLOCK = 16384
 
 #: The longest run of gallery items that the screen of a block summarises by its maximum.
@@ -157,8 +158,11 @@ def check_embeddings(embeddings: np.ndarray, what: str) -> np.ndarray:
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2:
         raise ValueError(f"{what} must be (N, D); got shape {embeddings.shape}")
-    if not np.isfinite(embeddings).all():
-        raise ValueError(f"{what} contain NaN or infinite values")
+    # In slices: a (N, D) bool temporary would be an eighth of a large gallery again.
+    step = max(1, 2**20 // max(1, embeddings.shape[1]))
+    for start in range(0, len(embeddings), step):
+        if not np.isfinite(embeddings[start : start + step]).all():
+            raise ValueError(f"{what} contain NaN or infinite values")
     return embeddings
 
 
@@ -326,10 +330,13 @@ class ExactIndex:
             # The block's k-th best score is at least its k-th largest run maximum (k distinct
             # items reach it), and an item must beat the k-th best so far: a tie loses to it.
             threshold = np.nextafter(floor, np.float32(np.inf))
-            if len(maxima) >= k:
+            hit = maxima >= threshold
+            # Once k good items are found few runs pass, and the bound would not help.
+            if len(maxima) >= k and np.count_nonzero(hit) > k * len(floor):
                 bound = np.partition(maxima, len(maxima) - k, axis=0)[-k]
                 np.maximum(threshold, bound, out=threshold)
-            hit_runs, hit_rows = np.nonzero(maxima >= threshold)
+                hit = maxima >= threshold
+            hit_runs, hit_rows = np.nonzero(hit)
             if len(hit_runs) * run > raw.size // 2:  # many ties, or an adversarial order
                 top, scores = self._block_top(raw, sq_norms, min(k, len(raw)))
                 rows, ranks = np.nonzero(scores >= threshold[:, None])

@@ -54,8 +54,11 @@ def protocol(config: dict, made: Splits | None = None) -> Protocol:
         return Protocol(name, "test", "train")
     if name == "leave_one_out":
         made = made or splits(config)
-        return Protocol(name, "test" if made.test is not None else "train",
-                        "test" if made.test is not None else "train")
+        return Protocol(
+            name,
+            "test" if made.test is not None else "train",
+            "test" if made.test is not None else "train",
+        )
     return Protocol(name, "query", "gallery")
 
 
@@ -68,22 +71,30 @@ def images(config: dict, name: str, made: Splits | None = None) -> ImageList:
         return made.train
     if name == "test":
         if made.test is None:
-            raise UserError(f"the data set {cfg.data_root(config)} has no test split "
-                            f"(data.split.by: {config['data']['split']['by']}); use --split train "
-                            "or all")
+            raise UserError(
+                f"the data set {cfg.data_root(config)} has no test split "
+                f"(data.split.by: {config['data']['split']['by']}); use --split train "
+                "or all"
+            )
         return made.test
     if made.test is None:
         return made.train
-    return ImageList(made.train.root, made.train.paths + made.test.paths,
-                     np.concatenate([made.train.labels, made.test.labels]), made.train.classes)
+    return ImageList(
+        made.train.root,
+        made.train.paths + made.test.paths,
+        np.concatenate([made.train.labels, made.test.labels]),
+        made.train.classes,
+    )
 
 
 def _listed(config: dict, name: str) -> ImageList:
     key = f"eval.{name}_list"
     relative = config["eval"][f"{name}_list"]
     if not relative:
-        raise UserError(f"{key}: not set; query and gallery sets need eval.query_list and "
-                        "eval.gallery_list (CSV files of label,relative/path)")
+        raise UserError(
+            f"{key}: not set; query and gallery sets need eval.query_list and "
+            "eval.gallery_list (CSV files of label,relative/path)"
+        )
     root = cfg.data_root(config)
     lists = {}
     for which in ("query", "gallery"):
@@ -97,10 +108,15 @@ def _listed(config: dict, name: str) -> ImageList:
     rows = lists[name]
     missing = [p for _, p in rows if not (root / p).is_file()]
     if missing:
-        raise UserError(f"{key}: {len(missing)} listed images do not exist under {root}, "
-                        f"e.g. {missing[0]}")
-    return ImageList(Path(root), [p for _, p in rows],
-                     np.array([index[label] for label, _ in rows], np.int32), classes)
+        raise UserError(
+            f"{key}: {len(missing)} listed images do not exist under {root}, e.g. {missing[0]}"
+        )
+    return ImageList(
+        Path(root),
+        [p for _, p in rows],
+        np.array([index[label] for label, _ in rows], np.int32),
+        classes,
+    )
 
 
 def gallery_file(config: dict, name: str) -> Path:

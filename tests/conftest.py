@@ -38,14 +38,27 @@ def tiny_config(**overrides) -> dict:
     """A config that trains small_cnn on the tiny demo set in a few seconds."""
     raw = {
         "seed": 0,
-        "data": {"root": "datasets/shapes", "split": {"by": "images", "test_fraction": 0.25},
-                 "image_size": [32, 32], "resize": [36, 36]},
-        "model": {"backbone": "small_cnn", "weights": "none", "head": "direct_normalize",
-                  "embedding_dim": 16},
+        "data": {
+            "root": "datasets/shapes",
+            "split": {"by": "images", "test_fraction": 0.25},
+            "image_size": [32, 32],
+            "resize": [36, 36],
+        },
+        "model": {
+            "backbone": "small_cnn",
+            "weights": "none",
+            "head": "direct_normalize",
+            "embedding_dim": 16,
+        },
         "loss": {"name": "semi_hard_triplet", "margin": 0.2},
-        "train": {"batch": {"P": 4, "K": 4}, "steps": 30, "optimizer": {"name": "adam",
-                                                                         "lr": 0.003},
-                  "checkpoint_every": 10, "validate_every": 15, "log_every": 1},
+        "train": {
+            "batch": {"P": 4, "K": 4},
+            "steps": 30,
+            "optimizer": {"name": "adam", "lr": 0.003},
+            "checkpoint_every": 10,
+            "validate_every": 15,
+            "log_every": 1,
+        },
     }
     for key, value in overrides.items():
         section, _, rest = key.partition("__")

@@ -14,8 +14,10 @@ from tfcbir import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
-MINIMAL = {"data": {"root": "datasets/demo_shapes"},
-           "model": {"backbone": "small_cnn", "weights": "none"}}
+MINIMAL = {
+    "data": {"root": "datasets/demo_shapes"},
+    "model": {"backbone": "small_cnn", "weights": "none"},
+}
 
 
 def write(tmp_path: Path, content, name="run.json") -> Path:
@@ -39,39 +41,61 @@ def test_defaults_are_filled_and_name_is_the_file_stem(tmp_path):
 
 
 def test_yaml_is_accepted(tmp_path):
-    text = ("data: {root: /somewhere}\nmodel: {backbone: small_cnn, weights: none}\n"
-            "loss: {name: angular, alpha: 30}\n")
+    text = (
+        "data: {root: /somewhere}\nmodel: {backbone: small_cnn, weights: none}\n"
+        "loss: {name: angular, alpha: 30}\n"
+    )
     resolved = config.load(write(tmp_path, text, "y.yaml"))
-    assert resolved["loss"] == {"name": "angular", **{k: v for k, v in
-                                resolved["loss"].items() if k != "name"}}
+    assert resolved["loss"] == {
+        "name": "angular",
+        **{k: v for k, v in resolved["loss"].items() if k != "name"},
+    }
     assert resolved["loss"]["alpha"] == pytest.approx(30.0)
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"loss": {"name": "angualr"}},
-         "loss.name: 'angualr' is not one of semi_hard_triplet, angular"),
-        ({"loss": {"name": "semi_hard_triplet", "margin": -1}},
-         "loss.margin: -1 is below the minimum 0"),
-        ({"loss": {"name": "semi_hard_triplet", "metric": "manhattan"}},
-         "loss.metric: 'manhattan' is not one of euclidean, squared_euclidean, cosine"),
+        (
+            {"loss": {"name": "angualr"}},
+            "loss.name: 'angualr' is not one of semi_hard_triplet, angular",
+        ),
+        (
+            {"loss": {"name": "semi_hard_triplet", "margin": -1}},
+            "loss.margin: -1 is below the minimum 0",
+        ),
+        (
+            {"loss": {"name": "semi_hard_triplet", "metric": "manhattan"}},
+            "loss.metric: 'manhattan' is not one of euclidean, squared_euclidean, cosine",
+        ),
         ({"train": {"steps": "many"}}, "train.steps: 'many' is not an integer"),
         ({"train": {"stesp": 10}}, "train.stesp: unknown key; allowed keys are batch, steps"),
         ({"train": {"batch": {"P": 0}}}, "train.batch.P: 0 is below the minimum 1"),
-        ({"train": {"optimizer": {"name": "rmsprop"}}},
-         "train.optimizer.name: 'rmsprop' is not one of adam, adamw, sgd"),
-        ({"data": {"root": "x", "image_size": [224]}},
-         "data.image_size: [224] has 1 items; give a list of 2 integers"),
-        ({"data": {"root": "x", "split": {"by": "random"}}},
-         "data.split.by: 'random' is not one of auto, images, classes"),
-        ({"data": {"root": "x", "split": {"by": "images", "test_fraction": 1.5}}},
-         "data.split.test_fraction: 1.5 must be less than 1"),
+        (
+            {"train": {"optimizer": {"name": "rmsprop"}}},
+            "train.optimizer.name: 'rmsprop' is not one of adam, adamw, sgd",
+        ),
+        (
+            {"data": {"root": "x", "image_size": [224]}},
+            "data.image_size: [224] has 1 items; give a list of 2 integers",
+        ),
+        (
+            {"data": {"root": "x", "split": {"by": "random"}}},
+            "data.split.by: 'random' is not one of auto, images, classes",
+        ),
+        (
+            {"data": {"root": "x", "split": {"by": "images", "test_fraction": 1.5}}},
+            "data.split.test_fraction: 1.5 must be less than 1",
+        ),
         ({"data": None}, "data.root: missing"),
-        ({"model": {"backbone": "resnet50", "weights": "none"}},
-         "model.backbone: 'resnet50' is not one of"),
-        ({"data": {"root": "x", "image_size": [64, 64], "resize": [32, 32]}},
-         "data.resize: [32, 32] is smaller than data.image_size [64, 64]"),
+        (
+            {"model": {"backbone": "resnet50", "weights": "none"}},
+            "model.backbone: 'resnet50' is not one of",
+        ),
+        (
+            {"data": {"root": "x", "image_size": [64, 64], "resize": [32, 32]}},
+            "data.resize: [32, 32] is smaller than data.image_size [64, 64]",
+        ),
         ({"seed": True}, "seed: true is not an integer"),
         ({"name": "a b"}, "name: 'a b' is not a usable folder name"),
         ({"loss": {"name": "angular", "alpha": 90}}, "loss.alpha: 90 must be less than 90"),
@@ -117,11 +141,25 @@ def test_missing_file_and_unknown_suffix(tmp_path):
 
 
 def test_legacy_config_is_translated_with_a_warning(tmp_path, caplog):
-    old = {"dataset": "bags_40",
-           "model": {"name": "small_cnn", "head": "direct_normalize", "input": 64, "crop": 72,
-                     "weights": "none", "batch": {"P": 10, "K": 2},
-                     "fit": {"loss": "angular_loss", "alpha": 30, "optimizer": "momentum",
-                             "epochs": 1234, "lr": 0.01, "decay_start_iteration": 600}}}
+    old = {
+        "dataset": "bags_40",
+        "model": {
+            "name": "small_cnn",
+            "head": "direct_normalize",
+            "input": 64,
+            "crop": 72,
+            "weights": "none",
+            "batch": {"P": 10, "K": 2},
+            "fit": {
+                "loss": "angular_loss",
+                "alpha": 30,
+                "optimizer": "momentum",
+                "epochs": 1234,
+                "lr": 0.01,
+                "decay_start_iteration": 600,
+            },
+        },
+    }
     with caplog.at_level("WARNING", logger="tfcbir"):
         resolved = config.load(write(tmp_path, old, "old.json"))
     assert "original system's form" in caplog.text
@@ -139,18 +177,28 @@ def test_legacy_config_is_translated_with_a_warning(tmp_path, caplog):
 
 
 def test_legacy_semi_hard_metric_names_and_unknown_keys():
-    new = legacy.translate({"dataset": "d", "model": {"fit": {"loss": "triplet_semihard_loss",
-                                                               "margin": 0.5,
-                                                               "metric": "squared-L2"}}})
-    assert new["loss"] == {"name": "semi_hard_triplet", "margin": 0.5,
-                           "metric": "squared_euclidean"}
+    new = legacy.translate(
+        {
+            "dataset": "d",
+            "model": {
+                "fit": {"loss": "triplet_semihard_loss", "margin": 0.5, "metric": "squared-L2"}
+            },
+        }
+    )
+    assert new["loss"] == {
+        "name": "semi_hard_triplet",
+        "margin": 0.5,
+        "metric": "squared_euclidean",
+    }
     with pytest.raises(UserError, match="model.fit.lossy: unknown key"):
         legacy.translate({"dataset": "d", "model": {"fit": {"lossy": 1}}})
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "trainings").rglob("*.json"))
-                         + sorted((REPO / "trainings").rglob("*.yaml")),
-                         ids=lambda p: str(p.relative_to(REPO / "trainings")))
+@pytest.mark.parametrize(
+    "path",
+    sorted((REPO / "trainings").rglob("*.json")) + sorted((REPO / "trainings").rglob("*.yaml")),
+    ids=lambda p: str(p.relative_to(REPO / "trainings")),
+)
 def test_every_shipped_config_loads(path):
     resolved = config.load(path)
     assert resolved["name"] == path.stem
@@ -164,8 +212,15 @@ def test_new_and_legacy_shipped_configs_agree():
 
 def test_reference_lists_every_key():
     keys = [row[0] for row in reference()]
-    for key in ("seed", "data.root", "data.split.by", "model.embedding_dim", "train.batch.P",
-                "train.lr_schedule.decay_start", "eval.protocol"):
+    for key in (
+        "seed",
+        "data.root",
+        "data.split.by",
+        "model.embedding_dim",
+        "train.batch.P",
+        "train.lr_schedule.decay_start",
+        "eval.protocol",
+    ):
         assert key in keys
 
 

@@ -29,8 +29,14 @@ sys.path.insert(0, {repo!r})
 
 def run_python(code: str, **env) -> dict:
     script = PRELUDE.format(repo=str(REPO)) + textwrap.dedent(code)
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **env})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -78,12 +84,15 @@ def test_mirrored_training_run(tmp_path, tiny_demo):
     shutil.copytree(tiny_demo, root / "datasets" / "shapes")
     raw = tiny_config(train__steps=6, train__validate_every=3, train__distribute="mirrored")
     resolved = config.resolve({**raw, "name": "mirrored"})
-    result = run_python(f"""
+    result = run_python(
+        f"""
         import config
         from training.trainer import train
         result = train({resolved!r})
         print(json.dumps({{"step": result.step, "best": result.best}}))
-    """, TFCBIR_DATA_DIR=str(root))
+    """,
+        TFCBIR_DATA_DIR=str(root),
+    )
     assert result["step"] == 6 and result["best"]["step"] in (3, 6)
     assert (root / "trainings" / "mirrored" / "checkpoints" / "ckpt-00000006.h5").exists()
 
@@ -99,8 +108,13 @@ def test_batch_that_cannot_be_split_is_refused(tmp_path, tiny_demo):
         except UserError as error:
             print(json.dumps({{"error": str(error)}}))
     """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=300,
-                          env={**os.environ, "TFCBIR_DATA_DIR": str(tmp_path)})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TFCBIR_DATA_DIR": str(tmp_path)},
+    )
     message = json.loads(done.stdout.strip().splitlines()[-1])["error"]
     assert message.startswith("train.batch.P: 3 classes cannot be split evenly over 2 replicas")

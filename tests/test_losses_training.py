@@ -45,8 +45,12 @@ def validator(resolved: dict) -> Validator:
 
 @pytest.mark.parametrize("name", losses.LOSSES.names())
 def test_each_loss_improves_recall_over_the_untrained_model(shapes, name):
-    raw = tiny_config(train__steps=STEPS, train__validate_every=STEPS // 4,
-                      train__checkpoint_every=STEPS, loss={"name": name})
+    raw = tiny_config(
+        train__steps=STEPS,
+        train__validate_every=STEPS // 4,
+        train__checkpoint_every=STEPS,
+        loss={"name": name},
+    )
     resolved = config.resolve({**raw, "name": f"loss_{name}"})
     before = untrained_recall(resolved)
     result = train(resolved)

@@ -246,14 +246,16 @@ def test_per_image_preprocessing_removes_each_images_colour_cast():
     # Two 2x2 images: a two-tone one, and the same pattern on another colour, brighter.
     first = np.array([[[10, 20, 30], [10, 20, 30]], [[50, 60, 70], [50, 60, 70]]], np.float32)
     second = first * 2 + 40
-    out = keras.ops.convert_to_numpy(nets.ImagePreprocessing("per_image")(np.stack([first,
-                                                                                    second])))
+    out = keras.ops.convert_to_numpy(
+        nets.ImagePreprocessing("per_image")(np.stack([first, second]))
+    )
     np.testing.assert_allclose(out.mean(axis=(1, 2)), 0.0, atol=1e-6)
     # each channel: values mean +-20 (std 20) -> +-20 / 21; doubled: +-40 / 41
     np.testing.assert_allclose(out[0, 0, 0], [-20 / 21] * 3, rtol=1e-6)
     np.testing.assert_allclose(out[1, 1, 1], [40 / 41] * 3, rtol=1e-6)
-    flat = keras.ops.convert_to_numpy(nets.ImagePreprocessing("per_image")(np.full((1, 2, 2, 3),
-                                                                                   90.0)))
+    flat = keras.ops.convert_to_numpy(
+        nets.ImagePreprocessing("per_image")(np.full((1, 2, 2, 3), 90.0))
+    )
     np.testing.assert_array_equal(flat, 0.0)
 
 

@@ -305,6 +305,15 @@ def test_exact_index_screened_blocks_match_brute_force(normalized, order):
     assert np.array_equal(scores, np.take_along_axis(full, indices, axis=1))
 
 
+def test_exact_index_refuses_nan():
+    gallery = np.zeros((3, 2), dtype=np.float32)
+    gallery[2, 1] = np.nan
+    with pytest.raises(ValueError, match="gallery embeddings contain NaN"):
+        ExactIndex(gallery, normalized=True)
+    with pytest.raises(ValueError, match="queries contain NaN"):
+        ExactIndex(gallery[:2], normalized=True).search(gallery[1:], 1)
+
+
 def test_order_keys_order_like_scores_then_index():
     scores = np.array([[0.5, -0.0, 0.0, -1.5, 0.5, -np.inf, 2.0]], dtype=np.float32)
     keys = order_keys(scores.copy())
@@ -538,6 +547,23 @@ def test_faiss_default_and_given_search_parameters():
     assert FaissIndex.build(points, normalized=True, factory="Flat").parameters == ""
     with pytest.raises(UserError, match="'nprobe=4' do not fit HNSW16"):
         FaissIndex(hnsw.index, normalized=True, factory="HNSW16", search_parameters="nprobe=4")
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_faiss_ties_go_to_the_lower_index(normalized):
+    pytest.importorskip("faiss")
+    from retrieval.faiss_index import FaissIndex
+
+    # Small integers: exact arithmetic (BLAS and FAISS sum in different orders), many ties.
+    queries, _, points, _ = tie_rich_data(seed=2, n_gallery=200, n_queries=20)
+    exclude = np.random.default_rng(2).integers(-1, 200, size=(20, 2))
+    flat = FaissIndex.build(points, normalized=normalized, factory="Flat")
+    for k in (1, 12, 199):
+        # FAISS keeps the higher indices of a tie at the k-th score: the wrapper asks for more.
+        exact_scores, exact = ExactIndex(points, normalized).search(queries, k, exclude=exclude)
+        scores, indices = flat.search(queries, k, exclude=exclude)
+        assert np.array_equal(indices, exact)
+        np.testing.assert_allclose(scores, exact_scores, atol=1e-5)
 
 
 def test_faiss_index_save_load_and_refusals(tmp_path):

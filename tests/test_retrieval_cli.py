@@ -66,12 +66,24 @@ def test_embed_evaluate_test_and_cbir(trained, capsys):
     assert len(train_set.classes) == 6 and train_set.model_step == best["step"]
     assert all(not p.startswith("/") for p in train_set.paths)
 
-    code, out, err = call("evaluation", "-c", trained, "-t", "0", "-r", "5", "--json",
-                          capsys=capsys)
+    code, out, err = call(
+        "evaluation", "-c", trained, "-t", "0", "-r", "5", "--json", capsys=capsys
+    )
     assert code == 0, err
     result = json.loads(out)
-    for key in ("mAP", "precision@1", "recall@1", "recall@2", "recall@4", "recall@8", "MAP@R",
-                "R-precision", "NMI", "queries", "r"):
+    for key in (
+        "mAP",
+        "precision@1",
+        "recall@1",
+        "recall@2",
+        "recall@4",
+        "recall@8",
+        "MAP@R",
+        "R-precision",
+        "NMI",
+        "queries",
+        "r",
+    ):
         assert key in result
     assert result["queries"] == 24 and result["r"] == 5
     assert result["protocol"] == "train_gallery"
@@ -139,8 +151,19 @@ def test_cbir_saves_pictures_and_reads_folders_and_lists(trained, tmp_path, caps
     write_image(folder / "sub" / "b.png", gradient((20, 40)))
     listing = tmp_path / "list.txt"
     listing.write_text(f"{folder / 'a.png'}\n\n")
-    code, out, err = call("cbir", "-c", trained, "-r", "3", folder, "--list", listing,
-                          "--save", tmp_path / "grid.png", capsys=capsys)
+    code, out, err = call(
+        "cbir",
+        "-c",
+        trained,
+        "-r",
+        "3",
+        folder,
+        "--list",
+        listing,
+        "--save",
+        tmp_path / "grid.png",
+        capsys=capsys,
+    )
     assert code == 0, err
     assert out.count("query ") == 3
     assert sorted(p.name for p in tmp_path.glob("grid_*.png")) == ["grid_a.png", "grid_b.png"]
@@ -196,8 +219,9 @@ def test_interrupted_embed_resumes(trained, capsys, monkeypatch):
             yield batch
 
     monkeypatch.setattr(module.Embedder, "embed_files", dies_after_one_batch)
-    code, out, err = call("embed", "-c", trained, "--split", "train", "--batch-size", "16",
-                          capsys=capsys)
+    code, out, err = call(
+        "embed", "-c", trained, "--split", "train", "--batch-size", "16", capsys=capsys
+    )
     assert code == 130
     assert not (embeddings / "train.h5").exists()
     with h5py.File(partial_path(embeddings / "train.h5"), "r") as f:
@@ -205,9 +229,11 @@ def test_interrupted_embed_resumes(trained, capsys, monkeypatch):
 
     monkeypatch.setattr(module.Embedder, "embed_files", original)
     seen = []
-    monkeypatch.setattr(module.Embedder, "embed_files",
-                        lambda self, paths, **kw: (seen.append(len(paths)),
-                                                   original(self, paths, **kw))[1])
+    monkeypatch.setattr(
+        module.Embedder,
+        "embed_files",
+        lambda self, paths, **kw: (seen.append(len(paths)), original(self, paths, **kw))[1],
+    )
     code, out, err = call("embed", "-c", trained, "--split", "train", capsys=capsys)
     assert code == 0, err
     assert seen == [72 - 16]  # only the unfinished images

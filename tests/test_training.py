@@ -26,8 +26,9 @@ def read_metrics(run_path):
 
 def run_cli(*args, timeout=240):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_short_run_loss_falls_and_writes_the_run_folder(data_dir, tmp_path):
@@ -54,8 +55,14 @@ def test_resume_after_kill_continues_at_the_same_step(data_dir, tmp_path):
     raw = tiny_config(train__steps=40, train__checkpoint_every=4, train__validate_every=0)
     path = write_config(tmp_path, "killed", raw)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "train.py", "-c", str(path)], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "train.py", "-c", str(path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     folder = data_dir / "trainings" / "killed" / "checkpoints"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
@@ -87,12 +94,17 @@ def test_resume_after_kill_continues_at_the_same_step(data_dir, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_restart_starts_over(data_dir, tmp_path):
-    raw = tiny_config(train__steps=100000, train__checkpoint_every=100000,
-                      train__validate_every=0)
+    raw = tiny_config(train__steps=100000, train__checkpoint_every=100000, train__validate_every=0)
     path = write_config(tmp_path, "term", raw)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "train.py", "-c", str(path)], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "train.py", "-c", str(path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = data_dir / "trainings" / "term" / "metrics.csv"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
@@ -106,8 +118,9 @@ def test_sigterm_saves_a_checkpoint_and_restart_starts_over(data_dir, tmp_path):
     assert saved is not None and saved.step >= 2
     assert f"interrupted at step {saved.step}" in err
 
-    changed = write_config(tmp_path, "term", {**raw, "loss": {"name": "semi_hard_triplet",
-                                                              "margin": 0.5}})
+    changed = write_config(
+        tmp_path, "term", {**raw, "loss": {"name": "semi_hard_triplet", "margin": 0.5}}
+    )
     refused = run_cli("train.py", "-c", str(changed))
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()]

@@ -66,8 +66,15 @@ class Param:
 
 def _type_names(t) -> str:
     types = t if isinstance(t, tuple) else (t,)
-    names = {int: "an integer", float: "a number", bool: "a boolean", str: "a string",
-             list: "a list", dict: "a mapping", object: "values"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        object: "values",
+    }
     return " or ".join(names.get(x, x.__name__) for x in types)
 
 
@@ -98,8 +105,9 @@ def check_value(value, param: Param, path: str):
             return None
         raise UserError(f"{path}: null is not allowed; give {param.describe()}")
     if not _is_type(value, param.type):
-        raise UserError(f"{path}: {fmt(value)} is not {_type_names(param.type)}; "
-                        f"give {param.describe()}")
+        raise UserError(
+            f"{path}: {fmt(value)} is not {_type_names(param.type)}; give {param.describe()}"
+        )
     shown = value
     if param.type is float and isinstance(value, int):
         value = float(value)
@@ -109,22 +117,28 @@ def check_value(value, param: Param, path: str):
         if param.item is not None:
             for i, item in enumerate(value):
                 if not _is_type(item, param.item):
-                    raise UserError(f"{path}[{i}]: {fmt(item)} is not {_type_names(param.item)}; "
-                                    f"give {param.describe()}")
+                    raise UserError(
+                        f"{path}[{i}]: {fmt(item)} is not {_type_names(param.item)}; "
+                        f"give {param.describe()}"
+                    )
     allowed = param.allowed()
     if allowed and value not in allowed:
-        raise UserError(f"{path}: {fmt(value)} is not one of {', '.join(map(str, allowed))}"
-                        + _did_you_mean(value, allowed))
+        raise UserError(
+            f"{path}: {fmt(value)} is not one of {', '.join(map(str, allowed))}"
+            + _did_you_mean(value, allowed)
+        )
     numbers = value if isinstance(value, list) else [value]
     for number in numbers:
         if not isinstance(number, (int, float)) or isinstance(number, bool):
             continue
-        if param.min is not None and (number < param.min or
-                                      (param.min_exclusive and number == param.min)):
+        if param.min is not None and (
+            number < param.min or (param.min_exclusive and number == param.min)
+        ):
             word = "must be greater than" if param.min_exclusive else "is below the minimum"
             raise UserError(f"{path}: {fmt(shown)} {word} {param.min:g}")
-        if param.max is not None and (number > param.max or
-                                      (param.max_exclusive and number == param.max)):
+        if param.max is not None and (
+            number > param.max or (param.max_exclusive and number == param.max)
+        ):
             word = "must be less than" if param.max_exclusive else "is above the maximum"
             raise UserError(f"{path}: {fmt(shown)} {word} {param.max:g}")
     if param.check is not None:
@@ -149,13 +163,14 @@ def validate(values: dict | None, spec: dict[str, Param], path: str) -> dict:
     """
     values = {} if values is None else values
     if not isinstance(values, dict):
-        raise UserError(f"{path}: {fmt(values)} is not a mapping; give keys "
-                        + ", ".join(spec))
+        raise UserError(f"{path}: {fmt(values)} is not a mapping; give keys " + ", ".join(spec))
     unknown = [k for k in values if k not in spec]
     if unknown:
         key = unknown[0]
-        raise UserError(f"{_join(path, key)}: unknown key; allowed keys are {', '.join(spec)}"
-                        + _did_you_mean(key, list(spec)))
+        raise UserError(
+            f"{_join(path, key)}: unknown key; allowed keys are {', '.join(spec)}"
+            + _did_you_mean(key, list(spec))
+        )
     out = {}
     for key, param in spec.items():
         if key in values:
@@ -173,7 +188,13 @@ def defaults(spec: dict[str, Param]) -> dict:
 
 
 def _copy(value):
-    return list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) else value
+    return (
+        list(value)
+        if isinstance(value, list)
+        else dict(value)
+        if isinstance(value, dict)
+        else value
+    )
 
 
 def _join(path: str, key: str) -> str:

@@ -27,8 +27,9 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, *, params: dict[str, Param] | None = None, doc: str = "",
-                 **meta) -> Callable:
+    def register(
+        self, name: str, *, params: dict[str, Param] | None = None, doc: str = "", **meta
+    ) -> Callable:
         """Decorator: ``@BACKBONES.register("resnet_v1_50", preprocess="caffe")``."""
 
         def decorate(builder: Callable) -> Callable:
@@ -50,6 +51,8 @@ class Registry:
         """The entry called ``name``; a UserError naming ``path`` and the allowed names if none."""
         if name not in self._entries:
             where = f"{path}: " if path else ""
-            raise UserError(f"{where}{fmt(name)} is not one of {', '.join(self._entries)}"
-                            + _did_you_mean(name, self.names()))
+            raise UserError(
+                f"{where}{fmt(name)} is not one of {', '.join(self._entries)}"
+                + _did_you_mean(name, self.names())
+            )
         return self._entries[name]

@@ -100,7 +100,9 @@ def restore(variables, values: list[np.ndarray], what: str, path: Path) -> None:
     if len(variables) != len(values) or any(
         tuple(v.shape) != tuple(a.shape) for v, a in zip(variables, values)
     ):
-        raise UserError(f"{path}: its {what} does not fit the model built from the config "
-                        "(the config changed?); run with --restart to start over")
+        raise UserError(
+            f"{path}: its {what} does not fit the model built from the config "
+            "(the config changed?); run with --restart to start over"
+        )
     for variable, value in zip(variables, values):
         variable.assign(value)

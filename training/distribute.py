@@ -25,16 +25,19 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
     if len(devices) == 1:
-        log.warning("train.distribute: mirrored found one device (%s); training on it alone",
-                    devices[0])
+        log.warning(
+            "train.distribute: mirrored found one device (%s); training on it alone", devices[0]
+        )
     return tf.distribute.MirroredStrategy(devices)
 
 
 def check_batch_split(P: int, replicas: int) -> None:
     if P % replicas:
-        raise UserError(f"train.batch.P: {P} classes cannot be split evenly over {replicas} "
-                        f"replicas; give a multiple of {replicas} so each replica sees whole "
-                        "classes")
+        raise UserError(
+            f"train.batch.P: {P} classes cannot be split evenly over {replicas} "
+            f"replicas; give a multiple of {replicas} so each replica sees whole "
+            "classes"
+        )
 
 
 def split_per_replica(strategy: tf.distribute.Strategy, *tensors):
@@ -46,10 +49,12 @@ def split_per_replica(strategy: tf.distribute.Strategy, *tensors):
     def part(context, tensor):
         size = tensor.shape[0] // n
         start = context.replica_id_in_sync_group * size
-        return tensor[start:start + size]
+        return tensor[start : start + size]
 
-    return tuple(strategy.experimental_distribute_values_from_function(
-        lambda context, t=t: part(context, t)) for t in tensors)
+    return tuple(
+        strategy.experimental_distribute_values_from_function(lambda context, t=t: part(context, t))
+        for t in tensors
+    )
 
 
 def gather(tensor):

@@ -16,8 +16,15 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
     function of the optimiser's step, so a resumed run follows the same schedule.
     """
 
-    def __init__(self, lr: float, total_steps: int, kind: str = "constant", decay_start: int = 0,
-                 warmup_steps: int = 0, final_fraction: float = 0.0):
+    def __init__(
+        self,
+        lr: float,
+        total_steps: int,
+        kind: str = "constant",
+        decay_start: int = 0,
+        warmup_steps: int = 0,
+        final_fraction: float = 0.0,
+    ):
         self.lr = float(lr)
         self.total_steps = int(total_steps)
         self.kind = kind
@@ -42,13 +49,19 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         return self.lr * rate
 
     def get_config(self):
-        return {"lr": self.lr, "total_steps": self.total_steps, "kind": self.kind,
-                "decay_start": self.decay_start, "warmup_steps": self.warmup_steps,
-                "final_fraction": self.final_fraction}
+        return {
+            "lr": self.lr,
+            "total_steps": self.total_steps,
+            "kind": self.kind,
+            "decay_start": self.decay_start,
+            "warmup_steps": self.warmup_steps,
+            "final_fraction": self.final_fraction,
+        }
 
 
-def build_optimizer(train: dict, lr_multiplier: float = 1.0,
-                    mixed: bool = False) -> keras.optimizers.Optimizer:
+def build_optimizer(
+    train: dict, lr_multiplier: float = 1.0, mixed: bool = False
+) -> keras.optimizers.Optimizer:
     """The optimiser for the validated ``train`` section (its schedule included); wrapped for
     dynamic loss scaling under mixed precision."""
     optimizer = _optimizer(train, lr_multiplier)
@@ -57,13 +70,19 @@ def build_optimizer(train: dict, lr_multiplier: float = 1.0,
 
 def _optimizer(train: dict, lr_multiplier: float) -> keras.optimizers.Optimizer:
     opt, sched = train["optimizer"], train["lr_schedule"]
-    schedule = WarmupDecay(opt["lr"] * lr_multiplier, train["steps"], sched["name"],
-                           sched["decay_start"], sched["warmup_steps"],
-                           sched["final_lr_fraction"])
+    schedule = WarmupDecay(
+        opt["lr"] * lr_multiplier,
+        train["steps"],
+        sched["name"],
+        sched["decay_start"],
+        sched["warmup_steps"],
+        sched["final_lr_fraction"],
+    )
     common = {"learning_rate": schedule, "clipnorm": opt["clipnorm"]}
     if opt["name"] == "sgd":
-        return keras.optimizers.SGD(momentum=opt["momentum"], weight_decay=opt["weight_decay"],
-                                    **common)
+        return keras.optimizers.SGD(
+            momentum=opt["momentum"], weight_decay=opt["weight_decay"], **common
+        )
     if opt["name"] == "adamw":
         decay = 0.004 if opt["weight_decay"] is None else opt["weight_decay"]
         return keras.optimizers.AdamW(weight_decay=decay, **common)

@@ -29,8 +29,7 @@ class Progress:
         done = int(width * step / self.total)
         bar = "=" * done + ">" * (done < width) + "." * (width - done - 1)
         shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-        line = (f"{step}/{self.total} [{bar}] {shown} {rate:.2f} steps/s "
-                f"ETA {_clock(eta)}")
+        line = f"{step}/{self.total} [{bar}] {shown} {rate:.2f} steps/s ETA {_clock(eta)}"
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
         else:

@@ -1,12 +1,12 @@
 """A run's folder, ``<data_dir>/trainings/<name>/``, and what may change when it resumes.
 
-    config.json        the resolved config the run was started with
-    checkpoints/       ckpt-<step>.h5, the newest few
-    best.weights.h5    the embedding model's best weights (by validation Recall@1)
-    best.json          step and score of those weights
-    metrics.csv        step, loss, learning rate, steps/s, validation Recall@1
-    logs/              TensorBoard event files
-    embeddings/, evaluation/, queries/   written by embed.py, evaluation.py, test.py and cbir.py
+config.json        the resolved config the run was started with
+checkpoints/       ckpt-<step>.h5, the newest few
+best.weights.h5    the embedding model's best weights (by validation Recall@1)
+best.json          step and score of those weights
+metrics.csv        step, loss, learning rate, steps/s, validation Recall@1
+logs/              TensorBoard event files
+embeddings/, evaluation/, queries/   written by embed.py, evaluation.py, test.py and cbir.py
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ class RunFolder:
                 raise UserError(
                     f"{key} changed since the run in {self.path} started "
                     f"({_show(saved, key)} -> {_show(config, key)}); run with --restart to start "
-                    "over, or give the config another name")
+                    "over, or give the config another name"
+                )
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.config_file.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(config, indent=2) + "\n")

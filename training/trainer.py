@@ -46,11 +46,17 @@ def split_for_validation(config: dict, splits) -> tuple[ImageList, ImageList | N
         return splits.train, None
     if source == "test" or (source == "auto" and splits.test is not None):
         if splits.test is None:
-            raise UserError("train.validation.source: 'test' but the split has no test part; "
-                            "use 'holdout' or 'auto'")
+            raise UserError(
+                "train.validation.source: 'test' but the split has no test part; "
+                "use 'holdout' or 'auto'"
+            )
         return splits.train, splits.test
-    return holdout(splits.train, config["train"]["validation"]["holdout"], config["seed"],
-                   by_class=splits.kind == "classes")
+    return holdout(
+        splits.train,
+        config["train"]["validation"]["holdout"],
+        config["seed"],
+        by_class=splits.kind == "classes",
+    )
 
 
 def holdout(images: ImageList, share: float, seed: int, by_class: bool):
@@ -97,23 +103,29 @@ def _train(config: dict, run: RunFolder, strategy, mixed: bool) -> Result:
 
     splits = load_splits(cfg.data_root(config), data["split"], config["seed"])
     train_images, val_images = split_for_validation(config, splits)
-    train_data = TrainData(train_images, P=P, K=K, seed=config["seed"],
-                           image_size=tuple(data["image_size"]),
-                           resize=tuple(data["resize"]) if data["resize"] else None,
-                           flip=data["augment"]["flip"], crop=data["augment"]["crop"],
-                           cache_max_bytes=int(data["cache_gb"] * (1 << 30)))
+    train_data = TrainData(
+        train_images,
+        P=P,
+        K=K,
+        seed=config["seed"],
+        image_size=tuple(data["image_size"]),
+        resize=tuple(data["resize"]) if data["resize"] else None,
+        flip=data["augment"]["flip"],
+        crop=data["augment"]["crop"],
+        cache_max_bytes=int(data["cache_gb"] * (1 << 30)),
+    )
 
     found = checkpoint.latest(run.checkpoints)
     with strategy.scope():
-        model = nets.build_embedding_model(model_cfg, tuple(data["image_size"]),
-                                           pretrained=found is None)
+        model = nets.build_embedding_model(
+            model_cfg, tuple(data["image_size"]), pretrained=found is None
+        )
         loss_fn = losses.get(config["loss"], num_classes=len(train_images.classes))
         loss_variables = _build_loss(loss_fn, model, data["image_size"])
         multiplier = getattr(loss_fn, "lr_multiplier", 1.0)
         separate = bool(loss_variables) and multiplier != 1.0  # proxies learn faster
         optimizer = build_optimizer(train_cfg, mixed=mixed)
-        optimizer.build(list(model.trainable_variables)
-                        + ([] if separate else loss_variables))
+        optimizer.build(list(model.trainable_variables) + ([] if separate else loss_variables))
         loss_optimizer = None
         if separate:
             loss_optimizer = build_optimizer(train_cfg, lr_multiplier=multiplier, mixed=mixed)
@@ -131,12 +143,14 @@ def _train(config: dict, run: RunFolder, strategy, mixed: bool) -> Result:
 
     validator = None
     if val_images is not None and train_cfg["validate_every"] > 0:
-        validator = validation.Validator(val_images, data, train_cfg["validation"]["max_images"],
-                                         config["seed"])
+        validator = validation.Validator(
+            val_images, data, train_cfg["validation"]["max_images"], config["seed"]
+        )
 
     _summary(config, run, splits, train_images, val_images, train_data, model, step, strategy)
-    train_step = _make_train_step(model, loss_fn, optimizer, loss_optimizer, loss_variables,
-                                  strategy, mixed)
+    train_step = _make_train_step(
+        model, loss_fn, optimizer, loss_optimizer, loss_variables, strategy, mixed
+    )
     writer = tf.summary.create_file_writer(str(run.logs))
     csv_handle, csv_writer = run.open_metrics(step)
     progress = Progress(train_cfg["steps"], start=step)
@@ -158,8 +172,10 @@ def _train(config: dict, run: RunFolder, strategy, mixed: bool) -> Result:
             step += 1
             last_loss = loss_value
             if not np.isfinite(loss_value):
-                raise UserError(f"the loss became {loss_value} at step {step}; lower "
-                                "train.optimizer.lr or check the data")
+                raise UserError(
+                    f"the loss became {loss_value} at step {step}; lower "
+                    "train.optimizer.lr or check the data"
+                )
             row = None
             if step % train_cfg["log_every"] == 0 or step == train_cfg["steps"]:
                 now = time.monotonic()
@@ -170,17 +186,25 @@ def _train(config: dict, run: RunFolder, strategy, mixed: bool) -> Result:
                     tf.summary.scalar("loss", loss_value)
                     tf.summary.scalar("learning_rate", lr)
                     tf.summary.scalar("steps_per_second", rate)
-                row = {"step": step, "loss": f"{loss_value:.6g}", "lr": f"{lr:.6g}",
-                       "steps_per_s": f"{rate:.4g}", "val_recall@1": "",
-                       "elapsed_s": f"{now - t_start:.1f}"}
-            if validator is not None and (step % train_cfg["validate_every"] == 0
-                                          or step == train_cfg["steps"]):
+                row = {
+                    "step": step,
+                    "loss": f"{loss_value:.6g}",
+                    "lr": f"{lr:.6g}",
+                    "steps_per_s": f"{rate:.4g}",
+                    "val_recall@1": "",
+                    "elapsed_s": f"{now - t_start:.1f}",
+                }
+            if validator is not None and (
+                step % train_cfg["validate_every"] == 0 or step == train_cfg["steps"]
+            ):
                 recall = validator.recall_at_1(model)
                 with writer.as_default(step=step):
                     tf.summary.scalar("val_recall@1", recall)
                 improved = best is None or recall > best["val_recall@1"]
-                progress.note(f"step {step}: validation Recall@1 {recall:.4f}"
-                              + (" (best so far)" if improved else ""))
+                progress.note(
+                    f"step {step}: validation Recall@1 {recall:.4f}"
+                    + (" (best so far)" if improved else "")
+                )
                 if improved:
                     best = {"step": step, "val_recall@1": recall}
                     _save_weights(model, run)
@@ -190,8 +214,9 @@ def _train(config: dict, run: RunFolder, strategy, mixed: bool) -> Result:
             if row is not None:
                 csv_writer.writerow(row)
                 csv_handle.flush()
-            if validator is None and (step % train_cfg["checkpoint_every"] == 0
-                                      or step == train_cfg["steps"]):
+            if validator is None and (
+                step % train_cfg["checkpoint_every"] == 0 or step == train_cfg["steps"]
+            ):
                 best = {"step": step, "val_recall@1": None}
                 _save_weights(model, run)  # no validation: the newest weights are the model
                 run.write_best(best)
@@ -221,8 +246,9 @@ def _build_loss(loss_fn, model, image_size) -> list:
     return list(loss_fn.trainable_variables)
 
 
-def _make_train_step(model, loss_fn, optimizer, loss_optimizer, loss_variables, strategy,
-                     mixed: bool):
+def _make_train_step(
+    model, loss_fn, optimizer, loss_optimizer, loss_variables, strategy, mixed: bool
+):
     model_variables = list(model.trainable_variables)
     variables = model_variables + loss_variables
     replicas = strategy.num_replicas_in_sync
@@ -282,22 +308,26 @@ def _raise_on_sigterm():
         return signal.getsignal(signal.SIGTERM)
 
 
-def _summary(config, run, splits, train_images, val_images, train_data, model, step,
-             strategy) -> None:
+def _summary(
+    config, run, splits, train_images, val_images, train_data, model, step, strategy
+) -> None:
     skipped = len(getattr(train_data, "skipped", []))
-    parts = [f"run {config['name']} in {run.path}",
-             f"data {cfg.data_root(config)} ({splits.kind} split): "
-             f"{len(train_images)} training images of {len(np.unique(train_images.labels))} "
-             f"classes" + (f", {skipped} unreadable skipped" if skipped else ""),
-             f"validation: {len(val_images)} images" if val_images is not None else
-             "validation: none",
-             f"model {config['model']['backbone']} + {config['model']['head']} -> "
-             f"{config['model']['embedding_dim']}-d, {model.count_params():,} parameters",
-             f"loss {config['loss']}",
-             f"devices: {strategy.num_replicas_in_sync} replica(s)"
-             + (", mixed precision" if keras.mixed_precision.global_policy().name
-                == "mixed_float16" else ""),
-             f"{'resuming at' if step else 'starting at'} step {step} of "
-             f"{config['train']['steps']}"]
+    parts = [
+        f"run {config['name']} in {run.path}",
+        f"data {cfg.data_root(config)} ({splits.kind} split): "
+        f"{len(train_images)} training images of {len(np.unique(train_images.labels))} "
+        f"classes" + (f", {skipped} unreadable skipped" if skipped else ""),
+        f"validation: {len(val_images)} images" if val_images is not None else "validation: none",
+        f"model {config['model']['backbone']} + {config['model']['head']} -> "
+        f"{config['model']['embedding_dim']}-d, {model.count_params():,} parameters",
+        f"loss {config['loss']}",
+        f"devices: {strategy.num_replicas_in_sync} replica(s)"
+        + (
+            ", mixed precision"
+            if keras.mixed_precision.global_policy().name == "mixed_float16"
+            else ""
+        ),
+        f"{'resuming at' if step else 'starting at'} step {step} of {config['train']['steps']}",
+    ]
     for line in parts:
         log.info(line)

@@ -15,8 +15,10 @@ class Validator:
             images = images.subset(keep)
         pixels, labels = [], []
         for indices, batch in iter_eval_batches(
-            images.absolute_paths(), image_size=tuple(data["image_size"]),
-            resize=tuple(data["resize"]) if data["resize"] else None, batch_size=64,
+            images.absolute_paths(),
+            image_size=tuple(data["image_size"]),
+            resize=tuple(data["resize"]) if data["resize"] else None,
+            batch_size=64,
         ):
             pixels.append(batch)
             labels.append(images.labels[indices])
@@ -24,10 +26,12 @@ class Validator:
         self.labels = np.concatenate(labels)
 
     def recall_at_1(self, model, batch_size: int = 128) -> float:
-        embeddings = np.concatenate([
-            np.asarray(model(self.pixels[i:i + batch_size], training=False))
-            for i in range(0, len(self.pixels), batch_size)
-        ])
+        embeddings = np.concatenate(
+            [
+                np.asarray(model(self.pixels[i : i + batch_size], training=False))
+                for i in range(0, len(self.pixels), batch_size)
+            ]
+        )
         return recall_at_1(embeddings, self.labels)
 
 
