@@ -8,7 +8,6 @@ the evaluation CLIs start fast.
 - :mod:`retrieval.gallery`: the HDF5 gallery (atomic writes, identity checks, resumable writer).
 - :mod:`retrieval.faiss_index`: optional approximate search with FAISS (faiss-cpu).
 - :mod:`retrieval.visualize`: a query beside its answers, framed by match / miss.
-- :mod:`retrieval.files`: atomic file output and file hashes.
 
 Definitions: the README's "Retrieval" section.
 """

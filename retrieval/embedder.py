@@ -15,8 +15,8 @@ import numpy as np
 
 import config as cfg
 from datasets.pipeline import iter_eval_batches
-from retrieval.files import hash_file
 from tfcbir import UserError
+from tfcbir.files import hash_file
 
 
 @dataclass

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 
 import config as cfg
 from retrieval import sets
-from retrieval.files import atomic_output
 from retrieval.gallery import Gallery, read_gallery
 from retrieval.metrics import evaluate
 from tfcbir import UserError
+from tfcbir.files import write_json
 
 ORDER = [
     "mAP",
@@ -30,7 +28,7 @@ ORDER = [
 
 def current_model_id(config: dict) -> str | None:
     """Identity of the run's best weights, which galleries must have been made with."""
-    from retrieval.files import hash_file
+    from tfcbir.files import hash_file
     from training.run import RunFolder
 
     weights = RunFolder(cfg.run_dir(config)).best_weights
@@ -116,8 +114,7 @@ def evaluate_run(
             + ".json"
         )
     )
-    with atomic_output(out) as tmp:
-        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     result["saved"] = str(out)
     return result
 

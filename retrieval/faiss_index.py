@@ -38,10 +38,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from retrieval.files import atomic_output
 from retrieval.gallery import Gallery, hdf5_value
 from retrieval.search import ExactIndex, SearchIndex, check_embeddings, exclusion_mask
 from tfcbir import UserError, __version__
+from tfcbir.files import atomic_output
 
 INSTALL = "pip install -r requirements-faiss.txt"
 

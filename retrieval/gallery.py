@@ -5,7 +5,7 @@ Layout of ``<run>/embeddings/<split>.h5`` (format 1):
 - datasets: ``embeddings`` (N, D) float32; ``labels`` (N,) int64; ``paths`` (N,) UTF-8 strings,
   relative to the data root; ``classes`` (C,) UTF-8 strings, the class name of each label.
 - attributes: ``format_version``, ``dim``, ``normalized``, ``model_id`` (the checkpoint's
-  identity, e.g. :func:`retrieval.files.hash_file` of the weights), ``model_step``,
+  identity, e.g. :func:`tfcbir.files.hash_file` of the weights), ``model_step``,
   ``config_hash``, ``created`` (ISO 8601, UTC), ``tfcbir_version``, ``data_root``, ``split``,
   ``gallery_id`` (random, new for every gallery written: an index built from it records it and is
   refused once the gallery is re-embedded) and ``extra`` (a JSON object).
@@ -31,8 +31,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from retrieval.files import atomic_output
 from tfcbir import UserError, __version__
+from tfcbir.files import atomic_output
 
 log = logging.getLogger("tfcbir")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from retrieval.files import atomic_output
+from tfcbir.files import atomic_output
 
 MATCH = (0, 170, 0)
 MISS = (210, 0, 0)

@@ -1,6 +1,6 @@
 """Checkpoints: every variable of a run (model, optimiser, loss) and its step, in one HDF5 file.
 
-Saving writes ``ckpt-<step>.h5.tmp``, syncs it and renames it, so a crash while saving never
+Saving writes a temporary file, syncs it and renames it to ``ckpt-<step>.h5``, so a crash while saving never
 leaves a checkpoint that cannot load: the newest complete file wins, and an unreadable one is
 passed over with a warning.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import h5py
 import numpy as np
 
 from tfcbir import UserError
+from tfcbir.files import atomic_output
 
 log = logging.getLogger("tfcbir")
 FORMAT = 1
@@ -36,27 +36,11 @@ def _values(variables) -> list[np.ndarray]:
     return [np.asarray(v.numpy() if hasattr(v, "numpy") else v) for v in variables]
 
 
-def atomic_replace(tmp: Path, final: Path) -> None:
-    """Make ``tmp`` durable, then move it over ``final`` in one step."""
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
-    try:
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some file systems cannot sync a directory; the rename is still atomic
-        pass
-
-
 def save(folder: Path, step: int, groups: dict[str, list], meta: dict, keep: int) -> Path:
     """Write ``ckpt-<step>.h5`` with each group's variables; keep the ``keep`` newest files."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"ckpt-{step:08d}.h5"
-    tmp = folder / f".{final.name}.tmp"
-    with h5py.File(tmp, "w") as f:
+    with atomic_output(final) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["step"] = step
         f.attrs["meta"] = json.dumps(meta)
@@ -64,7 +48,6 @@ def save(folder: Path, step: int, groups: dict[str, list], meta: dict, keep: int
             group = f.create_group(name)
             for i, value in enumerate(_values(variables)):
                 group.create_dataset(f"{i:05d}", data=value)
-    atomic_replace(tmp, final)
     for old in list_checkpoints(folder)[keep:]:
         old.unlink(missing_ok=True)
     return final

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from config.schema import RESUMABLE_CHANGES
 from tfcbir import UserError
+from tfcbir.files import write_json
 
 log = logging.getLogger("tfcbir")
 
@@ -61,17 +62,13 @@ class RunFolder:
                     "over, or give the config another name"
                 )
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.config_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        tmp.replace(self.config_file)
+        write_json(self.config_file, config)
 
     def best(self) -> dict | None:
         return json.loads(self.best_info.read_text()) if self.best_info.exists() else None
 
     def write_best(self, info: dict) -> None:
-        tmp = self.best_info.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        tmp.replace(self.best_info)
+        write_json(self.best_info, info)
 
     def open_metrics(self, resume_step: int):
         """The CSV log, opened for appending; rows after ``resume_step`` are dropped (redone)."""

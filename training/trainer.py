@@ -22,6 +22,7 @@ import nets
 from datasets.lists import ImageList, load_splits
 from datasets.pipeline import TrainData
 from tfcbir import UserError
+from tfcbir.files import atomic_output
 from training import checkpoint, distribute, validation
 from training.optim import build_optimizer
 from training.progress import Progress
@@ -291,9 +292,8 @@ def _mixed_precision(wanted: bool) -> bool:
 
 
 def _save_weights(model, run: RunFolder) -> None:
-    tmp = run.path / ".best.tmp.weights.h5"
-    model.save_weights(tmp)
-    checkpoint.atomic_replace(tmp, run.best_weights)
+    with atomic_output(run.best_weights) as tmp:
+        model.save_weights(tmp)
 
 
 def _raise_on_sigterm():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +19,14 @@ from pathlib import Path
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success make it durable and move it over ``path``.
 
-    The temporary name keeps ``path``'s suffix (libraries that pick a format by suffix still
-    work) and starts with a dot so folder listings and globs skip it. On an exception the
+    The temporary name ends with ``path``'s whole name (libraries that pick a format by its
+    ending, like Keras' ``.weights.h5``, still work) and starts with a dot so folder listings
+    and globs skip it. On an exception the
     temporary file is removed and ``path`` is left as it was.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")
+    tmp = final.with_name(f".tmp-{os.getpid()}.{final.name}")
     try:
         yield tmp
         with open(tmp, "rb") as handle:
@@ -47,6 +49,12 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_json(path: str | os.PathLike, value) -> None:
+    """Write ``value`` as indented JSON, atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2) + "\n")
 
 
 def hash_file(path: str | os.PathLike, length: int = 16) -> str:
