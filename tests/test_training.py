@@ -31,6 +31,19 @@ def run_cli(*args, timeout=240):
     )
 
 
+def start_training(config_path) -> subprocess.Popen:
+    """train.py in the background; its stderr (progress, messages) is readable at the end."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "train.py", "-c", str(config_path)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_short_run_loss_falls_and_writes_the_run_folder(data_dir, tmp_path):
     raw = tiny_config(train__steps=100, train__validate_every=25)
     result = train(config.resolve({**raw, "name": "falls"}))
@@ -54,15 +67,7 @@ def test_short_run_loss_falls_and_writes_the_run_folder(data_dir, tmp_path):
 def test_resume_after_kill_continues_at_the_same_step(data_dir, tmp_path):
     raw = tiny_config(train__steps=40, train__checkpoint_every=4, train__validate_every=0)
     path = write_config(tmp_path, "killed", raw)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "train.py", "-c", str(path)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_training(path)
     folder = data_dir / "trainings" / "killed" / "checkpoints"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
@@ -96,15 +101,7 @@ def test_resume_after_kill_continues_at_the_same_step(data_dir, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_restart_starts_over(data_dir, tmp_path):
     raw = tiny_config(train__steps=100000, train__checkpoint_every=100000, train__validate_every=0)
     path = write_config(tmp_path, "term", raw)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "train.py", "-c", str(path)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_training(path)
     metrics = data_dir / "trainings" / "term" / "metrics.csv"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and process.poll() is None:
