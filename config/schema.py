@@ -226,10 +226,10 @@ SCHEMA: dict = {
         "distribute": Param(
             str,
             "none",
-            "none; mirrored: every local GPU (tf.distribute."
-            "MirroredStrategy). Each replica gets P / replicas whole classes; the "
-            "loss sees the whole batch.",
-            choices=["none", "mirrored"],
+            "none; mirrored: every local GPU (tf.distribute.MirroredStrategy); "
+            "multi_worker: several machines described by TF_CONFIG. Each replica gets "
+            "P / replicas whole classes; the loss sees the whole batch.",
+            choices=["none", "mirrored", "multi_worker"],
         ),
         "mixed_precision": Param(
             bool,

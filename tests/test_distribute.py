@@ -118,3 +118,46 @@ def test_batch_that_cannot_be_split_is_refused(tmp_path, tiny_demo):
     )
     message = json.loads(done.stdout.strip().splitlines()[-1])["error"]
     assert message.startswith("train.batch.P: 3 classes cannot be split evenly over 2 replicas")
+
+
+def test_multi_worker_training_on_two_local_workers(tmp_path, tiny_demo):
+    """Two train.py processes on this machine form a cluster through TF_CONFIG."""
+    import shutil
+    import socket
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo, root / "datasets" / "shapes")
+    raw = tiny_config(train__steps=6, train__validate_every=3, train__distribute="multi_worker")
+    path = tmp_path / "workers.json"
+    path.write_text(json.dumps(raw))
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    workers = []
+    for index in range(2):
+        cluster = {
+            "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+        env = {**os.environ, "TF_CONFIG": json.dumps(cluster), "TFCBIR_DATA_DIR": str(root)}
+        workers.append(
+            subprocess.Popen(
+                [sys.executable, "train.py", "-c", str(path)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [worker.communicate(timeout=300) for worker in workers]
+    for worker, (_out, err) in zip(workers, outputs):
+        assert worker.returncode == 0, err[-3000:]
+    assert "2 replica(s)" in outputs[0][1]
+    run = root / "trainings" / "workers"
+    assert (run / "checkpoints" / "ckpt-00000006.h5").exists()
+    assert (run / "best.weights.h5").exists()
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2", "3", "4", "5", "6"]

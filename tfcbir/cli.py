@@ -39,7 +39,10 @@ def import_tensorflow() -> None:
     try:
         import tensorflow as tf
 
-        tf.constant(1) + 1  # the first op prints the rest of the start-up lines
+        # The first op prints the rest of the start-up lines; it also starts TensorFlow's
+        # runtime, which a multi-worker run (TF_CONFIG) must configure first.
+        if not os.environ.get("TF_CONFIG"):
+            tf.constant(1) + 1
     finally:
         os.dup2(saved, 2)
         os.close(saved)

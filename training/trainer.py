@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -87,18 +89,22 @@ def train(config: dict, *, restart: bool = False) -> Result:
     train_cfg = config["train"]
     strategy = distribute.make_strategy(train_cfg["distribute"])
     distribute.check_batch_split(train_cfg["batch"]["P"], strategy.num_replicas_in_sync)
-    run = RunFolder(cfg.run_dir(config))
+    shared = RunFolder(cfg.run_dir(config))
+    # Of several workers one writes the run; the others resume from it and write elsewhere.
+    chief = distribute.is_chief(strategy)
+    run = shared if chief else RunFolder(Path(tempfile.mkdtemp(prefix="tfcbir-worker-")))
     run.prepare(config, restart)
     tf.keras.utils.set_random_seed(config["seed"])
     mixed = _mixed_precision(train_cfg["mixed_precision"])
     try:
-        return _train(config, run, strategy, mixed)
+        found = None if restart else checkpoint.latest(shared.checkpoints)
+        return _train(config, run, found, strategy, mixed, validate=chief)
     finally:
         if mixed:
             keras.mixed_precision.set_global_policy("float32")
 
 
-def _train(config: dict, run: RunFolder, strategy, mixed: bool) -> Result:
+def _train(config: dict, run: RunFolder, found, strategy, mixed: bool, validate: bool) -> Result:
     data, model_cfg, train_cfg = config["data"], config["model"], config["train"]
     P, K = train_cfg["batch"]["P"], train_cfg["batch"]["K"]
 
@@ -116,7 +122,6 @@ def _train(config: dict, run: RunFolder, strategy, mixed: bool) -> Result:
         cache_max_bytes=int(data["cache_gb"] * (1 << 30)),
     )
 
-    found = checkpoint.latest(run.checkpoints)
     with strategy.scope():
         model = nets.build_embedding_model(
             model_cfg, tuple(data["image_size"]), pretrained=found is None
@@ -143,7 +148,7 @@ def _train(config: dict, run: RunFolder, strategy, mixed: bool) -> Result:
         log.info("resuming %s from step %d (%s)", run.path, step, found.path.name)
 
     validator = None
-    if val_images is not None and train_cfg["validate_every"] > 0:
+    if validate and val_images is not None and train_cfg["validate_every"] > 0:
         validator = validation.Validator(
             val_images, data, train_cfg["validation"]["max_images"], config["seed"]
         )
