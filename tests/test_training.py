@@ -167,3 +167,29 @@ def test_learning_rate_schedules():
     warm = WarmupDecay(1.0, 100, warmup_steps=10)
     assert float(warm(0)) == pytest.approx(0.1) and float(warm(9)) == pytest.approx(1.0)
     assert WarmupDecay(**linear.get_config()).get_config() == linear.get_config()
+
+
+def test_mixed_precision_path_trains_with_loss_scaling(data_dir, monkeypatch):
+    """The GPU path (mixed_float16 + loss scaling) run on the CPU by pretending a GPU is there."""
+    import keras
+    import tensorflow as tf
+
+    real = tf.config.list_physical_devices
+    monkeypatch.setattr(
+        tf.config,
+        "list_physical_devices",
+        lambda kind=None: ["GPU:0"] if kind == "GPU" else real(kind),
+    )
+    raw = tiny_config(train__steps=4, train__validate_every=2, train__mixed_precision=True)
+    result = train(config.resolve({**raw, "name": "mixed"}))
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored afterwards
+    assert result.step == 4 and np.isfinite(result.loss)
+    saved = checkpoint.latest(result.run.checkpoints)
+    assert len(saved.groups["optimizer"]) > 0
+    unmixed = train(
+        config.resolve({**tiny_config(train__steps=4, train__validate_every=2), "name": "unmixed"})
+    )
+    # The loss-scaling optimiser keeps more state (the scale and its counter).
+    assert len(saved.groups["optimizer"]) > len(
+        checkpoint.latest(unmixed.run.checkpoints).groups["optimizer"]
+    )
