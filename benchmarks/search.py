@@ -20,10 +20,14 @@ temporaries.
 - approximate: each factory string is built once (``FaissIndex.build``: train + add, timed), then
   searched with each run-time setting: recall@10 against the exact top 10, the batch time, and the
   median time of one query at a time through ``FaissIndex.search`` (what the CLIs call; the
-  ``raw`` column is ``index.search`` of FAISS alone). Goal: recall@10 >= 0.95 under 2 ms a query.
+  ``raw`` column is ``index.search`` of FAISS alone). Goal: recall@10 >= 0.95 under 2 ms a query;
+  the last line of each table says whether some setting reaches it, and the fastest that does.
 
-    python benchmarks/search.py                    # 1M x 128, both kinds of data (~30 min)
-    python benchmarks/search.py --quick            # 100k gallery items, 300 queries (~1 min)
+``x exact`` is ExactIndex's batch time over the row's (how many times faster than exact).
+
+    python benchmarks/search.py                    # 1M x 128, both kinds of data (~40 min,
+                                                   # mostly building the indexes)
+    python benchmarks/search.py --quick            # 100k gallery items, 300 queries
     python benchmarks/search.py --data clustered --n 300000 --queries 500
     python benchmarks/search.py --only exact       # ExactIndex against IndexFlatIP only
 """
@@ -238,10 +242,10 @@ def approximate_cases(n: int) -> list[tuple[str, list[str]]]:
     ]
 
 
-ROW = "{:<18} {:<22} {:>8} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9}"
+ROW = "{:<18} {:<22} {:>8} {:>8} {:>8} {:>9} {:>7} {:>9} {:>9} {:>9}"
 
 
-def print_row(case, parameters, row, result, base_ms=None):
+def print_row(case, parameters, row, result, exact_s):
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
@@ -251,6 +255,7 @@ def print_row(case, parameters, row, result, base_ms=None):
             parameters,
             fmt(row.get("build_s"), ".1f"),
             fmt(row.get("batch_s"), ".2f"),
+            fmt(exact_s / row["batch_s"], ".1f"),
             fmt(row.get("ms"), ".3f"),
             fmt(row.get("raw_ms"), ".3f"),
             fmt(row.get("recall"), ".4f"),
@@ -263,12 +268,13 @@ def print_row(case, parameters, row, result, base_ms=None):
 def run_data(data: str, args) -> None:
     run_worker("data", args, data)  # in its own process too: the driver stays small
     print(f"\n== {data} data: {args.n:,} x {args.dim} gallery, {args.queries:,} queries, top-{K}")
-    header = ("case", "parameters", "build s", "batch s", "ms/query", "raw ms", "recall@10")
-    print(ROW.format(*header, "peak MiB", "extra MiB"))
+    header = ("case", "parameters", "build s", "batch s", "x exact", "ms/query", "raw ms")
+    print(ROW.format(*header, "recall@10", "peak MiB", "extra MiB"))
     exact = run_worker("exact", args, data)
-    print_row("ExactIndex", "", exact["rows"][0], exact)
+    exact_s = exact["rows"][0]["batch_s"]
+    print_row("ExactIndex", "", exact["rows"][0], exact, exact_s)
     flat = run_worker("flat", args, data)
-    print_row("FAISS IndexFlatIP", "", flat["rows"][0], flat)
+    print_row("FAISS IndexFlatIP", "", flat["rows"][0], flat, exact_s)
     ratio = run_worker("ratio", args, data)
     best_exact, best_faiss = min(ratio["exact"]), min(ratio["faiss"])
     verdict = "met" if best_exact <= GOAL_RATIO * best_faiss else "NOT met"
@@ -289,7 +295,7 @@ def run_data(data: str, args) -> None:
     for factory, settings in approximate_cases(args.n):
         result = run_worker("faiss", args, data, factory, settings)
         for row in result["rows"]:
-            print_row(factory, row["parameters"], row, result)
+            print_row(factory, row["parameters"], row, result, exact_s)
             if row["recall"] >= GOAL_RECALL and row["ms"] < GOAL_MS:
                 good.append((row["ms"], factory, row["parameters"], row["recall"]))
     if good:

@@ -2,7 +2,9 @@
 
 Scores: the cosine similarity (a dot product) for normalised embeddings, the negative Euclidean
 distance otherwise; higher is better in both. Ties are broken by gallery order (the lower gallery
-index ranks first), so a ranking never depends on the block size, the BLAS or the sort algorithm.
+index ranks first), so given the scores a ranking never depends on the block size or the sort
+algorithm. (The float32 scores themselves can differ in the last bit with the BLAS and the shape
+of a block, which sums in another order: exactly tied scores need exactly representable sums.)
 
 Both rules live in :func:`order_keys`, which turns a row of float32 scores into int64 keys whose
 plain integer order *is* the ranking: the score's bits in the high half (mapped so that integer
@@ -16,8 +18,8 @@ hold, the k-th largest run maximum is a score the block's own k-th best reaches,
 best so far must be beaten (strictly: later blocks hold higher indices, which lose ties). Only
 the runs that pass are looked at item by item, and the few survivors are merged exactly by
 (score, index). On 1M x 128 with k = 10 the screen costs about a tenth of the matrix product;
-see ``benchmarks/search.py``. Large k (over 1/16 of a block) falls back to whole gallery rows
-and an ``argpartition`` on their keys.
+see ``benchmarks/search.py``. Large k (over 1/16 of the gallery) falls back to whole gallery
+rows and an ``argpartition`` on their keys.
 
 Blocks are sized from a memory budget, so a search never holds more than ``memory_mb`` of
 (queries x gallery) temporaries, whatever the gallery's size.
@@ -39,10 +41,14 @@ EXCLUDED = np.iinfo(np.int64).min
 #: The default budget for one block's (queries x gallery) temporaries, in MiB.
 DEFAULT_MEMORY_MB = 256
 
-#: Gallery items per block of :meth:`ExactIndex.search` (more when k > 1/16 of it, or for a few
-#: queries): wide enough for BLAS to run near its peak, while the block's items (8 MiB at
-#: D = 128) stay in the last-level cache for all of a query block's product.
-GALLERY_BLOCK = 16384
+#: Queries per block of :meth:`ExactIndex.search` (fewer if the memory budget says so): enough
+#: for BLAS to run near its peak.
+QUERY_BLOCK = 1024
+
+#: (query, gallery item) pairs per block: 16 MiB of float32 scores, which the screen then reads
+#: from the last-level cache (half a typical one). A query block of 1,000 takes gallery blocks of
+#: about 4,000 items; a single query, up to 4M items at once.
+BLOCK_PAIRS = 2**22
 
 #: The longest run of gallery items that the screen of a block summarises by its maximum.
 CHUNK = 64
@@ -235,7 +241,8 @@ class ExactIndex:
     # screen lets too much through) + their row-major copy (4) + keys int64 (8) +
     # argpartition's int64 indices (8).
     BYTES_PER_PAIR = 24
-    GALLERY_BLOCK = GALLERY_BLOCK
+    QUERY_BLOCK = QUERY_BLOCK
+    BLOCK_PAIRS = BLOCK_PAIRS
     CHUNK = CHUNK
 
     def __init__(
@@ -285,11 +292,10 @@ class ExactIndex:
         out_indices = np.full((n_queries, k), -1, dtype=np.int64)
         if n_queries == 0 or n_gallery == 0:
             return out_scores, out_indices
-        # Few queries: wider blocks (as the budget allows), fewer and larger matrix products.
-        pairs = block_rows(1, self.BYTES_PER_PAIR, self.memory_mb) // n_queries
-        width = min(n_gallery, max(self.GALLERY_BLOCK, 16 * k, pairs))
+        step = min(n_queries, self.QUERY_BLOCK)
+        width = min(n_gallery, max(self.BLOCK_PAIRS // step, 16 * k))
         screened = 16 * k <= width  # else width == n_gallery: whole rows
-        step = block_rows(width, self.BYTES_PER_PAIR, self.memory_mb)
+        step = min(step, block_rows(width, self.BYTES_PER_PAIR, self.memory_mb))
         step = -(-n_queries // -(-n_queries // step))  # equal blocks: no thin last product
         buffer = np.empty(width * min(step, n_queries), dtype=np.float32)
         for start in range(0, n_queries, step):
@@ -305,7 +311,7 @@ class ExactIndex:
     # --- one block of queries (B, D); results written into top_scores, top_indices (B, k) ------
 
     def _search_rows(self, queries, excluded, width, buffer, top_scores, top_indices) -> None:
-        """Whole gallery rows (width == N) ranked by their keys: for k > 1/16 of a block."""
+        """Whole gallery rows (width == N) ranked by their keys: for k > N / 16."""
         raw = self._block_scores(self._scaled(queries), excluded, 0, width, buffer)
         kept = min(top_scores.shape[1], width)
         top, scores = self._block_top(raw, self._query_sq_norms(queries), kept)

@@ -272,10 +272,10 @@ def test_exact_index_matches_brute_force_with_ties_and_exclusion(normalized):
 
 
 class SmallBlocks(ExactIndex):
-    """Gallery blocks of 40 items screened in runs of 4: many blocks, a short last block and a
-    short last run even for a gallery of a few hundred items."""
+    """Blocks of 120 (query, item) pairs (but at least 16 k items) screened in runs of 4: many
+    blocks, a short last block and a short last run even for a gallery of a few hundred items."""
 
-    GALLERY_BLOCK = 40
+    BLOCK_PAIRS = 120
     CHUNK = 4
 
 
@@ -543,7 +543,7 @@ def test_faiss_default_and_given_search_parameters():
     )
     assert given.parameters == "nprobe=3" and faiss.extract_index_ivf(ivf.index).nprobe == 3
     hnsw = FaissIndex.build(points, normalized=True, factory="HNSW16")
-    assert hnsw.parameters == "efSearch=128" and hnsw.index.hnsw.efSearch == 128
+    assert hnsw.parameters == "efSearch=256" and hnsw.index.hnsw.efSearch == 256
     assert FaissIndex.build(points, normalized=True, factory="Flat").parameters == ""
     with pytest.raises(UserError, match="'nprobe=4' do not fit HNSW16"):
         FaissIndex(hnsw.index, normalized=True, factory="HNSW16", search_parameters="nprobe=4")
