@@ -193,3 +193,21 @@ def test_mixed_precision_path_trains_with_loss_scaling(data_dir, monkeypatch):
     assert len(saved.groups["optimizer"]) > len(
         checkpoint.latest(unmixed.run.checkpoints).groups["optimizer"]
     )
+
+
+def test_a_run_saved_before_new_config_keys_resumes(data_dir):
+    """A run folder written by an older tfcbir (without today's keys) is not 'changed'."""
+    import json
+
+    resolved = config.resolve(
+        {**tiny_config(train__steps=2, train__validate_every=0), "name": "older"}
+    )
+    train(resolved)
+    saved = data_dir / "trainings" / "older" / "config.json"
+    old = json.loads(saved.read_text())
+    del old["train"]["distribute"], old["index"]
+    saved.write_text(json.dumps(old))
+    again = train(
+        config.resolve({**tiny_config(train__steps=3, train__validate_every=0), "name": "older"})
+    )
+    assert again.step == 3

@@ -17,7 +17,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from config.schema import RESUMABLE_CHANGES
+from config.schema import RESUMABLE_CHANGES, resolve
 from tfcbir import UserError
 from tfcbir.files import write_json
 
@@ -53,6 +53,7 @@ class RunFolder:
                 path.unlink(missing_ok=True)
         saved = None if restart else self.saved_config()
         if saved is not None:
+            saved = _with_new_defaults(saved)
             changed = [key for key in diff(saved, config) if not _resumable(key)]
             if changed:
                 key = changed[0]
@@ -82,6 +83,15 @@ class RunFolder:
         writer.writerows(rows)
         handle.flush()
         return handle, writer
+
+
+def _with_new_defaults(saved: dict) -> dict:
+    """A run's saved config with the keys a newer tfcbir added, at their defaults, so that
+    resuming an older run does not count them as changes."""
+    try:
+        return resolve(saved)
+    except UserError:  # keys this version no longer knows: compare as saved
+        return saved
 
 
 def _resumable(key: str) -> bool:
