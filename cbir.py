@@ -55,7 +55,8 @@ def main(argv: list[str]) -> int:
     cfg = config.load(args.config)
     paths = _query_paths(args.queries, args.list, is_image_name)
     name = args.gallery or sets.protocol(cfg).gallery
-    gallery = open_gallery(cfg, name, args.config)
+    embedder = load_embedder(cfg)  # its weights' hash checks the gallery
+    gallery = open_gallery(cfg, name, args.config, embedder.model_id)
     answers.check_r(args.retrieve, gallery)
     index = open_index(
         gallery,
@@ -63,7 +64,6 @@ def main(argv: list[str]) -> int:
         search_parameters=cfg["index"]["search_parameters"],
         config_path=args.config,
     )
-    embedder = load_embedder(cfg)
     failed: list[int] = []
     results = []
     for indices, embeddings in embedder.embed_files(

@@ -33,11 +33,11 @@ def main(argv: list[str]) -> int:
 
     cfg = config.load(args.config)
     protocol = sets.protocol(cfg)
-    gallery = open_gallery(cfg, protocol.gallery, args.config)
+    embedder = load_embedder(cfg)  # its weights' hash checks the gallery
+    gallery = open_gallery(cfg, protocol.gallery, args.config, embedder.model_id)
     answers.check_r(args.retrieve, gallery, protocol.leave_one_out)
     candidates = sets.images(cfg, protocol.queries)
     rng = np.random.default_rng(args.seed)
-    embedder = load_embedder(cfg)
     for pick in rng.permutation(len(candidates))[:20]:  # a broken file: try another image
         path = candidates.absolute_paths()[pick]
         found = list(embedder.embed_files([path]))

@@ -8,6 +8,7 @@ import numpy as np
 
 import config as cfg
 from retrieval import sets
+from retrieval.embedder import expected_model_id
 from retrieval.gallery import Gallery, read_gallery
 from retrieval.metrics import evaluate
 from tfcbir import UserError
@@ -26,20 +27,13 @@ ORDER = [
 ]
 
 
-def current_model_id(config: dict) -> str | None:
-    """Identity of the run's best weights, which galleries must have been made with."""
-    from tfcbir.files import hash_file
-    from training.run import RunFolder
+def open_gallery(config: dict, name: str, config_path=None, model_id: str | None = None) -> Gallery:
+    """A run's gallery of set ``name``, refused if another model or config made it.
 
-    weights = RunFolder(cfg.run_dir(config)).best_weights
-    return hash_file(weights) if weights.exists() else None
-
-
-def open_gallery(config: dict, name: str, config_path=None) -> Gallery:
-    """A run's gallery of set ``name``, refused if another model or config made it."""
+    model_id: the identity of the weights in use (an Embedder's), default the run's best."""
     return read_gallery(
         sets.gallery_file(config, name),
-        expect_model_id=current_model_id(config),
+        expect_model_id=model_id or expected_model_id(config),
         expect_config_hash=cfg.model_hash(config),
         config_path=config_path,
     )
