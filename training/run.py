@@ -6,7 +6,7 @@ best.weights.h5    the embedding model's best weights (by validation Recall@1)
 best.json          step and score of those weights
 metrics.csv        step, loss, learning rate, steps/s, validation Recall@1
 logs/              TensorBoard event files
-embeddings/, evaluation/, queries/   written by embed.py, evaluation.py, test.py and cbir.py
+embeddings/, evaluation/, queries/   written by embed.py, evaluation.py and test.py
 """
 
 from __future__ import annotations
