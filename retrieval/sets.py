@@ -45,11 +45,7 @@ def protocol(config: dict, made: Splits | None = None) -> Protocol:
     name = config["eval"]["protocol"]
     if name == "auto":
         made = made or splits(config)
-        if made.test is None:
-            name = "leave_one_out"
-        else:
-            shared = np.intersect1d(made.train.labels, made.test.labels)
-            name = "leave_one_out" if len(shared) == 0 else "train_gallery"
+        name = "leave_one_out" if made.test is None or made.class_disjoint else "train_gallery"
     if name == "train_gallery":
         return Protocol(name, "test", "train")
     if name == "leave_one_out":
