@@ -1,9 +1,11 @@
-"""Answer image queries: ``python cbir.py -c <config> -r 10 photo.jpg [more.jpg | folder ...]``.
+"""Answer image and text queries: ``python cbir.py -c <config> -r 10 photo.jpg [more.jpg | folder
+...] [--text "a red handbag" ...]``.
 
 Queries are image files, folders of images, or list files (--list, one path a line); they are
 embedded in batches and searched in the gallery of the config's eval.protocol (or --gallery).
-Prints each query's ranked answers, or one JSON document with --json; --save writes pictures.
-Exit code: 0 when every query was answered, 1 when some could not be read, 2 when none.
+--text queries (a dual encoder's) are embedded by its text tower and searched in the same
+gallery. Prints each query's ranked answers, or one JSON document with --json; --save writes
+pictures. Exit code: 0 when every query was answered, 1 when some could not be read, 2 when none.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
     parser.add_argument("-r", "--retrieve", type=int, default=10, help="answers per query")
     parser.add_argument("queries", nargs="*", type=Path, help="image files or folders")
+    parser.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help='a text query, e.g. --text "a red handbag" (repeat for several; needs a model '
+        "with a text tower)",
+    )
     parser.add_argument(
         "--list",
         type=Path,
@@ -47,16 +57,24 @@ def main(argv: list[str]) -> int:
     import config
     from datasets.images import is_image_name
     from retrieval import answers, sets
-    from retrieval.embedder import load_embedder
+    from retrieval.embedder import load_embedder, load_text_encoder
     from retrieval.evaluate import open_gallery
     from retrieval.faiss_index import open_index
+    from retrieval.text_queries import open_text_gallery, slug
     from tfcbir import UserError
 
     cfg = config.load(args.config)
-    paths = _query_paths(args.queries, args.list, is_image_name)
+    texts = _texts(args.text)
+    paths = _query_paths(args.queries, args.list, is_image_name, allow_none=bool(texts))
     name = args.gallery or sets.protocol(cfg).gallery
-    embedder = load_embedder(cfg)  # its weights' hash checks the gallery
-    gallery = open_gallery(cfg, name, args.config, embedder.model_id)
+    # Each model is loaded only if a query needs it; their identity (both towers) checks the
+    # gallery.
+    encoder = load_text_encoder(cfg) if texts else None
+    embedder = load_embedder(cfg) if paths else None
+    if encoder is not None:
+        gallery = open_text_gallery(cfg, name, encoder, args.config)
+    else:
+        gallery = open_gallery(cfg, name, args.config, embedder.model_id)
     answers.check_r(args.retrieve, gallery)
     index = open_index(
         gallery,
@@ -64,27 +82,52 @@ def main(argv: list[str]) -> int:
         search_parameters=cfg["index"]["search_parameters"],
         config_path=args.config,
     )
+    count = len(paths) + len(texts)
     failed: list[int] = []
     results = []
-    for indices, embeddings in embedder.embed_files(
-        [str(p) for p in paths],
-        batch_size=args.batch_size,
-        on_error=lambda i, _message: failed.append(i),
-    ):
-        labels = [_known_class(paths[i], gallery) for i in indices]
-        ranked = answers.rank(index, gallery, embeddings, labels, args.retrieve)
-        for i, label, found in zip(indices, labels, ranked):
-            class_name = None if label is None else gallery.classes[label]
-            results.append((paths[i], class_name, found))
-            if not args.json:
-                print(answers.table(str(paths[i]), class_name, found) + "\n")
-            if args.save:
-                out = (
-                    args.save
-                    if len(paths) == 1
-                    else args.save.with_name(f"{args.save.stem}_{paths[i].stem}{args.save.suffix}")
+
+    def out_path(stem: str) -> Path:
+        if count == 1:
+            return args.save
+        return args.save.with_name(f"{args.save.stem}_{stem}{args.save.suffix}")
+
+    if embedder is not None:
+        for indices, embeddings in embedder.embed_files(
+            [str(p) for p in paths],
+            batch_size=args.batch_size,
+            on_error=lambda i, _message: failed.append(i),
+        ):
+            labels = [_known_class(paths[i], gallery) for i in indices]
+            ranked = answers.rank(index, gallery, embeddings, labels, args.retrieve)
+            for i, label, found in zip(indices, labels, ranked):
+                class_name = None if label is None else gallery.classes[label]
+                results.append(answers.as_json(str(paths[i]), class_name, found))
+                if not args.json:
+                    print(answers.table(str(paths[i]), class_name, found) + "\n")
+                if args.save:
+                    saved = answers.picture(
+                        paths[i], class_name, found, gallery, out_path(paths[i].stem)
+                    )
+                    print(f"picture: {saved}", file=sys.stderr)
+    if encoder is not None:
+        ranked = answers.rank(
+            index, gallery, encoder.embed(texts), [None] * len(texts), args.retrieve
+        )
+        for n, (text, found) in enumerate(zip(texts, ranked)):
+            unknown = encoder.unknown_words(text)
+            if unknown:
+                print(
+                    f"warning: --text {text!r}: {', '.join(map(repr, unknown))} "
+                    f"{'is' if len(unknown) == 1 else 'are'} not in the text tower's vocabulary "
+                    "(the training captions' words) and read as unknown",
+                    file=sys.stderr,
                 )
-                saved = answers.picture(paths[i], class_name, found, gallery, out)
+            results.append(answers.text_as_json(text, None, found, unknown))
+            if not args.json:
+                print(answers.text_table(text, None, found) + "\n")
+            if args.save:
+                stem = f"text{n + 1}-{slug(text)}" if len(texts) > 1 else slug(text)
+                saved = answers.text_picture(text, None, found, gallery, out_path(stem))
                 print(f"picture: {saved}", file=sys.stderr)
     if args.json:
         print(
@@ -92,7 +135,7 @@ def main(argv: list[str]) -> int:
                 {
                     "gallery": str(gallery.path),
                     "r": args.retrieve,
-                    "results": [answers.as_json(str(p), c, a) for p, c, a in results],
+                    "results": results,
                     "unreadable": [str(paths[i]) for i in sorted(failed)],
                 },
                 indent=2,
@@ -103,8 +146,21 @@ def main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _query_paths(items: list[Path], lists: list[Path], is_image_name) -> list[Path]:
-    """Files as given, folders' images (recursively, sorted), and the paths in list files."""
+def _texts(texts: list[str]) -> list[str]:
+    """The --text queries, blanks refused."""
+    from tfcbir import UserError
+
+    cleaned = [" ".join(text.split()) for text in texts]
+    if any(not text for text in cleaned):
+        raise UserError('--text: an empty query; give words, e.g. --text "a red handbag"')
+    return cleaned
+
+
+def _query_paths(
+    items: list[Path], lists: list[Path], is_image_name, allow_none: bool = False
+) -> list[Path]:
+    """Files as given, folders' images (recursively, sorted), and the paths in list files;
+    none at all is an error unless ``allow_none`` (there are text queries)."""
     from tfcbir import UserError
 
     paths: list[Path] = []
@@ -121,8 +177,10 @@ def _query_paths(items: list[Path], lists: list[Path], is_image_name) -> list[Pa
             paths += found
         else:
             paths.append(item)  # a missing or broken file is reported when it is read
-    if not paths:
-        raise UserError("no query given; name image files, folders or --list files")
+    if not paths and not allow_none:
+        raise UserError(
+            'no query given; name image files, folders or --list files, or --text "..."'
+        )
     return paths
 
 

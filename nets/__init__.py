@@ -22,8 +22,11 @@ from nets.catalog import (
     HEADS,
     PARAMS,
     PREPROCESS_MODES,
+    TEXT_PARAMS,
     WEIGHT_SUFFIXES,
+    hub_preset,
     imagenet_file,
+    text_tower_kind,
 )
 
 __all__ = [
@@ -31,18 +34,24 @@ __all__ = [
     "HEADS",
     "PARAMS",
     "PREPROCESS_MODES",
+    "TEXT_PARAMS",
     "WEIGHT_SUFFIXES",
     "ImagePreprocessing",
     "L2Normalize",
+    "TextTower",
     "backbone_names",
     "build_backbone",
     "build_embedding_model",
+    "build_text_tower",
     "head_names",
+    "hub_preset",
     "imagenet_file",
     "is_normalized",
     "load_backbone_weights",
     "min_image_size",
     "preprocess_mode",
+    "text_embedding_dim",
+    "text_tower_kind",
 ]
 
 # Names that need TensorFlow, and the module each comes from (imported on first use).
@@ -52,6 +61,8 @@ _LAZY = {
     "load_backbone_weights": "nets.backbones",
     "ImagePreprocessing": "nets.layers",
     "L2Normalize": "nets.layers",
+    "build_text_tower": "nets.text",
+    "TextTower": "nets.text",
 }
 
 
@@ -77,6 +88,15 @@ def min_image_size(backbone: str) -> int:
 def preprocess_mode(backbone: str) -> str:
     """The :data:`PREPROCESS_MODES` key of ``backbone``'s preprocessing."""
     return BACKBONES.get(backbone, "model.backbone").meta["preprocess"]
+
+
+def text_embedding_dim(model: dict) -> int | None:
+    """The dimension a text tower projects to, for the ``model`` section ``model``: its
+    ``embedding_dim``, or None (a hub tower's own projection) when the head passes the image
+    features through unchanged (a head with the ``keeps_features`` fact)."""
+    if HEADS.get(model["head"], "model.head").meta.get("keeps_features", False):
+        return None
+    return model["embedding_dim"]
 
 
 def is_normalized(head: str) -> bool:

@@ -186,3 +186,67 @@ PARAMS = {
 def imagenet_file(name: str) -> ImagenetFile | None:
     """keras' ImageNet file for backbone ``name``; None if it has none."""
     return BACKBONES.get(name, "model.backbone").meta["imagenet"]
+
+
+# --- the text tower (dual encoders) --------------------------------------------------------------
+
+TEXT_TOWERS = ("none", "scratch")  # and "hub:<preset>"
+HUB_PREFIX = "hub:"
+SCRATCH_MAX_LENGTH = 32
+
+
+def _check_tower(value: str) -> str | None:
+    if value in TEXT_TOWERS or (value.startswith(HUB_PREFIX) and value[len(HUB_PREFIX) :].strip()):
+        return None
+    return (
+        "is not none, scratch or hub:<preset> (a keras-hub CLIP or SigLIP preset's name, or "
+        "the path of a local preset folder)"
+    )
+
+
+# The ``model.text`` section's keys, as nets.text_tower reads them.
+TEXT_PARAMS = {
+    "tower": Param(
+        str,
+        "none",
+        "Text tower beside the image tower, for text queries: none; scratch (a small "
+        "transformer trained from scratch, with a word tokenizer built from the training "
+        "captions); hub:<preset> (a keras-hub CLIP or SigLIP preset's text encoder and "
+        "tokenizer, by name or local folder). Needs an image-text loss (clip, siglip).",
+        check=_check_tower,
+    ),
+    "width": Param(int, 256, "scratch: width of the token embeddings and blocks.", min=8),
+    "layers": Param(int, 2, "scratch: transformer blocks.", min=1, max=48),
+    "heads": Param(int, 4, "scratch: attention heads (they must divide width).", min=1),
+    "max_length": Param(
+        int,
+        None,
+        f"Tokens per caption, start and end included (longer captions are cut); null: "
+        f"{SCRATCH_MAX_LENGTH} for scratch, the preset's own for hub.",
+        min=3,
+        max=1024,
+        nullable=True,
+    ),
+    "vocab_size": Param(
+        int,
+        10000,
+        "scratch: the vocabulary holds at most this many tokens: 4 special ones and the most "
+        "frequent words of the training captions.",
+        min=8,
+    ),
+    "freeze": Param(
+        bool,
+        False,
+        "Keep the text tower's weights fixed while training (for a pretrained hub: tower).",
+    ),
+}
+
+
+def text_tower_kind(tower: str) -> str:
+    """none, scratch or hub."""
+    return "hub" if tower.startswith(HUB_PREFIX) else tower
+
+
+def hub_preset(tower: str) -> str:
+    """The preset of a ``hub:<preset>`` tower (a name or a local folder)."""
+    return tower[len(HUB_PREFIX) :].strip()

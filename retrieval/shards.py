@@ -159,7 +159,10 @@ class CheckedShards:
             config_hash=first.config_hash,
             data_root=str(self.images.root),
             split=self.split,
-            extra={"merged_shards": len(self.shards)},
+            extra={
+                **{k: v for k, v in first.extra.items() if k != "shard"},
+                "merged_shards": len(self.shards),
+            },
             dropped=self.dropped,
         )
 
