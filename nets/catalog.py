@@ -134,6 +134,16 @@ BACKBONES.register(
     imagenet=None,
 )
 
+BACKBONES.register(
+    "small_cnn_rgb",
+    "nets.backbones:small_cnn",
+    doc="small_cnn on the colours as they are (inputs in [-1, 1]): for queries that name "
+    "colours, such as the text demo's.",
+    min_size=8,
+    preprocess="tf",
+    imagenet=None,
+)
+
 
 HEADS.register(
     "direct",

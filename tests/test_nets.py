@@ -29,6 +29,7 @@ BACKBONES = [
     "efficientnet_b0",
     "densenet169",
     "small_cnn",
+    "small_cnn_rgb",
 ]
 HEADS = ["direct", "direct_normalize", "fc1024", "fc1024_normalize"]
 FEATURES = {
@@ -39,6 +40,7 @@ FEATURES = {
     "efficientnet_b0": 1280,
     "densenet169": 1664,
     "small_cnn": 128,
+    "small_cnn_rgb": 128,
 }
 # The preprocessing keras documents for each application (efficientnet's is the identity).
 KERAS_PREPROCESS = {
@@ -104,7 +106,7 @@ def no_network(monkeypatch) -> None:
 def test_registries_list_every_backbone_and_head():
     assert nets.backbone_names() == BACKBONES
     assert nets.head_names() == HEADS
-    assert [nets.min_image_size(b) for b in BACKBONES] == [32, 32, 32, 32, 32, 32, 8]
+    assert [nets.min_image_size(b) for b in BACKBONES] == [32, 32, 32, 32, 32, 32, 8, 8]
     assert [nets.is_normalized(h) for h in HEADS] == [False, True, False, True]
     assert [nets.preprocess_mode(b) for b in BACKBONES] == [
         "caffe",
@@ -114,6 +116,7 @@ def test_registries_list_every_backbone_and_head():
         "raw",
         "torch",
         "per_image",
+        "tf",
     ]
 
 
