@@ -200,10 +200,26 @@ class TextEncoder:
     def dim(self) -> int:
         return int(self.tower.model.output_shape[-1])
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
         """(B, D) float32 unit vectors of B texts (searched by cosine, as the image-text loss
         compares them)."""
-        return unit_rows(self.tower.embed(list(texts)))
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        ids = self.tower.tokenizer.encode(list(texts))
+        if not hasattr(self, "_compiled"):
+            import tensorflow as tf
+
+            self._compiled = tf.function(
+                lambda x: self.tower.model(x, training=False), reduce_retracing=True
+            )
+        return unit_rows(
+            np.concatenate(
+                [
+                    np.asarray(self._compiled(ids[i : i + batch_size]), np.float32)
+                    for i in range(0, len(ids), batch_size)
+                ]
+            )
+        )
 
     def unknown_words(self, text: str) -> list[str]:
         """Words of ``text`` the tokenizer can only read as unknown (a scratch tower's
