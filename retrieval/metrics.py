@@ -99,8 +99,11 @@ class Metrics:
         return self.n_queries - self.n_excluded
 
     def as_dict(self) -> dict:
-        """Flat, JSON-ready, in the order reports show them."""
-        values = {"mAP": self.mean_average_precision, "precision@1": self.precision_at_1}
+        """Flat, JSON-ready, in the order reports show them. mAP is under its exact name,
+        :func:`map_key` (``mAP@10`` for r = 10; ``mAP`` without a cut-off), and under ``mAP``
+        (an alias, the same value)."""
+        values = {map_key(self.r): self.mean_average_precision, "mAP": self.mean_average_precision}
+        values["precision@1"] = self.precision_at_1
         values.update({f"recall@{k}": v for k, v in self.recall_at_k.items()})
         values.update({"MAP@R": self.map_at_r, "R-precision": self.r_precision})
         if self.nmi is not None:
@@ -114,6 +117,11 @@ class Metrics:
             }
         )
         return values
+
+
+def map_key(r: int | None) -> str:
+    """The name of the mean of AP@r: ``mAP@<r>`` (``mAP@10``), or ``mAP`` for the whole ranking."""
+    return "mAP" if r is None else f"mAP@{r}"
 
 
 def evaluate(

@@ -13,7 +13,15 @@ from PIL import Image
 
 from retrieval import metrics as metrics_module
 from retrieval.faiss_index import open_index
-from retrieval.gallery import GalleryWriter, partial_path, read_gallery, write_gallery
+from retrieval.gallery import (
+    FORMAT_VERSION,
+    GalleryIdentity,
+    GalleryWriter,
+    items_hash,
+    partial_path,
+    read_gallery,
+    write_gallery,
+)
 from retrieval.metrics import (
     evaluate,
     evaluate_leave_one_out,
@@ -354,7 +362,17 @@ def test_kmeans_separates_blobs(plusplus, monkeypatch):
 
 # --- the HDF5 gallery ---------------------------------------------------------------------------
 
-IDENTITY = {"normalized": True, "model_id": "abc123", "model_step": 500, "config_hash": "cfg1"}
+
+def identity(items: dict, **changes) -> GalleryIdentity:
+    """The identity of a gallery of ``items`` (paths, labels, classes) by model abc123, step 500,
+    config cfg1; ``changes`` replace fields."""
+    fields = {
+        "model_id": "abc123",
+        "config_hash": "cfg1",
+        "items_hash": items_hash(items["paths"], items["labels"], items["classes"]),
+        "model_step": 500,
+    }
+    return GalleryIdentity(**{**fields, **changes})
 
 
 def gallery_items(n=10, dim=4):
@@ -372,13 +390,15 @@ def test_gallery_round_trip(tmp_path):
     path = write_gallery(
         tmp_path / "emb" / "test.h5",
         **items,
-        **IDENTITY,
+        normalized=True,
+        identity=identity(items),
         data_root="/data",
         split="test",
         extra={"image_size": [56, 56]},
     )
     assert [p.name for p in path.parent.iterdir()] == ["test.h5"]  # no temporary left
-    gallery = read_gallery(path, expect_model_id="abc123", expect_config_hash="cfg1")
+    gallery = read_gallery(path, expect=identity(items, model_step=None))
+    assert gallery.identity == identity(items)
     np.testing.assert_array_equal(gallery.embeddings, items["embeddings"])
     assert gallery.embeddings.dtype == np.float32 and gallery.dim == 4 and len(gallery) == 10
     assert gallery.labels.tolist() == items["labels"].tolist()
@@ -399,15 +419,37 @@ def test_gallery_round_trip(tmp_path):
 
 
 def test_gallery_refusals(tmp_path):
-    path = write_gallery(tmp_path / "test.h5", **gallery_items(), **IDENTITY, split="test")
+    items = gallery_items()
+    path = write_gallery(
+        tmp_path / "test.h5", **items, normalized=True, identity=identity(items), split="test"
+    )
     with pytest.raises(
         UserError,
         match=r"another model checkpoint.*embed.py -c run.yaml "
         r"--split test",
     ):
-        read_gallery(path, expect_model_id="other", config_path="run.yaml")
+        read_gallery(path, expect=identity(items, model_id="other"), config_path="run.yaml")
     with pytest.raises(UserError, match="another config"):
-        read_gallery(path, expect_config_hash="cfg2")
+        read_gallery(path, expect=identity(items, config_hash="cfg2"))
+    with pytest.raises(UserError, match="another training step"):
+        read_gallery(path, expect=identity(items, model_step=600))
+    # One image more, or one relabelled: another item list.
+    for changed in (
+        {**items, "paths": items["paths"] + ["new.jpg"], "labels": np.arange(11) % 3},
+        {**items, "labels": np.roll(items["labels"], 1)},
+    ):
+        with pytest.raises(
+            UserError,
+            match=r"another list of test images \(10 then.*embed.py -c r.json --split test",
+        ) as caught:
+            read_gallery(path, expect=identity(changed), config_path="r.json")
+        assert "\n" not in str(caught.value)
+    # A gallery of the format before items_hash is refused with the command that re-embeds.
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = FORMAT_VERSION - 1
+        del f.attrs["items_hash"]
+    with pytest.raises(UserError, match=r"gallery format 1, this tfcbir reads format 2; re-embed"):
+        read_gallery(path, config_path="r.json")
     with pytest.raises(UserError, match="no gallery there"):
         read_gallery(tmp_path / "missing.h5")
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
@@ -420,14 +462,18 @@ def test_interrupted_partial_write_resumes(tmp_path, caplog):
     items = gallery_items(n=10)
     out = tmp_path / "test.h5"
     spec = {k: items[k] for k in ("paths", "labels", "classes")}
-    writer = GalleryWriter(out, **spec, dim=4, **IDENTITY, split="test")
+    writer = GalleryWriter(
+        out, **spec, dim=4, normalized=True, identity=identity(items), split="test"
+    )
     assert writer.remaining().tolist() == list(range(10))
     writer.write(range(0, 4), items["embeddings"][0:4])
     writer.write([8, 6], items["embeddings"][[8, 6]])
     writer.close()  # the run is interrupted here
     assert not out.exists() and partial_path(out).exists()
 
-    resumed = GalleryWriter(out, **spec, dim=4, **IDENTITY, split="test")
+    resumed = GalleryWriter(
+        out, **spec, dim=4, normalized=True, identity=identity(items), split="test"
+    )
     assert resumed.remaining().tolist() == [4, 5, 7, 9]  # finished chunks are not redone
     with pytest.raises(ValueError, match="not embedded yet"):
         resumed.finalize()
@@ -435,16 +481,18 @@ def test_interrupted_partial_write_resumes(tmp_path, caplog):
     resumed.write(todo, items["embeddings"][todo])
     assert resumed.finalize() == out
     assert not partial_path(out).exists()
-    gallery = read_gallery(out, expect_model_id="abc123")
+    gallery = read_gallery(out, expect=identity(items))
     np.testing.assert_array_equal(gallery.embeddings, items["embeddings"])
     assert gallery.paths == items["paths"] and gallery.split == "test"
 
     # A partial file from another model is started over, with a warning.
-    writer = GalleryWriter(out, **spec, dim=4, **IDENTITY)
+    writer = GalleryWriter(out, **spec, dim=4, normalized=True, identity=identity(items))
     writer.write([0], items["embeddings"][:1])
     writer.close()
     with caplog.at_level(logging.WARNING, logger="tfcbir"):
-        other = GalleryWriter(out, **spec, dim=4, **{**IDENTITY, "model_id": "new"})
+        other = GalleryWriter(
+            out, **spec, dim=4, normalized=True, identity=identity(items, model_id="new")
+        )
     assert "model_id differs" in caplog.text
     assert len(other.remaining()) == 10
     other.close()
@@ -576,7 +624,8 @@ def test_faiss_index_save_load_and_refusals(tmp_path):
         "labels": labels,
         "classes": [str(c) for c in range(20)],
     }
-    path = write_gallery(tmp_path / "train.h5", points, **items, **IDENTITY, split="train")
+    spec = {"normalized": True, "identity": identity(items), "split": "train"}
+    path = write_gallery(tmp_path / "train.h5", points, **items, **spec)
     gallery = read_gallery(path)
     saved = build_index(gallery, "HNSW16")
     assert saved == index_path(path) == tmp_path / "train.faiss"
@@ -591,7 +640,7 @@ def test_faiss_index_save_load_and_refusals(tmp_path):
     with pytest.raises(UserError, match="not a FAISS factory string"):
         FaissIndex.build(points, normalized=True, factory="Bogus12")
     # Re-embedding the gallery makes the index stale.
-    write_gallery(path, points, **items, **IDENTITY, split="train")
+    write_gallery(path, points, **items, **spec)
     with pytest.raises(UserError, match=r"stale.*embed.py -c <config> --split train"):
         FaissIndex.load(saved, read_gallery(path))
     with pytest.raises(UserError, match="no FAISS index there"):
