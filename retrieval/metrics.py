@@ -37,10 +37,12 @@ from retrieval.search import (
     EXCLUDED,
     block_rows,
     check_embeddings,
+    equal_rows,
     exclude_keys,
     exclusion_mask,
     order_keys,
     similarity,
+    tie_equal_rows,
 )
 from tfcbir import UserError
 
@@ -243,6 +245,7 @@ def query_results(
         r_precision=np.full(n_queries, np.nan),
     )
     sq_norms = None if normalized else np.einsum("nd,nd->n", gallery, gallery)
+    tied_rows, tied_heads = equal_rows(gallery)  # equal vectors get one score: they tie
     # Blocks of queries with similar class sizes: the per-block (B, C) arrays stay narrow.
     order = np.argsort(n_members, kind="stable")
     order = order[n_relevant[order] > 0]
@@ -265,6 +268,7 @@ def query_results(
             gallery_sq_norms=sq_norms,
             out=score_buffer[: len(rows)],
         )
+        tie_equal_rows(scores, tied_rows, tied_heads)
         keys = order_keys(scores, out=key_buffer[: len(rows)])
         exclude_keys(keys, exclude[rows])
         # The keys of each query's class members, best first; excluded ones and padding

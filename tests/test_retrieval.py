@@ -29,7 +29,7 @@ from retrieval.metrics import (
     normalized_mutual_information,
     query_results,
 )
-from retrieval.search import ExactIndex, order_keys
+from retrieval.search import ExactIndex, equal_rows, order_keys
 from retrieval.visualize import (
     MATCH,
     MISS,
@@ -311,6 +311,81 @@ def test_exact_index_screened_blocks_match_brute_force(normalized, order):
     # Scores come out as ExactIndex.scores has them, bit for bit.
     full = index.scores(queries)
     assert np.array_equal(scores, np.take_along_axis(full, indices, axis=1))
+
+
+def equal_vectors_data(n_gallery: int, dim: int, seed: int = 0):
+    """A gallery of random vectors with one vector ``v`` (and ``-0.0`` variants of it) at many
+    positions, the first and last included; queries near ``v``, so its copies are every query's
+    best items, ahead of all others by far. Returns gallery (N, D), the copies' positions
+    (ascending) and queries (17, D)."""
+    rng = np.random.default_rng(seed)
+    gallery = rng.standard_normal((n_gallery, dim)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    v = gallery[0].copy()
+    v[0] = 0.0
+    copies = np.unique(
+        np.r_[0, n_gallery - 1, rng.choice(n_gallery, n_gallery // 3, replace=False)]
+    )
+    gallery[copies] = v
+    gallery[copies[1::2], 0] = -0.0  # the same number: these tie as well
+    queries = v + 0.01 * rng.standard_normal((17, dim)).astype(np.float32)
+    return gallery, copies, queries
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("dim", [16, 100, 128])
+@pytest.mark.parametrize("n_gallery", [7, 33, 1000])
+def test_equal_gallery_vectors_tie_at_every_position_and_block_size(normalized, dim, n_gallery):
+    # BLAS kernels sum a dot product in an order that depends on the item's position in the
+    # block (edge kernels) and on the block's shape (one query: a matrix-vector product), so
+    # equal vectors can score a bit apart; they must tie, and rank by gallery index.
+    gallery, copies, queries = equal_vectors_data(n_gallery, dim)
+    k = len(copies)
+    for index_type in (ExactIndex, SmallBlocks):
+        for memory_mb in (1e-4, 1e-2, 256):
+            index = index_type(gallery, normalized=normalized, memory_mb=memory_mb)
+            for block in (queries, queries[:1], queries[5:8]):
+                scores, indices = index.search(block, k)
+                assert (indices == copies).all(), (index_type, memory_mb, len(block))
+                assert (scores == scores[:, :1]).all()
+                full = index.scores(block)
+                assert (full[:, copies] == full[:, copies[:1]]).all()
+    # The metrics: the copies alternate between the query's class (0) and another (1), so a
+    # copy that jumped ahead of a lower-indexed one would change the ranks of the relevant ones.
+    labels = np.full(n_gallery, 2)
+    labels[copies] = np.arange(len(copies)) % 2
+    relevant = copies[labels[copies] == 0]
+    for memory_mb in (1e-4, 1e-2, 256):
+        for rows in (slice(None), slice(0, 1), slice(3, 6)):
+            results = query_results(
+                queries[rows],
+                np.zeros(len(queries[rows]), int),
+                gallery,
+                labels,
+                normalized=normalized,
+                memory_mb=memory_mb,
+            )
+            expected_ranks = np.flatnonzero(labels[copies] == 0) + 1  # 1, 3, 5, ...
+            assert (results.first_rank == 1).all()
+            g = len(relevant)
+            ap = np.mean(np.arange(1, g + 1) / expected_ranks)
+            np.testing.assert_allclose(results.average_precision, ap, rtol=1e-12)
+
+
+def test_equal_rows_groups_equal_vectors_exactly():
+    rng = np.random.default_rng(5)
+    rows = rng.integers(-1, 2, size=(300, 3)).astype(np.float32)  # many equal rows
+    rows[rows == 0] = np.where(rng.random(np.count_nonzero(rows == 0)) < 0.5, -0.0, 0.0)
+    found, heads = equal_rows(rows)
+    expected_rows, expected_heads = [], []
+    for i, row in enumerate(rows):
+        equal = np.flatnonzero((rows == row).all(axis=1))  # -0.0 == 0.0
+        if len(equal) > 1:
+            expected_rows.append(i)
+            expected_heads.append(equal[0])
+    assert found.tolist() == expected_rows and heads.tolist() == expected_heads
+    distinct = rng.standard_normal((50, 4)).astype(np.float32)
+    assert [len(a) for a in equal_rows(distinct)] == [0, 0]
 
 
 def test_exact_index_refuses_nan():
