@@ -34,6 +34,11 @@ def main(argv: list[str]) -> int:
         help="the embedded set to search (default: the protocol's gallery)",
     )
     parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="weights to use instead of the run's best.weights.h5 (embed.py --checkpoint)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument(
         "--save",
@@ -55,8 +60,8 @@ def main(argv: list[str]) -> int:
     cfg = config.load(args.config)
     paths = _query_paths(args.queries, args.list, is_image_name)
     name = args.gallery or sets.protocol(cfg).gallery
-    embedder = load_embedder(cfg)  # its weights' hash checks the gallery
-    gallery = open_gallery(cfg, name, args.config, embedder.model_id)
+    embedder = load_embedder(cfg, args.checkpoint)  # its weights' hash checks the gallery
+    gallery = open_gallery(cfg, name, args.config, embedder.model_id, args.checkpoint)
     answers.check_r(args.retrieve, gallery)
     index = open_index(
         gallery,

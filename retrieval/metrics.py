@@ -37,10 +37,12 @@ from retrieval.search import (
     EXCLUDED,
     block_rows,
     check_embeddings,
+    equal_rows,
     exclude_keys,
     exclusion_mask,
     order_keys,
     similarity,
+    tie_equal_rows,
 )
 from tfcbir import UserError
 
@@ -99,8 +101,11 @@ class Metrics:
         return self.n_queries - self.n_excluded
 
     def as_dict(self) -> dict:
-        """Flat, JSON-ready, in the order reports show them."""
-        values = {"mAP": self.mean_average_precision, "precision@1": self.precision_at_1}
+        """Flat, JSON-ready, in the order reports show them. mAP is under its exact name,
+        :func:`map_key` (``mAP@10`` for r = 10; ``mAP`` without a cut-off), and under ``mAP``
+        (an alias, the same value)."""
+        values = {map_key(self.r): self.mean_average_precision, "mAP": self.mean_average_precision}
+        values["precision@1"] = self.precision_at_1
         values.update({f"recall@{k}": v for k, v in self.recall_at_k.items()})
         values.update({"MAP@R": self.map_at_r, "R-precision": self.r_precision})
         if self.nmi is not None:
@@ -114,6 +119,11 @@ class Metrics:
             }
         )
         return values
+
+
+def map_key(r: int | None) -> str:
+    """The name of the mean of AP@r: ``mAP@<r>`` (``mAP@10``), or ``mAP`` for the whole ranking."""
+    return "mAP" if r is None else f"mAP@{r}"
 
 
 def evaluate(
@@ -235,6 +245,7 @@ def query_results(
         r_precision=np.full(n_queries, np.nan),
     )
     sq_norms = None if normalized else np.einsum("nd,nd->n", gallery, gallery)
+    tied_rows, tied_heads = equal_rows(gallery)  # equal vectors get one score: they tie
     # Blocks of queries with similar class sizes: the per-block (B, C) arrays stay narrow.
     order = np.argsort(n_members, kind="stable")
     order = order[n_relevant[order] > 0]
@@ -257,6 +268,7 @@ def query_results(
             gallery_sq_norms=sq_norms,
             out=score_buffer[: len(rows)],
         )
+        tie_equal_rows(scores, tied_rows, tied_heads)
         keys = order_keys(scores, out=key_buffer[: len(rows)])
         exclude_keys(keys, exclude[rows])
         # The keys of each query's class members, best first; excluded ones and padding
