@@ -30,9 +30,8 @@ class Embedder:
     model: object  # keras.Model: (B, h, w, 3) pixels -> (B, D) float32
     image_size: tuple[int, int]
     resize: tuple[int, int] | None
-    normalized: (
-        bool  # embeddings are unit vectors, searched by cosine (config.normalized_embeddings)
-    )
+    # Embeddings are unit vectors, searched by cosine (config.normalized_embeddings).
+    normalized: bool
     model_id: str  # hash of the weights file
     model_step: int
     config_hash: str  # config.model_hash: what turns pixels into embeddings
