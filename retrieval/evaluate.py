@@ -129,6 +129,7 @@ def evaluate_run(
             "r": r,
             "protocol": protocol.name,
             "on_training_images": protocol.queries == "train",
+            "model_selected_on": model_selected_on(config),
             "ap_denominator": ap_denominator,
             "seed": seed,
             "gallery": str(gallery.path),
@@ -152,6 +153,15 @@ def evaluate_run(
     return result
 
 
+def model_selected_on(config: dict) -> str | None:
+    """Where the run chose its model (its recorded ``train.validation.source``): holdout, test
+    (the test metrics are then optimistic) or none; None when the run folder records none."""
+    from training.run import RunFolder
+
+    saved = RunFolder(cfg.run_dir(config)).saved_config() or {}
+    return saved.get("train", {}).get("validation", {}).get("source")
+
+
 def report_keys(r: int | None) -> list[str]:
     """The keys :func:`report` prints, in order, for an evaluation with cut-off ``r``."""
     return [map_key(r) if key == "mAP@<r>" else key for key in ORDER]
@@ -168,6 +178,12 @@ def report(result: dict) -> str:
             "warning: the data set has no test split, so these queries are training images "
             "(leave-one-out on what the model was trained on): the numbers are optimistic; "
             "split it (data.split.by: images or classes) to measure retrieval of new images"
+        )
+    if result.get("model_selected_on") == "test":
+        lines.append(
+            "warning: the run chose its model on the test split (train.validation.source: "
+            "test), so these test numbers are optimistic; train with the default holdout "
+            "validation for honest ones"
         )
     if result["excluded_queries"]:
         lines.append(

@@ -89,6 +89,7 @@ def test_embed_evaluate_test_and_cbir(trained, capsys):
         assert key in result
     assert result["queries"] == 24 and result["r"] == 5
     assert result["protocol"] == "train_gallery" and result["on_training_images"] is False
+    assert result["model_selected_on"] == "holdout"  # the run chose its model off the test set
     assert 0 <= result["mAP@5"] <= 1 and result["mAP"] == result["mAP@5"]  # the alias
     assert "mAP@10" not in result
     # NMI clusters every test embedding (k = its 6 classes, seeded), whatever the sample.
@@ -374,3 +375,16 @@ def test_numbers_on_training_images_say_so(private, capsys):
     code, out, err = call("evaluation", "-c", cfg, "-t", "10", capsys=capsys)
     assert code == 0, err
     assert "warning: the data set has no test split" in out and "optimistic" in out
+
+
+def test_a_model_chosen_on_the_test_split_is_reported(private, capsys):
+    cfg = private
+    call("embed", "-c", cfg, capsys=capsys)
+    saved = cfg.parent / "trainings" / "cli" / "config.json"
+    record = json.loads(saved.read_text())
+    record["train"]["validation"]["source"] = "test"  # as train.py records a source: test run
+    saved.write_text(json.dumps(record))
+    code, out, err = call("evaluation", "-c", cfg, "-t", "10", capsys=capsys)
+    assert code == 0, err
+    assert "chose its model on the test split" in out and "optimistic" in out
+    assert evaluated(cfg, capsys=capsys)["model_selected_on"] == "test"
