@@ -58,7 +58,7 @@ def split_for_validation(config: dict, splits) -> tuple[ImageList, ImageList | N
         splits.train,
         config["train"]["validation"]["holdout"],
         config["seed"],
-        by_class=splits.kind == "classes",
+        by_class=splits.class_disjoint,
     )
 
 
@@ -108,7 +108,7 @@ def _train(config: dict, run: RunFolder, found, strategy, mixed: bool, validate:
     data, model_cfg, train_cfg = config["data"], config["model"], config["train"]
     P, K = train_cfg["batch"]["P"], train_cfg["batch"]["K"]
 
-    splits = load_splits(cfg.data_root(config), data["split"], config["seed"])
+    splits = load_splits(cfg.data_root(config), data["split"], config["seed"], data["format"])
     train_images, val_images = split_for_validation(config, splits)
     train_data = TrainData(
         train_images,
@@ -319,7 +319,7 @@ def _summary(
     skipped = len(getattr(train_data, "skipped", []))
     parts = [
         f"run {config['name']} in {run.path}",
-        f"data {cfg.data_root(config)} ({splits.kind} split): "
+        f"data {cfg.data_root(config)} ({splits.layout}, {splits.kind} split): "
         f"{len(train_images)} training images of {len(np.unique(train_images.labels))} "
         f"classes" + (f", {skipped} unreadable skipped" if skipped else ""),
         f"validation: {len(val_images)} images" if val_images is not None else "validation: none",
