@@ -176,9 +176,12 @@ def _fix(name: str) -> str:
 def _read_cub(folder: Path) -> Archive:
     paths_by_id = _id_table(folder / "images.txt")
     class_by_id = _id_table(folder / "image_class_labels.txt")
-    names_by_class = _id_table(folder / "classes.txt")
-    class_ids = sorted(int(c) for c in names_by_class)
-    classes = [names_by_class[str(c)] for c in class_ids]
+    names_by_class = {
+        _as_int(c, folder / "classes.txt"): name
+        for c, name in _id_table(folder / "classes.txt").items()
+    }
+    class_ids = sorted(names_by_class)
+    classes = [names_by_class[c] for c in class_ids]
     index = {c: i for i, c in enumerate(class_ids)}
     paths, labels = [], []
     for image_id, relative in paths_by_id.items():
