@@ -12,6 +12,8 @@ import json
 import logging
 from pathlib import Path
 
+import losses
+import nets
 from config import legacy
 from config.schema import resolve
 from config.settings import data_dir, runs_dir
@@ -23,6 +25,7 @@ __all__ = [
     "resolve",
     "config_hash",
     "model_hash",
+    "normalized_embeddings",
     "data_root",
     "data_dir",
     "runs_dir",
@@ -96,14 +99,29 @@ def config_hash(config: dict) -> str:
     return _digest({k: v for k, v in config.items() if k not in ("name", "eval", "index")})
 
 
+def normalized_embeddings(config: dict) -> bool:
+    """Whether the run's embeddings are searched as unit vectors by cosine similarity.
+
+    The geometry the model was trained for decides (:func:`losses.geometry`): a loss on angles
+    (cosine) is searched by cosine, its embeddings L2-normalised when the head does not do it; a
+    distance loss on a head without normalisation is searched by Euclidean distance. Unit vectors
+    rank the same by both, so a normalising head is always searched by cosine.
+    """
+    return losses.geometry(config["loss"]) == "cosine" or nets.is_normalized(
+        config["model"]["head"]
+    )
+
+
 def model_hash(config: dict) -> str:
-    """Identity of what turns an image into an embedding: the model and the image geometry."""
+    """Identity of what turns an image into an embedding: the model, the image geometry and
+    whether embeddings are normalised for search."""
     data = config["data"]
     return _digest(
         {
             "model": {k: v for k, v in config["model"].items() if k != "weights"},
             "image_size": data["image_size"],
             "resize": data["resize"],
+            "normalized": normalized_embeddings(config),
         }
     )
 

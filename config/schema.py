@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 
+import losses
+import nets
+from datasets.lists import CLASS_ORDERS
 from tfcbir import UserError
 from tfcbir.params import REQUIRED, Param, check_value, fmt, validate
 
@@ -26,25 +29,7 @@ DATA_FORMATS = [
 OPTIMIZERS = ["adam", "adamw", "sgd"]
 LR_SCHEDULES = ["constant", "linear", "cosine"]
 PROTOCOLS = ["auto", "train_gallery", "leave_one_out", "query_gallery"]
-VALIDATION_SOURCES = ["auto", "test", "holdout", "none"]
-
-
-def _backbones():
-    import nets
-
-    return nets.backbone_names()
-
-
-def _heads():
-    import nets
-
-    return nets.head_names()
-
-
-def _losses():
-    import losses
-
-    return losses.LOSSES.names()
+VALIDATION_SOURCES = ["auto", "holdout", "test", "none"]
 
 
 def _name_ok(value: str) -> str | None:
@@ -112,6 +97,14 @@ SCHEMA: dict = {
                 min_exclusive=True,
                 max_exclusive=True,
             ),
+            "order": Param(
+                str,
+                "random",
+                "by=classes: which classes train: random (a seeded draw) or sorted (the first "
+                "in sorted name order: the CUB-200-2011 and Cars196 protocol when folder names "
+                "sort by class number, e.g. 001.Black_footed_Albatross).",
+                choices=CLASS_ORDERS,
+            ),
         },
         "image_size": _size_pair([224, 224], "[height, width] fed to the network."),
         "resize": _size_pair(
@@ -133,24 +126,13 @@ SCHEMA: dict = {
             min=0,
         ),
     },
-    "model": {
-        "backbone": Param(str, "resnet_v1_50", "Feature extractor.", choices=_backbones),
-        "weights": Param(
-            str,
-            "imagenet",
-            "imagenet, none (random init) or the path of a local weights file for the backbone.",
-        ),
-        "head": Param(
-            str, "direct_normalize", "Embedding head on the pooled features.", choices=_heads
-        ),
-        "embedding_dim": Param(int, 128, "Embedding dimension.", min=1, max=65536),
-    },
+    "model": nets.PARAMS,
     "loss": {
         "name": Param(
             str,
             "semi_hard_triplet",
             "Metric-learning loss; its parameters sit beside it (see Losses).",
-            choices=_losses,
+            choices=losses.LOSSES.names,
         ),
     },
     "train": {
@@ -218,16 +200,18 @@ SCHEMA: dict = {
             "source": Param(
                 str,
                 "auto",
-                "auto: the test split if there is one, else holdout; "
-                "test; holdout (images held out of training: a share of each class's "
-                "images for split by images, whole classes for split by classes); "
-                "none.",
+                "Images that select the model (best.weights.h5): auto and holdout: held out of the "
+                "training split (a share of each class's images; whole classes when the split "
+                "is class-disjoint), never the test split; test: the test split (its metrics "
+                "are then optimistic, with a warning); none. The run's config.json records "
+                "the resolved source.",
                 choices=VALIDATION_SOURCES,
             ),
             "holdout": Param(
                 float,
                 0.1,
-                "Share held out of training for validation when the source is holdout.",
+                "Share held out of training for validation: of each class's images, or of the "
+                "classes for a class-disjoint split.",
                 min=0,
                 max=1,
                 min_exclusive=True,
@@ -318,8 +302,6 @@ def resolve(raw: dict) -> dict:
 
 
 def resolve_loss(loss_raw) -> dict:
-    import losses
-
     if not isinstance(loss_raw, dict):
         raise UserError(
             f"loss: {fmt(loss_raw)} is not a mapping; give e.g. "
@@ -356,9 +338,6 @@ def _validate_section(values, spec: dict, path: str) -> dict:
 
 
 def _check_cross_keys(config: dict) -> None:
-    import losses
-    import nets
-
     data, model, train = config["data"], config["model"], config["train"]
     size = min(data["image_size"])
     smallest = nets.min_image_size(model["backbone"])
@@ -407,8 +386,6 @@ def reference() -> list[tuple[str, str, str, str]]:
 
 def reference_markdown() -> str:
     """The README's config reference table (between its ``reference`` markers)."""
-    import losses
-
     lines = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for key, default, allowed, doc in reference():
         if key == "loss.name":  # the loss's own keys are documented under Losses

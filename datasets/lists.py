@@ -75,6 +75,12 @@ class ImageList:
             self.root, [self.paths[i] for i in indices], self.labels[indices], list(self.classes)
         )
 
+    def compact(self) -> ImageList:
+        """The same images with ``classes`` cut down to the classes present, labels renumbered
+        0..C-1 in the same order: what a loss that learns one vector per class trains on."""
+        present, labels = np.unique(self.labels, return_inverse=True)
+        return ImageList(self.root, self.paths, labels, [self.classes[i] for i in present])
+
     def absolute_paths(self) -> list[str]:
         root = str(self.root)
         return [os.path.join(root, p) for p in self.paths]
@@ -105,10 +111,25 @@ class Splits:
 
     @property
     def class_disjoint(self) -> bool:
-        """Whether there is a test list and it shares no class with the training list."""
+        """Whether no test class has a training image (the metric-learning benchmarks' protocol):
+        True for ``by: classes`` and for lists or folders whose classes happen not to overlap."""
         if self.test is None:
             return False
         return len(np.intersect1d(self.train.labels, self.test.labels)) == 0
+
+
+@dataclass
+class ValidationSplit:
+    """The images a run trains on, those it selects its model on, and where those came from.
+
+    ``source`` is the resolved ``train.validation.source``: holdout (carved out of the training
+    split: whole classes when the split is class-disjoint, else a share of each class's images),
+    test (the test split itself) or none.
+    """
+
+    train: ImageList
+    validation: ImageList | None
+    source: str
 
 
 def load_splits(root: str | os.PathLike, split: dict, seed: int, format: str = "auto") -> Splits:
@@ -536,3 +557,55 @@ def _concat(first: ImageList, second: ImageList | None) -> ImageList:
         np.concatenate([first.labels, second.labels]),
         first.classes,
     )
+
+
+# The holdout's own random stream, apart from the split's and the sampler's.
+_HOLDOUT_STREAM = 7
+VALIDATION_SOURCES = ("auto", "holdout", "test", "none")
+
+
+def validation_split(splits: Splits, source: str, share: float, seed: int) -> ValidationSplit:
+    """Carve the validation images for model selection out of ``splits``.
+
+    source: auto or holdout (the default: never the test split, whose metrics would then be
+    optimistic), test (the test split; its numbers are then optimistic) or none.
+    share: the held-out share (of the classes for a class-disjoint split, else of each class's
+    images; a class keeps at least one training image). Seeded by ``seed``.
+    A holdout that would leave nothing out (every class has one image) becomes ``none``.
+    Raises UserError for ``test`` without a test split, or a holdout leaving no training class.
+    """
+    if source not in VALIDATION_SOURCES:
+        raise UserError(
+            f"train.validation.source: {source!r} is not one of {', '.join(VALIDATION_SOURCES)}"
+        )
+    if source == "none":
+        return ValidationSplit(splits.train, None, "none")
+    if source == "test":
+        if splits.test is None:
+            raise UserError(
+                "train.validation.source: 'test' but the split has no test part; "
+                "use 'holdout' (the default)"
+            )
+        return ValidationSplit(splits.train, splits.test, "test")
+    images = splits.train
+    rng = np.random.default_rng([seed, _HOLDOUT_STREAM])
+    labels = images.labels
+    classes = np.unique(labels)
+    if splits.class_disjoint:
+        count = max(1, _round_half_up(share * len(classes)))
+        if count >= len(classes):
+            raise UserError(
+                f"train.validation.holdout: {share:g} of the {len(classes)} training classes "
+                "leaves no class to train on; lower it, or set train.validation.source: none"
+            )
+        held = np.isin(labels, rng.permutation(classes)[:count])
+    else:
+        held = _stratified_test_mask(labels, len(images.classes), share, rng)
+    if not held.any():
+        log.warning(
+            "train.validation: no image can be held out of %d training images (one per class?); "
+            "training without validation, the last weights are the model",
+            len(images),
+        )
+        return ValidationSplit(images, None, "none")
+    return ValidationSplit(images.subset(~held), images.subset(held), "holdout")

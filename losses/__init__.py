@@ -1,38 +1,20 @@
-"""Metric-learning losses: a registry filled by one module per loss, and what the config needs.
+"""Metric-learning losses: the registry (:mod:`losses.catalog`) and what the config needs.
 
 ``loss = losses.get({"name": "semi_hard_triplet", "margin": 0.2})`` gives a callable
-``loss(labels (B,), embeddings (B, D))`` -> scalar float32. Each entry of :data:`LOSSES` declares
-its parameters (the config's ``loss.*`` keys) and two facts the config checks:
-
-- ``min_K``: the fewest images per class a batch must hold (pair and triplet losses need 2);
-- ``min_P``: the fewest classes per batch (pair and triplet losses need negatives: 2);
-- ``uses_proxies``: the loss learns one vector per class (a Keras layer whose
-  ``trainable_variables`` train with the model); :func:`get` then needs ``num_classes``.
+``loss(labels (B,), embeddings (B, D))`` -> scalar float32. Importing this package costs no
+TensorFlow: the registry (names, parameters, batch needs, geometry) is plain data, and a loss's
+implementation, one file per loss, is imported when :func:`get` builds it.
 
 The README's "Losses" section gives the formulas, defaults and sources.
 """
 
 from __future__ import annotations
 
-from losses.base import LOSSES
-from losses.distances import METRICS, cosine_similarities, pairwise_distances
+import importlib
+
+from losses.catalog import LOSSES, METRICS, metric_param
 from tfcbir import UserError
 from tfcbir.params import validate
-
-# Registration order is the order the config reference and error messages list.
-# isort: off
-from losses import semi_hard_triplet  # noqa: F401
-from losses import angular  # noqa: F401
-from losses import batch_hard_triplet  # noqa: F401
-from losses import batch_all_triplet  # noqa: F401
-from losses import contrastive  # noqa: F401
-from losses import lifted_structure  # noqa: F401
-from losses import npair  # noqa: F401
-from losses import multi_similarity  # noqa: F401
-from losses import ntxent  # noqa: F401
-from losses import proxy_anchor  # noqa: F401
-from losses import arcface  # noqa: F401
-# isort: on
 
 __all__ = [
     "LOSSES",
@@ -40,6 +22,8 @@ __all__ = [
     "DEFAULT",
     "get",
     "check_batch",
+    "geometry",
+    "metric_param",
     "pairwise_distances",
     "cosine_similarities",
 ]
@@ -83,3 +67,25 @@ def check_batch(params: dict, P: int, K: int) -> None:
             f"loss.name: {name} needs P >= {min_P} classes in a batch (negatives); "
             f"set train.batch.P >= {min_P}"
         )
+
+
+def geometry(params: dict) -> str:
+    """How the loss in ``params`` compares embeddings: ``cosine`` (angles) or ``euclidean``.
+
+    Losses on similarities (angular, npair, ntxent, multi_similarity, proxy_anchor, arcface) are
+    ``cosine``; a distance-based loss follows its ``metric`` (``squared_euclidean`` ranks as
+    ``euclidean`` does). A trained model is searched, validated and evaluated in this geometry.
+    """
+    name = (params or {}).get("name", DEFAULT)
+    entry = LOSSES.get(name, "loss.name")
+    if entry.meta["geometry"] == "cosine":
+        return "cosine"
+    metric = (params or {}).get("metric", entry.params["metric"].default)
+    return "cosine" if metric == "cosine" else "euclidean"
+
+
+def __getattr__(name: str):
+    # The distance functions need TensorFlow: imported on first use, not with the registry.
+    if name in ("pairwise_distances", "cosine_similarities"):
+        return getattr(importlib.import_module("losses.distances"), name)
+    raise AttributeError(f"module 'losses' has no attribute {name!r}")

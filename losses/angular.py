@@ -28,31 +28,9 @@ import math
 import keras
 import tensorflow as tf
 
-from losses.base import LOSSES, MetricLoss, class_masks, fill, l2_penalty, masked_mean
-from tfcbir.params import Param
+from losses.base import MetricLoss, class_masks, fill, l2_penalty, masked_mean
 
 
-@LOSSES.register(
-    "angular",
-    params={
-        "alpha": Param(
-            float,
-            45.0,
-            "Angle bound in degrees (the paper reports 36 to 55 working well).",
-            min=0,
-            max=90,
-            min_exclusive=True,
-            max_exclusive=True,
-        ),
-        "l2_reg": Param(
-            float, 0.0, "Weight of the embeddings' squared-norm penalty, as in npair.", min=0
-        ),
-    },
-    doc="Angular loss, N-pair form (Wang et al. 2017).",
-    min_K=2,
-    min_P=2,
-    uses_proxies=False,
-)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class AngularLoss(MetricLoss):
     """Angular loss over every same-class pair, all other-class samples as negatives."""

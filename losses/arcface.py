@@ -22,29 +22,10 @@ import math
 import keras
 import tensorflow as tf
 
-from losses.base import LOSSES, ClassVectorLoss
+from losses.base import ClassVectorLoss
 from losses.distances import cosine_similarities
-from tfcbir.params import Param
 
 
-@LOSSES.register(
-    "arcface",
-    params={
-        "scale": Param(float, 64.0, "Logit scale s.", min=0, min_exclusive=True),
-        "margin": Param(
-            float,
-            0.5,
-            "Additive angular margin m, in radians.",
-            min=0,
-            max=math.pi / 2,
-            max_exclusive=True,
-        ),
-    },
-    doc="ArcFace additive angular margin softmax, one learned weight per class (Deng et al.).",
-    min_K=1,
-    min_P=1,
-    uses_proxies=True,
-)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class ArcFaceLoss(ClassVectorLoss):
     """ArcFace loss; a layer whose class weights train with the model."""

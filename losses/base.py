@@ -1,4 +1,4 @@
-"""What the losses share: the registry, two base classes and a few masked reductions.
+"""What the losses share: two base classes and a few masked reductions.
 
 Two kinds of loss:
 
@@ -20,17 +20,6 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-
-from losses.distances import METRICS
-from tfcbir.params import Param
-from tfcbir.registry import Registry
-
-LOSSES = Registry("loss")
-
-
-def metric_param(default: str = "euclidean") -> Param:
-    """The ``metric`` key of the distance-based losses."""
-    return Param(str, default, "Distance between embeddings.", choices=METRICS)
 
 
 def prepare(labels, embeddings, dtype=None) -> tuple[tf.Tensor, tf.Tensor]:

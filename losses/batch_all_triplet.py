@@ -22,22 +22,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from losses.base import LOSSES, MetricLoss, class_masks, metric_param, sorted_negatives
+from losses.base import MetricLoss, class_masks, sorted_negatives
 from losses.distances import pairwise_distances
-from tfcbir.params import Param
 
 
-@LOSSES.register(
-    "batch_all_triplet",
-    params={
-        "margin": Param(float, 0.2, "Margin between positive and negative distances.", min=0),
-        "metric": metric_param(),
-    },
-    doc="Triplet loss over all triplets of the batch, averaged over the non-zero ones.",
-    min_K=2,
-    min_P=2,
-    uses_proxies=False,
-)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class BatchAllTripletLoss(MetricLoss):
     """Batch-all triplet loss, averaged over the triplets with a positive loss."""

@@ -17,23 +17,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from losses.base import LOSSES, MetricLoss, class_masks, fill, metric_param
+from losses.base import MetricLoss, class_masks, fill
 from losses.distances import pairwise_distances
-from tfcbir.params import Param
 
 
-@LOSSES.register(
-    "batch_hard_triplet",
-    params={
-        "margin": Param(float, 0.3, "Margin (ignored with soft_margin).", min=0),
-        "soft_margin": Param(bool, False, "Use log(1 + exp(x)) instead of max(margin + x, 0)."),
-        "metric": metric_param(),
-    },
-    doc="Triplet loss on each anchor's hardest positive and hardest negative (Hermans et al.).",
-    min_K=2,
-    min_P=2,
-    uses_proxies=False,
-)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class BatchHardTripletLoss(MetricLoss):
     """Batch-hard triplet loss, with a hinge margin or the soft margin."""

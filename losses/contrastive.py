@@ -15,9 +15,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from losses.base import LOSSES, MetricLoss, class_masks, metric_param
+from losses.base import MetricLoss, class_masks
 from losses.distances import pairwise_distances
-from tfcbir.params import Param
 
 
 def _mean_nonzero(values, mask):
@@ -27,18 +26,6 @@ def _mean_nonzero(values, mask):
     return tf.math.divide_no_nan(tf.reduce_sum(values), count)
 
 
-@LOSSES.register(
-    "contrastive",
-    params={
-        "pos_margin": Param(float, 0.0, "Same-class pairs closer than this cost nothing.", min=0),
-        "neg_margin": Param(float, 1.0, "Other-class pairs farther than this cost nothing.", min=0),
-        "metric": metric_param(),
-    },
-    doc="Contrastive loss on all pairs (pytorch-metric-learning's conventions).",
-    min_K=2,
-    min_P=2,
-    uses_proxies=False,
-)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class ContrastiveLoss(MetricLoss):
     """Contrastive loss over all pairs, each term averaged over its non-zero pairs."""

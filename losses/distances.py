@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-METRICS = ("euclidean", "squared_euclidean", "cosine")
+from losses.catalog import METRICS
 
 
 def pairwise_distances(embeddings, metric: str = "euclidean") -> tf.Tensor:

@@ -18,30 +18,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from losses.base import (
-    LOSSES,
-    MetricLoss,
-    class_masks,
-    fill,
-    masked_logsumexp,
-    masked_mean,
-    metric_param,
-)
+from losses.base import MetricLoss, class_masks, fill, masked_logsumexp, masked_mean
 from losses.distances import pairwise_distances
-from tfcbir.params import Param
 
 
-@LOSSES.register(
-    "lifted_structure",
-    params={
-        "margin": Param(float, 1.0, "Margin (alpha in the paper).", min=0),
-        "metric": metric_param(),
-    },
-    doc="Lifted structured loss, smooth form (Oh Song et al. 2016).",
-    min_K=2,
-    min_P=2,
-    uses_proxies=False,
-)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class LiftedStructureLoss(MetricLoss):
     """Lifted structured loss over all positive pairs of the batch."""

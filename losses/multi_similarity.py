@@ -20,29 +20,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from losses.base import LOSSES, MetricLoss, class_masks, fill, masked_logsumexp
+from losses.base import MetricLoss, class_masks, fill, masked_logsumexp
 from losses.distances import cosine_similarities
-from tfcbir.params import Param
 
 
-@LOSSES.register(
-    "multi_similarity",
-    params={
-        "alpha": Param(float, 2.0, "Scale of the positive term.", min=0, min_exclusive=True),
-        "beta": Param(float, 50.0, "Scale of the negative term.", min=0, min_exclusive=True),
-        "base": Param(float, 0.5, "Similarity margin lambda.", min=-1, max=1),
-        "epsilon": Param(
-            float,
-            0.1,
-            "Mining margin: pairs this far inside the hardest pair of the other kind are dropped.",
-            min=0,
-        ),
-    },
-    doc="Multi-similarity loss with its hard-pair mining (Wang et al. 2019).",
-    min_K=2,
-    min_P=2,
-    uses_proxies=False,
-)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class MultiSimilarityLoss(MetricLoss):
     """Multi-similarity loss on cosine similarities, with the paper's pair mining."""

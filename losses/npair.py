@@ -18,25 +18,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from losses.base import LOSSES, MetricLoss, class_masks, l2_penalty, pair_softmax_loss
-from tfcbir.params import Param
+from losses.base import MetricLoss, class_masks, l2_penalty, pair_softmax_loss
 
 
-@LOSSES.register(
-    "npair",
-    params={
-        "l2_reg": Param(
-            float,
-            0.002,
-            "Weight of the embeddings' squared-norm penalty (lambda; tf.contrib's reg_lambda).",
-            min=0,
-        ),
-    },
-    doc="Multi-class N-pair loss on inner products, with its L2 penalty (Sohn 2016).",
-    min_K=2,
-    min_P=2,
-    uses_proxies=False,
-)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class NPairLoss(MetricLoss):
     """Multi-class N-pair loss over every same-class pair of the batch."""

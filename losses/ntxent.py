@@ -13,27 +13,10 @@ from __future__ import annotations
 
 import keras
 
-from losses.base import LOSSES, MetricLoss, class_masks, pair_softmax_loss
+from losses.base import MetricLoss, class_masks, pair_softmax_loss
 from losses.distances import cosine_similarities
-from tfcbir.params import Param
 
 
-@LOSSES.register(
-    "ntxent",
-    params={
-        "temperature": Param(
-            float,
-            0.07,
-            "Softmax temperature tau (pml's default; SimCLR used 0.1 to 0.5).",
-            min=0,
-            min_exclusive=True,
-        ),
-    },
-    doc="NT-Xent / supervised InfoNCE on cosine similarities (pytorch-metric-learning's form).",
-    min_K=2,
-    min_P=2,
-    uses_proxies=False,
-)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class NTXentLoss(MetricLoss):
     """NT-Xent with every same-class pair as a positive."""

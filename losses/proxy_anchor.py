@@ -19,29 +19,10 @@ import math
 import keras
 import tensorflow as tf
 
-from losses.base import LOSSES, ClassVectorLoss, masked_logsumexp
+from losses.base import ClassVectorLoss, masked_logsumexp
 from losses.distances import cosine_similarities
-from tfcbir.params import Param
 
 
-@LOSSES.register(
-    "proxy_anchor",
-    params={
-        "alpha": Param(float, 32.0, "Scale.", min=0, min_exclusive=True),
-        "margin": Param(float, 0.1, "Margin delta.", min=0),
-        "proxy_lr_multiplier": Param(
-            float,
-            100.0,
-            "The proxies' learning rate is the model's times this (the authors use 100).",
-            min=0,
-            min_exclusive=True,
-        ),
-    },
-    doc="Proxy-anchor loss, one learned proxy per class (Kim et al. 2020).",
-    min_K=1,
-    min_P=1,
-    uses_proxies=True,
-)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class ProxyAnchorLoss(ClassVectorLoss):
     """Proxy-anchor loss; a layer whose proxies train with the model."""

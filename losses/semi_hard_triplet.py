@@ -20,22 +20,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from losses.base import LOSSES, MetricLoss, class_masks, metric_param, sorted_negatives
+from losses.base import MetricLoss, class_masks, sorted_negatives
 from losses.distances import pairwise_distances
-from tfcbir.params import Param
 
 
-@LOSSES.register(
-    "semi_hard_triplet",
-    params={
-        "margin": Param(float, 1.0, "Margin between positive and negative distances.", min=0),
-        "metric": metric_param(),
-    },
-    doc="Triplet loss with semi-hard negatives (FaceNet); tfa.losses.TripletSemiHardLoss.",
-    min_K=2,
-    min_P=2,
-    uses_proxies=False,
-)
 @keras.saving.register_keras_serializable(package="tfcbir")
 class SemiHardTripletLoss(MetricLoss):
     """Triplet loss with semi-hard negative mining, as tensorflow-addons computes it."""

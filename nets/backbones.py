@@ -1,13 +1,9 @@
 """Backbones: feature extractors from ``keras.applications`` plus a small from-scratch CNN.
 
-Each backbone is registered in ``BACKBONES`` by a decorator on its builder
-``builder(input_shape) -> keras.Model``, which returns a randomly initialised model named
-"backbone" mapping preprocessed images ``(B, H, W, 3)`` to pooled features ``(B, C)``.
-The entry's meta says:
-
-- ``min_size``: the smallest image side the architecture accepts;
-- ``preprocess``: the :class:`nets.layers.ImagePreprocessing` mode it expects in front of it;
-- ``imagenet``: keras' ImageNet "notop" file (:class:`ImagenetFile`), or None.
+Each backbone is a builder ``builder(input_shape) -> keras.Model``, registered (with its facts:
+smallest size, preprocessing, ImageNet file) in :data:`nets.catalog.BACKBONES`; it returns a
+randomly initialised model named "backbone" mapping preprocessed images ``(B, H, W, 3)`` to pooled
+features ``(B, C)``.
 
 Weights are loaded by :func:`build_backbone`, the same way for every source: "imagenet" downloads
 keras' own file (same name, url and cache folder as ``keras.applications(weights="imagenet")``)
@@ -20,26 +16,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import NamedTuple
 
 import keras
 import numpy as np
 
+from nets.catalog import BACKBONES, WEIGHT_SUFFIXES, imagenet_file
 from tfcbir import UserError
-from tfcbir.registry import Registry
-
-BACKBONES = Registry("backbone")
-
-_KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
-WEIGHT_SUFFIXES = (".weights.h5", ".h5", ".hdf5", ".keras")  # what Model.load_weights reads
-
-
-class ImagenetFile(NamedTuple):
-    """keras' ImageNet weights for a backbone without its classifier ("notop")."""
-
-    file_name: str  # also its name in keras' cache, ~/.keras/models/
-    url: str
-    md5: str | None  # None where keras checks no hash either
+from tfcbir.registry import resolve
 
 
 def _keras_application(application, input_shape) -> keras.Model:
@@ -53,64 +36,21 @@ def _keras_application(application, input_shape) -> keras.Model:
     )
 
 
-@BACKBONES.register(
-    "resnet_v1_50",
-    min_size=32,
-    preprocess="caffe",
-    imagenet=ImagenetFile(
-        "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _KERAS_URL + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "4d473c1dd8becc155b73f8504c6f6626",
-    ),
-)
 def resnet_v1_50(input_shape):
     """ResNet50 (v1), 2048 features; caffe preprocessing."""
     return _keras_application(keras.applications.ResNet50, input_shape)
 
 
-@BACKBONES.register(
-    "resnet_v1_101",
-    min_size=32,
-    preprocess="caffe",
-    imagenet=ImagenetFile(
-        "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _KERAS_URL + "resnet/resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "88cf7a10940856eca736dc7b7e228a21",
-    ),
-)
 def resnet_v1_101(input_shape):
     """ResNet101 (v1), 2048 features; caffe preprocessing."""
     return _keras_application(keras.applications.ResNet101, input_shape)
 
 
-@BACKBONES.register(
-    "resnet_v2_50",
-    min_size=32,
-    preprocess="tf",
-    imagenet=ImagenetFile(
-        "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _KERAS_URL + "resnet/resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "fac2f116257151a9d068a22e544a4917",
-    ),
-)
 def resnet_v2_50(input_shape):
     """ResNet50V2 (pre-activation), 2048 features; inputs in [-1, 1]."""
     return _keras_application(keras.applications.ResNet50V2, input_shape)
 
 
-# keras picks the file trained at the input size for square 96..192 px inputs; the 224 px file is
-# its default and works at any size, so we always use it.
-@BACKBONES.register(
-    "mobilenet_v2",
-    min_size=32,
-    preprocess="tf",
-    imagenet=ImagenetFile(
-        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
-        _KERAS_URL
-        + "mobilenet_v2/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
-        None,
-    ),
-)
 def mobilenet_v2(input_shape):
     """MobileNetV2 (alpha 1.0), 1280 features; inputs in [-1, 1]."""
     return _keras_application(keras.applications.MobileNetV2, input_shape)
@@ -133,38 +73,16 @@ def _efficientnet_fix_variance(backbone: keras.Model) -> None:
         norm.finalize_state()  # the layer keeps a cached copy of mean and variance
 
 
-@BACKBONES.register(
-    "efficientnet_b0",
-    min_size=32,
-    preprocess="raw",
-    imagenet=ImagenetFile(
-        "efficientnetb0_notop.h5",
-        "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
-        "50bc09e76180e00e4465e1a485ddc09d",
-    ),
-    after_load=_efficientnet_fix_variance,
-)
 def efficientnet_b0(input_shape):
     """EfficientNetB0, 1280 features; takes 0..255 pixels (it rescales and normalises inside)."""
     return _keras_application(keras.applications.EfficientNetB0, input_shape)
 
 
-@BACKBONES.register(
-    "densenet169",
-    min_size=32,
-    preprocess="torch",
-    imagenet=ImagenetFile(
-        "densenet169_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        _KERAS_URL + "densenet/densenet169_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        "b8c4d4c20dd625c148057b9ff1c1176b",
-    ),
-)
 def densenet169(input_shape):
     """DenseNet169, 1664 features; torch preprocessing (x / 255, ImageNet mean/std)."""
     return _keras_application(keras.applications.DenseNet169, input_shape)
 
 
-@BACKBONES.register("small_cnn", min_size=8, preprocess="per_image", imagenet=None)
 def small_cnn(input_shape):
     """A 4-block CNN (32-64-128-128 channels), 128 features; trains on a CPU in minutes."""
     inputs = keras.Input(shape=tuple(input_shape))
@@ -204,11 +122,6 @@ def build_backbone(name: str, image_size: tuple[int, int], weights: str) -> kera
     if path != "none":
         load_backbone_weights(backbone, name, path)
     return backbone
-
-
-def imagenet_file(name: str) -> ImagenetFile | None:
-    """keras' ImageNet file for backbone ``name``; None if it has none."""
-    return BACKBONES.get(name, "model.backbone").meta["imagenet"]
 
 
 def _download_imagenet(name: str) -> str:
@@ -263,7 +176,7 @@ def load_backbone_weights(backbone: keras.Model, name: str, path: str) -> None:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     after_load = BACKBONES.get(name).meta.get("after_load")
     if after_load is not None:
-        after_load(backbone)
+        resolve(after_load)(backbone)
 
 
 def _one_line(error: BaseException, limit: int = 200) -> str:

@@ -10,19 +10,12 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from nets.catalog import PREPROCESS_MODES
+
 # ImageNet statistics, as keras.applications.imagenet_utils uses them.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # 0..255 scale, BGR order
 TORCH_MEAN_RGB = (0.485, 0.456, 0.406)  # 0..1 scale, RGB order
 TORCH_STD_RGB = (0.229, 0.224, 0.225)
-
-PREPROCESS_MODES = {
-    "caffe": "RGB -> BGR, minus the ImageNet mean pixel (no scaling)",
-    "tf": "scaled to [-1, 1]: x / 127.5 - 1",
-    "torch": "x / 255, minus the ImageNet mean, divided by the ImageNet std (RGB)",
-    "unit": "scaled to [0, 1]: x / 255",
-    "raw": "unchanged 0..255 (the backbone rescales internally)",
-    "per_image": "each image's channels to zero mean and unit variance (removes its colour cast)",
-}
 
 
 @keras.saving.register_keras_serializable(package="tfcbir")
@@ -44,16 +37,20 @@ class ImagePreprocessing(keras.layers.Layer):
         self.mode = mode
 
     def call(self, images):
-        # Integer pixels are not auto-cast by Keras, so cast explicitly.
-        x = ops.cast(images, self.compute_dtype)
+        # Computed in float32 and cast at the end: per-image sums of 0..255 pixels overflow
+        # float16 (65504) under mixed precision. Integer pixels are not auto-cast by Keras.
+        x = ops.cast(images, "float32")
+        return ops.cast(self._preprocess(x), self.compute_dtype)
+
+    def _preprocess(self, x):
         if self.mode == "caffe":
             x = ops.flip(x, axis=-1)  # RGB -> BGR
-            return x - ops.convert_to_tensor(CAFFE_MEAN_BGR, dtype=self.compute_dtype)
+            return x - ops.convert_to_tensor(CAFFE_MEAN_BGR, dtype="float32")
         if self.mode == "tf":
             return x / 127.5 - 1.0
         if self.mode == "torch":
-            mean = ops.convert_to_tensor(TORCH_MEAN_RGB, dtype=self.compute_dtype)
-            std = ops.convert_to_tensor(TORCH_STD_RGB, dtype=self.compute_dtype)
+            mean = ops.convert_to_tensor(TORCH_MEAN_RGB, dtype="float32")
+            std = ops.convert_to_tensor(TORCH_STD_RGB, dtype="float32")
             return (x / 255.0 - mean) / std
         if self.mode == "unit":
             return x / 255.0

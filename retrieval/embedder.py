@@ -15,6 +15,7 @@ import numpy as np
 
 import config as cfg
 from datasets.pipeline import iter_eval_batches
+from retrieval.search import unit_rows
 from tfcbir import UserError
 from tfcbir.files import hash_file
 
@@ -24,7 +25,9 @@ class Embedder:
     model: object  # keras.Model: (B, h, w, 3) pixels -> (B, D) float32
     image_size: tuple[int, int]
     resize: tuple[int, int] | None
-    normalized: bool
+    normalized: (
+        bool  # embeddings are unit vectors, searched by cosine (config.normalized_embeddings)
+    )
     model_id: str  # hash of the weights file
     model_step: int
     config_hash: str  # config.model_hash: what turns pixels into embeddings
@@ -39,10 +42,7 @@ class Embedder:
         if len(images) == 0:
             return np.zeros((0, self.dim), np.float32)
         return np.concatenate(
-            [
-                np.asarray(self._forward(images[i : i + batch_size]), np.float32)
-                for i in range(0, len(images), batch_size)
-            ]
+            [self._forward(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         )
 
     def embed_files(
@@ -62,16 +62,18 @@ class Embedder:
             on_error=on_error,
             workers=workers,
         ):
-            yield indices, np.asarray(self._forward(images), np.float32)
+            yield indices, self._forward(images)
 
-    def _forward(self, images):
+    def _forward(self, images) -> np.ndarray:
         if not hasattr(self, "_compiled"):
             import tensorflow as tf
 
             self._compiled = tf.function(
                 lambda x: self.model(x, training=False), reduce_retracing=True
             )
-        return self._compiled(images)
+        embeddings = np.asarray(self._compiled(images), np.float32)
+        # A loss on angles with a head that does not normalise: searched as unit vectors.
+        return unit_rows(embeddings) if self.normalized else embeddings
 
 
 def load_embedder(config: dict, checkpoint: str | Path | None = None) -> Embedder:
@@ -119,7 +121,7 @@ def load_embedder(config: dict, checkpoint: str | Path | None = None) -> Embedde
         model=model,
         image_size=tuple(data["image_size"]),
         resize=tuple(data["resize"]) if data["resize"] else None,
-        normalized=nets.is_normalized(config["model"]["head"]),
+        normalized=cfg.normalized_embeddings(config),
         model_id=hash_file(weights),
         model_step=step,
         config_hash=cfg.model_hash(config),

@@ -154,6 +154,13 @@ def exclude_keys(keys: np.ndarray, exclude: np.ndarray) -> None:
     keys[rows, exclude[rows, cols]] = EXCLUDED
 
 
+def unit_rows(embeddings: np.ndarray) -> np.ndarray:
+    """Each row (N, D) scaled to unit L2 norm (float32); an all-zero row stays zero."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings / np.maximum(norms, np.float32(1e-12))
+
+
 def block_rows(n_gallery: int, bytes_per_pair: int, memory_mb: float) -> int:
     """How many query rows fit a ``memory_mb`` budget at ``bytes_per_pair`` per (query, item)."""
     return max(1, int(memory_mb * 2**20) // max(1, n_gallery * bytes_per_pair))

@@ -31,7 +31,12 @@ def test_defaults_are_filled_and_name_is_the_file_stem(tmp_path):
     assert resolved["name"] == "my_run"
     assert resolved["seed"] == 0
     assert resolved["data"]["image_size"] == [224, 224]
-    assert resolved["data"]["split"] == {"by": "auto", "test_fraction": 0.2, "train_classes": 0.5}
+    assert resolved["data"]["split"] == {
+        "by": "auto",
+        "test_fraction": 0.2,
+        "train_classes": 0.5,
+        "order": "random",
+    }
     assert resolved["model"]["head"] == "direct_normalize"
     assert resolved["loss"]["name"] == "semi_hard_triplet"
     assert resolved["loss"]["margin"] == pytest.approx(1.0)
@@ -253,3 +258,51 @@ def test_readme_documents_every_key_and_loss():
         assert f"### {name}" in readme, name
         for param in losses.LOSSES.get(name).params:
             assert f"| {param} |" in readme, f"{name}.{param}"
+
+
+def test_validating_a_config_needs_no_tensorflow(tmp_path):
+    """evaluation.py and train.py --check start fast: loading a config imports no TensorFlow."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({**MINIMAL, "loss": {"name": "proxy_anchor"}}))
+    code = (
+        "import sys, config, retrieval.evaluate\n"
+        f"config.load({str(path)!r})\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
+        "print(heavy[:3])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("loss", "head", "normalized"),
+    [
+        ({"name": "semi_hard_triplet"}, "direct", False),  # Euclidean distances
+        ({"name": "semi_hard_triplet", "metric": "squared_euclidean"}, "direct", False),
+        ({"name": "semi_hard_triplet", "metric": "cosine"}, "direct", True),
+        ({"name": "contrastive", "metric": "cosine"}, "fc1024", True),
+        ({"name": "ntxent"}, "direct", True),  # losses on angles
+        ({"name": "angular"}, "direct", True),
+        ({"name": "npair"}, "fc1024", True),
+        ({"name": "multi_similarity"}, "direct", True),
+        ({"name": "proxy_anchor"}, "direct", True),
+        ({"name": "arcface"}, "direct", True),
+        ({"name": "batch_hard_triplet"}, "direct_normalize", True),  # unit vectors: same ranking
+    ],
+)
+def test_search_geometry_follows_the_loss(loss, head, normalized):
+    resolved = resolve({**MINIMAL, "model": {**MINIMAL["model"], "head": head}, "loss": loss})
+    assert config.normalized_embeddings(resolved) is normalized
+
+
+def test_split_order_is_a_config_key():
+    resolved = resolve({**MINIMAL, "data": {**MINIMAL["data"], "split": {"order": "sorted"}}})
+    assert resolved["data"]["split"]["order"] == "sorted"
+    with pytest.raises(UserError, match="data.split.order: 'alphabetic' is not one of random"):
+        resolve({**MINIMAL, "data": {**MINIMAL["data"], "split": {"order": "alphabetic"}}})

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from datasets.lists import ImageList, load_splits, read_csv_list, scan_class_folders
+from datasets.lists import (
+    ImageList,
+    load_splits,
+    read_csv_list,
+    scan_class_folders,
+    validation_split,
+)
 from tests.helpers_images import captured_warnings, make_class_tree, solid, write_image
 from tfcbir import UserError
 
@@ -215,3 +221,56 @@ def test_split_modes_must_match_the_layout(tmp_path):
     with pytest.raises(UserError) as caught:
         load_splits(presplit, {"by": "images"}, seed=0)
     assert "\n" not in str(caught.value)
+
+
+def test_holdout_validation_never_uses_the_test_split(tmp_path):
+    root = make_class_tree(tmp_path, {"a": 10, "b": 10, "c": 4})
+    splits = load_splits(root, {"by": "images", "test_fraction": 0.2}, seed=0)
+    for source in ("auto", "holdout"):
+        chosen = validation_split(splits, source, 0.25, seed=3)
+        assert chosen.source == "holdout"
+        # round-half-up(0.25 n) of each class's training images: 8 -> 2, 3 -> 1 (0.75)
+        assert chosen.validation.class_counts().tolist() == [2, 2, 1]
+        assert chosen.train.class_counts().tolist() == [6, 6, 2]
+        held, trained, test = (_pairs(x) for x in (chosen.validation, chosen.train, splits.test))
+        assert not held & test and not held & trained
+        assert held | trained == _pairs(splits.train)
+    again = validation_split(splits, "holdout", 0.25, seed=3)
+    assert again.validation.paths == chosen.validation.paths  # seeded
+    test_chosen = validation_split(splits, "test", 0.25, seed=3)
+    assert test_chosen.source == "test" and test_chosen.validation is splits.test
+    assert test_chosen.train is splits.train
+    none = validation_split(splits, "none", 0.25, seed=3)
+    assert none.validation is None and none.train is splits.train and none.source == "none"
+
+
+def test_holdout_of_a_class_disjoint_split_is_whole_training_classes(tmp_path):
+    root = make_class_tree(tmp_path, {f"c{i}": 3 for i in range(10)})
+    splits = load_splits(root, {"by": "classes", "train_classes": 0.6}, seed=0)
+    assert splits.class_disjoint
+    chosen = validation_split(splits, "auto", 0.2, seed=0)
+    held = set(np.unique(chosen.validation.labels))
+    trained = set(np.unique(chosen.train.labels))
+    assert len(held) == 1 and len(trained) == 5  # round-half-up(0.2 * 6) = 1 of 6 classes
+    assert not held & trained and not held & set(np.unique(splits.test.labels))
+    with pytest.raises(UserError, match="train.validation.holdout"):
+        validation_split(splits, "holdout", 0.95, seed=0)
+
+
+def test_validation_from_test_needs_a_test_split_and_singletons_give_none(tmp_path):
+    root = make_class_tree(tmp_path, {"a": 1, "b": 1})
+    splits = load_splits(root, {"by": "none"}, seed=0)
+    with pytest.raises(UserError, match="train.validation.source: 'test'"):
+        validation_split(splits, "test", 0.1, seed=0)
+    with captured_warnings() as warnings:
+        chosen = validation_split(splits, "auto", 0.1, seed=0)  # nothing can be held out
+    assert chosen.source == "none" and chosen.validation is None
+    assert any("no image can be held out" in w for w in warnings)
+
+
+def test_compact_renumbers_the_classes_present(tmp_path):
+    root = make_class_tree(tmp_path, {"a": 2, "b": 2, "c": 2, "d": 2})
+    images = scan_class_folders(root)
+    part = images.subset(np.isin(images.labels, [1, 3])).compact()
+    assert part.classes == ["b", "d"] and part.labels.tolist() == [0, 0, 1, 1]
+    assert part.paths == ["b/000.png", "b/001.png", "d/000.png", "d/001.png"]

@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 
 import nets  # noqa: E402
 from tfcbir import UserError  # noqa: E402
+from tfcbir.registry import resolve  # noqa: E402
 
 BACKBONES = [
     "resnet_v1_50",
@@ -259,6 +260,18 @@ def test_per_image_preprocessing_removes_each_images_colour_cast():
     np.testing.assert_array_equal(flat, 0.0)
 
 
+@pytest.mark.parametrize("mode", sorted(nets.PREPROCESS_MODES))
+def test_preprocessing_under_mixed_precision_matches_float32(mode):
+    """Statistics over a 128 x 128 image overflow float16 (max 65504) unless computed in float32."""
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3)).astype("uint8")
+    expected = keras.ops.convert_to_numpy(nets.ImagePreprocessing(mode)(pixels))
+    mixed = nets.ImagePreprocessing(mode, dtype="mixed_float16")(pixels)
+    assert keras.backend.standardize_dtype(mixed.dtype) == "float16"
+    mixed = keras.ops.convert_to_numpy(mixed).astype("float32")
+    assert np.isfinite(mixed).all()
+    np.testing.assert_allclose(mixed, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
+
+
 def test_unknown_preprocessing_mode_is_a_bug():
     with pytest.raises(ValueError, match="unknown preprocessing mode 'bgr'"):
         nets.ImagePreprocessing("bgr")
@@ -453,7 +466,7 @@ def test_efficientnet_imagenet_file_gives_keras_imagenet_model(monkeypatch, tmp_
     # the fix again) must leave them alone.
     backbone = ours.get_layer("backbone")
     before = [keras.ops.convert_to_numpy(w) for w in backbone.weights]
-    nets.BACKBONES.get("efficientnet_b0").meta["after_load"](backbone)
+    resolve(nets.BACKBONES.get("efficientnet_b0").meta["after_load"])(backbone)
     for old, new in zip(before, backbone.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(new), old)
     np.testing.assert_allclose(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import tiny_config, write_config
+from tests.conftest import REPO, tiny_config, write_config
 from tests.helpers_archives import make_cub, make_inshop
 from tests.helpers_images import write_text, write_truncated_jpeg
 from tests.test_retrieval_cli import call
@@ -134,3 +136,21 @@ def test_check_of_a_bad_config_is_one_line_and_exit_2(cub, capsys, change, messa
 def test_json_without_check_is_refused(cub, capsys):
     code, _, err = call("train", "-c", cub, "--json", capsys=capsys)
     assert code == 2 and "--json formats the --check report" in err
+
+
+def test_check_imports_no_tensorflow(cub):
+    """--check builds no model: TensorFlow and Keras are never imported (it starts fast)."""
+    script = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('train_cli', 'train.py')\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        f"code = module.main(['-c', {str(cub)!r}, '--check', '--json'])\n"
+        "print(code, 'tensorflow' in sys.modules, 'keras' in sys.modules, file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "0 False False"
+    assert json.loads(done.stdout)["layout"] == "cub200"

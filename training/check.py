@@ -19,6 +19,7 @@ from datasets import archives
 from datasets.lists import ImageList
 from datasets.pipeline import find_unreadable
 from retrieval import sets
+from training.validation import choose_validation
 
 MISSING = "listed, but the file does not exist"
 
@@ -48,19 +49,12 @@ def check(
 
     Raises UserError for what would stop a run (a bad root, an impossible split or protocol).
     """
-    from training.trainer import split_for_validation
-
     made = sets.splits(config)
-    train_images, validation = split_for_validation(config, made)
+    chosen = choose_validation(config, made)
+    train_images, validation, source = chosen.train, chosen.validation, chosen.source
     protocol = sets.protocol(config, made)
     queries = sets.images(config, protocol.queries, made)
     gallery = sets.images(config, protocol.gallery, made)
-    if validation is None:
-        source = "none"
-    elif made.test is not None and validation is made.test:
-        source = "test"
-    else:
-        source = "holdout"
 
     lists = [made.train, made.test, queries, gallery]
     paths = [p for images in lists if images is not None for p in images.absolute_paths()]

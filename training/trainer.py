@@ -21,7 +21,7 @@ import tensorflow as tf
 import config as cfg
 import losses
 import nets
-from datasets.lists import ImageList, load_splits
+from datasets.lists import Splits, ValidationSplit, load_splits
 from datasets.pipeline import TrainData
 from tfcbir import UserError
 from tfcbir.files import atomic_output
@@ -29,6 +29,7 @@ from training import checkpoint, distribute, validation
 from training.optim import build_optimizer
 from training.progress import Progress
 from training.run import RunFolder
+from training.validation import choose_validation
 
 log = logging.getLogger("tfcbir")
 
@@ -42,53 +43,15 @@ class Result:
     interrupted: bool = False
 
 
-def split_for_validation(config: dict, splits) -> tuple[ImageList, ImageList | None]:
-    """(training images, validation images) as ``train.validation`` and the split allow."""
-    source = config["train"]["validation"]["source"]
-    if config["train"]["validate_every"] == 0 or source == "none":
-        return splits.train, None
-    if source == "test" or (source == "auto" and splits.test is not None):
-        if splits.test is None:
-            raise UserError(
-                "train.validation.source: 'test' but the split has no test part; "
-                "use 'holdout' or 'auto'"
-            )
-        return splits.train, splits.test
-    return holdout(
-        splits.train,
-        config["train"]["validation"]["holdout"],
-        config["seed"],
-        by_class=splits.class_disjoint,
-    )
-
-
-def holdout(images: ImageList, share: float, seed: int, by_class: bool):
-    """Hold out whole classes (class-disjoint runs) or a share of each class's images."""
-    rng = np.random.default_rng([seed, 7])
-    labels = images.labels
-    classes = np.unique(labels)
-    if by_class:
-        count = max(1, round(share * len(classes)))
-        if count >= len(classes):
-            raise UserError("train.validation.holdout: leaves no training class; lower it")
-        held = rng.permutation(classes)[:count]
-        mask = np.isin(labels, held)
-    else:
-        mask = np.zeros(len(labels), bool)
-        for c in classes:
-            members = np.flatnonzero(labels == c)
-            take = min(round(share * len(members)), len(members) - 1)
-            mask[rng.permutation(members)[:take]] = True
-    if not mask.any():
-        return images, None
-    return images.subset(np.flatnonzero(~mask)), images.subset(np.flatnonzero(mask))
-
-
 def train(config: dict, *, restart: bool = False) -> Result:
     """Train (or resume) the run of a resolved config; returns where it ended."""
     train_cfg = config["train"]
     strategy = distribute.make_strategy(train_cfg["distribute"])
     distribute.check_batch_split(train_cfg["batch"]["P"], strategy.num_replicas_in_sync)
+    data = config["data"]
+    splits = load_splits(cfg.data_root(config), data["split"], config["seed"], data["format"])
+    chosen = choose_validation(config, splits)
+    config = with_validation_source(config, chosen.source)
     shared = RunFolder(cfg.run_dir(config))
     # Of several workers one writes the run; the others resume from it and write elsewhere.
     chief = distribute.is_chief(strategy)
@@ -98,18 +61,36 @@ def train(config: dict, *, restart: bool = False) -> Result:
     mixed = _mixed_precision(train_cfg["mixed_precision"])
     try:
         found = None if restart else checkpoint.latest(shared.checkpoints)
-        return _train(config, run, found, strategy, mixed, validate=chief)
+        return _train(config, run, found, strategy, mixed, splits, chosen, validate=chief)
     finally:
         if mixed:
             keras.mixed_precision.set_global_policy("float32")
 
 
-def _train(config: dict, run: RunFolder, found, strategy, mixed: bool, validate: bool) -> Result:
+def with_validation_source(config: dict, source: str) -> dict:
+    """``config`` with ``train.validation.source`` resolved (auto -> holdout, or none without
+    validation), as the run folder records it."""
+    train_cfg = config["train"]
+    validation = {**train_cfg["validation"], "source": source}
+    return {**config, "train": {**train_cfg, "validation": validation}}
+
+
+def _train(
+    config: dict,
+    run: RunFolder,
+    found,
+    strategy,
+    mixed: bool,
+    splits: Splits,
+    chosen: ValidationSplit,
+    validate: bool,
+) -> Result:
     data, model_cfg, train_cfg = config["data"], config["model"], config["train"]
     P, K = train_cfg["batch"]["P"], train_cfg["batch"]["K"]
 
-    splits = load_splits(cfg.data_root(config), data["split"], config["seed"], data["format"])
-    train_images, val_images = split_for_validation(config, splits)
+    # Labels renumbered over the training classes only: a per-class loss gets one vector per
+    # class it trains on (test classes of a class-disjoint split get none).
+    train_images, val_images = chosen.train.compact(), chosen.validation
     train_data = TrainData(
         train_images,
         P=P,
@@ -150,10 +131,16 @@ def _train(config: dict, run: RunFolder, found, strategy, mixed: bool, validate:
     validator = None
     if validate and val_images is not None and train_cfg["validate_every"] > 0:
         validator = validation.Validator(
-            val_images, data, train_cfg["validation"]["max_images"], config["seed"]
+            val_images,
+            data,
+            train_cfg["validation"]["max_images"],
+            config["seed"],
+            normalized=cfg.normalized_embeddings(config),
+            # Mirror evaluation: class-disjoint splits leave one out, others search training.
+            gallery=None if splits.class_disjoint else chosen.train,
         )
 
-    _summary(config, run, splits, train_images, val_images, train_data, model, step, strategy)
+    _summary(config, run, splits, chosen, train_images, train_data, model, step, strategy)
     train_step = _make_train_step(
         model, loss_fn, optimizer, loss_optimizer, loss_variables, strategy, mixed
     )
@@ -313,16 +300,28 @@ def _raise_on_sigterm():
         return signal.getsignal(signal.SIGTERM)
 
 
-def _summary(
-    config, run, splits, train_images, val_images, train_data, model, step, strategy
-) -> None:
+def _validation_line(chosen: ValidationSplit, splits: Splits) -> str:
+    if chosen.validation is None:
+        return "validation: none (the last weights are the model)"
+    images = chosen.validation
+    classes = len(np.unique(images.labels))
+    if chosen.source == "test":
+        where = "the test split (test metrics will be optimistic)"
+    elif splits.class_disjoint:
+        where = "whole classes held out of training"
+    else:
+        where = "images of each class held out of training"
+    return f"validation: {len(images)} images of {classes} classes, {where}"
+
+
+def _summary(config, run, splits, chosen, train_images, train_data, model, step, strategy) -> None:
     skipped = len(getattr(train_data, "skipped", []))
     parts = [
         f"run {config['name']} in {run.path}",
         f"data {cfg.data_root(config)} ({splits.layout}, {splits.kind} split): "
         f"{len(train_images)} training images of {len(np.unique(train_images.labels))} "
         f"classes" + (f", {skipped} unreadable skipped" if skipped else ""),
-        f"validation: {len(val_images)} images" if val_images is not None else "validation: none",
+        _validation_line(chosen, splits),
         f"model {config['model']['backbone']} + {config['model']['head']} -> "
         f"{config['model']['embedding_dim']}-d, {model.count_params():,} parameters",
         f"loss {config['loss']}",

@@ -1,18 +1,109 @@
-"""Validation during training: leave-one-out Recall@1 on held-out images, decoded once."""
+"""Validation during training: which images select the model (:func:`choose_validation`), and
+their Recall@1, decoded once (:class:`Validator`). No TensorFlow here: ``train.py --check`` uses it.
+
+The validation mirrors the evaluation protocol of the split: for a class-disjoint split the
+held-out images are searched among themselves (leave-one-out, as the test classes will be); for a
+split by images they are queries against (a sample of) the training images, the gallery the test
+queries will search. Recall@1 is :mod:`retrieval.metrics`' (in the run's search geometry; a query
+without a relevant item is left out), so the number that selects the model is the one
+evaluation.py reports.
+"""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from datasets.lists import ImageList
+from datasets.lists import ImageList, Splits, ValidationSplit, validation_split
 from datasets.pipeline import iter_eval_batches
+from retrieval.metrics import evaluate
+from retrieval.search import unit_rows
+from tfcbir import UserError
+
+log = logging.getLogger("tfcbir")
+
+
+def choose_validation(config: dict, splits: Splits) -> ValidationSplit:
+    """The run's training and validation images (``train.validation``; none when
+    ``train.validate_every`` is 0), with a warning when the model is selected on the test split."""
+    validation = config["train"]["validation"]
+    source = "none" if config["train"]["validate_every"] == 0 else validation["source"]
+    chosen = validation_split(splits, source, validation["holdout"], config["seed"])
+    if chosen.source == "test":
+        log.warning(
+            "train.validation.source: test: the model is selected on the test split, so the test "
+            "metrics of evaluation.py are optimistic; 'holdout' (the default) keeps them honest"
+        )
+    return chosen
 
 
 class Validator:
-    def __init__(self, images: ImageList, data: dict, max_images: int, seed: int):
-        if len(images) > max_images:
-            keep = np.sort(np.random.default_rng([seed, 11]).permutation(len(images))[:max_images])
-            images = images.subset(keep)
+    """Recall@1 of a model: ``queries`` against ``gallery`` (None: leave-one-out on queries).
+
+    Each set is cut to ``max_images`` (a seeded sample). normalized: compare unit vectors by
+    cosine (config.normalized_embeddings), else by Euclidean distance. Labels of both sets must
+    index the same classes.
+    """
+
+    def __init__(
+        self,
+        queries: ImageList,
+        data: dict,
+        max_images: int,
+        seed: int,
+        normalized: bool,
+        gallery: ImageList | None = None,
+    ):
+        self.normalized = normalized
+        self.queries = _Decoded(_sample(queries, max_images, seed), data)
+        self.gallery = (
+            None if gallery is None else _Decoded(_sample(gallery, max_images, seed), data)
+        )
+        labels = self.queries.labels
+        if self.gallery is None and not (np.bincount(labels) >= 2).any():
+            raise UserError(
+                f"train.validation: no two of the {len(labels)} validation images share a "
+                "class, so Recall@1 is undefined; raise train.validation.holdout or "
+                "train.validation.max_images, or set train.validation.source: none"
+            )
+        if self.gallery is not None and not np.isin(labels, self.gallery.labels).any():
+            raise UserError(
+                "train.validation: no validation image has a class among the training images "
+                "it is searched in; raise train.validation.max_images"
+            )
+
+    def recall_at_1(self, model) -> float:
+        queries = self.queries.embed(model, self.normalized)
+        if self.gallery is None:
+            gallery, exclude = queries, np.arange(len(queries))
+        else:
+            gallery, exclude = self.gallery.embed(model, self.normalized), None
+        metrics = evaluate(
+            queries,
+            self.queries.labels,
+            gallery,
+            self.gallery.labels if self.gallery is not None else self.queries.labels,
+            normalized=self.normalized,
+            exclude=exclude,
+            r=1,
+            ks=(1,),
+            nmi=False,
+        )
+        return metrics.recall_at_k[1]
+
+
+def _sample(images: ImageList, max_images: int, seed: int) -> ImageList:
+    if len(images) <= max_images:
+        return images
+    keep = np.sort(np.random.default_rng([seed, 11]).permutation(len(images))[:max_images])
+    return images.subset(keep)
+
+
+class _Decoded:
+    """A list's images decoded once at the evaluation size (centre crop), and their labels."""
+
+    def __init__(self, images: ImageList, data: dict):
         pixels, labels = [], []
         for indices, batch in iter_eval_batches(
             images.absolute_paths(),
@@ -23,21 +114,14 @@ class Validator:
             pixels.append(batch)
             labels.append(images.labels[indices])
         self.pixels = np.concatenate(pixels)
-        self.labels = np.concatenate(labels)
+        self.labels = np.concatenate(labels).astype(np.int64)
 
-    def recall_at_1(self, model, batch_size: int = 128) -> float:
+    def embed(self, model, normalized: bool, batch_size: int = 128) -> np.ndarray:
+        """(N, D) float32 embeddings, as the run's search sees them."""
         embeddings = np.concatenate(
             [
-                np.asarray(model(self.pixels[i : i + batch_size], training=False))
+                np.asarray(model(self.pixels[i : i + batch_size], training=False), np.float32)
                 for i in range(0, len(self.pixels), batch_size)
             ]
         )
-        return recall_at_1(embeddings, self.labels)
-
-
-def recall_at_1(embeddings: np.ndarray, labels: np.ndarray) -> float:
-    """Share of items whose nearest other item (Euclidean) has the same label. (N, D), (N,)."""
-    squared = np.sum(embeddings**2, axis=1)
-    distances = squared[:, None] + squared[None, :] - 2.0 * embeddings @ embeddings.T
-    np.fill_diagonal(distances, np.inf)
-    return float(np.mean(labels[np.argmin(distances, axis=1)] == labels))
+        return unit_rows(embeddings) if normalized else embeddings
