@@ -1,4 +1,5 @@
-"""Validation during training: Recall@1 of held-out images, decoded once.
+"""Validation during training: which images select the model (:func:`choose_validation`), and
+their Recall@1, decoded once (:class:`Validator`). No TensorFlow here: ``train.py --check`` uses it.
 
 The validation mirrors the evaluation protocol of the split: for a class-disjoint split the
 held-out images are searched among themselves (leave-one-out, as the test classes will be); for a
@@ -10,13 +11,31 @@ evaluation.py reports.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from datasets.lists import ImageList
+from datasets.lists import ImageList, Splits, ValidationSplit, validation_split
 from datasets.pipeline import iter_eval_batches
 from retrieval.metrics import evaluate
 from retrieval.search import unit_rows
 from tfcbir import UserError
+
+log = logging.getLogger("tfcbir")
+
+
+def choose_validation(config: dict, splits: Splits) -> ValidationSplit:
+    """The run's training and validation images (``train.validation``; none when
+    ``train.validate_every`` is 0), with a warning when the model is selected on the test split."""
+    validation = config["train"]["validation"]
+    source = "none" if config["train"]["validate_every"] == 0 else validation["source"]
+    chosen = validation_split(splits, source, validation["holdout"], config["seed"])
+    if chosen.source == "test":
+        log.warning(
+            "train.validation.source: test: the model is selected on the test split, so the test "
+            "metrics of evaluation.py are optimistic; 'holdout' (the default) keeps them honest"
+        )
+    return chosen
 
 
 class Validator:
