@@ -56,7 +56,8 @@ class Validator:
         gallery: ImageList | None = None,
     ):
         self.normalized = normalized
-        self.queries = _Decoded(_sample(queries, max_images, seed), data)
+        leave_one_out = gallery is None
+        self.queries = _Decoded(_sample(queries, max_images, seed, by_class=leave_one_out), data)
         self.gallery = (
             None if gallery is None else _Decoded(_sample(gallery, max_images, seed), data)
         )
@@ -93,11 +94,20 @@ class Validator:
         return metrics.recall_at_k[1]
 
 
-def _sample(images: ImageList, max_images: int, seed: int) -> ImageList:
+def _sample(images: ImageList, max_images: int, seed: int, by_class: bool = False) -> ImageList:
+    """At most ``max_images`` of ``images``, seeded: a random sample of images, or with
+    ``by_class`` whole classes of two images or more in a random order (leave-one-out needs
+    each image's classmates: a sample of images from many small classes would leave mostly
+    single images, which Recall@1 ignores)."""
     if len(images) <= max_images:
         return images
-    keep = np.sort(np.random.default_rng([seed, 11]).permutation(len(images))[:max_images])
-    return images.subset(keep)
+    rng = np.random.default_rng([seed, 11])
+    if not by_class:
+        return images.subset(np.sort(rng.permutation(len(images))[:max_images]))
+    counts = images.class_counts()
+    classes = rng.permutation(np.flatnonzero(counts >= 2))
+    taken = classes[np.cumsum(counts[classes]) <= max_images]
+    return images.subset(np.isin(images.labels, taken))
 
 
 class _Decoded:
