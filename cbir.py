@@ -44,6 +44,11 @@ def main(argv: list[str]) -> int:
         help="the embedded set to search (default: the protocol's gallery)",
     )
     parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="weights to use instead of the run's best.weights.h5 (embed.py --checkpoint)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument(
         "--save",
@@ -69,12 +74,12 @@ def main(argv: list[str]) -> int:
     name = args.gallery or sets.protocol(cfg).gallery
     # Each model is loaded only if a query needs it; their identity (both towers) checks the
     # gallery.
-    encoder = load_text_encoder(cfg) if texts else None
-    embedder = load_embedder(cfg) if paths else None
+    encoder = load_text_encoder(cfg, args.checkpoint) if texts else None
+    embedder = load_embedder(cfg, args.checkpoint) if paths else None
     if encoder is not None:
-        gallery = open_text_gallery(cfg, name, encoder, args.config)
+        gallery = open_text_gallery(cfg, name, encoder, args.config, args.checkpoint)
     else:
-        gallery = open_gallery(cfg, name, args.config, embedder.model_id)
+        gallery = open_gallery(cfg, name, args.config, embedder.model_id, args.checkpoint)
     answers.check_r(args.retrieve, gallery)
     index = open_index(
         gallery,

@@ -113,11 +113,13 @@ def _merge(args, cfg: dict, names: list[str], made, index: str) -> int:
     import config
     from retrieval import sets
     from retrieval.embedder import expected_model_id
-    from retrieval.shards import check_shards
+    from retrieval.gallery import GalleryIdentity
+    from retrieval.shards import check_shards, list_hash
 
     model_id = expected_model_id(cfg, args.checkpoint)
     checked = []
     for name in names:
+        images = sets.images(cfg, name, made)
         command = f"python embed.py -c {args.config} --split {name}"
         if args.output is not None:
             command += f" -o {args.output}"
@@ -126,10 +128,9 @@ def _merge(args, cfg: dict, names: list[str], made, index: str) -> int:
         checked.append(
             check_shards(
                 args.output or sets.gallery_file(cfg, name),
-                sets.images(cfg, name, made),
+                images,
                 split=name,
-                expect_config_hash=config.model_hash(cfg),
-                expect_model_id=model_id,
+                expect=GalleryIdentity(model_id, config.model_hash(cfg), list_hash(images)),
                 command=command,
             )
         )

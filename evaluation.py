@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from tfcbir.cli import run
 
@@ -34,8 +35,21 @@ def main(argv: list[str]) -> int:
         default=10,
         help="answers retrieved per query: the r of AP@r (default 10)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the query sample")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the query sample and of NMI's k-means"
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="the weights the galleries were embedded with (embed.py --checkpoint); "
+        "default: the run's best.weights.h5",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--no-nmi",
+        action="store_true",
+        help="leave NMI out (k-means over the whole query set: the slowest part for many classes)",
+    )
     parser.add_argument(
         "--ap-denominator",
         choices=["min_r_g", "found"],
@@ -64,6 +78,8 @@ def main(argv: list[str]) -> int:
         seed=args.seed,
         ap_denominator=args.ap_denominator,
         config_path=args.config,
+        checkpoint=args.checkpoint,
+        nmi=not args.no_nmi,
     )
     print(json.dumps(result, indent=None) if args.json else report(result))
     return 0

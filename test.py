@@ -20,6 +20,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-r", "--retrieve", type=int, default=10, help="answers to show")
     parser.add_argument("--seed", type=int, help="pick the query with this seed (default: any)")
     parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="weights to use instead of the run's best.weights.h5 (embed.py --checkpoint)",
+    )
     parser.add_argument("--save", type=Path, help="picture file (default: <run>/queries/)")
     parser.add_argument(
         "--text",
@@ -44,8 +49,8 @@ def main(argv: list[str]) -> int:
 
     cfg = config.load(args.config)
     protocol = sets.protocol(cfg)
-    embedder = load_embedder(cfg)  # its weights' hash checks the gallery
-    gallery = open_gallery(cfg, protocol.gallery, args.config, embedder.model_id)
+    embedder = load_embedder(cfg, args.checkpoint)  # its weights' hash checks the gallery
+    gallery = open_gallery(cfg, protocol.gallery, args.config, embedder.model_id, args.checkpoint)
     answers.check_r(args.retrieve, gallery, protocol.leave_one_out)
     candidates = sets.images(cfg, protocol.queries)
     rng = np.random.default_rng(args.seed)

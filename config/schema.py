@@ -16,7 +16,17 @@ from datasets.lists import CLASS_ORDERS
 from tfcbir import UserError
 from tfcbir.params import REQUIRED, Param, check_value, fmt, validate
 
-SPLIT_MODES = ["auto", "images", "classes", "folders", "csv", "none"]
+SPLIT_MODES = ["auto", "images", "classes", "folders", "csv", "protocol", "none"]
+DATA_FORMATS = [
+    "auto",
+    "class_folders",
+    "split_folders",
+    "csv",
+    "cub200",
+    "cars196",
+    "sop",
+    "inshop",
+]  # datasets.lists.LAYOUTS
 OPTIMIZERS = ["adam", "adamw", "sgd"]
 LR_SCHEDULES = ["constant", "linear", "cosine"]
 PROTOCOLS = ["auto", "train_gallery", "leave_one_out", "query_gallery"]
@@ -57,17 +67,27 @@ SCHEMA: dict = {
         "root": Param(
             str,
             REQUIRED,
-            "Data set folder (one sub-folder per class, or train/ and "
-            "test/ folders, or x_train.csv and x_test.csv lists), relative to data_dir "
-            "or absolute.",
+            "Data set folder (one sub-folder per class, train/ and test/ folders, "
+            "x_train.csv and x_test.csv lists, or a benchmark archive as distributed: see "
+            "Data sets), relative to data_dir or absolute.",
+        ),
+        "format": Param(
+            str,
+            "auto",
+            "Layout of data.root: auto (detected from the files present), class_folders, "
+            "split_folders (train/ and test/), csv, or a benchmark archive: cub200 "
+            "(CUB-200-2011), cars196, sop (Stanford Online Products), inshop (In-shop "
+            "Clothes).",
+            choices=DATA_FORMATS,
         ),
         "split": {
             "by": Param(
                 str,
                 "auto",
-                "How train and test are made: auto (folders or CSV lists if "
-                "present, else images), images (stratified), classes (class-disjoint), "
-                "folders, csv, none (all train).",
+                "How train and test are made: auto (the layout's own: folders, CSV lists "
+                "or a benchmark's protocol if present, else images), images (stratified), "
+                "classes (class-disjoint), folders, csv, protocol (a benchmark archive's "
+                "fixed split), none (all train).",
                 choices=SPLIT_MODES,
             ),
             "test_fraction": Param(
@@ -266,10 +286,11 @@ SCHEMA: dict = {
         "protocol": Param(
             str,
             "auto",
-            "auto: leave_one_out for class-disjoint splits, else "
+            "auto: query_gallery for a data set with its own query and gallery "
+            "lists (In-shop), leave_one_out for class-disjoint splits, else "
             "train_gallery; train_gallery: test queries against the training "
             "split; leave_one_out: the test split against itself; query_gallery: "
-            "explicit lists.",
+            "explicit lists (eval.query_list and eval.gallery_list, or In-shop's).",
             choices=PROTOCOLS,
         ),
         "query_list": Param(
@@ -376,8 +397,12 @@ def _check_cross_keys(config: dict) -> None:
     losses.check_batch(config["loss"], train["batch"]["P"], train["batch"]["K"])
     _check_text_tower(config)
     protocol = config["eval"]["protocol"]
-    if protocol == "query_gallery" and not (
-        config["eval"]["query_list"] and config["eval"]["gallery_list"]
+    # Under data.format auto the root may turn out to be In-shop, whose partition file gives the
+    # lists; retrieval.sets refuses a root without them when the sets are needed.
+    if (
+        protocol == "query_gallery"
+        and data["format"] not in ("auto", "inshop")
+        and not (config["eval"]["query_list"] and config["eval"]["gallery_list"])
     ):
         raise UserError(
             "eval.protocol: query_gallery needs eval.query_list and "

@@ -1,15 +1,18 @@
 """Image lists and train/test splits of a data root.
 
-A data root is laid out in one of three ways:
+A data root is laid out in one of these ways (its *layout*, detected or forced by ``format``):
 
-- ``root/<class>/<image>``: one sub-folder per class (split here by images or by classes);
-- ``root/train/<class>/<image>`` and ``root/test/<class>/<image>``: split already;
-- ``root/x_train.csv`` and ``root/x_test.csv``: the original system's lists, one
-  ``label,relative/path`` line per image (see :func:`read_csv_list`).
+- ``class_folders``: ``root/<class>/<image>``, one sub-folder per class (split here by images or
+  by classes);
+- ``split_folders``: ``root/train/<class>/<image>`` and ``root/test/<class>/<image>``;
+- ``csv``: ``root/x_train.csv`` and ``root/x_test.csv``, the original system's lists, one
+  ``label,relative/path`` line per image (see :func:`read_csv_list`);
+- ``cub200``, ``cars196``, ``sop``, ``inshop``: a metric-learning benchmark's archive as
+  distributed, split by its papers' protocol (:mod:`datasets.archives`).
 
-:func:`load_splits` turns a root and the config's ``data.split`` section into a :class:`Splits`
-of two :class:`ImageList` s. Everything is deterministic: folders and files are sorted, and the
-random splits use NumPy generators seeded with the run's seed.
+:func:`load_splits` turns a root and the config's ``data.split`` section into a :class:`Splits`.
+Everything is deterministic: folders and files are sorted, and the random splits use NumPy
+generators seeded with the run's seed.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import csv
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +31,11 @@ from tfcbir import UserError
 
 log = logging.getLogger("tfcbir")
 
-SPLIT_KINDS = ("images", "classes", "folders", "csv", "none")
+SPLIT_KINDS = ("images", "classes", "folders", "csv", "protocol", "none")
 CLASS_ORDERS = ("random", "sorted")
 TRAIN_CSV, TEST_CSV = "x_train.csv", "x_test.csv"
+ARCHIVE_LAYOUTS = ("cub200", "cars196", "sop", "inshop")  # datasets.archives.FORMATS
+LAYOUTS = ("class_folders", "split_folders", "csv", *ARCHIVE_LAYOUTS)
 
 # The split's own random stream, kept apart from the sampler's [seed, round] streams.
 _SPLIT_STREAM = 0x5911
@@ -89,12 +94,20 @@ class ImageList:
 class Splits:
     """The training list, the test list (None when there is none) and how they were made.
 
-    ``kind`` is the split actually used: images, classes, folders, csv or none (never auto).
+    ``kind`` is the split actually used: images, classes, folders, csv, protocol (a benchmark
+    archive's own) or none (never auto). ``layout`` is the root's layout (one of
+    :data:`LAYOUTS`). ``query`` and ``gallery``: the data set's own query and gallery lists
+    (In-shop), whose images are ``test``'s; None otherwise. ``missing``: listed images (paths
+    relative to the root) that do not exist and are in no list.
     """
 
     train: ImageList
     test: ImageList | None
     kind: str
+    layout: str = "class_folders"
+    query: ImageList | None = None
+    gallery: ImageList | None = None
+    missing: list[str] = field(default_factory=list)
 
     @property
     def class_disjoint(self) -> bool:
@@ -119,26 +132,31 @@ class ValidationSplit:
     source: str
 
 
-def load_splits(root: str | os.PathLike, split: dict, seed: int) -> Splits:
+def load_splits(root: str | os.PathLike, split: dict, seed: int, format: str = "auto") -> Splits:
     """Read the data root and split it as ``split`` says.
 
-    ``split``: ``{"by": auto|images|classes|folders|csv|none, "test_fraction": 0.2,
+    ``split``: ``{"by": auto|images|classes|folders|csv|protocol|none, "test_fraction": 0.2,
     "train_classes": 0.5, "order": "random"}`` (missing keys take these defaults).
+    ``format``: the root's layout, one of :data:`LAYOUTS`, or auto: a benchmark archive if its
+    list files are there (:func:`datasets.archives.detect`), else split_folders if root/train
+    and root/test exist, else csv if root/x_train.csv exists, else class_folders.
 
-    - auto: ``folders`` if root/train and root/test exist, else ``csv`` if root/x_train.csv
-      exists, else ``images``.
+    - auto: the layout's own split: protocol for an archive, folders, csv, or images for class
+      folders.
     - images: stratified; each class gives round(test_fraction * n) of its n images (rounded half
       up) to test, drawn at random, but always keeps at least one for training, so a class with a
       single image stays in train only.
     - classes: class-disjoint; round(train_classes * C) classes (half up) train, the rest test.
       order=random (default) takes the first classes of a seeded permutation; order=sorted takes
-      the first classes in sorted name order, the benchmarks' protocol (CUB-200: classes 1-100
-      train) when folder names sort by class number.
+      the first classes in sorted name order (for class folders named so that they sort by class
+      number).
     - folders, csv: the lists given; csv without x_test.csv has no test list.
+    - protocol: a benchmark archive's fixed split (:mod:`datasets.archives`); In-shop also gives
+      ``query`` and ``gallery``.
     - none: every image is for training (on a pre-split root: train and test together).
 
     Raises UserError (one line) for a missing root, no classes or images, an empty side of a
-    split, or a ``by`` that does not match the root's layout.
+    split, or a ``by`` or ``format`` that does not match the root.
     """
     root = Path(os.path.abspath(os.fspath(root)))
     by = split.get("by", "auto")
@@ -149,50 +167,53 @@ def load_splits(root: str | os.PathLike, split: dict, seed: int) -> Splits:
         raise UserError(f"data.split.by: {by!r} is not one of auto, {', '.join(SPLIT_KINDS)}")
     if order not in CLASS_ORDERS:
         raise UserError(f"data.split.order: {order!r} is not one of {', '.join(CLASS_ORDERS)}")
+    if format not in ("auto", *LAYOUTS):
+        raise UserError(f"data.format: {format!r} is not one of auto, {', '.join(LAYOUTS)}")
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise UserError(
             f"data.root: {root} {what}; give the folder holding the class folders "
-            "(or train/ and test/, or x_train.csv)"
+            "(or train/ and test/, x_train.csv, or a benchmark archive)"
         )
 
-    layout = _layout(root)
+    layout, folder = _layout(root, format)
     if by == "auto":
-        by = {"folders": "folders", "csv": "csv"}.get(layout, "images")
-    if by in ("images", "classes") and layout != "classes":
-        where = "train/ and test/ folders" if layout == "folders" else f"{TRAIN_CSV}"
-        raise UserError(
-            f"data.split.by: {by!r} but {root} is already split ({where}); use "
-            "data.split.by: auto, or point data.root at a folder of class folders"
+        by = {"split_folders": "folders", "csv": "csv", "class_folders": "images"}.get(
+            layout, "protocol"
         )
-    if by == "folders" and layout != "folders":
-        raise UserError(
-            f"data.split.by: 'folders' but {root} has no train/ and test/ folders; "
-            "add root/train/<class>/ and root/test/<class>/, or use data.split.by: "
-            "auto"
-        )
-    if by == "csv" and layout != "csv":
-        raise UserError(
-            f"data.split.by: 'csv' but {root / TRAIN_CSV} does not exist; write the "
-            "lists (lines 'label,relative/path') or use data.split.by: auto"
-        )
+    _check_split_fits(by, layout, root)
 
-    if by == "folders":
+    if layout in ARCHIVE_LAYOUTS:
+        from datasets import archives  # it builds on this module's ImageList
+
+        archive = archives.read(layout, folder)
+        if by == "none":
+            images = _concat(archive.train, archive.test)
+            return Splits(images, None, "none", layout, missing=archive.missing)
+        archive.check_protocol()
+        return Splits(
+            archive.train,
+            archive.test,
+            "protocol",
+            layout,
+            archive.query,
+            archive.gallery,
+            archive.missing,
+        )
+    if layout == "split_folders":
         train, test = _read_split_folders(root)
-        return Splits(train, test, "folders")
-    if by == "csv":
-        train, test = _read_csv_lists(root)
-        return Splits(train, test, "csv")
-    if by == "none":
-        if layout == "folders":
-            images = _concat(*_read_split_folders(root))
-        elif layout == "csv":
-            images = _concat(*_read_csv_lists(root))
-        else:
-            images = scan_class_folders(root)
-        return Splits(images, None, "none")
+        if by == "none":
+            return Splits(_concat(train, test), None, "none", layout)
+        return Splits(train, test, "folders", layout)
+    if layout == "csv":
+        train, test, missing = _read_csv_lists(root)
+        if by == "none":
+            return Splits(_concat(train, test), None, "none", layout, missing=missing)
+        return Splits(train, test, "csv", layout, missing=missing)
 
     images = scan_class_folders(root)
+    if by == "none":
+        return Splits(images, None, "none", layout)
     rng = np.random.default_rng([seed, _SPLIT_STREAM])
     if by == "images":
         test_mask = _stratified_test_mask(images.labels, len(images.classes), test_fraction, rng)
@@ -204,23 +225,76 @@ def load_splits(root: str | os.PathLike, split: dict, seed: int) -> Splits:
             )
     else:
         test_mask = _class_disjoint_test_mask(images, train_classes, order, rng, root)
-    return Splits(images.subset(~test_mask), images.subset(test_mask), by)
+    return Splits(images.subset(~test_mask), images.subset(test_mask), by, layout)
 
 
-def _layout(root: Path) -> str:
-    """folders (train/ and test/), csv (x_train.csv) or classes (class folders)."""
+def _check_split_fits(by: str, layout: str, root: Path) -> None:
+    """A UserError when ``data.split.by`` cannot split a root of this layout."""
+    if by in ("images", "classes") and layout != "class_folders":
+        where = {
+            "split_folders": "train/ and test/ folders",
+            "csv": TRAIN_CSV,
+        }.get(layout, f"the {layout} archive, whose split is its protocol's")
+        raise UserError(
+            f"data.split.by: {by!r} but {root} is already split ({where}); use "
+            "data.split.by: auto, or point data.root at a folder of class folders"
+        )
+    if by == "folders" and layout != "split_folders":
+        raise UserError(
+            f"data.split.by: 'folders' but {root} has no train/ and test/ folders; "
+            "add root/train/<class>/ and root/test/<class>/, or use data.split.by: "
+            "auto"
+        )
+    if by == "csv" and layout != "csv":
+        raise UserError(
+            f"data.split.by: 'csv' but {root / TRAIN_CSV} does not exist; write the "
+            "lists (lines 'label,relative/path') or use data.split.by: auto"
+        )
+    if by == "protocol" and layout not in ARCHIVE_LAYOUTS:
+        raise UserError(
+            f"data.split.by: 'protocol' but {root} is not a benchmark archive "
+            f"({', '.join(ARCHIVE_LAYOUTS)}); use data.split.by: auto, or set data.format"
+        )
+
+
+def _layout(root: Path, format: str = "auto") -> tuple[str, Path]:
+    """``(layout, folder)``: one of :data:`LAYOUTS`, and the folder holding its files (root,
+    or a benchmark archive's own top folder inside it)."""
+    from datasets import archives
+
+    if format in ARCHIVE_LAYOUTS:
+        return format, archives.locate(format, root)
     has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
+    if format == "split_folders":
+        if not (has_train and has_test):
+            raise UserError(
+                f"data.format: 'split_folders' but {root} has no train/ and test/ folders; "
+                "add them, or use data.format: auto"
+            )
+        return format, root
+    if format == "csv":
+        if not (root / TRAIN_CSV).is_file():
+            raise UserError(
+                f"data.format: 'csv' but {root / TRAIN_CSV} does not exist; write the lists "
+                "(lines 'label,relative/path') or use data.format: auto"
+            )
+        return format, root
+    if format == "class_folders":
+        return format, root
+    found = archives.detect(root)
+    if found is not None:
+        return found
     if has_train and has_test:
-        return "folders"
+        return "split_folders", root
     if (root / TRAIN_CSV).is_file():
-        return "csv"
+        return "csv", root
     if has_train != has_test:
         present, absent = ("train", "test") if has_train else ("test", "train")
         raise UserError(
             f"data.root: {root} has {present}/ but no {absent}/; add "
             f"{root / absent}/<class>/ folders, or rename {present}/ if it is a class"
         )
-    return "classes"
+    return "class_folders", root
 
 
 def _round_half_up(x: float) -> int:
@@ -232,11 +306,14 @@ def _stratified_test_mask(
 ) -> np.ndarray:
     """``(N,)`` bool: round(test_fraction * n) random images of each class, n - 1 at most."""
     test = np.zeros(len(labels), dtype=bool)
-    for label in range(num_classes):  # in label order, so the draws are reproducible
-        members = np.flatnonzero(labels == label)
-        n_test = min(_round_half_up(test_fraction * len(members)), len(members) - 1)
+    # Each class's members in ascending index order, as slices of one stable sort: O(N log N)
+    # for sets of many classes (a scan per class would be O(C N)).
+    order = np.argsort(labels, kind="stable")
+    _, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    for start, count in zip(starts, counts):  # in label order, so the draws are reproducible
+        n_test = min(_round_half_up(test_fraction * count), count - 1)
         if n_test > 0:
-            test[rng.permutation(members)[:n_test]] = True
+            test[rng.permutation(order[start : start + count])[:n_test]] = True
     return test
 
 
@@ -366,12 +443,17 @@ def _looks_like_header(root: Path, relative: str) -> bool:
     return not is_image_name(relative) and not (root / relative).is_file()
 
 
-def _read_csv_lists(root: Path) -> tuple[ImageList, ImageList | None]:
-    """x_train.csv (and x_test.csv if present): labels by class name or integer."""
+def _read_csv_lists(root: Path) -> tuple[ImageList, ImageList | None, list[str]]:
+    """x_train.csv (and x_test.csv if present): labels by class name or integer; and the listed
+    paths whose file does not exist (left out)."""
     files = [root / TRAIN_CSV] + ([root / TEST_CSV] if (root / TEST_CSV).is_file() else [])
     if len(files) == 1:
         log.warning("%s: no %s next to %s; there is no test list", root, TEST_CSV, TRAIN_CSV)
-    entries = [_existing(file, read_csv_list(file), root) for file in files]
+    entries, missing = [], []
+    for file in files:
+        kept, gone = _existing(file, read_csv_list(file), root)
+        entries.append(kept)
+        missing += gone
     names = {label for rows in entries for label, _ in rows}
     if all(_is_int(name) for name in names):
         classes = sorted(names, key=int)  # numeric order: "2" before "10"
@@ -387,7 +469,7 @@ def _read_csv_lists(root: Path) -> tuple[ImageList, ImageList | None]:
         )
         for rows in entries
     ]
-    return lists[0], (lists[1] if len(lists) > 1 else None)
+    return lists[0], (lists[1] if len(lists) > 1 else None), missing
 
 
 def _is_int(text: str) -> bool:
@@ -398,20 +480,19 @@ def _is_int(text: str) -> bool:
     return True
 
 
-def _existing(file: Path, rows: list[tuple[str, str]], root: Path) -> list[tuple[str, str]]:
-    """Rows whose image exists, paths made posix and relative to root; missing ones dropped with
-    a warning (a UserError if none exists)."""
+def _existing(
+    file: Path, rows: list[tuple[str, str]], root: Path
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Rows whose image exists, paths made posix and relative to root, and the (normalised)
+    paths of the missing ones, dropped with a warning (a UserError if none exists)."""
     if not rows:
         raise UserError(
             f"{file}: the list is empty; write one 'label,relative/path' line per image"
         )
-    kept, missing = [], []
-    for label, relative in rows:
-        normalised = _relative_to_root(relative, root)
-        if os.path.isfile(os.path.join(root, normalised)):
-            kept.append((label, normalised))
-        else:
-            missing.append(relative)
+    normalised = [(label, _relative_to_root(relative, root)) for label, relative in rows]
+    present = existing_files(root, [path for _, path in normalised])
+    kept = [row for row, ok in zip(normalised, present) if ok]
+    missing = [path for (_, path), ok in zip(normalised, present) if not ok]
     if not kept:
         raise UserError(
             f"{file}: none of its {len(rows)} images exist (first: "
@@ -428,7 +509,33 @@ def _existing(file: Path, rows: list[tuple[str, str]], root: Path) -> list[tuple
             len(rows),
             shown,
         )
-    return kept
+    return kept, missing
+
+
+def existing_files(root: str | os.PathLike, paths: list[str]) -> np.ndarray:
+    """``(N,)`` bool: whether ``root/paths[i]`` is a file (absolute paths are taken as they are).
+
+    Each folder the paths name is listed once (``os.scandir``) instead of one stat per file, so
+    lists of a hundred thousand images are checked quickly; names compare exactly, as the file
+    system does on Linux.
+    """
+    root = os.fspath(root).rstrip("/") + "/"
+    by_folder: dict[str, list[int]] = {}
+    names = []
+    for i, path in enumerate(paths):
+        folder, _, name = (path if path.startswith("/") else root + path).rpartition("/")
+        by_folder.setdefault(folder, []).append(i)
+        names.append(name)
+    present = np.zeros(len(paths), dtype=bool)
+    for folder, indices in by_folder.items():
+        try:
+            with os.scandir(folder) as entries:
+                files = {entry.name for entry in entries if entry.is_file()}
+        except OSError:  # missing, not a folder, unreadable: none of its files is usable
+            continue
+        for i in indices:
+            present[i] = names[i] in files
+    return present
 
 
 def _relative_to_root(relative: str, root: Path) -> str:

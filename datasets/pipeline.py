@@ -5,6 +5,8 @@
   decoded on demand. Unreadable files are skipped with a warning, never a crash mid-run.
 - :func:`iter_eval_batches`: images of a list in order, resized and centre-cropped, streamed in
   batches with a bounded amount of work in flight (galleries may be larger than memory).
+- :func:`find_unreadable`: every file of a list decoded once and dropped, to find the unreadable
+  ones before a run (``train.py --check``).
 
 Decoding runs in thread pools: PIL releases the GIL while decoding and resizing, so threads scale
 without the cost of processes. TensorFlow is imported only by :meth:`TrainData.dataset`.
@@ -451,3 +453,39 @@ def iter_eval_batches(
             yield np.array(batch_indices, dtype=np.int64), np.stack(batch_images)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def find_unreadable(
+    paths: list[str],
+    *,
+    size: tuple[int, int] | None,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[tuple[int, ImageError]]:
+    """Decode every file of ``paths`` as training does (:func:`load_image` at ``size``) on
+    ``workers`` threads, keeping nothing; the ``(index, error)`` of each file that fails, in
+    index order. ``progress(done, total)`` is called from the calling thread as work finishes."""
+    count = len(paths)
+    workers = workers or default_workers()
+    if size is not None:
+        size = as_size(size, "size")
+
+    def check_chunk(start: int) -> list[tuple[int, ImageError]]:
+        failures = []
+        for i in range(start, min(start + _CHUNK, count)):
+            try:
+                load_image(paths[i], size, max_pixels=max_pixels)
+            except ImageError as error:
+                failures.append((i, error))
+        return failures
+
+    failed: list[tuple[int, ImageError]] = []
+    with ThreadPoolExecutor(workers, thread_name_prefix="tfcbir-check") as pool:
+        for start, future in _ordered(
+            pool, check_chunk, range(0, count, _CHUNK), max_in_flight=4 * workers
+        ):
+            failed += future.result()
+            if progress is not None:
+                progress(min(start + _CHUNK, count), count)
+    return failed

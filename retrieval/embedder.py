@@ -1,15 +1,17 @@
 """A run's trained model as an image -> embedding function (the one module here using TF).
 
 ``load_embedder(config)`` builds the embedding model from the config, loads the run's best
-weights (or a given checkpoint) and knows the identity that galleries record: the weights file's
-hash and step, and the config's model hash. A dual encoder's identity covers both towers (the
-hash of both weights files), so a gallery is only ever searched with the text tower trained with
-its image tower; ``load_text_encoder(config)`` is that text tower, text -> embedding.
+weights (or a given checkpoint) and knows the identity that galleries record
+(:class:`retrieval.gallery.GalleryIdentity`): the weights file's hash and step, the config's
+model hash, and the hash of the items embedded. A dual encoder's model identity covers both
+towers (the hash of both weights files), so a gallery is only ever searched with the text tower
+trained with its image tower; ``load_text_encoder(config)`` is that text tower, text -> embedding.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +20,12 @@ import numpy as np
 
 import config as cfg
 from datasets.pipeline import iter_eval_batches
+from retrieval.gallery import GalleryIdentity, items_hash
 from retrieval.search import unit_rows
 from tfcbir import UserError
 from tfcbir.files import hash_file
+
+log = logging.getLogger("tfcbir")
 
 
 @dataclass
@@ -28,9 +33,8 @@ class Embedder:
     model: object  # keras.Model: (B, h, w, 3) pixels -> (B, D) float32
     image_size: tuple[int, int]
     resize: tuple[int, int] | None
-    normalized: (
-        bool  # embeddings are unit vectors, searched by cosine (config.normalized_embeddings)
-    )
+    # Embeddings are unit vectors, searched by cosine (config.normalized_embeddings).
+    normalized: bool
     model_id: str  # hash of the weights file
     model_step: int
     config_hash: str  # config.model_hash: what turns pixels into embeddings
@@ -40,6 +44,15 @@ class Embedder:
     @property
     def dim(self) -> int:
         return int(self.model.output_shape[-1])
+
+    def gallery_identity(self, images) -> GalleryIdentity:
+        """The identity of a gallery of ``images`` (an ImageList) embedded by this model."""
+        return GalleryIdentity(
+            model_id=self.model_id,
+            config_hash=self.config_hash,
+            items_hash=items_hash(images.paths, images.labels, images.classes),
+            model_step=self.model_step,
+        )
 
     def embed_pixels(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """(B, h, w, 3) uint8 -> (B, D) float32."""
@@ -276,18 +289,27 @@ def load_text_encoder(config: dict, checkpoint: str | Path | None = None) -> Tex
     )
 
 
-def expected_model_id(config: dict, checkpoint: str | Path | None = None) -> str | None:
+def expected_model_id(config: dict, checkpoint: str | Path | None = None) -> str:
     """The ``model_id`` that :func:`load_embedder` gives (without building the model): of
-    ``checkpoint``, else of the run's best weights; None when the run has none."""
+    ``checkpoint``, else of the run's best weights. A run without best weights is refused
+    (UserError): no gallery can be checked against a model that does not exist."""
     from training.run import RunFolder
 
-    if checkpoint is None and not RunFolder(cfg.run_dir(config)).best_weights.is_file():
-        return None
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise UserError(
-            f"--checkpoint {checkpoint}: no such file; give the weights the shards were "
-            "embedded with"
-        )
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise UserError(
+                f"--checkpoint {checkpoint}: no such file; give the weights the galleries were "
+                "embedded with"
+            )
+    else:
+        run = RunFolder(cfg.run_dir(config))
+        if not run.best_weights.is_file():
+            raise UserError(
+                f"{run.path} has no trained model ({run.best_weights.name}), so its galleries "
+                f"cannot be checked; train it first: python train.py -c <config> (run "
+                f"{config['name']}), or give the weights the galleries were embedded with: "
+                "--checkpoint <file>"
+            )
     return model_id(*weights_files(config, checkpoint))
 
 
@@ -304,22 +326,24 @@ def embed_images(
 ) -> Path:
     """Embed an ImageList into the gallery ``out`` (resumable; unreadable images left out).
 
-    A complete gallery of the same model and config (and the same ``extra`` entries, recorded in
-    the gallery) is kept as it is; a partial one left by an interrupted run is resumed where it
-    stopped. A list none of whose images can be read is refused unless ``allow_empty``.
+    A complete gallery of the same identity (model, step, config and these very items, see
+    :meth:`Embedder.gallery_identity`) and the same ``extra`` entries is kept as it is; any other
+    is embedded again. A partial one left by an interrupted run is resumed where it stopped. A
+    list none of whose images can be read is refused unless ``allow_empty``.
     """
     from retrieval.gallery import GalleryWriter, read_gallery
 
     extra = {**embedder.towers, **(extra or {})}
+    identity = embedder.gallery_identity(images)
     if out.exists():
         try:
-            found = read_gallery(
-                out, expect_model_id=embedder.model_id, expect_config_hash=embedder.config_hash
-            )
+            found = read_gallery(out, expect=identity)
             if all(found.extra.get(key) == value for key, value in (extra or {}).items()):
                 return out  # up to date
-        except UserError:
-            pass  # another model or config: embed again
+            reason = "other extra entries"
+        except UserError as error:
+            reason = str(error).split("; ")[0].replace(f"{out} ", "it ")
+        log.warning("%s is out of date (%s); embedding it again", out, reason)
     writer = GalleryWriter(
         out,
         paths=images.paths,
@@ -327,9 +351,7 @@ def embed_images(
         classes=images.classes,
         dim=embedder.dim,
         normalized=embedder.normalized,
-        model_id=embedder.model_id,
-        model_step=embedder.model_step,
-        config_hash=embedder.config_hash,
+        identity=identity,
         data_root=str(images.root),
         split=split,
         extra=extra,

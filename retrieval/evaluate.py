@@ -9,13 +9,15 @@ import numpy as np
 import config as cfg
 from retrieval import sets
 from retrieval.embedder import expected_model_id
-from retrieval.gallery import Gallery, read_gallery
-from retrieval.metrics import evaluate
+from retrieval.gallery import Gallery, GalleryIdentity, items_hash, read_gallery
+from retrieval.metrics import clustering_nmi, evaluate, map_key
 from tfcbir import UserError
 from tfcbir.files import write_json
 
+#: The report's metrics, in order; "mAP@<r>" stands for the key of the evaluation's cut-off
+#: (:func:`retrieval.metrics.map_key`); "mAP" is kept beside it in JSON as an alias.
 ORDER = [
-    "mAP",
+    "mAP@<r>",
     "precision@1",
     "recall@1",
     "recall@2",
@@ -27,15 +29,34 @@ ORDER = [
 ]
 
 
-def open_gallery(config: dict, name: str, config_path=None, model_id: str | None = None) -> Gallery:
-    """A run's gallery of set ``name``, refused if another model or config made it.
+def expected_identity(
+    config: dict, name: str, *, model_id: str | None = None, checkpoint=None
+) -> GalleryIdentity:
+    """What the gallery of set ``name`` must be of: the weights in use (``model_id``, an
+    Embedder's; else those of ``checkpoint``; else the run's best weights, refused when there
+    are none), the config's model and the set's image list as the data set has it now."""
+    images = sets.images(config, name)
+    return GalleryIdentity(
+        model_id=model_id or expected_model_id(config, checkpoint),
+        config_hash=cfg.model_hash(config),
+        items_hash=items_hash(images.paths, images.labels, images.classes),
+    )
 
-    model_id: the identity of the weights in use (an Embedder's), default the run's best."""
+
+def open_gallery(
+    config: dict, name: str, config_path=None, model_id: str | None = None, checkpoint=None
+) -> Gallery:
+    """A run's gallery of set ``name``, refused (with the command that re-embeds it) unless it
+    is of :func:`expected_identity`: other weights or config made it, or the set's images or
+    lists changed since it was embedded."""
+    command = f"python embed.py -c {config_path or '<config>'} --split {name}"
+    if checkpoint is not None:
+        command += f" --checkpoint {checkpoint}"
     return read_gallery(
         sets.gallery_file(config, name),
-        expect_model_id=model_id or expected_model_id(config),
-        expect_config_hash=cfg.model_hash(config),
+        expect=expected_identity(config, name, model_id=model_id, checkpoint=checkpoint),
         config_path=config_path,
+        advice=f"re-embed it: {command}",
     )
 
 
@@ -47,15 +68,31 @@ def evaluate_run(
     seed: int = 0,
     ap_denominator: str = "min_r_g",
     config_path=None,
+    checkpoint=None,
+    nmi: bool = True,
 ) -> dict:
+    """evaluation.py: ``queries`` sampled queries (seeded; 0: all) of the config's protocol, AP@r
+    with cut-off ``r``, every metric of :func:`retrieval.metrics.evaluate`, saved as JSON under
+    ``<run>/evaluation/``; returns the result (``saved``: where).
+
+    Only the sampled queries are ranked. NMI is of k-means (seeded with ``seed``) over every
+    embedding of the evaluated query set, not the sample, into as many clusters as the set has
+    classes, so it does not change with ``queries``. ``on_training_images`` is true when the
+    queries come from the training split (``data.split.by: none``: leave-one-out on the images
+    the model was trained on, an optimistic number). checkpoint: the weights the galleries were
+    embedded with (default: the run's best). nmi: False leaves NMI out (its k-means is the
+    slowest part for many classes).
+    """
     if queries < 0:
         raise UserError(f"-t {queries}: give a number of queries >= 0 (0: all)")
     if r < 1:
         raise UserError(f"-r {r}: give a number of answers >= 1")
     protocol = sets.protocol(config)
-    gallery = open_gallery(config, protocol.gallery, config_path)
+    gallery = open_gallery(config, protocol.gallery, config_path, checkpoint=checkpoint)
     query_set = (
-        gallery if protocol.leave_one_out else open_gallery(config, protocol.queries, config_path)
+        gallery
+        if protocol.leave_one_out
+        else open_gallery(config, protocol.queries, config_path, checkpoint=checkpoint)
     )
     if query_set.classes != gallery.classes:
         raise UserError(
@@ -81,20 +118,26 @@ def evaluate_run(
         exclude=exclude,
         r=r,
         ap_denominator=ap_denominator,
-        seed=seed,
+        nmi=False,
     )
     values = metrics.as_dict()
-    result = {key: values[key] for key in ORDER if key in values}
+    if nmi:
+        values["NMI"] = clustering_nmi(query_set.embeddings, query_set.labels, seed=seed)
+    result = {key: values[key] for key in report_keys(r) if key in values}
     result.update(
         {
+            "mAP": values["mAP"],
             "queries": int(len(picked)),
             "excluded_queries": values["excluded_queries"],
             "r": r,
             "protocol": protocol.name,
+            "on_training_images": protocol.queries == "train",
+            "model_selected_on": model_selected_on(config),
             "ap_denominator": ap_denominator,
             "seed": seed,
             "gallery": str(gallery.path),
             "gallery_size": len(gallery),
+            "query_set_size": len(query_set),
             "model_step": gallery.model_step,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
@@ -113,18 +156,45 @@ def evaluate_run(
     return result
 
 
+def model_selected_on(config: dict) -> str | None:
+    """Where the run chose its model (its recorded ``train.validation.source``): holdout, test
+    (the test metrics are then optimistic) or none; None when the run folder records none."""
+    from training.run import RunFolder
+
+    saved = RunFolder(cfg.run_dir(config)).saved_config() or {}
+    return saved.get("train", {}).get("validation", {}).get("source")
+
+
+def report_keys(r: int | None) -> list[str]:
+    """The keys :func:`report` prints, in order, for an evaluation with cut-off ``r``."""
+    return [map_key(r) if key == "mAP@<r>" else key for key in ORDER]
+
+
 def report(result: dict) -> str:
     lines = [
         f"{result['protocol']}: {result['queries']} queries against "
         f"{result['gallery_size']} gallery images, r = {result['r']} "
         f"(model at step {result['model_step']})"
     ]
+    if result.get("on_training_images"):
+        lines.append(
+            "warning: the data set has no test split, so these queries are training images "
+            "(leave-one-out on what the model was trained on): the numbers are optimistic; "
+            "split it (data.split.by: images or classes) to measure retrieval of new images"
+        )
+    if result.get("model_selected_on") == "test":
+        lines.append(
+            "warning: the run chose its model on the test split (train.validation.source: "
+            "test), so these test numbers are optimistic; train with the default holdout "
+            "validation for honest ones"
+        )
     if result["excluded_queries"]:
         lines.append(
             f"{result['excluded_queries']} queries have no other image of their class "
             "in the gallery and are left out of the averages"
         )
-    width = max(len(k) for k in ORDER)
-    lines += [f"  {key:<{width}}  {result[key]:.4f}" for key in ORDER if key in result]
+    keys = [key for key in report_keys(result["r"]) if key in result]
+    width = max(len(k) for k in keys)
+    lines += [f"  {key:<{width}}  {result[key]:.4f}" for key in keys]
     lines.append(f"saved to {result['saved']}")
     return "\n".join(lines)

@@ -1,12 +1,14 @@
 """The HDF5 gallery: a split's embeddings with what is needed to trust and use them.
 
-Layout of ``<run>/embeddings/<split>.h5`` (format 1):
+Layout of ``<run>/embeddings/<split>.h5`` (format 2):
 
 - datasets: ``embeddings`` (N, D) float32; ``labels`` (N,) int64; ``paths`` (N,) UTF-8 strings,
   relative to the data root; ``classes`` (C,) UTF-8 strings, the class name of each label.
 - attributes: ``format_version``, ``dim``, ``normalized``, ``model_id`` (the checkpoint's
   identity, e.g. :func:`tfcbir.files.hash_file` of the weights), ``model_step``,
-  ``config_hash``, ``created`` (ISO 8601, UTC), ``tfcbir_version``, ``data_root``, ``split``,
+  ``config_hash``, ``items_hash`` (:func:`items_hash` of the whole item list that was embedded,
+  unreadable images included), ``created`` (ISO 8601, UTC), ``tfcbir_version``, ``data_root``,
+  ``split``,
   ``gallery_id`` (random, new for every gallery written: an index built from it records it and is
   refused once the gallery is re-embedded) and ``extra`` (a JSON object).
 - optional dataset ``dropped`` (K,) int64: positions in the list of items that was embedded of
@@ -15,10 +17,16 @@ Layout of ``<run>/embeddings/<split>.h5`` (format 1):
 A gallery appears atomically: :func:`write_gallery` writes a temporary file and renames it, and
 :class:`GalleryWriter` embeds resumably into ``<out>.partial.h5`` (flushed per chunk, so an
 interrupted run keeps its finished chunks) and renames it when every item is done.
+
+What a gallery is of is one record, :class:`GalleryIdentity` (model, config, items): writers
+record it, readers compare it, and a gallery that does not match what a caller expects is refused
+rather than used stale. Format 1 (without ``items_hash``) is refused with the command that
+re-embeds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,7 +44,7 @@ from tfcbir.files import atomic_output
 
 log = logging.getLogger("tfcbir")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _STRING = h5py.string_dtype("utf-8")
 _ATTRIBUTES = (
     "format_version",
@@ -45,6 +53,7 @@ _ATTRIBUTES = (
     "model_id",
     "model_step",
     "config_hash",
+    "items_hash",
     "created",
     "tfcbir_version",
     "data_root",
@@ -52,6 +61,48 @@ _ATTRIBUTES = (
     "gallery_id",
     "extra",
 )
+
+
+def items_hash(
+    paths: Sequence[str], labels: Sequence[int] | np.ndarray, classes: Sequence[str]
+) -> str:
+    """Identity of an item list: its class names, labels (N,) and paths (N,), in order."""
+    digest = hashlib.sha256()
+    for name in classes:
+        digest.update(str(name).encode() + b"\0")
+    digest.update(b"\1" + np.asarray(labels, dtype="<i8").tobytes())
+    for path in paths:
+        digest.update(str(path).encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class GalleryIdentity:
+    """What a gallery is of: the weights that embedded it (``model_id``, e.g. the hash of the
+    weights file, and their training step), the config that built the model (``config_hash``,
+    :func:`config.model_hash`) and the items (``items_hash``, :func:`items_hash` of the whole list
+    that was embedded, unreadable images included).
+
+    As an expectation (:func:`read_gallery`'s ``expect``), ``model_step`` None means any step: the
+    model_id already names the weights.
+    """
+
+    model_id: str
+    config_hash: str
+    items_hash: str
+    model_step: int | None = None
+
+    def differences(self, found: GalleryIdentity) -> list[str]:
+        """The fields (model_id, model_step, config_hash, items_hash) in which ``found``, a
+        gallery's identity, is not what this expectation says."""
+        differ = [
+            name
+            for name in ("model_id", "config_hash", "items_hash")
+            if getattr(found, name) != getattr(self, name)
+        ]
+        if self.model_step is not None and found.model_step != self.model_step:
+            differ.insert(1, "model_step")
+        return differ
 
 
 @dataclass(frozen=True)
@@ -67,6 +118,7 @@ class Gallery:
     model_id: str
     model_step: int
     config_hash: str
+    items_hash: str  # of the whole list embedded, the dropped (unreadable) items included
     created: str
     version: str
     data_root: str
@@ -81,6 +133,10 @@ class Gallery:
     @property
     def dim(self) -> int:
         return self.embeddings.shape[1]
+
+    @property
+    def identity(self) -> GalleryIdentity:
+        return GalleryIdentity(self.model_id, self.config_hash, self.items_hash, self.model_step)
 
     def class_names(self, labels: np.ndarray | None = None) -> list[str]:
         """The class name of each label (default: of every item)."""
@@ -102,9 +158,7 @@ def write_gallery(
     classes: Sequence[str],
     *,
     normalized: bool,
-    model_id: str,
-    model_step: int,
-    config_hash: str,
+    identity: GalleryIdentity,
     data_root: str = "",
     split: str = "",
     extra: dict | None = None,
@@ -113,7 +167,9 @@ def write_gallery(
     """Write a whole gallery atomically (temporary file, then rename); returns ``path``.
 
     embeddings: (N, D); labels: (N,) in [0, len(classes)); paths: (N,) relative to data_root;
-    dropped: (K,) positions of unreadable images left out (see the module docstring).
+    dropped: (K,) positions of unreadable images left out (see the module docstring);
+    identity: what the gallery is of; its ``items_hash`` is of the list before ``dropped`` left
+    it (without dropped items, ``items_hash(paths, labels, classes)``).
     """
     embeddings = np.asarray(embeddings, dtype=np.float32)
     if embeddings.ndim != 2:
@@ -128,9 +184,7 @@ def write_gallery(
             paths,
             classes,
             normalized=normalized,
-            model_id=model_id,
-            model_step=model_step,
-            config_hash=config_hash,
+            identity=identity,
             data_root=data_root,
             split=split,
             extra=extra,
@@ -145,14 +199,15 @@ def write_gallery(
 def read_gallery(
     path: str | os.PathLike,
     *,
-    expect_model_id: str | None = None,
-    expect_config_hash: str | None = None,
+    expect: GalleryIdentity | None = None,
     config_path: str | os.PathLike | None = None,
     advice: str | None = None,
 ) -> Gallery:
-    """Read a gallery; refuse (UserError) a missing or damaged file, or one made by another model
-    (``expect_model_id``) or config (``expect_config_hash``). ``config_path`` only names the
-    config in the re-embedding advice; ``advice`` replaces that advice (e.g. for a shard)."""
+    """Read a gallery; refuse (UserError) a missing or damaged file, one of another format, or one
+    that is not what ``expect`` says: made by other weights or another config, or of another
+    item list (images added, removed or relabelled since it was embedded). ``config_path`` only
+    names the config in the re-embedding advice; ``advice`` replaces that advice (e.g. for a
+    shard)."""
     path = Path(path)
     config = config_path or "<config>"
     if not path.is_file():
@@ -162,25 +217,29 @@ def read_gallery(
         )
     try:
         with h5py.File(path, "r") as f:
-            attrs = {key: hdf5_value(f.attrs[key]) for key in _ATTRIBUTES}
-            embeddings = f["embeddings"][...]
-            labels = f["labels"][...].astype(np.int64)
-            paths = list(f["paths"].asstr()[...])
-            classes = list(f["classes"].asstr()[...])
-            dropped = f["dropped"][...].astype(np.int64) if "dropped" in f else np.zeros(0, int)
+            version = hdf5_value(f.attrs.get("format_version"))
+            if version == FORMAT_VERSION:
+                attrs = {key: hdf5_value(f.attrs[key]) for key in _ATTRIBUTES}
+                embeddings = f["embeddings"][...]
+                labels = f["labels"][...].astype(np.int64)
+                paths = list(f["paths"].asstr()[...])
+                classes = list(f["classes"].asstr()[...])
+                dropped = f["dropped"][...].astype(np.int64) if "dropped" in f else np.zeros(0, int)
+            else:
+                split = hdf5_value(f.attrs.get("split")) or path.stem
     except (OSError, KeyError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(
             f"{path}: not a readable tfcbir gallery ({reason}); delete it and "
             f"{advice or f're-embed: python embed.py -c {config} --split {path.stem}'}"
         ) from None
+    if version != FORMAT_VERSION:
+        advice = advice or f"re-embed it: python embed.py -c {config} --split {split}"
+        raise UserError(
+            f"{path}: gallery format {version}, this tfcbir reads format {FORMAT_VERSION}; {advice}"
+        )
     split = attrs["split"] or path.stem
     advice = advice or f"re-embed it: python embed.py -c {config} --split {split}"
-    if attrs["format_version"] != FORMAT_VERSION:
-        raise UserError(
-            f"{path}: gallery format {attrs['format_version']}, this tfcbir reads "
-            f"format {FORMAT_VERSION}; {advice}"
-        )
     n = len(labels)
     if embeddings.shape != (n, attrs["dim"]) or len(paths) != n:
         raise UserError(f"{path}: the gallery is damaged (datasets of different lengths); {advice}")
@@ -189,14 +248,7 @@ def read_gallery(
             f"{path}: the embeddings contain NaN or infinite values (did training "
             f"diverge?); check the model, then {advice}"
         )
-    for what, expected in (("model_id", expect_model_id), ("config_hash", expect_config_hash)):
-        if expected is not None and attrs[what] != expected:
-            made_by = "another model checkpoint" if what == "model_id" else "another config"
-            raise UserError(
-                f"{path} was embedded with {made_by} ({what} {attrs[what]}, "
-                f"expected {expected}); {advice}"
-            )
-    return Gallery(
+    gallery = Gallery(
         path=path,
         embeddings=np.ascontiguousarray(embeddings, dtype=np.float32),
         labels=labels,
@@ -206,6 +258,7 @@ def read_gallery(
         model_id=attrs["model_id"],
         model_step=int(attrs["model_step"]),
         config_hash=attrs["config_hash"],
+        items_hash=attrs["items_hash"],
         created=attrs["created"],
         version=attrs["tfcbir_version"],
         data_root=attrs["data_root"],
@@ -214,14 +267,41 @@ def read_gallery(
         extra=json.loads(attrs["extra"]),
         dropped=dropped.astype(np.int64),
     )
+    if expect is not None:
+        _check_identity(gallery, expect, advice)
+    return gallery
+
+
+def _check_identity(gallery: Gallery, expect: GalleryIdentity, advice: str) -> None:
+    """Refuse, naming the first difference, a gallery that is not of what ``expect`` says."""
+    differ = expect.differences(gallery.identity)
+    if not differ:
+        return
+    what = differ[0]
+    if what == "items_hash":
+        then = len(gallery) + len(gallery.dropped)
+        raise UserError(
+            f"{gallery.path} was embedded from another list of {gallery.split} images ({then} "
+            "then; images were added, removed or relabelled since, or the list files changed); "
+            f"{advice}"
+        )
+    made_by = {
+        "model_id": "another model checkpoint",
+        "model_step": "another training step",
+        "config_hash": "another config",
+    }[what]
+    raise UserError(
+        f"{gallery.path} was embedded with {made_by} ({what} {getattr(gallery, what)}, "
+        f"expected {getattr(expect, what)}); {advice}"
+    )
 
 
 class GalleryWriter:
     """Resumable embedding: chunks go into ``<out>.partial.h5``, which becomes ``<out>`` when done.
 
-    The item list (paths, labels, classes) is fixed up front. An existing partial file is resumed
-    when it was made by the same model and config for the same items and ``extra``; otherwise it
-    is started over with a warning. Each :meth:`write` is flushed to disk before it returns, and
+    The item list (paths, labels, classes) is fixed up front; ``identity`` (its ``items_hash`` of
+    these items) is recorded. An existing partial file is resumed when it has the same identity,
+    items and ``extra``; otherwise it is started over with a warning. Each :meth:`write` is flushed to disk before it returns, and
     items are marked done only after their embeddings are written, so a run killed between chunks
     resumes at :meth:`remaining`. Use as a context manager, or call :meth:`close`.
     """
@@ -235,9 +315,7 @@ class GalleryWriter:
         classes: Sequence[str],
         dim: int,
         normalized: bool,
-        model_id: str,
-        model_step: int,
-        config_hash: str,
+        identity: GalleryIdentity,
         data_root: str = "",
         split: str = "",
         extra: dict | None = None,
@@ -245,15 +323,19 @@ class GalleryWriter:
         self.path = Path(path)
         self.partial_path = partial_path(self.path)
         labels, paths, classes = _check_items(labels, paths, classes, len(paths))
-        identity = {
+        if identity.items_hash != items_hash(paths, labels, classes):
+            raise ValueError("identity.items_hash is not the hash of these items")
+        recorded = {
+            "format_version": FORMAT_VERSION,
             "dim": int(dim),
             "normalized": bool(normalized),
-            "model_id": model_id,
-            "model_step": int(model_step),
-            "config_hash": config_hash,
+            "model_id": identity.model_id,
+            "model_step": int(identity.model_step or 0),
+            "config_hash": identity.config_hash,
+            "items_hash": identity.items_hash,
             "extra": json.dumps(extra or {}, sort_keys=True),
         }
-        self._file = self._resume(identity, labels, paths, classes)
+        self._file = self._resume(recorded, labels, paths, classes)
         if self._file is None:
             self.partial_path.parent.mkdir(parents=True, exist_ok=True)
             self._file = h5py.File(self.partial_path, "w")
@@ -264,9 +346,7 @@ class GalleryWriter:
                 paths,
                 classes,
                 normalized=normalized,
-                model_id=model_id,
-                model_step=model_step,
-                config_hash=config_hash,
+                identity=identity,
                 data_root=data_root,
                 split=split,
                 extra=extra,
@@ -275,7 +355,7 @@ class GalleryWriter:
             self._file.flush()
         self._done = self._file["done"][...]
 
-    def _resume(self, identity: dict, labels, paths, classes) -> h5py.File | None:
+    def _resume(self, recorded: dict, labels, paths, classes) -> h5py.File | None:
         """The partial file opened for appending, or None when there is none or it is foreign."""
         if not self.partial_path.exists():
             return None
@@ -291,7 +371,7 @@ class GalleryWriter:
             return None
         try:
             differs = [
-                key for key, value in identity.items() if hdf5_value(f.attrs.get(key)) != value
+                key for key, value in recorded.items() if hdf5_value(f.attrs.get(key)) != value
             ]
             if "done" not in f or not (
                 np.array_equal(f["labels"][...], labels)
@@ -382,9 +462,12 @@ class GalleryWriter:
             [p for p, k in zip(f["paths"].asstr()[...], keep) if k],
             list(f["classes"].asstr()[...]),
             normalized=bool(attrs["normalized"]),
-            model_id=attrs["model_id"],
-            model_step=int(attrs["model_step"]),
-            config_hash=attrs["config_hash"],
+            identity=GalleryIdentity(
+                attrs["model_id"],
+                attrs["config_hash"],
+                attrs["items_hash"],
+                int(attrs["model_step"]),
+            ),
             data_root=attrs["data_root"],
             split=attrs["split"],
             extra=json.loads(attrs["extra"]),
@@ -424,9 +507,7 @@ def _create(
     classes: list[str],
     *,
     normalized: bool,
-    model_id: str,
-    model_step: int,
-    config_hash: str,
+    identity: GalleryIdentity,
     data_root: str,
     split: str,
     extra: dict | None,
@@ -441,9 +522,10 @@ def _create(
             "format_version": FORMAT_VERSION,
             "dim": int(dim),
             "normalized": bool(normalized),
-            "model_id": str(model_id),
-            "model_step": int(model_step),
-            "config_hash": str(config_hash),
+            "model_id": str(identity.model_id),
+            "model_step": int(identity.model_step or 0),
+            "config_hash": str(identity.config_hash),
+            "items_hash": str(identity.items_hash),
             "created": "",
             "tfcbir_version": __version__,
             "data_root": str(data_root),

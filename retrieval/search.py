@@ -3,8 +3,21 @@
 Scores: the cosine similarity (a dot product) for normalised embeddings, the negative Euclidean
 distance otherwise; higher is better in both. Ties are broken by gallery order (the lower gallery
 index ranks first), so given the scores a ranking never depends on the block size or the sort
-algorithm. (The float32 scores themselves can differ in the last bit with the BLAS and the shape
-of a block, which sums in another order: exactly tied scores need exactly representable sums.)
+algorithm.
+
+What holds of the scores themselves: they are float32 matrix products, and BLAS sums a dot
+product in an order that depends on the CPU, the BLAS build, the shape of the block (one query is
+a matrix-vector product) and the item's position in it (edge kernels), so a score can differ in
+its last bit from one block to another. Hence:
+
+- equal gallery vectors (bitwise, or equal as numbers: ``-0.0 == 0.0``) always get one score per
+  query: :func:`equal_rows` finds them once, and every search copies the score of a group's first
+  row to the others, so they tie and rank by gallery index, at any block size;
+- when every dot product is exact in float32 (e.g. small integers), every score, ranking and metric
+  is the same at every block size, on every machine;
+- otherwise two *different* items whose scores are within about one float32 ulp (a relative
+  6e-8) may swap places between block sizes or machines, and a metric changes when such a swap
+  moves a relevant item across a cut-off.
 
 Both rules live in :func:`order_keys`, which turns a row of float32 scores into int64 keys whose
 plain integer order *is* the ranking: the score's bits in the high half (mapped so that integer
@@ -95,6 +108,52 @@ def similarity(
     np.sqrt(scores, out=scores)
     np.negative(scores, out=scores)
     return scores
+
+
+def equal_rows(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows equal to another row of embeddings (N, D), as numbers (``-0.0 == 0.0``): ``rows``
+    (M,) ascending, the indices of every row of a group of equal rows, and ``heads`` (M,) the
+    lowest index of each one's group. Empty when all rows differ.
+
+    Rows are hashed (exact integer arithmetic on their bits), and rows of equal hashes compared
+    bit for bit, so the answer is exact; time O(N D), little memory beyond the rows."""
+    n_rows, dim = embeddings.shape
+    empty = np.zeros(0, dtype=np.int64)
+    if n_rows < 2:
+        return empty, empty
+    multipliers = np.random.default_rng(0x5EED).integers(1, 2**62, size=dim, dtype=np.uint64)
+    multipliers |= np.uint64(1)
+    hashes = np.empty(n_rows, dtype=np.uint64)
+    step = max(1, 2**16 // max(1, dim))
+    for start in range(0, n_rows, step):
+        bits = (embeddings[start : start + step] + np.float32(0.0)).view(np.uint32)
+        # A random linear form of the bits, modulo 2^64 (NumPy's unsigned integers wrap).
+        hashes[start : start + step] = (bits.astype(np.uint64) * multipliers).sum(axis=1)
+    order = np.argsort(hashes, kind="stable")
+    same = hashes[order[1:]] == hashes[order[:-1]]
+    if not same.any():
+        return empty, empty
+    candidates = np.unique(np.concatenate([order[1:][same], order[:-1][same]]))
+    # Equal hashes: compare the rows themselves (as bytes, after -0.0 -> +0.0).
+    rows = np.ascontiguousarray(embeddings[candidates] + np.float32(0.0))
+    _, group, counts = np.unique(
+        rows.view(np.dtype((np.void, rows.dtype.itemsize * dim))).ravel(),
+        return_inverse=True,
+        return_counts=True,
+    )
+    group = group.ravel()
+    kept = counts[group] > 1
+    candidates, group = candidates[kept], group[kept]  # ascending still
+    heads = np.full(len(counts), np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(heads, group, candidates)
+    return candidates.astype(np.int64), heads[group]
+
+
+def tie_equal_rows(scores: np.ndarray, rows: np.ndarray, heads: np.ndarray) -> None:
+    """Give the gallery items ``rows`` (M,) the scores of their ``heads`` (M,) (see
+    :func:`equal_rows`), in place, in scores (B, N) of whole gallery rows."""
+    if len(rows):
+        scores[:, rows] = scores[:, heads]
 
 
 def order_keys(scores: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -239,7 +298,8 @@ class ExactIndex:
     """Exact search by blocked float32 matrix products; deterministic ties (lower index first).
 
     embeddings: (N, D) the gallery. normalized: whether its rows (and the queries') are unit
-    vectors, which picks the score (cosine or negative Euclidean distance).
+    vectors, which picks the score (cosine or negative Euclidean distance). Equal gallery vectors
+    get one score per query (that of their group's first row, :func:`equal_rows`), so they tie.
     memory_mb: budget of one block's temporaries (at most 24 bytes per query x gallery pair; a
     search with a small k usually needs little more than 4).
     """
@@ -263,6 +323,9 @@ class ExactIndex:
             if self.normalized
             else np.einsum("nd,nd->n", self.embeddings, self.embeddings, dtype=np.float32)
         )
+        # Equal vectors: rows (M,) ascending; their heads' distinct rows (R,) and which (M,).
+        self._tied_rows, heads = equal_rows(self.embeddings)
+        self._heads, self._head_of = np.unique(heads, return_inverse=True)
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
@@ -274,7 +337,8 @@ class ExactIndex:
     def scores(self, queries: np.ndarray) -> np.ndarray:
         """Scores (B, N) float32 of queries (B, D) against the whole gallery, as search's."""
         queries = check_embeddings(queries, "queries")
-        raw = self._block_scores(self._scaled(queries), None, 0, len(self))
+        scaled = self._scaled(queries)
+        raw = self._block_scores(scaled, None, 0, len(self), heads=self._head_scores(scaled))
         sq_norms = self._query_sq_norms(queries)
         return self._finish(raw.T.copy(), None if sq_norms is None else sq_norms[:, None])
 
@@ -319,7 +383,9 @@ class ExactIndex:
 
     def _search_rows(self, queries, excluded, width, buffer, top_scores, top_indices) -> None:
         """Whole gallery rows (width == N) ranked by their keys: for k > N / 16."""
-        raw = self._block_scores(self._scaled(queries), excluded, 0, width, buffer)
+        scaled = self._scaled(queries)
+        heads = self._head_scores(scaled)
+        raw = self._block_scores(scaled, excluded, 0, width, buffer, heads)
         kept = min(top_scores.shape[1], width)
         top, scores = self._block_top(raw, self._query_sq_norms(queries), kept)
         found = scores > -np.inf  # excluded items score -inf
@@ -333,11 +399,12 @@ class ExactIndex:
         run = max(1, min(self.CHUNK, width // (4 * k)))  # >= 4k runs in a full block
         sq_norms = self._query_sq_norms(queries)
         scaled = self._scaled(queries)
+        heads = self._head_scores(scaled)
         # The k-th best score so far of each query (-inf while fewer than k are found).
         floor = np.full(len(queries), -np.inf, dtype=np.float32)
         for start in range(0, len(self), width):
             stop = min(start + width, len(self))
-            raw = self._block_scores(scaled, excluded, start, stop, buffer)
+            raw = self._block_scores(scaled, excluded, start, stop, buffer, heads)
             maxima = run_maxima(raw, run)
             maxima = self._finish(maxima, None if sq_norms is None else sq_norms[None, :])
             # The block's k-th best score is at least its k-th largest run maximum (k distinct
@@ -376,19 +443,33 @@ class ExactIndex:
 
     # --- scores ----------------------------------------------------------------------------------
 
-    def _block_scores(self, scaled, excluded, start, stop, buffer=None) -> np.ndarray:
+    def _block_scores(self, scaled, excluded, start, stop, buffer=None, heads=None) -> np.ndarray:
         """Raw scores (stop - start, B) of gallery items [start, stop) against scaled queries
-        (B, D), excluded (rows, gallery indices) at -inf. Gallery items are rows so that the
+        (B, D), excluded (rows, gallery indices) at -inf, equal vectors given their head's raw
+        score ``heads`` (R, B) (:meth:`_head_scores`). Gallery items are rows so that the
         screen's maxima are vertical; ``buffer`` is reused (fresh arrays page-fault)."""
         shape = (stop - start, len(scaled))
         out = None if buffer is None else buffer[: shape[0] * shape[1]].reshape(shape)
         raw = np.matmul(self.embeddings[start:stop], scaled.T, out=out)
         if not self.normalized:
             raw -= self._sq_norms[start:stop, None]
+        if heads is not None:
+            low, high = np.searchsorted(self._tied_rows, [start, stop])
+            raw[self._tied_rows[low:high] - start] = heads[self._head_of[low:high]]
         if excluded is not None:
             rows, items = excluded
             inside = (items >= start) & (items < stop)
             raw[items[inside] - start, rows[inside]] = -np.inf
+        return raw
+
+    def _head_scores(self, scaled: np.ndarray) -> np.ndarray | None:
+        """Raw scores (R, B) of the first row of each group of equal gallery vectors against
+        scaled queries (B, D), which every member of the group gets; None when there are none."""
+        if not len(self._heads):
+            return None
+        raw = np.matmul(self.embeddings[self._heads], scaled.T)
+        if not self.normalized:
+            raw -= self._sq_norms[self._heads, None]
         return raw
 
     def _scaled(self, queries: np.ndarray) -> np.ndarray:

@@ -4,10 +4,11 @@
   new photos);
 - ``leave_one_out``: the test split against itself, each query left out of its own answers (the
   class-disjoint benchmarks' protocol);
-- ``query_gallery``: explicit query and gallery lists (``eval.query_list`` and
-  ``eval.gallery_list``, CSV ``label,relative/path`` files in the data root), as in DeepFashion
-  In-shop.
-``auto`` is leave_one_out when test and training classes are disjoint, else train_gallery.
+- ``query_gallery``: explicit query and gallery lists: ``eval.query_list`` and
+  ``eval.gallery_list`` (CSV ``label,relative/path`` files in the data root), or else the data
+  set's own (the In-shop archive's ``list_eval_partition.txt``).
+``auto`` is query_gallery when the data set has its own query and gallery lists (In-shop),
+leave_one_out when test and training classes are disjoint, else train_gallery.
 Each set of images is embedded once into ``<run>/embeddings/<set>.h5``.
 """
 
@@ -37,7 +38,8 @@ class Protocol:
 
 
 def splits(config: dict) -> Splits:
-    return load_splits(cfg.data_root(config), config["data"]["split"], config["seed"])
+    data = config["data"]
+    return load_splits(cfg.data_root(config), data["split"], config["seed"], data["format"])
 
 
 def protocol(config: dict, made: Splits | None = None) -> Protocol:
@@ -45,7 +47,12 @@ def protocol(config: dict, made: Splits | None = None) -> Protocol:
     name = config["eval"]["protocol"]
     if name == "auto":
         made = made or splits(config)
-        name = "leave_one_out" if made.test is None or made.class_disjoint else "train_gallery"
+        if made.query is not None and made.gallery is not None:
+            name = "query_gallery"
+        elif made.test is None or made.class_disjoint:
+            name = "leave_one_out"
+        else:
+            name = "train_gallery"
     if name == "train_gallery":
         return Protocol(name, "test", "train")
     if name == "leave_one_out":
@@ -59,9 +66,22 @@ def protocol(config: dict, made: Splits | None = None) -> Protocol:
 
 
 def images(config: dict, name: str, made: Splits | None = None) -> ImageList:
-    """The images of set ``name``: train, test, all (both), query or gallery."""
+    """The images of set ``name``: train, test, all (both), query or gallery.
+
+    query and gallery come from ``eval.query_list`` and ``eval.gallery_list`` when they are set,
+    else from the data set's own lists (In-shop)."""
     if name in ("query", "gallery"):
-        return _listed(config, name)
+        if config["eval"]["query_list"] or config["eval"]["gallery_list"]:
+            return _listed(config, name)
+        made = made or splits(config)
+        own = made.query if name == "query" else made.gallery
+        if own is None:
+            raise UserError(
+                f"eval.{name}_list: not set, and {cfg.data_root(config)} has no query and "
+                "gallery lists of its own; set eval.query_list and eval.gallery_list (CSV "
+                "files of label,relative/path), or use another eval.protocol"
+            )
+        return own
     made = made or splits(config)
     if name == "train":
         return made.train

@@ -9,7 +9,7 @@ item order (parts differ in size by at most one; some are empty when n > N). A s
 gallery (:mod:`retrieval.gallery`) of its range, written resumably and atomically like a whole
 gallery; its readable images are the items, the positions (in the range) of unreadable ones are
 its ``dropped`` dataset, and ``extra["shard"]`` records ``index``, ``count``, ``start``,
-``stop``, ``total`` (N) and ``items`` (a hash of the whole set's paths, labels and classes).
+``stop``, ``total`` (N) and ``items`` (:func:`retrieval.gallery.items_hash` of the whole set).
 
 Merging refuses, naming the shard and the command that remakes it, shards of another model or
 config, shards of another item list, missing parts and parts of different counts (which
@@ -18,7 +18,6 @@ overlap). It writes the merged gallery atomically and never deletes the shards.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from collections import Counter
@@ -29,7 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from datasets.lists import ImageList
-from retrieval.gallery import Gallery, partial_path, read_gallery, write_gallery
+from retrieval.gallery import (
+    Gallery,
+    GalleryIdentity,
+    items_hash,
+    partial_path,
+    read_gallery,
+    write_gallery,
+)
 from tfcbir import UserError
 
 log = logging.getLogger("tfcbir")
@@ -65,15 +71,9 @@ def shard_path(gallery: str | Path, index: int, count: int) -> Path:
     return gallery.with_name(f"{gallery.stem}.shard-{index}-of-{count}.h5")
 
 
-def items_hash(images: ImageList) -> str:
-    """Identity of a set's item list: its paths, labels and class names, in order."""
-    digest = hashlib.sha256()
-    for name in images.classes:
-        digest.update(name.encode() + b"\0")
-    digest.update(b"\1" + np.asarray(images.labels, dtype="<i8").tobytes())
-    for path in images.paths:
-        digest.update(path.encode() + b"\0")
-    return digest.hexdigest()[:16]
+def list_hash(images: ImageList) -> str:
+    """:func:`retrieval.gallery.items_hash` of an image list."""
+    return items_hash(images.paths, images.labels, images.classes)
 
 
 def embed_shard(
@@ -95,15 +95,12 @@ def embed_shard(
 
     index, count = shard
     start, stop = shard_range(len(images), index, count)
+    part = images.subset(np.arange(start, stop))
     out = shard_path(gallery, index, count)
     if out.exists():
         try:
-            found = read_gallery(
-                out, expect_model_id=embedder.model_id, expect_config_hash=embedder.config_hash
-            )
+            found = read_gallery(out, expect=embedder.gallery_identity(part))
             _check_record(found, index, count, images, split, "")
-            if found.model_step != embedder.model_step:
-                raise UserError("another step")
         except UserError:
             log.info("%s is not a shard of this model and set; embedding it again", out)
             out.unlink()
@@ -113,11 +110,11 @@ def embed_shard(
         "start": start,
         "stop": stop,
         "total": len(images),
-        "items": items_hash(images),
+        "items": list_hash(images),
     }
     return embed_images(
         embedder,
-        images.subset(np.arange(start, stop)),
+        part,
         out,
         split=split,
         batch_size=batch_size,
@@ -154,9 +151,9 @@ class CheckedShards:
             [path for s in self.shards for path in s.paths],
             self.images.classes,
             normalized=first.normalized,
-            model_id=first.model_id,
-            model_step=first.model_step,
-            config_hash=first.config_hash,
+            identity=GalleryIdentity(
+                first.model_id, first.config_hash, list_hash(self.images), first.model_step
+            ),
             data_root=str(self.images.root),
             split=self.split,
             extra={
@@ -172,17 +169,17 @@ def check_shards(
     images: ImageList,
     *,
     split: str,
-    expect_config_hash: str,
-    expect_model_id: str | None,
+    expect: GalleryIdentity,
     command: str,
 ) -> CheckedShards:
     """The shards of ``gallery`` (``<set>.h5``) for the set ``images``, checked for a merge.
 
     Refused (UserError naming the shard and how to remake it): no shards; parts of different
-    counts; a missing part; a damaged shard; one of another config (``expect_config_hash``),
-    model checkpoint (``expect_model_id``, when known) or model than the other shards; one made
-    for another item list or whose items are not its range of the set. ``command`` is the
-    ``python embed.py ...`` line that, with ``--shard i/n`` added, re-embeds a shard.
+    counts; a missing part; a damaged shard; one of another config or model checkpoint than
+    ``expect`` says (its ``items_hash`` is the whole set's), or of another model than the other
+    shards; one made for another item list or whose items are not its range of the set.
+    ``command`` is the ``python embed.py ...`` line that, with ``--shard i/n`` added, re-embeds a
+    shard.
     """
     folder = gallery.parent
     found: dict[int, dict[int, Path]] = {}  # count -> index -> file
@@ -220,7 +217,7 @@ def check_shards(
         shard = read_gallery(files[index], advice=redo)
         _check_record(shard, index, count, images, split, redo)
         shards.append(shard)
-    _check_identities(shards, expect_config_hash, expect_model_id, command)
+    _check_identities(shards, expect, command)
     checked = CheckedShards(gallery, shards, images, split)
     if len(checked.dropped) == len(images):
         raise UserError(
@@ -259,7 +256,7 @@ def _check_record(
             f"{where}: the file is part {record.get('index')} of {record.get('count')}, not what "
             f"its name says (renamed?); {redo}"
         )
-    if record.get("total") != len(images) or record.get("items") != items_hash(images):
+    if record.get("total") != len(images) or record.get("items") != list_hash(images):
         then = record.get("total")
         change = (
             f"{then} images then, {len(images)} now"
@@ -288,9 +285,7 @@ def _check_record(
         )
 
 
-def _check_identities(
-    shards: list[Gallery], expect_config_hash: str, expect_model_id: str | None, command: str
-) -> None:
+def _check_identities(shards: list[Gallery], expect: GalleryIdentity, command: str) -> None:
     """Every shard was made by the expected config and model checkpoint, and all by one model."""
     count = len(shards)
     identities = [(s.model_id, s.model_step, s.dim, s.normalized) for s in shards]
@@ -298,15 +293,15 @@ def _check_identities(
     for index, shard in enumerate(shards):
         redo = f"re-embed it: {command} --shard {index}/{count}"
         where = f"shard {index}/{count} ({shard.path})"
-        if shard.config_hash != expect_config_hash:
+        if shard.config_hash != expect.config_hash:
             raise UserError(
                 f"{where} was embedded with another config (config_hash {shard.config_hash}, "
-                f"expected {expect_config_hash}); {redo}"
+                f"expected {expect.config_hash}); {redo}"
             )
-        if expect_model_id is not None and shard.model_id != expect_model_id:
+        if shard.model_id != expect.model_id:
             raise UserError(
                 f"{where} was embedded with another model checkpoint (model_id "
-                f"{shard.model_id}, expected {expect_model_id}); {redo}"
+                f"{shard.model_id}, expected {expect.model_id}); {redo}"
             )
         if identities[index] != usual:
             raise UserError(

@@ -34,12 +34,15 @@ DEFAULT_TEMPLATES = ["a photo of a {class}."]
 TEXT_KS = (1, 5, 10)
 
 
-def open_text_gallery(config: dict, name: str, encoder, config_path=None) -> Gallery:
+def open_text_gallery(
+    config: dict, name: str, encoder, config_path=None, checkpoint=None
+) -> Gallery:
     """The gallery of set ``name``, refused unless ``encoder``'s model (both towers) embedded it,
-    as its recorded towers also say, and its dimension is the text tower's."""
+    as its recorded towers also say, and its dimension is the text tower's. checkpoint: the
+    weights in use when not the run's best (named in the advice to re-embed)."""
     from retrieval.evaluate import open_gallery
 
-    gallery = open_gallery(config, name, config_path, encoder.model_id)
+    gallery = open_gallery(config, name, config_path, encoder.model_id, checkpoint)
     recorded = {key: gallery.extra.get(key) for key in encoder.towers}
     if recorded != encoder.towers:
         shown = ", ".join(f"{k} {v or 'unknown'}" for k, v in recorded.items())

@@ -24,12 +24,13 @@ from training.trainer import train
 from training.validation import _Decoded
 
 STEPS = 160
-# Measured (tests/README-style record in the closing notes of issue 8): untrained MAP@R 0.044 to
-# 0.060 over seeds 0-3; after 160 steps every loss reached at least FLOOR_MEASURED in every seed,
-# with oneDNN on and off. The bar sits well below that and well above the untrained values.
-BAR = 0.11
-# Loss settings for this check where a default learns too slowly in 160 steps.
-SETTINGS = {"semi_hard_triplet": {"margin": 0.2, "metric": "squared_euclidean"}}
+# Batches of every class (P = 6) with K = 5: with P = 4, K = 4 semi-hard mining found too few
+# semi-hard negatives to learn reliably in 160 steps.
+BATCH = {"P": 6, "K": 5}
+# Measured with seeds 0-2, oneDNN on and off (66 runs): untrained MAP@R 0.044-0.060; after 160
+# steps each loss's lowest was 0.38 (npair) to 0.66 (contrastive), most above 0.45. The bar
+# sits at about half the lowest trained value and over three times the untrained ones.
+BAR = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def test_each_loss_trains_the_model(shapes, name):
         train__steps=STEPS,
         train__validate_every=0,
         train__checkpoint_every=STEPS,
-        loss={"name": name, **SETTINGS.get(name, {})},
+        train__batch=BATCH,
+        loss={"name": name},
     )
     resolved = config.resolve({**raw, "name": f"loss_{name}"})
     keras.utils.set_random_seed(resolved["seed"])
@@ -72,5 +74,5 @@ def test_each_loss_trains_the_model(shapes, name):
     trained.load_weights(result.run.best_weights)
     after = training_map_at_r(resolved, trained)
     print(f"{name}: MAP@R of the training images {before:.3f} untrained -> {after:.3f}")
-    assert before < 0.08  # the untrained model is near chance (1/6 of pairs relevant)
+    assert before < 0.1  # the untrained model is near chance
     assert after > BAR

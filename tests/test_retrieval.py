@@ -13,7 +13,15 @@ from PIL import Image
 
 from retrieval import metrics as metrics_module
 from retrieval.faiss_index import open_index
-from retrieval.gallery import GalleryWriter, partial_path, read_gallery, write_gallery
+from retrieval.gallery import (
+    FORMAT_VERSION,
+    GalleryIdentity,
+    GalleryWriter,
+    items_hash,
+    partial_path,
+    read_gallery,
+    write_gallery,
+)
 from retrieval.metrics import (
     evaluate,
     evaluate_leave_one_out,
@@ -21,7 +29,7 @@ from retrieval.metrics import (
     normalized_mutual_information,
     query_results,
 )
-from retrieval.search import ExactIndex, order_keys
+from retrieval.search import ExactIndex, equal_rows, order_keys
 from retrieval.visualize import (
     MATCH,
     MISS,
@@ -248,6 +256,51 @@ def test_metrics_match_brute_force_on_normalised_random_data():
     )
 
 
+def varied_classes_data(seed: int, dim: int = 4):
+    """Leave-one-out data with classes of 1 to 50 images and many exact ties: coarse integer
+    vectors (a few values per coordinate, so many scores are exactly equal), some rows equal."""
+    rng = np.random.default_rng(seed)
+    sizes = np.r_[1, 2, 50, 33, 32, rng.integers(1, 51, size=8)]
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    embeddings = rng.integers(-2, 3, size=(len(labels), dim)).astype(np.float32)
+    embeddings[rng.choice(len(labels), 20)] = embeddings[0]  # equal vectors at many places
+    return embeddings, labels
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("r", [None, 1, 10])
+@pytest.mark.parametrize("tile", [None, 7])
+def test_counted_and_sorted_ranks_match_brute_force_on_varied_classes(
+    normalized, r, tile, monkeypatch
+):
+    # Classes of 1..50 images: rows with G <= 32 are counted, larger ones sorted, in blocks of
+    # a few queries (a small budget). tile=7: the counts compare the gallery in tiles of 7, so
+    # many relevant items lie in a tile with exactly tied scores before and after them.
+    if tile is not None:
+        monkeypatch.setattr(metrics_module, "_count_tile", lambda n: tile)
+    embeddings, labels = varied_classes_data(seed=11)
+    exclude = np.arange(len(labels))
+    rng = np.random.default_rng(0)
+    picked = rng.choice(len(labels), 120, replace=False)  # a sample, as evaluation.py's -t
+    picked = np.unique(np.r_[picked, np.flatnonzero(labels == 0)])  # with the one-image class
+    results = query_results(
+        embeddings[picked],
+        labels[picked],
+        embeddings,
+        labels,
+        normalized=normalized,
+        exclude=exclude[picked],
+        r=r,
+        memory_mb=0.02,
+    )
+    expected = brute_metrics(
+        embeddings[picked], labels[picked], embeddings, labels, normalized, picked, r, False
+    )
+    assert any(row is None for row in expected)  # a class of one image: excluded
+    assert max(row[0] for row in expected if row) == 49  # the sorted path is exercised
+    assert_matches_brute(results, expected)
+
+
 # --- exact search -------------------------------------------------------------------------------
 
 
@@ -305,6 +358,81 @@ def test_exact_index_screened_blocks_match_brute_force(normalized, order):
     assert np.array_equal(scores, np.take_along_axis(full, indices, axis=1))
 
 
+def equal_vectors_data(n_gallery: int, dim: int, seed: int = 0):
+    """A gallery of random vectors with one vector ``v`` (and ``-0.0`` variants of it) at many
+    positions, the first and last included; queries near ``v``, so its copies are every query's
+    best items, ahead of all others by far. Returns gallery (N, D), the copies' positions
+    (ascending) and queries (17, D)."""
+    rng = np.random.default_rng(seed)
+    gallery = rng.standard_normal((n_gallery, dim)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    v = gallery[0].copy()
+    v[0] = 0.0
+    copies = np.unique(
+        np.r_[0, n_gallery - 1, rng.choice(n_gallery, n_gallery // 3, replace=False)]
+    )
+    gallery[copies] = v
+    gallery[copies[1::2], 0] = -0.0  # the same number: these tie as well
+    queries = v + 0.01 * rng.standard_normal((17, dim)).astype(np.float32)
+    return gallery, copies, queries
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("dim", [16, 100, 128])
+@pytest.mark.parametrize("n_gallery", [7, 33, 1000])
+def test_equal_gallery_vectors_tie_at_every_position_and_block_size(normalized, dim, n_gallery):
+    # BLAS kernels sum a dot product in an order that depends on the item's position in the
+    # block (edge kernels) and on the block's shape (one query: a matrix-vector product), so
+    # equal vectors can score a bit apart; they must tie, and rank by gallery index.
+    gallery, copies, queries = equal_vectors_data(n_gallery, dim)
+    k = len(copies)
+    for index_type in (ExactIndex, SmallBlocks):
+        for memory_mb in (1e-4, 1e-2, 256):
+            index = index_type(gallery, normalized=normalized, memory_mb=memory_mb)
+            for block in (queries, queries[:1], queries[5:8]):
+                scores, indices = index.search(block, k)
+                assert (indices == copies).all(), (index_type, memory_mb, len(block))
+                assert (scores == scores[:, :1]).all()
+                full = index.scores(block)
+                assert (full[:, copies] == full[:, copies[:1]]).all()
+    # The metrics: the copies alternate between the query's class (0) and another (1), so a
+    # copy that jumped ahead of a lower-indexed one would change the ranks of the relevant ones.
+    labels = np.full(n_gallery, 2)
+    labels[copies] = np.arange(len(copies)) % 2
+    relevant = copies[labels[copies] == 0]
+    for memory_mb in (1e-4, 1e-2, 256):
+        for rows in (slice(None), slice(0, 1), slice(3, 6)):
+            results = query_results(
+                queries[rows],
+                np.zeros(len(queries[rows]), int),
+                gallery,
+                labels,
+                normalized=normalized,
+                memory_mb=memory_mb,
+            )
+            expected_ranks = np.flatnonzero(labels[copies] == 0) + 1  # 1, 3, 5, ...
+            assert (results.first_rank == 1).all()
+            g = len(relevant)
+            ap = np.mean(np.arange(1, g + 1) / expected_ranks)
+            np.testing.assert_allclose(results.average_precision, ap, rtol=1e-12)
+
+
+def test_equal_rows_groups_equal_vectors_exactly():
+    rng = np.random.default_rng(5)
+    rows = rng.integers(-1, 2, size=(300, 3)).astype(np.float32)  # many equal rows
+    rows[rows == 0] = np.where(rng.random(np.count_nonzero(rows == 0)) < 0.5, -0.0, 0.0)
+    found, heads = equal_rows(rows)
+    expected_rows, expected_heads = [], []
+    for i, row in enumerate(rows):
+        equal = np.flatnonzero((rows == row).all(axis=1))  # -0.0 == 0.0
+        if len(equal) > 1:
+            expected_rows.append(i)
+            expected_heads.append(equal[0])
+    assert found.tolist() == expected_rows and heads.tolist() == expected_heads
+    distinct = rng.standard_normal((50, 4)).astype(np.float32)
+    assert [len(a) for a in equal_rows(distinct)] == [0, 0]
+
+
 def test_exact_index_refuses_nan():
     gallery = np.zeros((3, 2), dtype=np.float32)
     gallery[2, 1] = np.nan
@@ -354,7 +482,17 @@ def test_kmeans_separates_blobs(plusplus, monkeypatch):
 
 # --- the HDF5 gallery ---------------------------------------------------------------------------
 
-IDENTITY = {"normalized": True, "model_id": "abc123", "model_step": 500, "config_hash": "cfg1"}
+
+def identity(items: dict, **changes) -> GalleryIdentity:
+    """The identity of a gallery of ``items`` (paths, labels, classes) by model abc123, step 500,
+    config cfg1; ``changes`` replace fields."""
+    fields = {
+        "model_id": "abc123",
+        "config_hash": "cfg1",
+        "items_hash": items_hash(items["paths"], items["labels"], items["classes"]),
+        "model_step": 500,
+    }
+    return GalleryIdentity(**{**fields, **changes})
 
 
 def gallery_items(n=10, dim=4):
@@ -372,13 +510,15 @@ def test_gallery_round_trip(tmp_path):
     path = write_gallery(
         tmp_path / "emb" / "test.h5",
         **items,
-        **IDENTITY,
+        normalized=True,
+        identity=identity(items),
         data_root="/data",
         split="test",
         extra={"image_size": [56, 56]},
     )
     assert [p.name for p in path.parent.iterdir()] == ["test.h5"]  # no temporary left
-    gallery = read_gallery(path, expect_model_id="abc123", expect_config_hash="cfg1")
+    gallery = read_gallery(path, expect=identity(items, model_step=None))
+    assert gallery.identity == identity(items)
     np.testing.assert_array_equal(gallery.embeddings, items["embeddings"])
     assert gallery.embeddings.dtype == np.float32 and gallery.dim == 4 and len(gallery) == 10
     assert gallery.labels.tolist() == items["labels"].tolist()
@@ -399,15 +539,37 @@ def test_gallery_round_trip(tmp_path):
 
 
 def test_gallery_refusals(tmp_path):
-    path = write_gallery(tmp_path / "test.h5", **gallery_items(), **IDENTITY, split="test")
+    items = gallery_items()
+    path = write_gallery(
+        tmp_path / "test.h5", **items, normalized=True, identity=identity(items), split="test"
+    )
     with pytest.raises(
         UserError,
         match=r"another model checkpoint.*embed.py -c run.yaml "
         r"--split test",
     ):
-        read_gallery(path, expect_model_id="other", config_path="run.yaml")
+        read_gallery(path, expect=identity(items, model_id="other"), config_path="run.yaml")
     with pytest.raises(UserError, match="another config"):
-        read_gallery(path, expect_config_hash="cfg2")
+        read_gallery(path, expect=identity(items, config_hash="cfg2"))
+    with pytest.raises(UserError, match="another training step"):
+        read_gallery(path, expect=identity(items, model_step=600))
+    # One image more, or one relabelled: another item list.
+    for changed in (
+        {**items, "paths": items["paths"] + ["new.jpg"], "labels": np.arange(11) % 3},
+        {**items, "labels": np.roll(items["labels"], 1)},
+    ):
+        with pytest.raises(
+            UserError,
+            match=r"another list of test images \(10 then.*embed.py -c r.json --split test",
+        ) as caught:
+            read_gallery(path, expect=identity(changed), config_path="r.json")
+        assert "\n" not in str(caught.value)
+    # A gallery of the format before items_hash is refused with the command that re-embeds.
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = FORMAT_VERSION - 1
+        del f.attrs["items_hash"]
+    with pytest.raises(UserError, match=r"gallery format 1, this tfcbir reads format 2; re-embed"):
+        read_gallery(path, config_path="r.json")
     with pytest.raises(UserError, match="no gallery there"):
         read_gallery(tmp_path / "missing.h5")
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
@@ -420,14 +582,18 @@ def test_interrupted_partial_write_resumes(tmp_path, caplog):
     items = gallery_items(n=10)
     out = tmp_path / "test.h5"
     spec = {k: items[k] for k in ("paths", "labels", "classes")}
-    writer = GalleryWriter(out, **spec, dim=4, **IDENTITY, split="test")
+    writer = GalleryWriter(
+        out, **spec, dim=4, normalized=True, identity=identity(items), split="test"
+    )
     assert writer.remaining().tolist() == list(range(10))
     writer.write(range(0, 4), items["embeddings"][0:4])
     writer.write([8, 6], items["embeddings"][[8, 6]])
     writer.close()  # the run is interrupted here
     assert not out.exists() and partial_path(out).exists()
 
-    resumed = GalleryWriter(out, **spec, dim=4, **IDENTITY, split="test")
+    resumed = GalleryWriter(
+        out, **spec, dim=4, normalized=True, identity=identity(items), split="test"
+    )
     assert resumed.remaining().tolist() == [4, 5, 7, 9]  # finished chunks are not redone
     with pytest.raises(ValueError, match="not embedded yet"):
         resumed.finalize()
@@ -435,16 +601,18 @@ def test_interrupted_partial_write_resumes(tmp_path, caplog):
     resumed.write(todo, items["embeddings"][todo])
     assert resumed.finalize() == out
     assert not partial_path(out).exists()
-    gallery = read_gallery(out, expect_model_id="abc123")
+    gallery = read_gallery(out, expect=identity(items))
     np.testing.assert_array_equal(gallery.embeddings, items["embeddings"])
     assert gallery.paths == items["paths"] and gallery.split == "test"
 
     # A partial file from another model is started over, with a warning.
-    writer = GalleryWriter(out, **spec, dim=4, **IDENTITY)
+    writer = GalleryWriter(out, **spec, dim=4, normalized=True, identity=identity(items))
     writer.write([0], items["embeddings"][:1])
     writer.close()
     with caplog.at_level(logging.WARNING, logger="tfcbir"):
-        other = GalleryWriter(out, **spec, dim=4, **{**IDENTITY, "model_id": "new"})
+        other = GalleryWriter(
+            out, **spec, dim=4, normalized=True, identity=identity(items, model_id="new")
+        )
     assert "model_id differs" in caplog.text
     assert len(other.remaining()) == 10
     other.close()
@@ -576,7 +744,8 @@ def test_faiss_index_save_load_and_refusals(tmp_path):
         "labels": labels,
         "classes": [str(c) for c in range(20)],
     }
-    path = write_gallery(tmp_path / "train.h5", points, **items, **IDENTITY, split="train")
+    spec = {"normalized": True, "identity": identity(items), "split": "train"}
+    path = write_gallery(tmp_path / "train.h5", points, **items, **spec)
     gallery = read_gallery(path)
     saved = build_index(gallery, "HNSW16")
     assert saved == index_path(path) == tmp_path / "train.faiss"
@@ -591,7 +760,7 @@ def test_faiss_index_save_load_and_refusals(tmp_path):
     with pytest.raises(UserError, match="not a FAISS factory string"):
         FaissIndex.build(points, normalized=True, factory="Bogus12")
     # Re-embedding the gallery makes the index stale.
-    write_gallery(path, points, **items, **IDENTITY, split="train")
+    write_gallery(path, points, **items, **spec)
     with pytest.raises(UserError, match=r"stale.*embed.py -c <config> --split train"):
         FaissIndex.load(saved, read_gallery(path))
     with pytest.raises(UserError, match="no FAISS index there"):

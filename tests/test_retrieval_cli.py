@@ -14,6 +14,7 @@ from PIL import Image
 
 import config
 from retrieval.gallery import partial_path, read_gallery
+from retrieval.metrics import clustering_nmi
 from tests.conftest import REPO, tiny_config, write_config
 from tests.helpers_images import (
     gradient,
@@ -72,6 +73,7 @@ def test_embed_evaluate_test_and_cbir(trained, capsys):
     assert code == 0, err
     result = json.loads(out)
     for key in (
+        "mAP@5",
         "mAP",
         "precision@1",
         "recall@1",
@@ -86,8 +88,24 @@ def test_embed_evaluate_test_and_cbir(trained, capsys):
     ):
         assert key in result
     assert result["queries"] == 24 and result["r"] == 5
-    assert result["protocol"] == "train_gallery"
-    assert 0 <= result["mAP"] <= 1
+    assert result["protocol"] == "train_gallery" and result["on_training_images"] is False
+    assert result["model_selected_on"] == "holdout"  # the run chose its model off the test set
+    assert 0 <= result["mAP@5"] <= 1 and result["mAP"] == result["mAP@5"]  # the alias
+    assert "mAP@10" not in result
+    # NMI clusters every test embedding (k = its 6 classes, seeded), whatever the sample.
+    test_set = read_gallery(Path(files[1]))
+    assert result["NMI"] == clustering_nmi(test_set.embeddings, test_set.labels, seed=0)
+    code, out, err = call(
+        "evaluation", "-c", trained, "-t", "5", "-r", "5", "--json", capsys=capsys
+    )
+    sampled = json.loads(out)
+    assert sampled["queries"] == 5 and sampled["NMI"] == result["NMI"]
+    code, out, err = call("evaluation", "-c", trained, "-t", "5", "-r", "5", capsys=capsys)
+    assert "  mAP@5  " in out and "warning" not in out and "NMI" in out
+    code, out, err = call(
+        "evaluation", "-c", trained, "-t", "5", "-r", "5", "--no-nmi", "--json", capsys=capsys
+    )
+    assert "NMI" not in json.loads(out) and json.loads(out)["mAP@5"] == sampled["mAP@5"]
     assert result["recall@1"] <= result["recall@2"] <= result["recall@4"] <= result["recall@8"]
     saved = json.loads(Path(result["saved"]).read_text())
     assert saved["mAP"] == result["mAP"]
@@ -247,3 +265,130 @@ def test_a_run_without_a_model_is_refused(trained, tmp_path, capsys):
     assert code == 2
     assert "has no trained model yet" in err and "train.py" in err
     assert err.strip().splitlines() == [err.strip()]
+
+
+@pytest.fixture
+def private(trained, tmp_path, monkeypatch):
+    """A private copy of the trained data_dir (its data set may be changed): its config path."""
+    root = tmp_path / "data"
+    shutil.copytree(trained.parent, root)
+    shutil.rmtree(root / "trainings" / "cli" / "embeddings", ignore_errors=True)
+    monkeypatch.setenv("TFCBIR_DATA_DIR", str(root))
+    return root / trained.name
+
+
+def refused(name: str, *argv, capsys) -> str:
+    """The one-line error of a CLI call that must fail with exit code 2."""
+    code, out, err = call(name, *argv, capsys=capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def evaluated(cfg: Path, *argv, capsys) -> dict:
+    code, out, err = call(
+        "evaluation", "-c", cfg, "-t", "0", "-r", "3", "--json", *argv, capsys=capsys
+    )
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_a_gallery_of_an_older_image_list_is_refused_then_re_embedded(private, capsys):
+    cfg = private
+    call("embed", "-c", cfg, capsys=capsys)
+    before = evaluated(cfg, capsys=capsys)
+    assert before["queries"] + before["gallery_size"] == 96
+    # An image is added to a class folder: the split's lists change, the galleries are stale.
+    train_set = read_gallery(cfg.parent / "trainings" / "cli" / "embeddings" / "train.h5")
+    source = cfg.parent / "datasets" / "shapes" / train_set.paths[0]
+    shutil.copy(source, source.with_name("added.png"))
+    line = refused("evaluation", "-c", cfg, capsys=capsys)
+    assert "was embedded from another list of" in line
+    assert f"re-embed it: python embed.py -c {cfg} --split" in line
+    assert "test.h5" in line or "train.h5" in line
+    line = refused("test", "-c", cfg, capsys=capsys)
+    assert "another list of" in line and "python embed.py" in line
+
+    code, out, err = call("embed", "-c", cfg, capsys=capsys)  # stale galleries: embedded again
+    assert code == 0, err
+    assert "out of date" in err and "another list of" in err
+    after = evaluated(cfg, capsys=capsys)
+    assert after["queries"] + after["gallery_size"] == 97
+
+
+def test_an_edited_query_list_is_refused(private, capsys):
+    cfg = private
+    root = cfg.parent / "datasets" / "shapes"
+    images = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    rows = [f"{Path(p).parent.name},{p}" for p in images]
+    (root / "query.csv").write_text("\n".join(rows[::4]) + "\n")
+    (root / "gallery.csv").write_text("\n".join(r for i, r in enumerate(rows) if i % 4) + "\n")
+    raw = json.loads(cfg.read_text())
+    raw["eval"] = {
+        "protocol": "query_gallery",
+        "query_list": "query.csv",
+        "gallery_list": "gallery.csv",
+    }
+    cfg.write_text(json.dumps(raw))
+    call("embed", "-c", cfg, capsys=capsys)
+    assert evaluated(cfg, capsys=capsys)["queries"] == 24
+    (root / "query.csv").write_text("\n".join(rows[::4][:-1]) + "\n")  # one query less
+    line = refused("evaluation", "-c", cfg, capsys=capsys)
+    assert "query.h5 was embedded from another list of query images (24 then" in line
+    assert line.endswith(f"python embed.py -c {cfg} --split query")
+    code, out, err = call("embed", "-c", cfg, "--split", "query", capsys=capsys)
+    assert code == 0, err
+    assert evaluated(cfg, capsys=capsys)["queries"] == 23
+
+
+def test_galleries_without_the_model_are_refused_and_checkpoints_work(private, capsys):
+    cfg = private
+    run_folder = cfg.parent / "trainings" / "cli"
+    call("embed", "-c", cfg, capsys=capsys)
+    (run_folder / "best.weights.h5").rename(run_folder / "kept.weights.h5")
+    line = refused("evaluation", "-c", cfg, capsys=capsys)
+    assert "has no trained model" in line and "train it first" in line
+    assert "--checkpoint" in line
+    # The galleries were embedded with those weights: given explicitly, they are accepted.
+    kept = run_folder / "kept.weights.h5"
+    assert evaluated(cfg, "--checkpoint", kept, capsys=capsys)["queries"] == 24
+    # Embedded with a training checkpoint, a gallery is that checkpoint's and no other's.
+    checkpoint = sorted((run_folder / "checkpoints").glob("ckpt-*.h5"))[0]
+    code, out, err = call("embed", "-c", cfg, "--checkpoint", checkpoint, capsys=capsys)
+    assert code == 0, err
+    result = evaluated(cfg, "--checkpoint", checkpoint, capsys=capsys)
+    assert result["model_step"] == int(checkpoint.stem.split("-")[1])
+    line = refused("evaluation", "-c", cfg, "--checkpoint", kept, capsys=capsys)
+    assert "another model checkpoint" in line and f"--checkpoint {kept}" in line
+    code, out, err = call("test", "-c", cfg, "-r", "2", "--checkpoint", checkpoint, capsys=capsys)
+    assert code == 0, err
+
+
+def test_numbers_on_training_images_say_so(private, capsys):
+    cfg = private
+    raw = json.loads(cfg.read_text())
+    raw["name"] = "cli"  # the same run, the same model: only the split differs
+    raw["data"]["split"] = {"by": "none"}
+    cfg.write_text(json.dumps(raw))
+    code, out, err = call("embed", "-c", cfg, capsys=capsys)
+    assert code == 0, err
+    assert out.strip().endswith("train.h5")
+    result = evaluated(cfg, capsys=capsys)
+    assert result["on_training_images"] is True and result["protocol"] == "leave_one_out"
+    assert result["queries"] == result["gallery_size"] == 96
+    code, out, err = call("evaluation", "-c", cfg, "-t", "10", capsys=capsys)
+    assert code == 0, err
+    assert "warning: the data set has no test split" in out and "optimistic" in out
+
+
+def test_a_model_chosen_on_the_test_split_is_reported(private, capsys):
+    cfg = private
+    call("embed", "-c", cfg, capsys=capsys)
+    saved = cfg.parent / "trainings" / "cli" / "config.json"
+    record = json.loads(saved.read_text())
+    record["train"]["validation"]["source"] = "test"  # as train.py records a source: test run
+    saved.write_text(json.dumps(record))
+    code, out, err = call("evaluation", "-c", cfg, "-t", "10", capsys=capsys)
+    assert code == 0, err
+    assert "chose its model on the test split" in out and "optimistic" in out
+    assert evaluated(cfg, capsys=capsys)["model_selected_on"] == "test"

@@ -1,4 +1,4 @@
-"""Training end to end on the tiny demo set: the loss falls, kills resume, bad input is reported."""
+"""Training end to end on the tiny demo set: the run folder, resume after kill, bad input."""
 
 from __future__ import annotations
 
@@ -142,7 +142,9 @@ def test_corrupt_images_are_skipped_with_their_names(data_dir, tmp_path):
     first_class = sorted(p for p in shapes.iterdir() if p.is_dir())[0]
     (first_class / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
     (first_class / "empty.png").write_bytes(b"")
-    path = write_config(tmp_path, "corrupt", tiny_config(train__steps=6, train__validate_every=3))
+    # No test split: every image is decoded by training or its validation, which name failures.
+    raw = tiny_config(train__steps=6, train__validate_every=3, data__split={"by": "none"})
+    path = write_config(tmp_path, "corrupt", raw)
     done = run_cli("train.py", "-c", str(path))
     assert done.returncode == 0, done.stderr
     assert "broken.jpg" in done.stderr and "empty.png" in done.stderr
@@ -343,3 +345,19 @@ def test_validation_and_search_use_the_geometry_the_loss_trained(
         np.testing.assert_allclose(norms, 1.0, atol=1e-5)
     else:
         assert np.abs(norms - 1.0).max() > 1e-2  # raw embeddings, as the loss saw them
+
+
+def test_leave_one_out_validation_samples_whole_classes(tmp_path):
+    """A capped leave-one-out validation set keeps whole classes of two images or more, so no
+    sampled image lacks classmates (a sample of images would leave mostly singletons)."""
+    from datasets.lists import ImageList
+    from training.validation import _sample
+
+    labels = np.repeat(np.arange(40), 3)
+    labels = np.concatenate([labels, [40, 41]])  # two single-image classes
+    images = ImageList(tmp_path, [f"{i}.png" for i in range(len(labels))], labels, list("x" * 42))
+    sampled = _sample(images, 20, seed=0, by_class=True)
+    counts = np.bincount(sampled.labels)
+    assert 18 <= len(sampled) <= 20 and set(counts[counts > 0]) == {3}
+    assert _sample(images, 20, seed=0, by_class=True).paths == sampled.paths  # seeded
+    assert len(_sample(images, 20, seed=0)) == 20  # plain image sample otherwise

@@ -272,7 +272,7 @@ class TextValidator:
 
 
 def _sample_positions(n: int, max_images: int, seed: int) -> np.ndarray:
-    """Positions of :func:`training.validation._sample`'s seeded sample of n items."""
+    """A seeded sample of at most ``max_images`` of the positions 0 .. n - 1."""
     if n <= max_images:
         return np.arange(n)
     return np.random.default_rng([seed, 11]).permutation(n)[:max_images]

@@ -26,7 +26,7 @@ import tensorflow as tf
 import config as cfg
 import losses
 import nets
-from datasets.lists import Splits, ValidationSplit, load_splits, validation_split
+from datasets.lists import Splits, ValidationSplit, load_splits
 from datasets.pipeline import TrainData
 from tfcbir import UserError
 from tfcbir.files import atomic_output
@@ -34,6 +34,7 @@ from training import checkpoint, distribute, dual, validation
 from training.optim import build_optimizer
 from training.progress import Progress
 from training.run import DUAL_CSV_FIELDS, RunFolder
+from training.validation import choose_validation
 
 log = logging.getLogger("tfcbir")
 
@@ -52,7 +53,8 @@ def train(config: dict, *, restart: bool = False) -> Result:
     train_cfg = config["train"]
     strategy = distribute.make_strategy(train_cfg["distribute"])
     distribute.check_batch_split(train_cfg["batch"]["P"], strategy.num_replicas_in_sync)
-    splits = load_splits(cfg.data_root(config), config["data"]["split"], config["seed"])
+    data = config["data"]
+    splits = load_splits(cfg.data_root(config), data["split"], config["seed"], data["format"])
     chosen = choose_validation(config, splits)
     config = with_validation_source(config, chosen.source)
     shared = RunFolder(cfg.run_dir(config))
@@ -68,20 +70,6 @@ def train(config: dict, *, restart: bool = False) -> Result:
     finally:
         if mixed:
             keras.mixed_precision.set_global_policy("float32")
-
-
-def choose_validation(config: dict, splits: Splits) -> ValidationSplit:
-    """The run's training and validation images (``train.validation``; none when
-    ``train.validate_every`` is 0), with a warning when the model is selected on the test split."""
-    validation = config["train"]["validation"]
-    source = "none" if config["train"]["validate_every"] == 0 else validation["source"]
-    chosen = validation_split(splits, source, validation["holdout"], config["seed"])
-    if chosen.source == "test":
-        log.warning(
-            "train.validation.source: test: the model is selected on the test split, so the test "
-            "metrics of evaluation.py are optimistic; 'holdout' (the default) keeps them honest"
-        )
-    return chosen
 
 
 def with_validation_source(config: dict, source: str) -> dict:
@@ -457,7 +445,7 @@ def _summary(config, run, splits, chosen, train_images, train_data, model, step,
     skipped = len(getattr(train_data, "skipped", []))
     parts = [
         f"run {config['name']} in {run.path}",
-        f"data {cfg.data_root(config)} ({splits.kind} split): "
+        f"data {cfg.data_root(config)} ({splits.layout}, {splits.kind} split): "
         f"{len(train_images)} training images of {len(np.unique(train_images.labels))} "
         f"classes" + (f", {skipped} unreadable skipped" if skipped else ""),
         _validation_line(chosen, splits),

@@ -1,4 +1,5 @@
-"""Validation during training: Recall@1 of held-out images, decoded once.
+"""Validation during training: which images select the model (:func:`choose_validation`), and
+their Recall@1, decoded once (:class:`Validator`). No TensorFlow here: ``train.py --check`` uses it.
 
 The validation mirrors the evaluation protocol of the split: for a class-disjoint split the
 held-out images are searched among themselves (leave-one-out, as the test classes will be); for a
@@ -10,13 +11,31 @@ evaluation.py reports.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from datasets.lists import ImageList
+from datasets.lists import ImageList, Splits, ValidationSplit, validation_split
 from datasets.pipeline import iter_eval_batches
 from retrieval.metrics import evaluate
 from retrieval.search import unit_rows
 from tfcbir import UserError
+
+log = logging.getLogger("tfcbir")
+
+
+def choose_validation(config: dict, splits: Splits) -> ValidationSplit:
+    """The run's training and validation images (``train.validation``; none when
+    ``train.validate_every`` is 0), with a warning when the model is selected on the test split."""
+    validation = config["train"]["validation"]
+    source = "none" if config["train"]["validate_every"] == 0 else validation["source"]
+    chosen = validation_split(splits, source, validation["holdout"], config["seed"])
+    if chosen.source == "test":
+        log.warning(
+            "train.validation.source: test: the model is selected on the test split, so the test "
+            "metrics of evaluation.py are optimistic; 'holdout' (the default) keeps them honest"
+        )
+    return chosen
 
 
 class Validator:
@@ -37,7 +56,8 @@ class Validator:
         gallery: ImageList | None = None,
     ):
         self.normalized = normalized
-        self.queries = _Decoded(_sample(queries, max_images, seed), data)
+        leave_one_out = gallery is None
+        self.queries = _Decoded(_sample(queries, max_images, seed, by_class=leave_one_out), data)
         self.gallery = (
             None if gallery is None else _Decoded(_sample(gallery, max_images, seed), data)
         )
@@ -74,11 +94,20 @@ class Validator:
         return metrics.recall_at_k[1]
 
 
-def _sample(images: ImageList, max_images: int, seed: int) -> ImageList:
+def _sample(images: ImageList, max_images: int, seed: int, by_class: bool = False) -> ImageList:
+    """At most ``max_images`` of ``images``, seeded: a random sample of images, or with
+    ``by_class`` whole classes of two images or more in a random order (leave-one-out needs
+    each image's classmates: a sample of images from many small classes would leave mostly
+    single images, which Recall@1 ignores)."""
     if len(images) <= max_images:
         return images
-    keep = np.sort(np.random.default_rng([seed, 11]).permutation(len(images))[:max_images])
-    return images.subset(keep)
+    rng = np.random.default_rng([seed, 11])
+    if not by_class:
+        return images.subset(np.sort(rng.permutation(len(images))[:max_images]))
+    counts = images.class_counts()
+    classes = rng.permutation(np.flatnonzero(counts >= 2))
+    taken = classes[np.cumsum(counts[classes]) <= max_images]
+    return images.subset(np.isin(images.labels, taken))
 
 
 class _Decoded:
