@@ -92,7 +92,10 @@ def _text_queries(args, cfg: dict) -> int:
     from retrieval.embedder import load_text_encoder
     from retrieval.text_queries import evaluate_text, report
 
-    result = evaluate_text(cfg, load_text_encoder(cfg), r=args.retrieve, config_path=args.config)
+    encoder = load_text_encoder(cfg, args.checkpoint)
+    result = evaluate_text(
+        cfg, encoder, r=args.retrieve, config_path=args.config, checkpoint=args.checkpoint
+    )
     print(json.dumps(result, indent=None) if args.json else report(result))
     return 0
 

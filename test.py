@@ -92,8 +92,8 @@ def _text_query(args) -> int:
 
     cfg = config.load(args.config)
     protocol = sets.protocol(cfg)
-    encoder = load_text_encoder(cfg)
-    gallery = open_text_gallery(cfg, protocol.gallery, encoder, args.config)
+    encoder = load_text_encoder(cfg, args.checkpoint)
+    gallery = open_text_gallery(cfg, protocol.gallery, encoder, args.config, args.checkpoint)
     answers.check_r(args.retrieve, gallery)
     text, label = " ".join(args.text.split()), None
     if not text:  # a random test image's caption, or its class prompt

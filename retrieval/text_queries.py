@@ -91,14 +91,17 @@ def chance_recall(n_gallery: int, n_relevant: np.ndarray, k: int) -> float:
     return float(np.mean(1.0 - misses))
 
 
-def evaluate_text(config: dict, encoder, *, r: int, config_path=None, save: bool = True) -> dict:
+def evaluate_text(
+    config: dict, encoder, *, r: int, config_path=None, checkpoint=None, save: bool = True
+) -> dict:
     """``evaluation.py --text-queries`` (see the module docstring); returns the result, saved
-    as JSON under ``<run>/evaluation/`` (``saved``) when ``save``."""
+    as JSON under ``<run>/evaluation/`` (``saved``) when ``save``. checkpoint: the weights in
+    use when not the run's best."""
     if r < 1:
         raise UserError(f"-r {r}: give a number of answers >= 1")
     protocol = sets.protocol(config)
     name = protocol.queries
-    gallery = open_text_gallery(config, name, encoder, config_path)
+    gallery = open_text_gallery(config, name, encoder, config_path, checkpoint)
     result: dict = {
         "set": name,
         "on_training_images": name == "train",
