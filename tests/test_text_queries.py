@@ -162,3 +162,20 @@ def test_chance_slug_and_text_tile():
     tile = text_tile("a small red triangle", side=128)
     assert tile.shape == (128, 128, 3) and tile.dtype == np.uint8
     assert (tile < 100).any() and tile[0, 0].tolist() == [235, 235, 235]  # dark words, light mount
+
+
+def test_text_queries_with_a_training_checkpoint(dual_run):
+    """A checkpoint holds both towers: galleries embedded with it answer text queries with it,
+    and are refused to the run's best weights."""
+    run = dual_run.parent / "trainings" / "dual"
+    ckpt = sorted((run / "checkpoints").glob("ckpt-*.h5"))[0]
+    try:
+        done = cli("embed.py", "-c", dual_run, "--checkpoint", ckpt, "--split", "train")
+        assert done.returncode == 0, done.stderr
+        done = cli("cbir.py", "-c", dual_run, "--checkpoint", ckpt, "--json", "--text", "a ring")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["results"][0]["query_text"] == "a ring"
+        done = cli("cbir.py", "-c", dual_run, "--text", "a ring")
+        assert done.returncode == 2 and "was embedded with another model checkpoint" in done.stderr
+    finally:
+        assert cli("embed.py", "-c", dual_run, "--split", "train").returncode == 0
