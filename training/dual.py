@@ -12,6 +12,8 @@ image-text loss (``clip``, ``siglip``) on image-caption pairs:
   from its captions), or, for a list with a single class, P * K distinct images of it, as a pure
   function of (seed, step) like the image batches; with each pair's group
   (:func:`datasets.captions.pair_groups`);
+- :func:`build`: the text tower, the loss (an image-text loss, maybe with an image loss) and the
+  optimisers;
 - :func:`make_step`: the training step (both towers, or a frozen text tower);
 - :class:`TextValidator`: text-to-image Recall@1 of held-out images' captions.
 """
@@ -175,6 +177,48 @@ class PairBatches:
             .map(make, num_parallel_calls=parallel, deterministic=True)
             .prefetch(2)
         )
+
+
+def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool, mixed: bool):
+    """The text tower, the loss and the optimisers of a dual encoder beside the image tower
+    ``model`` (inside the strategy's scope): ``(text_tower, loss, loss_variables, optimizer,
+    image_loss_optimizer)``. ``loss_variables`` are the loss's weights in checkpoint order (the
+    temperature and bias, then an image loss's class vectors, created here by one call);
+    ``image_loss_optimizer`` is None unless the image loss learns its vectors at another rate.
+    The temperature and bias get no weight decay (open_clip's choice)."""
+    import losses
+    import nets
+    from training.optim import build_optimizer
+
+    model_cfg, train_cfg = config["model"], config["train"]
+    text_tower = nets.build_text_tower(
+        model_cfg["text"],
+        nets.text_embedding_dim(model_cfg),
+        tokenizer=tokenizer,
+        pretrained=pretrained,
+    )
+    loss = losses.get_dual(config["loss"], num_classes=num_classes)
+    if loss.image is not None and hasattr(loss.image, "trainable_variables"):
+        images = tf.zeros([2, *config["data"]["image_size"], 3], tf.uint8)
+        loss.image(tf.constant([0, 0]), model(images, training=False))
+    separate = bool(loss.image_variables) and loss.image_lr_multiplier != 1.0
+    optimizer = build_optimizer(train_cfg, mixed=mixed)
+    getattr(optimizer, "inner_optimizer", optimizer).exclude_from_weight_decay(
+        var_list=loss.pair_variables
+    )
+    optimizer.build(
+        list(model.trainable_variables)
+        + list(text_tower.model.trainable_variables)
+        + loss.pair_variables
+        + ([] if separate else loss.image_variables)
+    )
+    image_loss_optimizer = None
+    if separate:
+        image_loss_optimizer = build_optimizer(
+            train_cfg, lr_multiplier=loss.image_lr_multiplier, mixed=mixed
+        )
+        image_loss_optimizer.build(loss.image_variables)
+    return text_tower, loss, loss.weights, optimizer, image_loss_optimizer
 
 
 def make_step(model, text_model, loss, optimizer, image_loss_optimizer, strategy, mixed: bool):

@@ -124,32 +124,10 @@ def _train(
             model_cfg, tuple(data["image_size"]), pretrained=found is None
         )
         if is_dual:
-            text_tower = nets.build_text_tower(
-                model_cfg["text"],
-                nets.text_embedding_dim(model_cfg),
-                tokenizer=tokenizer,
-                pretrained=found is None,
+            text_tower, loss_fn, loss_variables, optimizer, loss_optimizer = dual.build(
+                config, model, tokenizer, len(train_images.classes), found is None, mixed
             )
             pairs.tokenize(text_tower.tokenizer)
-            loss_fn = losses.get_dual(config["loss"], num_classes=len(train_images.classes))
-            loss_variables = _build_dual_loss(loss_fn, model, text_tower, data["image_size"])
-            multiplier = loss_fn.image_lr_multiplier
-            separate = bool(loss_fn.image_variables) and multiplier != 1.0
-            optimizer = build_optimizer(train_cfg, mixed=mixed)
-            # open_clip's choice: no weight decay on the temperature and bias.
-            getattr(optimizer, "inner_optimizer", optimizer).exclude_from_weight_decay(
-                var_list=loss_fn.pair_variables
-            )
-            optimizer.build(
-                list(model.trainable_variables)
-                + list(text_tower.model.trainable_variables)
-                + loss_fn.pair_variables
-                + ([] if separate else loss_fn.image_variables)
-            )
-            loss_optimizer = None
-            if separate:
-                loss_optimizer = build_optimizer(train_cfg, lr_multiplier=multiplier, mixed=mixed)
-                loss_optimizer.build(loss_fn.image_variables)
         else:
             loss_fn = losses.get(config["loss"], num_classes=len(train_images.classes))
             loss_variables = _build_loss(loss_fn, model, data["image_size"])
@@ -341,15 +319,6 @@ def _dual_row(step: int, parts, loss_fn, train_data, writer) -> dict:
         "pair_loss": f"{pair:.6g}",
         "image_loss": f"{image:.6g}" if loss_fn.image is not None else "",
     }
-
-
-def _build_dual_loss(loss_fn, model, text_tower, image_size) -> list:
-    """A dual loss's variables (temperature, bias; an image loss's proxies, created by one call
-    on a tiny batch), in checkpoint order."""
-    if loss_fn.image is not None and hasattr(loss_fn.image, "trainable_variables"):
-        images = tf.zeros([2, *image_size, 3], tf.uint8)
-        loss_fn.image(tf.constant([0, 0]), model(images, training=False))
-    return loss_fn.weights
 
 
 def _build_loss(loss_fn, model, image_size) -> list:
