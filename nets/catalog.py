@@ -247,7 +247,8 @@ TEXT_PARAMS = {
     "freeze": Param(
         bool,
         False,
-        "Keep the text tower's weights fixed while training (for a pretrained hub: tower).",
+        "Keep a hub: text tower's pretrained weights fixed while training (a new Dense layer "
+        "to embedding_dim, if any, still trains).",
     ),
 }
 

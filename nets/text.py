@@ -183,7 +183,8 @@ def build_text_tower(
     scratch: ``tokenizer`` is the run's :class:`datasets.tokenizer.WordTokenizer` (its vocabulary
     and length size the model); the weights start random. hub:<preset>: the preset's text
     encoder and tokenizer, its weights loaded when ``pretrained`` (see :mod:`nets.hub_text`).
-    ``freeze`` makes the model's weights non-trainable. UserError for a tower it cannot build.
+    ``freeze`` keeps the preset's weights fixed (a new ``text_head`` Dense layer still trains).
+    UserError for a tower it cannot build.
     """
     params = validate(dict(params), TEXT_PARAMS, "model.text")
     kind = text_tower_kind(params["tower"])
@@ -212,6 +213,8 @@ def build_text_tower(
             max_length=params["max_length"],
             pretrained=pretrained,
         )
-    if params["freeze"]:
-        model.trainable = False
+    if params["freeze"]:  # the pretrained layers; a new head (text_head) still learns
+        for layer in model.layers:
+            if layer.name != "text_head":
+                layer.trainable = False
     return TextTower(model, tokenizer, params["tower"])

@@ -102,9 +102,34 @@ def test_hub_tower_is_the_presets_own_text_path(clip_preset):
     assert projected.tokenizer.encode(["a red circle"]).shape == (1, 6)
 
 
-def test_frozen_hub_tower_has_no_trainable_weights(clip_preset):
+def test_siglip_tower_is_the_presets_own_text_path(tmp_path):
+    pytest.importorskip("keras_hub")
+    import keras_hub
+
+    from tests.helpers_text_presets import tiny_siglip_preset
+
+    folder = tiny_siglip_preset(tmp_path / "tiny_siglip")
+    reference = keras_hub.models.SigLIPBackbone.from_preset(str(folder))
+    tower = build_text_tower({"tower": f"hub:{folder}"}, None)
+    texts = ["a red circle", "a blue square"]
+    ids = tower.tokenizer.encode(texts)
+    # sentencepiece words, then the end token (2) padding to the preset's 10 positions: SigLIP
+    # reads the last one.
+    assert ids.shape == (2, 10) and (ids[:, 3:] == 2).all() and ids[0, 1] != ids[1, 1]
+    np.testing.assert_allclose(
+        tower.embed(texts), np.asarray(reference.get_text_embeddings(ids)), rtol=1e-5, atol=1e-6
+    )
+    assert tower.model.output_shape == (None, 8)
+
+
+def test_frozen_hub_tower_trains_only_a_new_head(clip_preset):
     tower = build_text_tower({"tower": f"hub:{clip_preset}", "freeze": True}, None)
     assert tower.model.trainable_variables == [] and tower.model.weights
+    headed = build_text_tower({"tower": f"hub:{clip_preset}", "freeze": True}, 5)
+    assert [v.path for v in headed.model.trainable_variables] == [
+        "text_head/kernel",
+        "text_head/bias",
+    ]
 
 
 @pytest.mark.parametrize(

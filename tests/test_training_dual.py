@@ -298,3 +298,58 @@ def test_a_dual_encoder_learns_to_find_images_by_their_captions(tmp_path, monkey
     print(f"caption -> image Recall@10 of the training images: {before:.3f} -> {after:.3f}")
     assert before < 0.12  # near chance: 10 of 135 images
     assert after > LEARN_BAR
+
+
+def test_a_hub_text_tower_trains_or_stays_frozen(data_dir, tmp_path):
+    """A tiny CLIP preset saved locally: its text tower (plus a Dense to embedding_dim) trains
+    beside small_cnn; frozen, its weights stay the preset's and only the new Dense learns."""
+    pytest.importorskip("keras_hub")
+    import keras
+
+    import nets
+    from tests.helpers_text_presets import tiny_clip_preset
+
+    preset = tiny_clip_preset(tmp_path / "tiny_clip")
+    for freeze in (False, True):
+        raw = dual_config(train__steps=3, train__validate_every=3, train__checkpoint_every=3)
+        raw["model"]["text"] = {"tower": f"hub:{preset}", "freeze": freeze}
+        result = train(config.resolve({**raw, "name": f"hub_text_{freeze}"}))
+        assert not result.run.text_tokenizer.exists()  # the preset's own tokenizer
+        saved = checkpoint.latest(result.run.checkpoints)
+        keras.utils.set_random_seed(0)
+        fresh = nets.build_text_tower(raw["model"]["text"], 16).model
+        changed = [
+            not np.allclose(a, b.numpy()) for a, b in zip(saved.groups["text_model"], fresh.weights)
+        ]
+        names = [w.path for w in fresh.weights]
+        head = [i for i, name in enumerate(names) if name.startswith("text_head")]
+        preset_weights = [i for i in range(len(names)) if i not in head]
+        assert head and all(changed[i] for i in head)
+        if freeze:  # the preset's weights as loaded
+            assert not any(changed[i] for i in preset_weights)
+        else:
+            assert sum(changed[i] for i in preset_weights) > len(preset_weights) // 2
+
+
+def test_validating_a_dual_config_needs_no_tensorflow(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    path = tmp_path / "dual.json"
+    raw = dual_config(loss={"name": "siglip", "image_loss": {"name": "ntxent"}})
+    raw["model"]["text"] = {"tower": "hub:clip_vit_base_patch32"}
+    path.write_text(json.dumps(raw))
+    code = (
+        "import sys, config\n"
+        f"config.load({str(path)!r})\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('tensorflow', 'keras', 'keras_hub'))\n"
+        "print(heavy[:3])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
