@@ -212,7 +212,7 @@ def test_mixed_precision_scales_the_loss_and_unscales_the_gradients():
 
     import losses
     import nets
-    from training.optim import build_optimizer
+    from training.optim import VariableGroup, build_optimizer
     from training.trainer import _make_train_step
 
     train_cfg = config.resolve(tiny_config())["train"]
@@ -229,10 +229,11 @@ def test_mixed_precision_scales_the_loss_and_unscales_the_gradients():
         try:
             model = nets.build_embedding_model(model_cfg, (16, 16))
             model.set_weights(initial)
-            optimizer = build_optimizer(train_cfg, mixed=mixed)
+            groups = [VariableGroup("model", list(model.trainable_variables))]
+            optimizer = build_optimizer(train_cfg, groups, mixed=mixed)
             loss_fn = losses.get({"name": "contrastive"})
             step = _make_train_step(
-                model, loss_fn, optimizer, None, [], tf.distribute.get_strategy(), mixed
+                model, loss_fn, optimizer, groups, tf.distribute.get_strategy(), mixed
             )
             loss = float(step(images, labels))
             kernel = model.get_layer("head_projection").kernel

@@ -26,7 +26,7 @@ from datasets.pipeline import TrainData
 from tfcbir import UserError
 from tfcbir.files import atomic_output
 from training import checkpoint, distribute, validation
-from training.optim import build_optimizer
+from training.optim import VariableGroup, build_optimizer
 from training.progress import Progress
 from training.run import RunFolder
 
@@ -121,18 +121,10 @@ def _train(
         )
         loss_fn = losses.get(config["loss"], num_classes=len(train_images.classes))
         loss_variables = _build_loss(loss_fn, model, data["image_size"])
-        multiplier = getattr(loss_fn, "lr_multiplier", 1.0)
-        separate = bool(loss_variables) and multiplier != 1.0  # proxies learn faster
-        optimizer = build_optimizer(train_cfg, mixed=mixed)
-        optimizer.build(list(model.trainable_variables) + ([] if separate else loss_variables))
-        loss_optimizer = None
-        if separate:
-            loss_optimizer = build_optimizer(train_cfg, lr_multiplier=multiplier, mixed=mixed)
-            loss_optimizer.build(loss_variables)
+        variable_groups = trainable_groups(model, loss_fn, loss_variables, train_cfg)
+        optimizer = build_optimizer(train_cfg, variable_groups, mixed=mixed)
 
     groups = {"model": model.weights, "optimizer": optimizer.variables, "loss": loss_variables}
-    if loss_optimizer is not None:
-        groups["loss_optimizer"] = loss_optimizer.variables
     step, best = 0, None
     if found is not None:
         for name, variables in groups.items():
@@ -153,9 +145,8 @@ def _train(
         )
 
     _summary(config, run, splits, chosen, train_images, train_data, model, step, strategy)
-    train_step = _make_train_step(
-        model, loss_fn, optimizer, loss_optimizer, loss_variables, strategy, mixed
-    )
+    log.info(_trainable_line(variable_groups))
+    train_step = _make_train_step(model, loss_fn, optimizer, variable_groups, strategy, mixed)
     writer = tf.summary.create_file_writer(str(run.logs))
     csv_handle, csv_writer = run.open_metrics(step)
     progress = Progress(train_cfg["steps"], start=step)
@@ -251,11 +242,31 @@ def _build_loss(loss_fn, model, image_size) -> list:
     return list(loss_fn.trainable_variables)
 
 
-def _make_train_step(
-    model, loss_fn, optimizer, loss_optimizer, loss_variables, strategy, mixed: bool
-):
+def trainable_groups(model, loss_fn, loss_variables: list, train_cfg: dict) -> list[VariableGroup]:
+    """What trains, in the optimiser's order: the model's trainable variables (the backbone's
+    at ``backbone_lr_multiplier``, the head's at 1), then the loss's class vectors at the loss's
+    ``lr_multiplier``. Empty groups are left out; UserError when nothing would train."""
+    backbone = {id(v) for v in model.get_layer("backbone").trainable_variables}
     model_variables = list(model.trainable_variables)
-    variables = model_variables + loss_variables
+    multiplier = train_cfg["optimizer"]["backbone_lr_multiplier"]
+    groups = [
+        VariableGroup("backbone", [v for v in model_variables if id(v) in backbone], multiplier),
+        VariableGroup("head", [v for v in model_variables if id(v) not in backbone]),
+        VariableGroup("loss", list(loss_variables), getattr(loss_fn, "lr_multiplier", 1.0)),
+    ]
+    groups = [group for group in groups if group.variables]
+    if not any(group.name in ("backbone", "head") for group in groups):
+        raise UserError(
+            "model: nothing to train: the backbone is frozen (model.freeze_backbone: true) and "
+            "the head has no weights; use a head with weights or unfreeze the backbone"
+        )
+    return groups
+
+
+def _make_train_step(model, loss_fn, optimizer, groups: list[VariableGroup], strategy, mixed: bool):
+    """One training step on a (per-replica) batch: the loss of the whole batch, its gradients
+    for the groups' variables, one optimiser update (each group at its learning rate)."""
+    variables = [variable for group in groups for variable in group.variables]
     replicas = strategy.num_replicas_in_sync
 
     def replica_step(images, labels):
@@ -268,12 +279,7 @@ def _make_train_step(
             if mixed:
                 total = optimizer.scale_loss(total)
         grads = tape.gradient(total, variables)
-        if loss_optimizer is None:
-            optimizer.apply_gradients(zip(grads, variables))
-        else:
-            n = len(model_variables)
-            optimizer.apply_gradients(zip(grads[:n], model_variables))
-            loss_optimizer.apply_gradients(zip(grads[n:], loss_variables))
+        optimizer.apply_gradients(zip(grads, variables))
         return loss
 
     @tf.function
@@ -347,3 +353,12 @@ def _summary(config, run, splits, chosen, train_images, train_data, model, step,
     ]
     for line in parts:
         log.info(line)
+
+
+def _trainable_line(groups: list[VariableGroup]) -> str:
+    parts = []
+    for group in groups:
+        count = sum(int(np.prod(v.shape)) for v in group.variables)
+        rate = "" if group.lr_multiplier == 1.0 else f" at lr x {group.lr_multiplier:g}"
+        parts.append(f"{group.name} {count:,}{rate}")
+    return "trainable parameters: " + ", ".join(parts)
