@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import nets  # noqa: E402
+from nets.freeze import application_blocks  # noqa: E402
 from tfcbir import UserError  # noqa: E402
 from tfcbir.registry import resolve  # noqa: E402
 
@@ -48,6 +49,15 @@ FEATURES = {
     "efficientnet_b0": 1280,
     "densenet169": 1664,
     "small_cnn": 128,
+}
+BLOCKS = {  # stages (blocks for mobilenet_v2) that model.freeze_backbone counts
+    "resnet_v1_50": 4,
+    "resnet_v1_101": 4,
+    "resnet_v2_50": 4,
+    "mobilenet_v2": 16,
+    "efficientnet_b0": 7,
+    "densenet169": 4,
+    "small_cnn": 4,
 }
 # The preprocessing keras documents for each application (efficientnet's is the identity).
 KERAS_PREPROCESS = {
@@ -171,6 +181,11 @@ def test_every_backbone_builds_and_feeds_every_head(backbone):
     assert embeddings.shape == (2, dim) and embeddings.dtype == np.float32
     assert np.isfinite(embeddings).all()
     assert features_of(model, pixels(2)).shape == (2, FEATURES[backbone])
+    # Its blocks for model.freeze_backbone: n (stages of the CNNs).
+    stem, blocks = application_blocks(
+        model.get_layer("backbone"), nets.BACKBONES.get(backbone).meta["blocks"]
+    )
+    assert len(blocks) == BLOCKS[backbone] and stem and all(blocks)
 
     # Every head on this backbone's feature width (cheap: no need to rebuild the backbone).
     features = np.random.default_rng(1).normal(size=(4, FEATURES[backbone])).astype("float32")

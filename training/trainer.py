@@ -124,10 +124,17 @@ def _train(
         variable_groups = trainable_groups(model, loss_fn, loss_variables, train_cfg)
         optimizer = build_optimizer(train_cfg, variable_groups, mixed=mixed)
 
-    groups = {"model": model.weights, "optimizer": optimizer.variables, "loss": loss_variables}
+    groups = {
+        "model": model.weights,
+        "optimizer": optimizer.variables,
+        "loss": loss_variables,
+        "rng": _random_states(model),
+    }
     step, best = 0, None
     if found is not None:
         for name, variables in groups.items():
+            if name == "rng" and name not in found.groups:
+                continue  # saved before random states were: dropout masks differ from here on
             checkpoint.restore(variables, found.groups.get(name, []), name, found.path)
         step, best = found.step, found.meta.get("best")
         log.info("resuming %s from step %d (%s)", run.path, step, found.path.name)
@@ -231,6 +238,14 @@ def _train(
     if interrupted:
         log.warning("run the same command to resume %s from step %d", config["name"], step)
     return Result(run, step, last_loss, best, interrupted)
+
+
+def _random_states(model) -> list:
+    """The model's random-number states (dropout's seed generators), which are variables but
+    not weights: checkpointed so that a resumed run draws the dropout masks the uninterrupted
+    run would have."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
 
 
 def _build_loss(loss_fn, model, image_size) -> list:
