@@ -76,7 +76,7 @@ def _one_line(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _source(backbone: str) -> str:
+def preset_source(backbone: str) -> str:
     """What ``keras_hub ... from_preset`` is given for ``hub:<preset>``; UserError for a missing
     directory or an unknown name."""
     preset = hub_preset(backbone)
@@ -124,7 +124,7 @@ def load_backbone(backbone: str, *, load_weights: bool = True, image_size=None):
     to save the preset for offline use), a preset that is not of a supported family and an
     image size it cannot take.
     """
-    source = _source(backbone)
+    source = preset_source(backbone)
     loaded = _from_preset(backbone, source, load_weights)
     if image_size is not None and tuple(image_size) != native_image_size(loaded):
         check_image_size(loaded, image_size, backbone)  # a size it can take, or UserError
@@ -205,7 +205,7 @@ def preprocessing(backbone: str) -> dict:
     ``scale_offset`` with the ``scale`` and ``offset`` of the preset's image converter.
 
     UserError if the preset has no image converter (a directory saved without one)."""
-    source = _source(backbone)
+    source = preset_source(backbone)
     keras_hub = _keras_hub()
     try:
         converter = keras_hub.layers.ImageConverter.from_preset(source)

@@ -356,7 +356,7 @@ def _summary(config, run, splits, chosen, train_images, train_data, model, step,
         f"classes" + (f", {skipped} unreadable skipped" if skipped else ""),
         _validation_line(chosen, splits),
         f"model {config['model']['backbone']} + {config['model']['head']} -> "
-        f"{config['model']['embedding_dim']}-d, {model.count_params():,} parameters",
+        f"{model.output_shape[-1]}-d, {model.count_params():,} parameters",
         f"loss {config['loss']}",
         f"devices: {strategy.num_replicas_in_sync} replica(s)"
         + (
