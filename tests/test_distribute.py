@@ -46,8 +46,16 @@ def test_mirrored_step_equals_the_single_device_step():
         import keras, numpy as np
         import losses
         from training import distribute
+        from training.optim import VariableGroup, build_optimizer
         from training.trainer import _make_train_step
 
+        train_cfg = {
+            "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": None,
+                          "clipnorm": None},
+            "lr_schedule": {"name": "constant", "decay_start": 0, "warmup_steps": 0,
+                            "final_lr_fraction": 0.0},
+            "steps": 10,
+        }
         rng = np.random.default_rng(0)
         images = rng.normal(size=(16, 6)).astype("float32")
         labels = np.repeat(np.arange(4), 4).astype("int32")
@@ -58,10 +66,13 @@ def test_mirrored_step_equals_the_single_device_step():
                 keras.utils.set_random_seed(0)
                 model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
                 loss_fn = losses.get({"name": "batch_hard_triplet", "margin": 0.5})
-                optimizer = keras.optimizers.SGD(0.5)
-                optimizer.build(model.trainable_variables)
+                # Two learning rates: the per-variable multiplier works on mirrored variables.
+                dense = model.layers[0]
+                groups = [VariableGroup("kernel", [dense.kernel], 0.25),
+                          VariableGroup("bias", [dense.bias])]
+                optimizer = build_optimizer(train_cfg, groups)
             updated["initial"] = [np.asarray(w).tolist() for w in model.weights]
-            step = _make_train_step(model, loss_fn, optimizer, None, [], strategy, False)
+            step = _make_train_step(model, loss_fn, optimizer, groups, strategy, False)
             x, y = distribute.split_per_replica(strategy, tf.constant(images),
                                                 tf.constant(labels))
             loss = float(step(x, y))
