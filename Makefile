@@ -7,10 +7,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo demo-text test lint format
 
-$(STAMP): requirements.txt requirements-dev.txt
+REQUIREMENTS := requirements.txt requirements-dev.txt requirements-faiss.txt \
+	requirements-hub.txt requirements-hub-nodeps.txt
+
+# keras-hub and tensorflow-text go in last with --no-deps: tensorflow-text's wheels require the
+# full `tensorflow` package, which pip would otherwise install over tensorflow-cpu (see README,
+# "Foundation backbones: keras-hub").
+$(STAMP): $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps -r requirements-hub-nodeps.txt
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -114,11 +114,25 @@ def normalized_embeddings(config: dict) -> bool:
 
 def model_hash(config: dict) -> str:
     """Identity of what turns an image into an embedding: the model, the image geometry and
-    whether embeddings are normalised for search."""
+    whether embeddings are normalised for search.
+
+    Keys that only change how a model trains (``nets.TRAINING_ONLY_PARAMS``: its starting
+    weights, freezing, dropout) are left out: the trained weights' own hash identifies those. A
+    ``hub:`` backbone in a local preset directory counts by its preset's identity
+    (``nets.backbone_identity``: the contents of its config and image-converter files), not by
+    the folder's path.
+    """
     data = config["data"]
+    model = {k: v for k, v in config["model"].items() if k not in nets.TRAINING_ONLY_PARAMS}
+    model["backbone"] = nets.backbone_identity(model["backbone"])
+    text = model.pop("text", None)
+    if text is not None and text["tower"] != "none":  # no text tower: the image model's hash
+        text = {k: v for k, v in text.items() if k != "freeze"}  # freezing: training only
+        text["tower"] = nets.backbone_identity(text["tower"], "model.text.tower")
+        model["text"] = text
     return _digest(
         {
-            "model": {k: v for k, v in config["model"].items() if k != "weights"},
+            "model": model,
             "image_size": data["image_size"],
             "resize": data["resize"],
             "normalized": normalized_embeddings(config),

@@ -207,6 +207,14 @@ SCHEMA: dict = {
                 min_exclusive=True,
                 nullable=True,
             ),
+            "backbone_lr_multiplier": Param(
+                float,
+                1.0,
+                "Discriminative learning rates: the backbone's variables train at lr times this "
+                "(e.g. 0.1), the head at lr (a loss's class vectors at their own multiple).",
+                min=0,
+                min_exclusive=True,
+            ),
         },
         "lr_schedule": {
             "name": Param(

@@ -3,7 +3,8 @@
 ``build_embedding_model`` assembles three parts from the ``model`` config section:
 
     images -> ImagePreprocessing (the backbone's own, see nets.layers)
-           -> backbone (a nested keras.Model named "backbone", from BACKBONES)
+           -> backbone (a nested keras.Model named "backbone", from BACKBONES, or a keras-hub
+              preset's image tower for "hub:<preset>", see nets.hub)
            -> head (from HEADS) -> embeddings
 
 so code that embeds or queries just feeds pixels. ``nets`` knows nothing of files or configs
@@ -20,25 +21,33 @@ import importlib
 from nets.catalog import (
     BACKBONES,
     HEADS,
+    HUB_PREFIX,
     PARAMS,
     PREPROCESS_MODES,
     TEXT_PARAMS,
+    TRAINING_ONLY_PARAMS,
     WEIGHT_SUFFIXES,
+    backbone_identity,
     hub_preset,
     imagenet_file,
+    is_hub,
     text_tower_kind,
 )
 
 __all__ = [
     "BACKBONES",
+    "ClassToken",
     "HEADS",
+    "HUB_PREFIX",
     "PARAMS",
     "PREPROCESS_MODES",
     "TEXT_PARAMS",
+    "TRAINING_ONLY_PARAMS",
     "WEIGHT_SUFFIXES",
     "ImagePreprocessing",
     "L2Normalize",
     "TextTower",
+    "backbone_identity",
     "backbone_names",
     "build_backbone",
     "build_embedding_model",
@@ -46,6 +55,7 @@ __all__ = [
     "head_names",
     "hub_preset",
     "imagenet_file",
+    "is_hub",
     "is_normalized",
     "load_backbone_weights",
     "min_image_size",
@@ -61,6 +71,7 @@ _LAZY = {
     "load_backbone_weights": "nets.backbones",
     "ImagePreprocessing": "nets.layers",
     "L2Normalize": "nets.layers",
+    "ClassToken": "nets.layers",
     "build_text_tower": "nets.text",
     "TextTower": "nets.text",
 }
@@ -80,13 +91,24 @@ def head_names() -> list[str]:
     return HEADS.names()
 
 
+# The smallest image side the config accepts for a hub: preset; the preset's own size is checked
+# when the model is built (it needs the preset's config).
+_HUB_MIN_SIZE = 16
+
+
 def min_image_size(backbone: str) -> int:
-    """The smallest image side (px) that ``backbone`` accepts."""
+    """The smallest image side (px) that ``backbone`` accepts (hub: presets: checked when built,
+    against the preset's image size)."""
+    if is_hub(backbone):
+        return _HUB_MIN_SIZE
     return BACKBONES.get(backbone, "model.backbone").meta["min_size"]
 
 
 def preprocess_mode(backbone: str) -> str:
-    """The :data:`PREPROCESS_MODES` key of ``backbone``'s preprocessing."""
+    """The :data:`PREPROCESS_MODES` key of ``backbone``'s preprocessing (hub: presets:
+    ``scale_offset`` with the preset's image-converter values)."""
+    if is_hub(backbone):
+        return "scale_offset"
     return BACKBONES.get(backbone, "model.backbone").meta["preprocess"]
 
 

@@ -105,8 +105,9 @@ def small_cnn(input_shape):
 def build_backbone(name: str, image_size: tuple[int, int], weights: str) -> keras.Model:
     """The backbone ``name`` for ``(height, width)`` images, with ``weights`` loaded.
 
-    ``weights``: "imagenet", "none" (random init) or the path of a weights file (.h5 as keras
-    publishes them, or .weights.h5 as ``backbone.save_weights`` writes them).
+    ``weights``: "imagenet" (or its synonym "pretrained"), "none" (random init) or the path of
+    a weights file (.h5 as keras publishes them, or .weights.h5 as ``backbone.save_weights``
+    writes them).
     Returns a model named "backbone": preprocessed ``(B, H, W, 3)`` -> ``(B, C)`` features.
     """
     entry = BACKBONES.get(name, "model.backbone")
@@ -118,7 +119,7 @@ def build_backbone(name: str, image_size: tuple[int, int], weights: str) -> kera
             f"got {height}x{width}; use larger images or another backbone"
         )
     # Download before building: a failed download then costs no build time.
-    path = _download_imagenet(name) if weights == "imagenet" else weights
+    path = _download_imagenet(name) if weights in ("imagenet", "pretrained") else weights
     backbone = entry.builder((height, width, 3))
     if path != "none":
         load_backbone_weights(backbone, name, path)
@@ -146,7 +147,8 @@ def _download_imagenet(name: str) -> str:
 
 
 def load_backbone_weights(backbone: keras.Model, name: str, path: str) -> None:
-    """Load a weights file into a backbone built by ``BACKBONES[name]``; UserError if it won't fit."""
+    """Load a weights file into a backbone built for ``name`` (a BACKBONES name or a hub:
+    preset); UserError if it won't fit."""
     path = os.path.expanduser(path)
     if not path.endswith(WEIGHT_SUFFIXES):
         raise UserError(
@@ -175,7 +177,7 @@ def load_backbone_weights(backbone: keras.Model, name: str, path: str) -> None:
         ) from failed
     for warning in caught:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    after_load = BACKBONES.get(name).meta.get("after_load")
+    after_load = BACKBONES.get(name).meta.get("after_load") if name in BACKBONES else None
     if after_load is not None:
         resolve(after_load)(backbone)
 

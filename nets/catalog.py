@@ -6,15 +6,26 @@ its builder as ``"nets.<module>:<function>"``, imported when a model is built. A
 - ``min_size``: the smallest image side the architecture accepts;
 - ``preprocess``: the :data:`PREPROCESS_MODES` key of the pixel preprocessing it expects;
 - ``imagenet``: keras' ImageNet "notop" file (:class:`ImagenetFile`), or None;
+- ``blocks``: a regular expression whose group 1, matched against the backbone's layer names,
+  gives the block (stage) a layer belongs to; ``model.freeze_backbone: n`` trains the last n;
 - ``after_load`` (optional): a ``"module:function"`` fixing a backbone after weights are loaded.
 
-A head's fact: ``normalized``, whether its embeddings have unit L2 norm.
+Besides the registered names, ``model.backbone`` takes ``hub:<preset>``: a keras-hub preset's
+image tower (:mod:`nets.hub`), named (``hub:clip_vit_base_patch32``), by handle
+(``hub:hf://...``) or by a local preset directory (``hub:/models/clip_b32``).
+
+A head's facts: ``normalized``, whether its embeddings have unit L2 norm; ``keeps_features``
+(optional), whether it passes the pooled features through (no layer to train: a CLIP preset's
+towers then stay in their joint space, and a text tower keeps the preset's own projection).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import NamedTuple
 
+from tfcbir import UserError
 from tfcbir.params import Param
 from tfcbir.registry import Registry
 
@@ -32,7 +43,13 @@ PREPROCESS_MODES = {
     "unit": "scaled to [0, 1]: x / 255",
     "raw": "unchanged 0..255 (the backbone rescales internally)",
     "per_image": "each image's channels to zero mean and unit variance (removes its colour cast)",
+    "scale_offset": "x * scale + offset, per channel: a keras-hub preset's image converter",
 }
+
+HUB_PREFIX = "hub:"
+# The files of a keras-hub preset directory that define its image tower (architecture and
+# preprocessing); their contents are a local preset's identity.
+HUB_IDENTITY_FILES = ("config.json", "image_converter.json")
 
 
 class ImagenetFile(NamedTuple):
@@ -49,6 +66,7 @@ BACKBONES.register(
     doc="ResNet50 (v1), 2048 features; caffe preprocessing.",
     min_size=32,
     preprocess="caffe",
+    blocks=r"^conv(\d+)_block",
     imagenet=ImagenetFile(
         "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
         _KERAS_URL + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -62,6 +80,7 @@ BACKBONES.register(
     doc="ResNet101 (v1), 2048 features; caffe preprocessing.",
     min_size=32,
     preprocess="caffe",
+    blocks=r"^conv(\d+)_block",
     imagenet=ImagenetFile(
         "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
         _KERAS_URL + "resnet/resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -75,6 +94,7 @@ BACKBONES.register(
     doc="ResNet50V2 (pre-activation), 2048 features; inputs in [-1, 1].",
     min_size=32,
     preprocess="tf",
+    blocks=r"^conv(\d+)_block",
     imagenet=ImagenetFile(
         "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
         _KERAS_URL + "resnet/resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -90,6 +110,7 @@ BACKBONES.register(
     doc="MobileNetV2 (alpha 1.0), 1280 features; inputs in [-1, 1].",
     min_size=32,
     preprocess="tf",
+    blocks=r"^block_(\d+)_",
     imagenet=ImagenetFile(
         "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
         _KERAS_URL
@@ -104,6 +125,7 @@ BACKBONES.register(
     doc="EfficientNetB0, 1280 features; takes 0..255 pixels (it rescales and normalises inside).",
     min_size=32,
     preprocess="raw",
+    blocks=r"^block(\d+)[a-z]_",
     imagenet=ImagenetFile(
         "efficientnetb0_notop.h5",
         "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
@@ -118,6 +140,7 @@ BACKBONES.register(
     doc="DenseNet169, 1664 features; torch preprocessing (x / 255, ImageNet mean/std).",
     min_size=32,
     preprocess="torch",
+    blocks=r"^(?:conv|pool)([2-9])_",
     imagenet=ImagenetFile(
         "densenet169_weights_tf_dim_ordering_tf_kernels_notop.h5",
         _KERAS_URL + "densenet/densenet169_weights_tf_dim_ordering_tf_kernels_notop.h5",
@@ -131,6 +154,7 @@ BACKBONES.register(
     doc="A 4-block CNN (32-64-128-128 channels), 128 features; trains on a CPU in minutes.",
     min_size=8,
     preprocess="per_image",
+    blocks=r"^block(\d+)_",
     imagenet=None,
 )
 
@@ -141,10 +165,27 @@ BACKBONES.register(
     "colours, such as the text demo's.",
     min_size=8,
     preprocess="tf",
+    blocks=r"^block(\d+)_",
     imagenet=None,
 )
 
 
+HEADS.register(
+    "identity",
+    "nets.heads:identity",
+    doc="The pooled features themselves (embedding_dim is ignored), e.g. a CLIP preset's "
+    "image embedding.",
+    normalized=False,
+    keeps_features=True,
+)
+HEADS.register(
+    "identity_normalize",
+    "nets.heads:identity_normalize",
+    doc="The pooled features, L2-normalised (embedding_dim is ignored): zero-shot CLIP/SigLIP "
+    "search.",
+    normalized=True,
+    keeps_features=True,
+)
 HEADS.register(
     "direct",
     "nets.heads:direct",
@@ -171,42 +212,162 @@ HEADS.register(
 )
 
 
-def _check_weights(value: str) -> str | None:
-    if value in ("imagenet", "none") or value.endswith(WEIGHT_SUFFIXES):
+HEADS.register(
+    "projection",
+    "nets.heads:projection",
+    doc="CLIP fine-tuning's projection head: p = Dense(embedding_dim)(x); "
+    "LayerNorm(p + Dropout(Dense(embedding_dim)(GELU(p)))).",
+    normalized=False,
+)
+HEADS.register(
+    "projection_normalize",
+    "nets.heads:projection_normalize",
+    doc="The projection head, then L2 normalisation.",
+    normalized=True,
+)
+
+
+def is_hub(backbone: str) -> bool:
+    """Whether ``backbone`` names a keras-hub preset (``hub:<preset>``)."""
+    return backbone.startswith(HUB_PREFIX)
+
+
+def hub_preset(backbone: str) -> str:
+    """The preset of ``hub:<preset>``: a keras-hub preset name, a handle or a directory."""
+    return backbone[len(HUB_PREFIX) :]
+
+
+def hub_directory(preset: str) -> str | None:
+    """The local directory a preset names (``~`` expanded), or None for a name or a handle.
+
+    A preset is a directory when one exists at that path, or when it is written as a path
+    (it contains a ``/`` or starts with ``.`` or ``~``) and is not a ``scheme://`` handle.
+    """
+    if "://" in preset:
         return None
-    return f'is not "imagenet", "none" or the path of a weights file ({", ".join(WEIGHT_SUFFIXES)})'
+    path = os.path.expanduser(preset)
+    if os.path.isdir(path) or "/" in preset or os.sep in preset or preset.startswith((".", "~")):
+        return path
+    return None
+
+
+def backbone_identity(backbone: str, key: str = "model.backbone") -> str:
+    """What identifies ``backbone``'s architecture and preprocessing, for a model's hash.
+
+    A registered name or a keras-hub preset name is its own identity; a local preset directory
+    is identified by the contents of its config and image-converter files (so moving or
+    copying the folder keeps galleries valid, and another preset saved under the same path
+    does not). UserError if such a directory is missing (naming ``key``; a text tower's preset
+    is identified alike, ``key="model.text.tower"``).
+    """
+    if not is_hub(backbone):
+        return backbone
+    folder = hub_directory(hub_preset(backbone))
+    if folder is None:
+        return backbone
+    if not os.path.isdir(folder):
+        raise UserError(missing_preset_message(backbone, key))
+    digest = hashlib.sha256()
+    for name in HUB_IDENTITY_FILES:
+        path = os.path.join(folder, name)
+        digest.update(name.encode() + b"\0")
+        if os.path.isfile(path):
+            with open(path, "rb") as handle:
+                digest.update(handle.read())
+        digest.update(b"\0")
+    return f"{HUB_PREFIX}preset-dir-{digest.hexdigest()[:16]}"
+
+
+def missing_preset_message(backbone: str, key: str = "model.backbone") -> str:
+    return (
+        f"{key}: {backbone}: no such preset directory; save the preset with keras-hub "
+        "on a machine with internet and copy the folder here (README: Foundation backbones)"
+    )
+
+
+def _check_backbone(value: str) -> str | None:
+    if value in BACKBONES or (is_hub(value) and hub_preset(value).strip()):
+        return None
+    from tfcbir.params import _did_you_mean
+
+    return (
+        f"is not one of {', '.join(BACKBONES.names())}, or hub:<keras-hub preset or "
+        "preset directory>" + _did_you_mean(value, BACKBONES.names())
+    )
+
+
+def _check_weights(value: str) -> str | None:
+    if value in ("imagenet", "pretrained", "none") or value.endswith(WEIGHT_SUFFIXES):
+        return None
+    return (
+        'is not "imagenet", "pretrained", "none" or the path of a weights file '
+        f"({', '.join(WEIGHT_SUFFIXES)})"
+    )
 
 
 # The ``model`` section's keys, as nets.build_embedding_model reads them.
 PARAMS = {
-    "backbone": Param(str, "resnet_v1_50", "Feature extractor.", choices=BACKBONES.names),
+    "backbone": Param(
+        str,
+        "resnet_v1_50",
+        "Feature extractor: a name of the Backbones table, or hub:<preset>, a keras-hub "
+        "preset's image tower (e.g. hub:clip_vit_base_patch32, hub:dinov2_small, or a local "
+        "preset directory; see Foundation backbones).",
+        check=_check_backbone,
+        allowed_text=lambda: "one of " + ", ".join(BACKBONES.names()) + ", or hub:<preset>",
+    ),
     "weights": Param(
         str,
         "imagenet",
-        "imagenet, none (random init) or the path of a local weights file for the backbone.",
+        "imagenet or pretrained (the backbone's pretrained weights: keras' ImageNet file, or a "
+        "hub: preset's own), none (random init) or the path of a local weights file for the "
+        "backbone.",
         check=_check_weights,
+    ),
+    "freeze_backbone": Param(
+        (bool, int),
+        False,
+        "false: the backbone trains; true: frozen (only the head trains); n: only its last n "
+        "blocks (transformer blocks, CNN stages) and the layers after them train. Frozen "
+        "BatchNorm layers keep their moving statistics (inference mode).",
+        min=1,
     ),
     "head": Param(
         str, "direct_normalize", "Embedding head on the pooled features.", choices=HEADS.names
     ),
     "embedding_dim": Param(int, 128, "Embedding dimension.", min=1, max=65536),
+    "head_dropout": Param(
+        float,
+        0.0,
+        "Dropout rate in the head when training: before its last Dense layer (identity heads: "
+        "on the features).",
+        min=0,
+        max=1,
+        max_exclusive=True,
+    ),
 }
+
+# Model keys that change how a model trains, not what a trained model computes: left out of
+# the model's identity (config.model_hash).
+TRAINING_ONLY_PARAMS = ("weights", "freeze_backbone", "head_dropout")
 
 
 def imagenet_file(name: str) -> ImagenetFile | None:
-    """keras' ImageNet file for backbone ``name``; None if it has none."""
+    """keras' ImageNet file for backbone ``name``; None if it has none (and for hub: presets,
+    whose weights come with the preset)."""
+    if is_hub(name):
+        return None
     return BACKBONES.get(name, "model.backbone").meta["imagenet"]
 
 
 # --- the text tower (dual encoders) --------------------------------------------------------------
 
 TEXT_TOWERS = ("none", "scratch")  # and "hub:<preset>"
-HUB_PREFIX = "hub:"
 SCRATCH_MAX_LENGTH = 32
 
 
 def _check_tower(value: str) -> str | None:
-    if value in TEXT_TOWERS or (value.startswith(HUB_PREFIX) and value[len(HUB_PREFIX) :].strip()):
+    if value in TEXT_TOWERS or (is_hub(value) and hub_preset(value).strip()):
         return None
     return (
         "is not none, scratch or hub:<preset> (a keras-hub CLIP or SigLIP preset's name, or "
@@ -255,9 +416,4 @@ TEXT_PARAMS = {
 
 def text_tower_kind(tower: str) -> str:
     """none, scratch or hub."""
-    return "hub" if tower.startswith(HUB_PREFIX) else tower
-
-
-def hub_preset(tower: str) -> str:
-    """The preset of a ``hub:<preset>`` tower (a name or a local folder)."""
-    return tower[len(HUB_PREFIX) :].strip()
+    return "hub" if is_hub(tower) else tower

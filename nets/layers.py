@@ -1,6 +1,7 @@
-"""The two custom Keras layers of the embedding model: pixel preprocessing and L2 normalisation.
+"""The custom Keras layers of the embedding model: pixel preprocessing, L2 normalisation and a
+transformer's class token.
 
-Both serialise with ``get_config`` (registered under the ``tfcbir`` package), so an embedding
+They serialise with ``get_config`` (registered under the ``tfcbir`` package), so an embedding
 model round-trips through ``model.to_json()`` / ``keras.models.model_from_json`` and
 ``model.save("x.keras")`` / ``keras.models.load_model`` once ``nets`` is imported.
 """
@@ -26,15 +27,23 @@ class ImagePreprocessing(keras.layers.Layer):
     compute dtype (float16 under a mixed_float16 policy). The modes follow
     ``keras.applications.imagenet_utils.preprocess_input``, so a model that contains this layer
     takes raw pixels and embed/query code never has to know the backbone.
+
+    ``scale_offset`` computes ``x * scale + offset`` in float32, with ``scale`` and ``offset`` a
+    number or one number per RGB channel (default 1 and 0): the arithmetic of keras-hub's ``ImageConverter`` after
+    its resize (a preset's converter gives the values, see :func:`nets.hub.preprocessing`).
     """
 
-    def __init__(self, mode: str = "tf", **kwargs):
+    def __init__(self, mode: str = "tf", scale=None, offset=None, **kwargs):
         super().__init__(**kwargs)
         if mode not in PREPROCESS_MODES:
             raise ValueError(
                 f"unknown preprocessing mode {mode!r}; one of {list(PREPROCESS_MODES)}"
             )
+        if mode != "scale_offset" and (scale is not None or offset is not None):
+            raise ValueError("scale and offset go with mode 'scale_offset' only")
         self.mode = mode
+        self.scale = _per_channel(scale, 1.0) if mode == "scale_offset" else None
+        self.offset = _per_channel(offset, 0.0) if mode == "scale_offset" else None
 
     def call(self, images):
         # Computed in float32 and cast at the end: per-image sums of 0..255 pixels overflow
@@ -54,6 +63,9 @@ class ImagePreprocessing(keras.layers.Layer):
             return (x / 255.0 - mean) / std
         if self.mode == "unit":
             return x / 255.0
+        if self.mode == "scale_offset":
+            scale = ops.convert_to_tensor(self.scale, dtype="float32")
+            return x * scale + ops.convert_to_tensor(self.offset, dtype="float32")
         if self.mode == "per_image":
             mean = ops.mean(x, axis=(1, 2), keepdims=True)
             std = ops.std(x, axis=(1, 2), keepdims=True)
@@ -64,7 +76,22 @@ class ImagePreprocessing(keras.layers.Layer):
         return input_shape
 
     def get_config(self):
-        return {**super().get_config(), "mode": self.mode}
+        config = {**super().get_config(), "mode": self.mode}
+        if self.mode == "scale_offset":
+            config.update(scale=self.scale, offset=self.offset)
+        return config
+
+
+def _per_channel(value, default: float) -> list[float]:
+    """A number or 1 or 3 numbers -> 3 floats (one per RGB channel)."""
+    if value is None:
+        value = default
+    values = [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)]
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3:
+        raise ValueError(f"give one number or one per RGB channel, got {value!r}")
+    return values
 
 
 @keras.saving.register_keras_serializable(package="tfcbir")
@@ -92,3 +119,14 @@ class L2Normalize(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "axis": self.axis, "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable(package="tfcbir")
+class ClassToken(keras.layers.Layer):
+    """A transformer's class token: ``(B, T, C)`` tokens -> ``(B, C)``, the first one."""
+
+    def call(self, tokens):
+        return tokens[:, 0, :]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import keras
 
-from nets.backbones import build_backbone
-from nets.catalog import BACKBONES, HEADS, PARAMS
+from nets.backbones import build_backbone, load_backbone_weights
+from nets.catalog import BACKBONES, HEADS, PARAMS, is_hub
+from nets.freeze import application_blocks, freeze
 from nets.layers import ImagePreprocessing
 from tfcbir.params import validate
 
 
 def build_embedding_model(
-    params: dict, image_size: tuple[int, int], *, pretrained: bool = True
+    params: dict,
+    image_size: tuple[int, int],
+    *,
+    pretrained: bool = True,
+    hub_backbone=None,
 ) -> keras.Model:
     """The embedding model named "embedding": ``(B, H, W, 3)`` 0..255 -> ``(B, D)`` float32.
 
@@ -19,19 +24,53 @@ def build_embedding_model(
     image_size: ``(height, width)`` of the input images.
     pretrained: False builds with random init and loads nothing (``params["weights"]`` is
         ignored), for when a checkpoint's weights are loaded over the model.
-    Raises UserError for unknown names, too small images and weights that can't be had or
-    don't fit.
+    hub_backbone: for ``hub:`` backbones, the keras-hub backbone already loaded by
+        :func:`nets.hub.load_backbone` for ``image_size`` (so a text tower can share it); None
+        loads it here.
+    The backbone is a nested model named "backbone" whose layers are frozen as
+    ``freeze_backbone`` says (:mod:`nets.freeze`); the head's layers are named "head_*".
+    Raises UserError for unknown names, image sizes the backbone can't take and weights that
+    can't be had or don't fit.
     """
     params = validate({k: v for k, v in params.items() if k in PARAMS}, PARAMS, "model")
     name = params["backbone"]
     height, width = (int(side) for side in image_size)
-    backbone = build_backbone(name, (height, width), params["weights"] if pretrained else "none")
     head = HEADS.get(params["head"], "model.head")
+    weights = params["weights"] if pretrained else "none"
+    if is_hub(name):
+        backbone, preprocessing = _hub_backbone(
+            name, (height, width), weights, params, hub_backbone
+        )
+    else:
+        backbone = build_backbone(name, (height, width), weights)
+        stem, blocks = application_blocks(backbone, BACKBONES.get(name).meta["blocks"])
+        freeze(backbone, params["freeze_backbone"], stem, blocks, name)
+        preprocessing = {"mode": BACKBONES.get(name).meta["preprocess"]}
 
     # float32 input: uint8 pixels fed to the model are converted, float ones kept as they are.
     images = keras.Input(shape=(height, width, 3), name="images")
-    preprocess = BACKBONES.get(name, "model.backbone").meta["preprocess"]
-    x = ImagePreprocessing(preprocess, name="preprocess")(images)
+    x = ImagePreprocessing(**preprocessing, name="preprocess")(images)
     features = backbone(x)
-    embeddings = head.builder(features, params["embedding_dim"])
+    embeddings = head.builder(features, params["embedding_dim"], params["head_dropout"])
     return keras.Model(images, embeddings, name="embedding")
+
+
+def _hub_backbone(name, image_size, weights, params, hub_backbone):
+    """The image tower of ``hub:<preset>`` with ``weights`` and freezing applied, and its
+    ImagePreprocessing arguments."""
+    from nets import hub
+
+    if hub_backbone is None:
+        pretrained = weights in ("imagenet", "pretrained")
+        hub_backbone = hub.load_backbone(name, load_weights=pretrained, image_size=image_size)
+    elif hub.native_image_size(hub_backbone) != tuple(image_size):
+        hub.check_image_size(hub_backbone, image_size, name)
+        raise ValueError(
+            f"{name} was loaded for {hub.native_image_size(hub_backbone)} images, not "
+            f"{image_size}: load it with nets.hub.load_backbone(..., image_size=image_size)"
+        )
+    tower = hub.image_tower(hub_backbone)
+    if weights not in ("imagenet", "pretrained", "none"):
+        load_backbone_weights(tower.model, name, weights)
+    freeze(tower.model, params["freeze_backbone"], tower.stem, tower.blocks, name)
+    return tower.model, hub.preprocessing(name)

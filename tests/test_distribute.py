@@ -46,8 +46,16 @@ def test_mirrored_step_equals_the_single_device_step():
         import keras, numpy as np
         import losses
         from training import distribute
+        from training.optim import VariableGroup, build_optimizer
         from training.trainer import _make_train_step
 
+        train_cfg = {
+            "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": None,
+                          "clipnorm": None},
+            "lr_schedule": {"name": "constant", "decay_start": 0, "warmup_steps": 0,
+                            "final_lr_fraction": 0.0},
+            "steps": 10,
+        }
         rng = np.random.default_rng(0)
         images = rng.normal(size=(16, 6)).astype("float32")
         labels = np.repeat(np.arange(4), 4).astype("int32")
@@ -58,10 +66,13 @@ def test_mirrored_step_equals_the_single_device_step():
                 keras.utils.set_random_seed(0)
                 model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
                 loss_fn = losses.get({"name": "batch_hard_triplet", "margin": 0.5})
-                optimizer = keras.optimizers.SGD(0.5)
-                optimizer.build(model.trainable_variables)
+                # Two learning rates: the per-variable multiplier works on mirrored variables.
+                dense = model.layers[0]
+                groups = [VariableGroup("kernel", [dense.kernel], 0.25),
+                          VariableGroup("bias", [dense.bias])]
+                optimizer = build_optimizer(train_cfg, groups)
             updated["initial"] = [np.asarray(w).tolist() for w in model.weights]
-            step = _make_train_step(model, loss_fn, optimizer, None, [], strategy, False)
+            step = _make_train_step(model, loss_fn, optimizer, groups, strategy, False)
             x, y = distribute.split_per_replica(strategy, tf.constant(images),
                                                 tf.constant(labels))
             loss = float(step(x, y))
@@ -84,12 +95,13 @@ def test_mirrored_dual_encoder_step_equals_the_single_device_step():
         import losses
         from training import distribute
         from training.dual import make_step
+        from training.optim import VariableGroup
 
         rng = np.random.default_rng(0)
         images = rng.normal(size=(8, 6)).astype("float32")
         tokens = rng.normal(size=(8, 5)).astype("float32")
         labels = np.repeat(np.arange(4), 2).astype("int32")
-        groups = np.array([0, 0, 1, 2, 3, 4, 5, 5], dtype="int64")
+        pair_groups = np.array([0, 0, 1, 2, 3, 4, 5, 5], dtype="int64")
         updated = {}
         for name in ("none", "mirrored"):
             strategy = distribute.make_strategy(name)
@@ -98,12 +110,14 @@ def test_mirrored_dual_encoder_step_equals_the_single_device_step():
                 model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
                 text = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4)])
                 loss = losses.get_dual({"name": "clip", "temperature": 0.5})
+                groups = [VariableGroup("image", model.trainable_variables),
+                          VariableGroup("text", text.trainable_variables),
+                          VariableGroup("temperature", loss.pair_variables)]
                 optimizer = keras.optimizers.SGD(0.5)
-                optimizer.build(model.trainable_variables + text.trainable_variables
-                                + loss.pair_variables)
-            step = make_step(model, text, loss, optimizer, None, strategy, False)
+                optimizer.build([v for g in groups for v in g.variables])
+            step = make_step(model, text, loss, optimizer, groups, strategy, False)
             parts = distribute.split_per_replica(
-                strategy, *(tf.constant(v) for v in (images, labels, tokens, groups)))
+                strategy, *(tf.constant(v) for v in (images, labels, tokens, pair_groups)))
             total, pair, image = (float(v) for v in step(*parts))
             variables = model.weights + text.weights + loss.weights
             updated[name] = {"loss": total, "replicas": strategy.num_replicas_in_sync,

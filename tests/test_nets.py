@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import nets  # noqa: E402
+from nets.freeze import application_blocks  # noqa: E402
 from tfcbir import UserError  # noqa: E402
 from tfcbir.registry import resolve  # noqa: E402
 
@@ -31,7 +32,16 @@ BACKBONES = [
     "small_cnn",
     "small_cnn_rgb",
 ]
-HEADS = ["direct", "direct_normalize", "fc1024", "fc1024_normalize"]
+HEADS = [
+    "identity",
+    "identity_normalize",
+    "direct",
+    "direct_normalize",
+    "fc1024",
+    "fc1024_normalize",
+    "projection",
+    "projection_normalize",
+]
 FEATURES = {
     "resnet_v1_50": 2048,
     "resnet_v1_101": 2048,
@@ -41,6 +51,16 @@ FEATURES = {
     "densenet169": 1664,
     "small_cnn": 128,
     "small_cnn_rgb": 128,
+}
+BLOCKS = {  # stages (blocks for mobilenet_v2) that model.freeze_backbone counts
+    "resnet_v1_50": 4,
+    "resnet_v1_101": 4,
+    "resnet_v2_50": 4,
+    "mobilenet_v2": 16,
+    "efficientnet_b0": 7,
+    "densenet169": 4,
+    "small_cnn": 4,
+    "small_cnn_rgb": 4,
 }
 # The preprocessing keras documents for each application (efficientnet's is the identity).
 KERAS_PREPROCESS = {
@@ -107,7 +127,7 @@ def test_registries_list_every_backbone_and_head():
     assert nets.backbone_names() == BACKBONES
     assert nets.head_names() == HEADS
     assert [nets.min_image_size(b) for b in BACKBONES] == [32, 32, 32, 32, 32, 32, 8, 8]
-    assert [nets.is_normalized(h) for h in HEADS] == [False, True, False, True]
+    assert [nets.is_normalized(h) for h in HEADS] == [False, True] * 4
     assert [nets.preprocess_mode(b) for b in BACKBONES] == [
         "caffe",
         "caffe",
@@ -144,20 +164,32 @@ def test_params_are_validated():
 # --- every backbone and every head --------------------------------------------------------------
 
 
+def out_dim(head: str, features: int, embedding_dim: int) -> int:
+    """The embedding width of ``head``: identity heads keep the feature width."""
+    return features if head.startswith("identity") else embedding_dim
+
+
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_every_backbone_builds_and_feeds_every_head(backbone):
-    head = HEADS[BACKBONES.index(backbone) % len(HEADS)]  # every head also on a real backbone
+    # every head also on a real backbone (the identity heads on small_cnn)
+    head = HEADS[(BACKBONES.index(backbone) + 2) % len(HEADS)]
+    dim = out_dim(head, FEATURES[backbone], 24)
     model = nets.build_embedding_model(params(backbone, head, dim=24), (32, 32))
     assert model.name == "embedding"
     assert isinstance(model.get_layer("backbone"), keras.Model)
     assert model.get_layer("preprocess").mode == nets.preprocess_mode(backbone)
     assert model.input_shape == (None, 32, 32, 3)
-    assert model.output_shape == (None, 24)
+    assert model.output_shape == (None, dim)
 
     embeddings = keras.ops.convert_to_numpy(model(pixels(2), training=False))
-    assert embeddings.shape == (2, 24) and embeddings.dtype == np.float32
+    assert embeddings.shape == (2, dim) and embeddings.dtype == np.float32
     assert np.isfinite(embeddings).all()
     assert features_of(model, pixels(2)).shape == (2, FEATURES[backbone])
+    # Its blocks for model.freeze_backbone: n (stages of the CNNs).
+    stem, blocks = application_blocks(
+        model.get_layer("backbone"), nets.BACKBONES.get(backbone).meta["blocks"]
+    )
+    assert len(blocks) == BLOCKS[backbone] and stem and all(blocks)
 
     # Every head on this backbone's feature width (cheap: no need to rebuild the backbone).
     features = np.random.default_rng(1).normal(size=(4, FEATURES[backbone])).astype("float32")
@@ -165,7 +197,8 @@ def test_every_backbone_builds_and_feeds_every_head(backbone):
         inputs = keras.Input(shape=(FEATURES[backbone],))
         head_model = keras.Model(inputs, nets.HEADS.get(name).builder(inputs, 24))
         out = keras.ops.convert_to_numpy(head_model(features))
-        assert out.shape == (4, 24) and out.dtype == np.float32
+        assert out.shape == (4, out_dim(name, FEATURES[backbone], 24))
+        assert out.dtype == np.float32
         if nets.is_normalized(name):
             np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
 

@@ -184,6 +184,52 @@ def test_learning_rate_schedules():
     assert WarmupDecay(**linear.get_config()).get_config() == linear.get_config()
 
 
+@pytest.mark.parametrize(("name", "decay"), [("sgd", None), ("adam", None), ("adamw", 0.05)])
+def test_variable_groups_train_as_one_optimiser_per_learning_rate(name, decay):
+    """One optimiser with groups at 0.1x, 1x and 100x the rate takes the steps that three keras
+    optimisers at those rates take (momentum, Adam's moments and decoupled weight decay
+    included): the group mechanism is discriminative learning rates, nothing else."""
+    import keras
+
+    from training.optim import VariableGroup, build_optimizer
+
+    train_cfg = config.resolve(tiny_config())["train"]
+    train_cfg["optimizer"] = {
+        **train_cfg["optimizer"],
+        "name": name,
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": decay,
+    }
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=(3, 2)).astype("float32") for _ in range(3)]
+    grads = [[rng.normal(size=(3, 2)).astype("float32") for _ in range(3)] for _ in range(3)]
+    multipliers = (0.1, 1.0, 100.0)
+
+    grouped = [keras.Variable(v) for v in start]
+    optimizer = build_optimizer(
+        train_cfg,
+        [VariableGroup(str(m), [v], m) for v, m in zip(grouped, multipliers)],
+    )
+    separate = [keras.Variable(v) for v in start]
+    optimizers = []
+    for m in multipliers:
+        common = {"learning_rate": 0.01 * m}
+        if name == "sgd":
+            optimizers.append(keras.optimizers.SGD(momentum=0.9, **common))
+        elif name == "adam":
+            optimizers.append(keras.optimizers.Adam(**common))
+        else:
+            optimizers.append(keras.optimizers.AdamW(weight_decay=decay, **common))
+    for step in grads:
+        optimizer.apply_gradients(zip(step, grouped))
+        for g, v, single in zip(step, separate, optimizers):
+            single.apply_gradients([(g, v)])
+    for a, b, v0 in zip(grouped, separate, start):
+        assert np.abs(b.numpy() - v0).max() > 1e-4
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_mixed_precision_path_trains_with_loss_scaling(data_dir, monkeypatch):
     """The GPU path (mixed_float16 + loss scaling) run on the CPU by pretending a GPU is there."""
     import keras
@@ -214,7 +260,7 @@ def test_mixed_precision_scales_the_loss_and_unscales_the_gradients():
 
     import losses
     import nets
-    from training.optim import build_optimizer
+    from training.optim import VariableGroup, build_optimizer
     from training.trainer import _make_train_step
 
     train_cfg = config.resolve(tiny_config())["train"]
@@ -231,10 +277,11 @@ def test_mixed_precision_scales_the_loss_and_unscales_the_gradients():
         try:
             model = nets.build_embedding_model(model_cfg, (16, 16))
             model.set_weights(initial)
-            optimizer = build_optimizer(train_cfg, mixed=mixed)
+            groups = [VariableGroup("model", list(model.trainable_variables))]
+            optimizer = build_optimizer(train_cfg, groups, mixed=mixed)
             loss_fn = losses.get({"name": "contrastive"})
             step = _make_train_step(
-                model, loss_fn, optimizer, None, [], tf.distribute.get_strategy(), mixed
+                model, loss_fn, optimizer, groups, tf.distribute.get_strategy(), mixed
             )
             loss = float(step(images, labels))
             kernel = model.get_layer("head_projection").kernel

@@ -89,7 +89,7 @@ def test_a_dual_run_saves_both_towers_and_resumes_exactly(data_dir):
     tokenizer = WordTokenizer.load(run.text_tokenizer)
     assert tokenizer.max_length == 12 and "triangle" in tokenizer.vocabulary
     saved = checkpoint.latest(run.checkpoints)
-    assert set(saved.groups) == {"model", "optimizer", "loss", "text_model"}
+    assert set(saved.groups) == {"model", "optimizer", "loss", "text_model", "rng"}
     (log_scale,) = saved.groups["loss"]
     rows = read_metrics(run.path)
     assert list(rows[0]) == [
@@ -136,10 +136,24 @@ def test_image_loss_term_and_its_proxies(data_dir):
         total, pair, image = (float(row[k]) for k in ("loss", "pair_loss", "image_loss"))
         assert total == pytest.approx(pair + 0.5 * image, rel=1e-4)
     saved = checkpoint.latest(result.run.checkpoints)
-    # siglip's temperature and bias, then proxy_anchor's proxies (6 classes x 16), trained by
-    # their own optimizer at 100x the learning rate.
+    # siglip's temperature and bias, then proxy_anchor's proxies (6 classes x 16).
     assert [v.shape for v in saved.groups["loss"]] == [(), (), (6, 16)]
-    assert "loss_optimizer" in saved.groups
+    # What trains at which rate: the proxies at 100x; the temperature and bias without decay.
+    import nets
+    from training.dual import build
+
+    resolved = config.resolve({**raw, "name": "groups"})
+    model = nets.build_embedding_model(resolved["model"], (32, 32))
+    tokenizer = WordTokenizer.build(["a red circle"], vocab_size=20, max_length=12)
+    _, _, _, groups = build(resolved, model, tokenizer, num_classes=6, pretrained=True)
+    assert [(g.name, g.lr_multiplier, g.weight_decay) for g in groups] == [
+        ("backbone", 1.0, True),
+        ("head", 1.0, True),
+        ("text", 1.0, True),
+        ("temperature", 1.0, False),
+        ("loss", 100.0, True),
+    ]
+    assert [len(g.variables) for g in groups[3:]] == [2, 1]
 
 
 def test_a_single_folder_of_captioned_photos_trains_on_plain_batches(tmp_path, monkeypatch):

@@ -27,6 +27,8 @@ class Param:
     choices: the allowed values (for ``str``), listed in error messages.
     min, max: inclusive bounds unless ``min_exclusive``/``max_exclusive``.
     check: extra check returning an error text (without the key path) or ``None``.
+    allowed_text: the allowed values in words (text, or a function giving it), for keys whose
+        ``check`` accepts more than a list of choices.
     """
 
     type: type | tuple
@@ -41,6 +43,7 @@ class Param:
     length: int | None = None
     nullable: bool = False
     check: Callable[[Any], str | None] | None = None
+    allowed_text: str | Callable[[], str] | None = None
 
     def allowed(self) -> list:
         choices = self.choices() if callable(self.choices) else self.choices
@@ -48,6 +51,8 @@ class Param:
 
     def describe(self) -> str:
         """Allowed values in words, for error messages and the README's reference."""
+        if self.allowed_text is not None:
+            return self.allowed_text() if callable(self.allowed_text) else self.allowed_text
         if self.allowed():
             return "one of " + ", ".join(str(c) for c in self.allowed())
         names = _type_names(self.type)

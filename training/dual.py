@@ -12,8 +12,8 @@ image-text loss (``clip``, ``siglip``) on image-caption pairs:
   from its captions), or, for a list with a single class, P * K distinct images of it, as a pure
   function of (seed, step) like the image batches; with each pair's group
   (:func:`datasets.captions.pair_groups`);
-- :func:`build`: the text tower, the loss (an image-text loss, maybe with an image loss) and the
-  optimisers;
+- :func:`build`: the text tower, the loss (an image-text loss, maybe with an image loss) and
+  what trains at which rate;
 - :func:`make_step`: the training step (both towers, or a frozen text tower);
 - :class:`TextValidator`: text-to-image Recall@1 of held-out images' captions.
 """
@@ -179,72 +179,70 @@ class PairBatches:
         )
 
 
-def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool, mixed: bool):
-    """The text tower, the loss and the optimisers of a dual encoder beside the image tower
-    ``model`` (inside the strategy's scope): ``(text_tower, loss, loss_variables, optimizer,
-    image_loss_optimizer)``. ``loss_variables`` are the loss's weights in checkpoint order (the
-    temperature and bias, then an image loss's class vectors, created here by one call);
-    ``image_loss_optimizer`` is None unless the image loss learns its vectors at another rate.
-    The temperature and bias get no weight decay (open_clip's choice)."""
+def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool):
+    """The text tower and the loss of a dual encoder beside the image tower ``model`` (inside the
+    strategy's scope), and what trains: ``(text_tower, loss, loss_variables, groups)``.
+
+    ``loss_variables`` are the loss's weights in checkpoint order (the temperature and bias,
+    then an image loss's class vectors, created here by one call). ``groups``
+    (:class:`training.optim.VariableGroup`, the optimiser's order): the image tower's backbone
+    and head (as for image losses), the text tower, the temperature and bias (no weight decay:
+    open_clip's choice), an image loss's class vectors at their own learning rate.
+    """
     import losses
     import nets
-    from training.optim import build_optimizer
+    from training.optim import VariableGroup
+    from training.trainer import trainable_groups
 
-    model_cfg, train_cfg = config["model"], config["train"]
+    model_cfg = config["model"]
     text_tower = nets.build_text_tower(
         model_cfg["text"],
         nets.text_embedding_dim(model_cfg),
         tokenizer=tokenizer,
         pretrained=pretrained,
     )
+    image_dim, text_dim = model.output_shape[-1], text_tower.model.output_shape[-1]
+    if image_dim != text_dim:
+        raise UserError(
+            f"model.text.tower: {text_tower.tower} embeds texts in {text_dim} dimensions, the image "
+            f"tower images in {image_dim}; use the same preset for both, or a head that projects "
+            "both to model.embedding_dim (e.g. direct_normalize)"
+        )
     loss = losses.get_dual(config["loss"], num_classes=num_classes)
     if loss.image is not None and hasattr(loss.image, "trainable_variables"):
         images = tf.zeros([2, *config["data"]["image_size"], 3], tf.uint8)
         loss.image(tf.constant([0, 0]), model(images, training=False))
-    separate = bool(loss.image_variables) and loss.image_lr_multiplier != 1.0
-    optimizer = build_optimizer(train_cfg, mixed=mixed)
-    getattr(optimizer, "inner_optimizer", optimizer).exclude_from_weight_decay(
-        var_list=loss.pair_variables
+    groups = trainable_groups(
+        model,
+        loss.image,
+        loss.image_variables,
+        config["train"],
+        others=(
+            VariableGroup("text", list(text_tower.model.trainable_variables)),
+            VariableGroup("temperature", loss.pair_variables, weight_decay=False),
+        ),
     )
-    optimizer.build(
-        list(model.trainable_variables)
-        + list(text_tower.model.trainable_variables)
-        + loss.pair_variables
-        + ([] if separate else loss.image_variables)
-    )
-    image_loss_optimizer = None
-    if separate:
-        image_loss_optimizer = build_optimizer(
-            train_cfg, lr_multiplier=loss.image_lr_multiplier, mixed=mixed
-        )
-        image_loss_optimizer.build(loss.image_variables)
-    return text_tower, loss, loss.weights, optimizer, image_loss_optimizer
+    return text_tower, loss, loss.weights, groups
 
 
-def make_step(model, text_model, loss, optimizer, image_loss_optimizer, strategy, mixed: bool):
+def make_step(model, text_model, loss, optimizer, groups, strategy, mixed: bool):
     """The dual encoder's training step ``step(images, labels, token_ids, groups)`` -> (total
     loss, image-text part, image part (0 without an image loss)), means over the replicas.
 
-    One optimizer updates the image tower, the text tower (unless frozen: it then runs in
-    inference mode) and the image-text loss's temperature and bias; ``image_loss_optimizer``
-    (when not None) the image loss's proxies at their own learning rate."""
+    One optimiser update of every variable of ``groups`` (each group at its learning rate). A
+    text tower without trainable weights (frozen) runs in inference mode."""
     train_text = bool(text_model.trainable_variables)
-    main = list(model.trainable_variables) + list(text_model.trainable_variables)
-    main += loss.pair_variables
-    separate = loss.image_variables if image_loss_optimizer is not None else []
-    if image_loss_optimizer is None:
-        main += loss.image_variables
-    variables = main + separate
+    variables = [variable for group in groups for variable in group.variables]
     replicas = strategy.num_replicas_in_sync
 
-    def replica_step(images, labels, token_ids, groups):
+    def replica_step(images, labels, token_ids, pair_groups):
         with tf.GradientTape() as tape:
             image_embeddings = tf.cast(model(images, training=True), tf.float32)
             text_embeddings = tf.cast(text_model(token_ids, training=train_text), tf.float32)
             total, parts = loss(
                 distribute.gather(image_embeddings),
                 distribute.gather(text_embeddings),
-                distribute.gather(groups),
+                distribute.gather(pair_groups),
                 distribute.gather(labels),
             )
             regular = list(model.losses) + list(text_model.losses)
@@ -252,15 +250,13 @@ def make_step(model, text_model, loss, optimizer, image_loss_optimizer, strategy
             if mixed:
                 objective = optimizer.scale_loss(objective)
         grads = tape.gradient(objective, variables)
-        optimizer.apply_gradients(zip(grads[: len(main)], main))
-        if separate:
-            image_loss_optimizer.apply_gradients(zip(grads[len(main) :], separate))
+        optimizer.apply_gradients(zip(grads, variables))
         image_part = parts.get("image", tf.zeros_like(total))
         return total, parts["pair"], image_part
 
     @tf.function
-    def step(images, labels, token_ids, groups):
-        per_replica = strategy.run(replica_step, args=(images, labels, token_ids, groups))
+    def step(images, labels, token_ids, pair_groups):
+        per_replica = strategy.run(replica_step, args=(images, labels, token_ids, pair_groups))
         return tuple(strategy.reduce("MEAN", value, axis=None) for value in per_replica)
 
     return step

@@ -1,8 +1,19 @@
-"""The optimiser and its learning-rate schedule, built from ``train.optimizer``/``lr_schedule``."""
+"""The optimiser and its learning-rate schedule, built from ``train.optimizer``/``lr_schedule``.
+
+Variables train in groups (:class:`VariableGroup`), each at its own multiple of the schedule's
+learning rate: the backbone at ``train.optimizer.backbone_lr_multiplier``, the head at 1, a loss's
+class vectors at the loss's ``lr_multiplier``. One optimiser serves every group: its update of a
+variable uses the learning rate times the variable's group multiplier, and so does its decoupled
+weight decay. For SGD, Adam and AdamW that is exactly what one optimiser per group would do (the
+same step counter and schedule), with one set of state to checkpoint and, under mixed precision,
+one loss scale for all gradients.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import keras
 from keras import ops
@@ -59,19 +70,80 @@ class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+@dataclass(frozen=True)
+class VariableGroup:
+    """Trainable variables whose learning rate (and weight decay) is ``lr_multiplier`` times
+    the schedule's."""
+
+    name: str  # for messages: "backbone", "head", "loss"
+    variables: list
+    lr_multiplier: float = 1.0
+    weight_decay: bool = True  # False: never decayed (a temperature, a bias)
+
+
 def build_optimizer(
-    train: dict, lr_multiplier: float = 1.0, mixed: bool = False
+    train: dict, groups: Sequence[VariableGroup] | None = None, mixed: bool = False
 ) -> keras.optimizers.Optimizer:
     """The optimiser for the validated ``train`` section (its schedule included); wrapped for
-    dynamic loss scaling under mixed precision."""
-    optimizer = _optimizer(train, lr_multiplier)
-    return keras.optimizers.LossScaleOptimizer(optimizer) if mixed else optimizer
+    dynamic loss scaling under mixed precision.
+
+    groups: the variables it trains, with their learning-rate multipliers; the optimiser is
+        built over them, in order (its state, and so a checkpoint, follows that order). None:
+        every variable at the schedule's rate, built on the first ``apply_gradients``.
+    """
+    groups = list(groups or [])
+    optimizer = _optimizer(train)
+    multipliers = {}
+    for group in groups:
+        for variable in group.variables:
+            multipliers[optimizer._var_key(variable)] = float(group.lr_multiplier)
+    optimizer.lr_multipliers = {k: m for k, m in multipliers.items() if m != 1.0}
+    optimizer.no_decay = frozenset(
+        optimizer._var_key(variable)
+        for group in groups
+        if not group.weight_decay
+        for variable in group.variables
+    )
+    if mixed:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    if groups:
+        optimizer.build([variable for group in groups for variable in group.variables])
+    return optimizer
 
 
-def _optimizer(train: dict, lr_multiplier: float) -> keras.optimizers.Optimizer:
+class _GroupRates:
+    """Mixin for a keras optimiser: ``lr_multipliers`` (variable key -> multiplier) scale one
+    variable's learning rate; decoupled weight decay (``weight_decay_rate``) is applied here, scaled alike,
+    instead of by keras at the unscaled rate."""
+
+    lr_multipliers: dict = {}
+    no_decay: frozenset = frozenset()  # keys of variables never decayed
+    weight_decay_rate: float | None = None
+
+    def update_step(self, gradient, variable, learning_rate):
+        multiplier = self.lr_multipliers.get(self._var_key(variable), 1.0)
+        if multiplier != 1.0:
+            learning_rate = learning_rate * multiplier
+        if self.weight_decay_rate and self._var_key(variable) not in self.no_decay:
+            rate = ops.cast(learning_rate, variable.dtype) * ops.cast(
+                self.weight_decay_rate, variable.dtype
+            )
+            variable.assign_sub(variable * rate)
+        return super().update_step(gradient, variable, learning_rate)
+
+
+class GroupedSGD(_GroupRates, keras.optimizers.SGD):
+    pass
+
+
+class GroupedAdam(_GroupRates, keras.optimizers.Adam):
+    pass
+
+
+def _optimizer(train: dict) -> keras.optimizers.Optimizer:
     opt, sched = train["optimizer"], train["lr_schedule"]
     schedule = WarmupDecay(
-        opt["lr"] * lr_multiplier,
+        opt["lr"],
         train["steps"],
         sched["name"],
         sched["decay_start"],
@@ -80,10 +152,11 @@ def _optimizer(train: dict, lr_multiplier: float) -> keras.optimizers.Optimizer:
     )
     common = {"learning_rate": schedule, "clipnorm": opt["clipnorm"]}
     if opt["name"] == "sgd":
-        return keras.optimizers.SGD(
-            momentum=opt["momentum"], weight_decay=opt["weight_decay"], **common
-        )
-    if opt["name"] == "adamw":
-        decay = 0.004 if opt["weight_decay"] is None else opt["weight_decay"]
-        return keras.optimizers.AdamW(weight_decay=decay, **common)
-    return keras.optimizers.Adam(weight_decay=opt["weight_decay"], **common)
+        optimizer = GroupedSGD(momentum=opt["momentum"], **common)
+    else:  # adam, adamw: AdamW is Adam with decoupled weight decay, which _GroupRates applies
+        optimizer = GroupedAdam(**common)
+    decay = opt["weight_decay"]
+    if opt["name"] == "adamw" and decay is None:
+        decay = 0.004
+    optimizer.weight_decay_rate = decay
+    return optimizer

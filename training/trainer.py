@@ -31,7 +31,7 @@ from datasets.pipeline import TrainData
 from tfcbir import UserError
 from tfcbir.files import atomic_output
 from training import checkpoint, distribute, dual, validation
-from training.optim import build_optimizer
+from training.optim import VariableGroup, build_optimizer
 from training.progress import Progress
 from training.run import DUAL_CSV_FIELDS, RunFolder
 from training.validation import choose_validation
@@ -124,30 +124,30 @@ def _train(
             model_cfg, tuple(data["image_size"]), pretrained=found is None
         )
         if is_dual:
-            text_tower, loss_fn, loss_variables, optimizer, loss_optimizer = dual.build(
-                config, model, tokenizer, len(train_images.classes), found is None, mixed
+            text_tower, loss_fn, loss_variables, variable_groups = dual.build(
+                config, model, tokenizer, len(train_images.classes), found is None
             )
             pairs.tokenize(text_tower.tokenizer)
         else:
             loss_fn = losses.get(config["loss"], num_classes=len(train_images.classes))
             loss_variables = _build_loss(loss_fn, model, data["image_size"])
-            multiplier = getattr(loss_fn, "lr_multiplier", 1.0)
-            separate = bool(loss_variables) and multiplier != 1.0  # proxies learn faster
-            optimizer = build_optimizer(train_cfg, mixed=mixed)
-            optimizer.build(list(model.trainable_variables) + ([] if separate else loss_variables))
-            loss_optimizer = None
-            if separate:
-                loss_optimizer = build_optimizer(train_cfg, lr_multiplier=multiplier, mixed=mixed)
-                loss_optimizer.build(loss_variables)
+            variable_groups = trainable_groups(model, loss_fn, loss_variables, train_cfg)
+        optimizer = build_optimizer(train_cfg, variable_groups, mixed=mixed)
 
-    groups = {"model": model.weights, "optimizer": optimizer.variables, "loss": loss_variables}
+    groups = {
+        "model": model.weights,
+        "optimizer": optimizer.variables,
+        "loss": loss_variables,
+        "rng": _random_states(model),
+    }
     if text_tower is not None:
         groups["text_model"] = text_tower.model.weights
-    if loss_optimizer is not None:
-        groups["loss_optimizer"] = loss_optimizer.variables
+        groups["rng"] += _random_states(text_tower.model)
     step, best = 0, None
     if found is not None:
         for name, variables in groups.items():
+            if name == "rng" and name not in found.groups:
+                continue  # saved before random states were: dropout masks differ from here on
             checkpoint.restore(variables, found.groups.get(name, []), name, found.path)
         step, best = found.step, found.meta.get("best")
         log.info("resuming %s from step %d (%s)", run.path, step, found.path.name)
@@ -168,25 +168,22 @@ def _train(
             )
 
     _summary(config, run, splits, chosen, train_images, train_data, model, step, strategy)
+    log.info(_trainable_line(variable_groups))
     if is_dual:
         train_step = dual.make_step(
-            model, text_tower.model, loss_fn, optimizer, loss_optimizer, strategy, mixed
+            model, text_tower.model, loss_fn, optimizer, variable_groups, strategy, mixed
         )
         batches = dual.PairBatches(train_data, pairs, config["seed"]).dataset(
             step, train_cfg["steps"]
         )
         log.info(
-            "text tower %s, %d trainable parameters; %d training pairs' images, captions "
-            "grouped by %s",
+            "text tower %s; %d training pairs' images, captions grouped by %s",
             text_tower.tower,
-            sum(int(np.prod(v.shape)) for v in text_tower.model.trainable_variables),
             len(pairs),
             pairs.group_by,
         )
     else:
-        train_step = _make_train_step(
-            model, loss_fn, optimizer, loss_optimizer, loss_variables, strategy, mixed
-        )
+        train_step = _make_train_step(model, loss_fn, optimizer, variable_groups, strategy, mixed)
         batches = train_data.dataset(step, train_cfg["steps"])
     writer = tf.summary.create_file_writer(str(run.logs))
     csv_handle, csv_writer = (
@@ -321,6 +318,14 @@ def _dual_row(step: int, parts, loss_fn, train_data, writer) -> dict:
     }
 
 
+def _random_states(model) -> list:
+    """The model's random-number states (dropout's seed generators), which are variables but
+    not weights: checkpointed so that a resumed run draws the dropout masks the uninterrupted
+    run would have."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
 def _build_loss(loss_fn, model, image_size) -> list:
     """Create a trainable loss's variables (proxies) with one call on a tiny batch."""
     if not hasattr(loss_fn, "trainable_variables"):
@@ -330,11 +335,35 @@ def _build_loss(loss_fn, model, image_size) -> list:
     return list(loss_fn.trainable_variables)
 
 
-def _make_train_step(
-    model, loss_fn, optimizer, loss_optimizer, loss_variables, strategy, mixed: bool
-):
+def trainable_groups(
+    model, loss_fn, loss_variables: list, train_cfg: dict, others: tuple = ()
+) -> list[VariableGroup]:
+    """What trains, in the optimiser's order: the model's trainable variables (the backbone's
+    at ``backbone_lr_multiplier``, the head's at 1), then ``others`` (a dual encoder's text
+    tower, temperature), then the loss's class vectors at the loss's ``lr_multiplier``. Empty
+    groups are left out; UserError when no model weight (image or text tower) would train."""
+    backbone = {id(v) for v in model.get_layer("backbone").trainable_variables}
     model_variables = list(model.trainable_variables)
-    variables = model_variables + loss_variables
+    multiplier = train_cfg["optimizer"]["backbone_lr_multiplier"]
+    groups = [
+        VariableGroup("backbone", [v for v in model_variables if id(v) in backbone], multiplier),
+        VariableGroup("head", [v for v in model_variables if id(v) not in backbone]),
+        *others,
+        VariableGroup("loss", list(loss_variables), getattr(loss_fn, "lr_multiplier", 1.0)),
+    ]
+    groups = [group for group in groups if group.variables]
+    if not any(group.name in ("backbone", "head", "text") for group in groups):
+        raise UserError(
+            "model: nothing to train: the backbone is frozen (model.freeze_backbone: true) and "
+            "the head has no weights; use a head with weights or unfreeze the backbone"
+        )
+    return groups
+
+
+def _make_train_step(model, loss_fn, optimizer, groups: list[VariableGroup], strategy, mixed: bool):
+    """One training step on a (per-replica) batch: the loss of the whole batch, its gradients
+    for the groups' variables, one optimiser update (each group at its learning rate)."""
+    variables = [variable for group in groups for variable in group.variables]
     replicas = strategy.num_replicas_in_sync
 
     def replica_step(images, labels):
@@ -347,12 +376,7 @@ def _make_train_step(
             if mixed:
                 total = optimizer.scale_loss(total)
         grads = tape.gradient(total, variables)
-        if loss_optimizer is None:
-            optimizer.apply_gradients(zip(grads, variables))
-        else:
-            n = len(model_variables)
-            optimizer.apply_gradients(zip(grads[:n], model_variables))
-            loss_optimizer.apply_gradients(zip(grads[n:], loss_variables))
+        optimizer.apply_gradients(zip(grads, variables))
         return loss
 
     @tf.function
@@ -419,7 +443,7 @@ def _summary(config, run, splits, chosen, train_images, train_data, model, step,
         f"classes" + (f", {skipped} unreadable skipped" if skipped else ""),
         _validation_line(chosen, splits),
         f"model {config['model']['backbone']} + {config['model']['head']} -> "
-        f"{config['model']['embedding_dim']}-d, {model.count_params():,} parameters",
+        f"{model.output_shape[-1]}-d, {model.count_params():,} parameters",
         f"loss {config['loss']}",
         f"devices: {strategy.num_replicas_in_sync} replica(s)"
         + (
@@ -431,3 +455,12 @@ def _summary(config, run, splits, chosen, train_images, train_data, model, step,
     ]
     for line in parts:
         log.info(line)
+
+
+def _trainable_line(groups: list[VariableGroup]) -> str:
+    parts = []
+    for group in groups:
+        count = sum(int(np.prod(v.shape)) for v in group.variables)
+        rate = "" if group.lr_multiplier == 1.0 else f" at lr x {group.lr_multiplier:g}"
+        parts.append(f"{group.name} {count:,}{rate}")
+    return "trainable parameters: " + ", ".join(parts)
