@@ -31,6 +31,8 @@ from nets.catalog import (
     hub_preset,
     imagenet_file,
     is_hub,
+    pretrained_model,
+    same_preset,
     text_tower_kind,
 )
 
@@ -57,6 +59,9 @@ __all__ = [
     "imagenet_file",
     "is_hub",
     "is_normalized",
+    "pretrained_model",
+    "same_preset",
+    "shared_hub_backbone",
     "load_backbone_weights",
     "min_image_size",
     "preprocess_mode",
@@ -73,6 +78,7 @@ _LAZY = {
     "L2Normalize": "nets.layers",
     "ClassToken": "nets.layers",
     "build_text_tower": "nets.text",
+    "shared_hub_backbone": "nets.text",
     "TextTower": "nets.text",
 }
 

@@ -417,3 +417,31 @@ TEXT_PARAMS = {
 def text_tower_kind(tower: str) -> str:
     """none, scratch or hub."""
     return "hub" if is_hub(tower) else tower
+
+
+PRETRAINED_WEIGHTS = ("imagenet", "pretrained")  # model.weights: the preset's own (hub:)
+
+
+def pretrained_model(model: dict) -> bool:
+    """Whether the ``model`` section describes a model complete without training (zero-shot): a
+    ``hub:`` image tower with its preset's weights, a head without weights (``keeps_features``)
+    and, if there is a text tower, the same preset's (so with no new layer either)."""
+    if not is_hub(model["backbone"]) or model["weights"] not in PRETRAINED_WEIGHTS:
+        return False
+    if not HEADS.get(model["head"], "model.head").meta.get("keeps_features", False):
+        return False
+    tower = model.get("text", {}).get("tower", "none")
+    return tower == "none" or same_preset(tower, model["backbone"])
+
+
+def same_preset(first: str, second: str) -> bool:
+    """Whether two ``hub:`` names denote the same preset (the same name, or folders of the same
+    identity, :func:`backbone_identity`)."""
+    if not (is_hub(first) and is_hub(second)):
+        return False
+    if hub_preset(first).strip() == hub_preset(second).strip():
+        return True
+    try:
+        return backbone_identity(first) == backbone_identity(second)
+    except UserError:
+        return False

@@ -26,6 +26,7 @@ import os
 import keras
 import numpy as np
 
+from nets.catalog import hub_directory
 from tfcbir import UserError
 
 FAMILIES = {
@@ -52,11 +53,11 @@ def _one_line(error: BaseException, limit: int = 200) -> str:
 
 
 def source(preset: str) -> str:
-    """What keras-hub's ``from_preset`` is given: an expanded local folder, or the name/handle.
-    UserError for a folder that is missing or not a preset."""
-    path = os.path.expanduser(preset)
-    written_as_path = "/" in preset or os.sep in preset or preset.startswith((".", "~"))
-    if "://" not in preset and (os.path.isdir(path) or written_as_path):
+    """What keras-hub's ``from_preset`` is given: an expanded local folder
+    (:func:`nets.catalog.hub_directory`'s rule), or the name or handle. UserError for a folder
+    that is missing or not a preset."""
+    path = hub_directory(preset)
+    if path is not None:
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(
                 f"{KEY}: hub:{preset}: no keras-hub preset folder there (no config.json); save "
@@ -67,19 +68,21 @@ def source(preset: str) -> str:
     return preset
 
 
-def load_backbone(preset: str, *, pretrained: bool):
-    """The preset's keras-hub backbone (weights loaded when ``pretrained``) and its family."""
+def load_backbone(preset: str, *, pretrained: bool, backbone=None):
+    """The preset's keras-hub backbone (weights loaded when ``pretrained``; ``backbone``: one
+    already loaded, shared with the image tower) and its family."""
     keras_hub = _keras_hub()
-    where = source(preset)
-    try:
-        backbone = keras_hub.models.Backbone.from_preset(where, load_weights=pretrained)
-    except Exception as error:  # downloads and files fail in many ways; all are the user's
-        action = "read" if os.path.isdir(where) else "download"
-        raise UserError(
-            f"{KEY}: hub:{preset}: could not {action} the keras-hub preset "
-            f"({_one_line(error)}); save it with save_to_preset where there is internet and "
-            "give its folder (README: Foundation backbones)"
-        ) from error
+    if backbone is None:
+        where = source(preset)
+        try:
+            backbone = keras_hub.models.Backbone.from_preset(where, load_weights=pretrained)
+        except Exception as error:  # downloads and files fail in many ways; all are the user's
+            action = "read" if os.path.isdir(where) else "download"
+            raise UserError(
+                f"{KEY}: hub:{preset}: could not {action} the keras-hub preset "
+                f"({_one_line(error)}); save it with save_to_preset where there is internet and "
+                "give its folder (README: Foundation backbones)"
+            ) from error
     for family, (backbone_class, _) in FAMILIES.items():
         if isinstance(backbone, getattr(keras_hub.models, backbone_class)):
             return backbone, family
@@ -127,11 +130,18 @@ def load_tokenizer(preset: str, family: str, max_length: int | None) -> HubToken
 
 
 def build_hub_text_tower(
-    preset: str, embedding_dim: int | None, *, max_length: int | None, pretrained: bool
+    preset: str,
+    embedding_dim: int | None,
+    *,
+    max_length: int | None,
+    pretrained: bool,
+    hub_backbone=None,
 ) -> tuple[keras.Model, HubTokenizer]:
     """The text tower of ``hub:<preset>`` (see the module docstring), named "text_embedding":
-    token ids ``(B, L)`` int32 -> ``(B, D)`` float32, and its tokenizer."""
-    backbone, family = load_backbone(preset, pretrained=pretrained)
+    token ids ``(B, L)`` int32 -> ``(B, D)`` float32, and its tokenizer. hub_backbone: the
+    preset's keras-hub backbone already loaded for the image tower (its text layers are used;
+    they are not the image tower's), or None to load it."""
+    backbone, family = load_backbone(preset, pretrained=pretrained, backbone=hub_backbone)
     tokenizer = load_tokenizer(preset, family, max_length)
     limit = int(backbone.text_encoder.get_config().get("max_sequence_length") or 0)
     if limit and tokenizer.max_length > limit:

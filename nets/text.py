@@ -21,7 +21,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from nets.catalog import TEXT_PARAMS, hub_preset, text_tower_kind
+from nets.catalog import (
+    PRETRAINED_WEIGHTS,
+    TEXT_PARAMS,
+    hub_preset,
+    is_hub,
+    same_preset,
+    text_tower_kind,
+)
 from tfcbir import UserError
 from tfcbir.params import validate
 
@@ -174,7 +181,12 @@ class TextTower:
 
 
 def build_text_tower(
-    params: dict, embedding_dim: int | None, *, tokenizer=None, pretrained: bool = True
+    params: dict,
+    embedding_dim: int | None,
+    *,
+    tokenizer=None,
+    pretrained: bool = True,
+    hub_backbone=None,
 ) -> TextTower:
     """The text tower of the ``model.text`` section ``params`` (:data:`nets.catalog.TEXT_PARAMS`),
     projecting to ``embedding_dim`` (None: a hub tower's own projection; see
@@ -182,7 +194,9 @@ def build_text_tower(
 
     scratch: ``tokenizer`` is the run's :class:`datasets.tokenizer.WordTokenizer` (its vocabulary
     and length size the model); the weights start random. hub:<preset>: the preset's text
-    encoder and tokenizer, its weights loaded when ``pretrained`` (see :mod:`nets.hub_text`).
+    encoder and tokenizer, its weights loaded when ``pretrained`` (see :mod:`nets.hub_text`);
+    ``hub_backbone``: the preset already loaded for the image tower
+    (:func:`shared_hub_backbone`).
     ``freeze`` keeps the preset's weights fixed (a new ``text_head`` Dense layer still trains).
     UserError for a tower it cannot build.
     """
@@ -212,9 +226,25 @@ def build_text_tower(
             embedding_dim,
             max_length=params["max_length"],
             pretrained=pretrained,
+            hub_backbone=hub_backbone,
         )
     if params["freeze"]:  # the pretrained layers; a new head (text_head) still learns
         for layer in model.layers:
             if layer.name != "text_head":
                 layer.trainable = False
     return TextTower(model, tokenizer, params["tower"])
+
+
+def shared_hub_backbone(model: dict, image_size: tuple[int, int], *, pretrained: bool):
+    """The keras-hub backbone that the image and text towers of the ``model`` section share
+    when both are the same ``hub:`` preset with its weights (loaded once, for ``image_size``,
+    its weights when ``pretrained``); None otherwise (each tower loads its own). Pass it to
+    :func:`nets.build_embedding_model` and :func:`build_text_tower`."""
+    backbone, tower = model["backbone"], model["text"]["tower"]
+    if not (is_hub(backbone) and same_preset(tower, backbone)):
+        return None
+    if model["weights"] not in PRETRAINED_WEIGHTS:
+        return None  # a random or file-loaded image tower beside the preset's text tower
+    from nets import hub
+
+    return hub.load_backbone(backbone, load_weights=pretrained, image_size=tuple(image_size))

@@ -11,6 +11,8 @@ trained with its image tower; ``load_text_encoder(config)`` is that text tower, 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ class Embedder:
     model_id: str  # hash of the weights file
     model_step: int
     config_hash: str  # config.model_hash: what turns pixels into embeddings
-    weights: Path
+    weights: Path | None  # None: a pretrained preset as it is (zero-shot)
     towers: dict  # {"image_tower", "text_tower"}: recorded in the galleries' extra
 
     @property
@@ -106,6 +108,50 @@ def has_text_tower(config: dict) -> bool:
     return config["model"]["text"]["tower"] != "none"
 
 
+def is_zero_shot(config: dict, checkpoint: str | Path | None = None) -> bool:
+    """Whether the run is searched with its pretrained preset as it is: no weights were asked
+    for, the run has no trained ones, and its model needs none (``nets.pretrained_model``: a
+    ``hub:`` image tower with its preset's weights, a head without weights, the same preset's
+    text tower)."""
+    import nets
+    from training.run import RunFolder
+
+    if checkpoint is not None or not nets.pretrained_model(config["model"]):
+        return False
+    return not RunFolder(cfg.run_dir(config)).best_weights.exists()
+
+
+def pretrained_model_id(config: dict) -> str:
+    """The ``model_id`` of a zero-shot model: ``pretrained-`` and a hash of its preset's
+    identity, the preset's name and the keras-hub version for a named preset (its weights are a
+    fixed version of keras-hub's registry), or every file's contents for a local folder."""
+    import nets
+
+    towers = dict.fromkeys([config["model"]["backbone"], config["model"]["text"]["tower"]])
+    parts = [_preset_identity(tower) for tower in towers if nets.is_hub(tower)]
+    joined = json.dumps(parts, sort_keys=True)
+    return "pretrained-" + hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def _preset_identity(tower: str) -> dict:
+    import nets
+    from nets.catalog import hub_directory
+
+    preset = nets.hub_preset(tower).strip()
+    folder = hub_directory(preset)
+    if folder is None:
+        try:
+            version = importlib.metadata.version("keras-hub")
+        except importlib.metadata.PackageNotFoundError:
+            version = "absent"
+        return {"preset": preset, "keras_hub": version}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model.backbone: {tower}: no such preset directory")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {str(p.relative_to(folder)): hash_file(p) for p in files}
+
+
 def text_weights_for(weights: Path) -> Path:
     """The text tower's file beside an image tower's ``X.weights.h5``: ``X.text.weights.h5``."""
     return weights.with_name(weights.name[: -len(".weights.h5")] + ".text.weights.h5")
@@ -121,9 +167,17 @@ def weights_files(config: dict, checkpoint: str | Path | None = None) -> tuple[P
     if checkpoint is None:
         weights = run.best_weights
         if not weights.exists():
+            import nets
+
+            zero_shot = (
+                "; or search with the preset as it is (zero-shot: model.weights: pretrained, "
+                "model.head: identity_normalize, and a text tower of the same preset)"
+                if nets.is_hub(config["model"]["backbone"])
+                else ""
+            )
             raise UserError(
                 f"{run.path} has no trained model yet; train it first: "
-                f"python train.py -c <config> (run {config['name']})"
+                f"python train.py -c <config> (run {config['name']}){zero_shot}"
             )
     else:
         weights = Path(checkpoint)
@@ -161,6 +215,24 @@ def load_embedder(config: dict, checkpoint: str | Path | None = None) -> Embedde
 
     run = RunFolder(cfg.run_dir(config))
     data = config["data"]
+    if is_zero_shot(config, checkpoint):
+        log.info(
+            "%s has no trained model: using %s as it is (zero-shot)",
+            run.path,
+            config["model"]["backbone"],
+        )
+        model = nets.build_embedding_model(config["model"], tuple(data["image_size"]))
+        return Embedder(
+            model=model,
+            image_size=tuple(data["image_size"]),
+            resize=tuple(data["resize"]) if data["resize"] else None,
+            normalized=cfg.normalized_embeddings(config),
+            model_id=pretrained_model_id(config),
+            model_step=0,
+            config_hash=cfg.model_hash(config),
+            weights=None,
+            towers=towers(config),
+        )
     weights, text_weights = weights_files(config, checkpoint)
     step = int((run.best() or {}).get("step", 0)) if checkpoint is None else 0
     model = nets.build_embedding_model(config["model"], tuple(data["image_size"]), pretrained=False)
@@ -259,8 +331,17 @@ def load_text_encoder(config: dict, checkpoint: str | Path | None = None) -> Tex
     if not has_text_tower(config):
         raise no_text_tower_error(config)
     run = RunFolder(cfg.run_dir(config))
-    weights, text_weights = weights_files(config, checkpoint)
     text_cfg = config["model"]["text"]
+    if is_zero_shot(config, checkpoint):
+        tower = nets.build_text_tower(text_cfg, nets.text_embedding_dim(config["model"]))
+        return TextEncoder(
+            tower=tower,
+            model_id=pretrained_model_id(config),
+            model_step=0,
+            config_hash=cfg.model_hash(config),
+            towers=towers(config),
+        )
+    weights, text_weights = weights_files(config, checkpoint)
     tokenizer = None
     if nets.text_tower_kind(text_cfg["tower"]) == "scratch":
         tokenizer = WordTokenizer.load(run.text_tokenizer)
@@ -291,10 +372,13 @@ def load_text_encoder(config: dict, checkpoint: str | Path | None = None) -> Tex
 
 def expected_model_id(config: dict, checkpoint: str | Path | None = None) -> str:
     """The ``model_id`` that :func:`load_embedder` gives (without building the model): of
-    ``checkpoint``, else of the run's best weights. A run without best weights is refused
+    ``checkpoint``, else of the run's best weights, else, for a model complete without training,
+    of its pretrained preset (:func:`pretrained_model_id`). A run without any of them is refused
     (UserError): no gallery can be checked against a model that does not exist."""
     from training.run import RunFolder
 
+    if is_zero_shot(config, checkpoint):
+        return pretrained_model_id(config)
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise UserError(

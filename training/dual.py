@@ -179,7 +179,7 @@ class PairBatches:
         )
 
 
-def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool):
+def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool, hub_backbone=None):
     """The text tower and the loss of a dual encoder beside the image tower ``model`` (inside the
     strategy's scope), and what trains: ``(text_tower, loss, loss_variables, groups)``.
 
@@ -188,6 +188,8 @@ def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool):
     (:class:`training.optim.VariableGroup`, the optimiser's order): the image tower's backbone
     and head (as for image losses), the text tower, the temperature and bias (no weight decay:
     open_clip's choice), an image loss's class vectors at their own learning rate.
+    hub_backbone: the keras-hub preset the image tower was built from, when the text tower is
+    the same preset's (:func:`nets.shared_hub_backbone`).
     """
     import losses
     import nets
@@ -200,6 +202,7 @@ def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool):
         nets.text_embedding_dim(model_cfg),
         tokenizer=tokenizer,
         pretrained=pretrained,
+        hub_backbone=hub_backbone,
     )
     image_dim, text_dim = model.output_shape[-1], text_tower.model.output_shape[-1]
     if image_dim != text_dim:

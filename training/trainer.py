@@ -120,12 +120,21 @@ def _train(
         tokenizer = dual.run_tokenizer(config, run, pairs, resuming=found is not None)
 
     with strategy.scope():
+        # A CLIP or SigLIP preset's two towers are loaded once and share it.
+        hub_backbone = (
+            nets.shared_hub_backbone(model_cfg, data["image_size"], pretrained=found is None)
+            if is_dual
+            else None
+        )
         model = nets.build_embedding_model(
-            model_cfg, tuple(data["image_size"]), pretrained=found is None
+            model_cfg,
+            tuple(data["image_size"]),
+            pretrained=found is None,
+            hub_backbone=hub_backbone,
         )
         if is_dual:
             text_tower, loss_fn, loss_variables, variable_groups = dual.build(
-                config, model, tokenizer, len(train_images.classes), found is None
+                config, model, tokenizer, len(train_images.classes), found is None, hub_backbone
             )
             pairs.tokenize(text_tower.tokenizer)
         else:
