@@ -6,8 +6,8 @@ image-text loss (``clip``, ``siglip``) on image-caption pairs:
 - :func:`caption_pairs`: the captioned images of a list and their captions, tokenized
   (``data.captions``: the captions file and/or templates; images without a caption are left
   out of text training);
-- :func:`run_tokenizer`: a scratch tower's tokenizer, built from the training captions at the
-  start of a run and saved in the run folder (a resumed run reads it back);
+- :func:`run_tokenizer`: a scratch tower's tokenizer, built from the training captions and
+  saved in the run folder (a resumed run checks that the captions still give it);
 - :class:`PairBatches`: P x K batches of images by class (one caption of each image, drawn
   from its captions), or, for a list with a single class, P * K distinct images of it, as a pure
   function of (seed, step) like the image batches; with each pair's group
@@ -110,19 +110,25 @@ def check_captions(pairs: CaptionPairs, images: ImageList, config: dict) -> None
 
 
 def run_tokenizer(config: dict, run, pairs: CaptionPairs, resuming: bool):
-    """A scratch tower's tokenizer: built from the training captions and saved in the run
-    folder at a fresh start, read back when resuming. None for a hub tower (its preset has
-    its own)."""
+    """A scratch tower's tokenizer, built from the training captions (deterministically) and
+    saved in the run folder; a resumed run checks it against the saved one (refusing captions
+    that changed since the run started). None for a hub tower (its preset has its own)."""
     text = config["model"]["text"]
     if text_tower_kind(text["tower"]) != "scratch":
         return None
-    if resuming:
-        return WordTokenizer.load(run.text_tokenizer)
     tokenizer = WordTokenizer.build(
         pairs.captions.texts,
         vocab_size=text["vocab_size"],
         max_length=text["max_length"] or SCRATCH_MAX_LENGTH,
     )
+    if resuming and run.text_tokenizer.exists():
+        if WordTokenizer.load(run.text_tokenizer) != tokenizer:
+            raise UserError(
+                f"{run.text_tokenizer}: the training captions changed since the run started (its "
+                "vocabulary differs); run with --restart to start over, or give the config "
+                "another name"
+            )
+        return tokenizer
     tokenizer.save(run.text_tokenizer)
     log.info(
         "text tokenizer: %d tokens from %d training captions -> %s",
