@@ -55,6 +55,13 @@ def main(argv: list[str]) -> int:
         default=400,
         help="images drawn on the thumbnail map; 0: none (default 400)",
     )
+    parser.add_argument(
+        "--dbscan-quantile",
+        type=float,
+        default=0.5,
+        help="DBSCAN's eps: this quantile of the distance to the 4th nearest neighbour, about "
+        "the share of core points (default 0.5)",
+    )
     args = parser.parse_args(argv)
 
     import config
@@ -79,6 +86,7 @@ def main(argv: list[str]) -> int:
             cluster_points=args.cluster_points,
             queries=args.queries,
             thumbnails=args.thumbnails,
+            dbscan_quantile=args.dbscan_quantile,
         ),
         config_path=args.config,
         compare_path=args.compare,

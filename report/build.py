@@ -14,6 +14,7 @@ import csv
 import io
 import logging
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,12 +48,17 @@ class Limits:
     cluster_points: int = clustering.DEFAULT_SAMPLE  # agglomerative, DBSCAN, HDBSCAN, silhouette
     queries: int = DEFAULT_QUERIES  # leave-one-out queries for per-class retrieval; 0: all
     thumbnails: int = 400  # images drawn on the thumbnail map; 0: no thumbnail map
+    dbscan_quantile: float = clustering.EPS_QUANTILE  # DBSCAN's eps: this k-distance quantile
 
     def check(self) -> None:
         for name, value in asdict(self).items():
+            flag = "--" + name.replace("_", "-")
+            if name == "dbscan_quantile":
+                if not 0 < value <= 1:
+                    raise UserError(f"{flag} {value}: give a share in (0, 1]")
+                continue
             least = 0 if name in ("queries", "thumbnails") else 2
             if value < least:
-                flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} {value}: give a number >= {least}")
 
 
@@ -115,7 +121,6 @@ def analyze(
         if out is not None
         else default_folder(config, split, "baseline" if baseline else other)
     )
-    folder.mkdir(parents=True, exist_ok=True)
     run = RunFolder(cfg.run_dir(config))
     spaces = [_trained_space(config, gallery, run, "trained")]
     if compare is not None:
@@ -124,7 +129,7 @@ def analyze(
         spaces.append(_baseline_space(config, gallery, folder, show_progress))
     if len(spaces) == 2 and spaces[1].slug == spaces[0].slug:
         spaces[-1].slug += "-2"
-    return _Report(config, gallery, spaces, folder, seed, limits, show_progress).write(config_path)
+    return Report(config, gallery, spaces, folder, seed, limits, show_progress).write(config_path)
 
 
 # --- the models' embeddings ----------------------------------------------------------------------
@@ -194,8 +199,21 @@ def _baseline_space(config: dict, gallery: Gallery, folder: Path, show_progress:
 # --- the report ---------------------------------------------------------------------------------
 
 
-class _Report:
-    def __init__(self, config, gallery, spaces, folder, seed, limits, show_progress):
+class Report:
+    """The report of one or two models' embeddings (``spaces``) of the images of ``gallery``,
+    written into ``folder`` by :meth:`write`. ``config`` gives the run's name and the data root
+    the thumbnails are read from when the gallery's recorded one is gone."""
+
+    def __init__(
+        self,
+        config: dict,
+        gallery: Gallery,
+        spaces: list[Space],
+        folder: Path,
+        seed: int = 0,
+        limits: Limits = Limits(),
+        show_progress: bool = True,
+    ):
         self.config, self.gallery, self.spaces = config, gallery, spaces
         self.folder, self.seed, self.limits = folder, seed, limits
         n = len(gallery)
@@ -219,16 +237,30 @@ class _Report:
         self.parts = parts
         self.progress = Progress(len(parts), unit="parts", every_s=0) if show_progress else None
         self.done = 0
+        self.seconds: dict[str, float] = {}  # each part's time
+        self._current: tuple[str, float] | None = None
 
     def _part(self, text: str) -> None:
+        """Start part ``text`` (the previous one ends)."""
+        self._end_part()
         if self.progress is not None:
             self.progress.update(self.done, text=text + " ...")
         self.done += 1
+        self._current = (text, time.monotonic())
 
-    def write(self, config_path: str | None) -> dict:
+    def _end_part(self) -> None:
+        if self._current is not None:
+            text, start = self._current
+            self.seconds[text] = round(time.monotonic() - start, 3)
+            self._current = None
+
+    def write(self, config_path: str | None = None) -> dict:
+        """Analyse every model, write the files; returns the numbers (``report.json``'s content
+        and ``page``, the HTML file's path)."""
         self._say_samples()
         images = self._thumbnail_images() if self.limits.thumbnails else None
         models = [self._analyse(space, images) for space in self.spaces]
+        self._end_part()
         if self.progress is not None:
             self.progress.update(self.done, text="done")
             self.progress.close()
@@ -248,6 +280,7 @@ class _Report:
             "models": models,
             "folder": str(self.folder),
             "files": {"page": PAGE, "json": JSON},
+            "seconds": self.seconds,
         }
         write_json(self.folder / JSON, result)
         page.write_page(self.folder / PAGE, result)
@@ -316,7 +349,12 @@ class _Report:
         for method in clustering.METHODS:
             self._part(f"{space.slug}: {method}")
             found = clustering.run_method(
-                method, points, self.n_classes, self.cluster_sample, self.seed
+                method,
+                points,
+                self.n_classes,
+                self.cluster_sample,
+                self.seed,
+                eps_quantile=self.limits.dbscan_quantile,
             )
             scores[method] = clustering.score(found, labels, points, self.cluster_sample, self.seed)
         class_silhouette = clustering.silhouette(

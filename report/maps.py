@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 #: Points on a map by default; a larger set is subsampled (seeded) and the map says so.
 DEFAULT_POINTS = 5000
 PERPLEXITY = 30.0
+ONE_THREAD_MAX = 1000  # maps up to this many points run t-SNE on one thread
 
 
 def methods() -> list[str]:
@@ -41,7 +44,11 @@ def embed_2d(method: str, points: np.ndarray, seed: int) -> np.ndarray:
             metric="euclidean",
             random_state=seed,
         )
-        return tsne.fit_transform(points).astype(np.float64)
+        # Each of t-SNE's 1,000 iterations synchronises its OpenMP threads: on a small map that
+        # costs more than the work (seconds for 24 points on a busy 2-core machine).
+        threads = threadpool_limits(1, user_api="openmp") if n <= ONE_THREAD_MAX else nullcontext()
+        with threads:
+            return tsne.fit_transform(points).astype(np.float64)
     if method == "UMAP":
         import umap
 

@@ -182,21 +182,26 @@ def _pictures(models: list[dict], key: str, heading: str, files) -> list[str]:
 
 
 def _confused(models: list[dict]) -> list[str]:
-    if not any(m.get("most_confused") for m in models):
+    if not any("confusion_csv" in m["files"] for m in models):
         return []
     lines = ['<div class="side">']
     for model in models:
-        lines.append(f"<div><h3>Most confused classes: {_e(model['name'])}</h3><table>")
-        lines.append(
-            "<tr><th>query class</th><th>nearest image's class</th><th>queries</th>"
-            "<th>share of the class</th></tr>"
-        )
-        for pair in model.get("most_confused", []):
+        lines.append(f"<div><h3>Most confused classes: {_e(model['name'])}</h3>")
+        pairs = model.get("most_confused", [])
+        if pairs:
             lines.append(
-                f"<tr><td>{_e(pair['query_class'])}</td><td>{_e(pair['neighbour_class'])}</td>"
-                f"<td>{pair['count']}</td><td>{pair['share']:.1%}</td></tr>"
+                "<table><tr><th>query class</th><th>nearest image's class</th><th>queries</th>"
+                "<th>share of the class</th></tr>"
             )
-        lines.append("</table>")
+            for pair in pairs:
+                lines.append(
+                    f"<tr><td>{_e(pair['query_class'])}</td>"
+                    f"<td>{_e(pair['neighbour_class'])}</td><td>{pair['count']}</td>"
+                    f"<td>{pair['share']:.1%}</td></tr>"
+                )
+            lines.append("</table>")
+        elif "confusion_csv" in model["files"]:
+            lines.append("<p>None: every query's nearest other image is of its class.</p>")
         csv_file = model["files"].get("confusion_csv")
         if csv_file:
             lines.append(f'<p>Whole matrix: <a href="{_e(csv_file)}">{_e(csv_file)}</a></p>')
