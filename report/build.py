@@ -189,7 +189,7 @@ def _baseline_space(config: dict, gallery: Gallery, folder: Path, show_progress:
     return Space(
         slug="baseline",
         kind="baseline",
-        title="baseline: " + untrained.describe(config),
+        title=untrained.describe(config),
         embeddings=embeddings,
         normalized=cfg.normalized_embeddings(config),
         model={"model_id": untrained.identity(config), "model_step": 0},
@@ -237,8 +237,9 @@ class Report:
         self.parts = parts
         self.progress = Progress(len(parts), unit="parts", every_s=0) if show_progress else None
         self.done = 0
-        self.seconds: dict[str, float] = {}  # each part's time
-        self._current: tuple[str, float] | None = None
+        self.seconds: dict[str, float] = {}  # each part's wall-clock time
+        self.cpu_seconds: dict[str, float] = {}  # and its CPU time (all threads)
+        self._current: tuple[str, float, float] | None = None
 
     def _part(self, text: str) -> None:
         """Start part ``text`` (the previous one ends)."""
@@ -246,12 +247,13 @@ class Report:
         if self.progress is not None:
             self.progress.update(self.done, text=text + " ...")
         self.done += 1
-        self._current = (text, time.monotonic())
+        self._current = (text, time.monotonic(), time.process_time())
 
     def _end_part(self) -> None:
         if self._current is not None:
-            text, start = self._current
+            text, start, cpu_start = self._current
             self.seconds[text] = round(time.monotonic() - start, 3)
+            self.cpu_seconds[text] = round(time.process_time() - cpu_start, 3)
             self._current = None
 
     def write(self, config_path: str | None = None) -> dict:
@@ -281,6 +283,7 @@ class Report:
             "folder": str(self.folder),
             "files": {"page": PAGE, "json": JSON},
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
         }
         write_json(self.folder / JSON, result)
         page.write_page(self.folder / PAGE, result)
