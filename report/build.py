@@ -218,7 +218,12 @@ class Report:
         self.folder, self.seed, self.limits = folder, seed, limits
         n = len(gallery)
         self.labels = gallery.labels
-        self.n_classes = len(np.unique(self.labels))
+        # The classes present in the set (a class-disjoint test set holds only the test
+        # classes), numbered 0..C-1 for the per-class numbers; maps keep the gallery's labels.
+        present = np.unique(self.labels)
+        self.n_classes = len(present)
+        self.class_ids = np.searchsorted(present, self.labels)
+        self.class_names = [gallery.classes[int(c)] for c in present]
         # One sample of each kind for every model: their numbers and maps cover the same images.
         self.cluster_sample = clustering.sample_indices(n, limits.cluster_points, seed)
         self.map_sample = clustering.sample_indices(n, limits.map_points, seed + 1)
@@ -366,8 +371,8 @@ class Report:
         self._part(f"{space.slug}: per-class retrieval")
         stats = class_retrieval(
             space.embeddings,
-            labels,
-            self.gallery.classes,
+            self.class_ids,
+            self.class_names,
             normalized=space.normalized,
             queries=self.queries,
         )
@@ -415,7 +420,7 @@ class Report:
         images,
     ) -> dict[str, str]:
         files: dict[str, str] = {}
-        classes = self.gallery.classes
+        classes = self.class_names
         n, shown = len(self.gallery), len(self.map_sample)
         sample_note = f"a seeded sample of {shown:,} of {n:,} images" if shown < n else ""
         for method, coords in coordinates.items():
@@ -424,7 +429,7 @@ class Report:
                 figures.map_figure(
                     coords,
                     self.labels[self.map_sample],
-                    classes,
+                    self.gallery.classes,
                     title=f"{method} map of {space.title}, {self.gallery.split} set",
                     note=sample_note,
                 ),

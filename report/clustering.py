@@ -4,7 +4,7 @@ Four scikit-learn methods look for the classes without seeing them:
 
 - ``k-means``: k = the number of classes, on every point (Lloyd's algorithm; its k-means++ start
   is drawn from the sample when there are more points than that, since k-means++ costs k
-  sequential passes over the data);
+  sequential passes over the data, and is k random points for very many classes);
 - ``agglomerative``: Ward linkage cut at k clusters, on the sample (it needs O(n^2) memory);
 - ``DBSCAN``: on the sample, ``eps`` chosen from the data: the ``eps_quantile`` quantile of each
   point's distance to its ``min_samples - 1``-th nearest other point, so that about that share of
@@ -50,6 +50,11 @@ MIN_SAMPLES = 5
 EPS_QUANTILE = 0.5
 #: HDBSCAN: the smallest group it calls a cluster (scikit-learn's default).
 MIN_CLUSTER_SIZE = 5
+#: k-means: Lloyd iterations at most; k-means++ (k sequential passes over its start points) only
+#: up to this many (start point, centre) pairs, k distinct random points beyond (as
+#: retrieval.metrics.kmeans and FAISS do).
+KMEANS_MAX_ITER = 100
+KMEANS_PLUSPLUS_MAX_PAIRS = 2**24
 
 
 @dataclass
@@ -173,17 +178,32 @@ def run_method(
 
 
 def kmeans(points: np.ndarray, n_clusters: int, sample: np.ndarray, seed: int) -> Clustering:
-    """k-means of every point (N, D) into ``n_clusters``, started by k-means++ on ``sample``."""
+    """k-means of every point (N, D) into ``n_clusters`` (at most :data:`KMEANS_MAX_ITER`
+    iterations), started by k-means++ on the points of ``sample``, or, when that would take more
+    than :data:`KMEANS_PLUSPLUS_MAX_PAIRS` (point, centre) pairs, by k distinct random points."""
     from sklearn.cluster import KMeans, kmeans_plusplus
 
     k = max(1, min(n_clusters, len(points)))
-    start = points if len(sample) == len(points) or len(sample) < k else points[sample]
-    centres, _ = kmeans_plusplus(start, k, random_state=seed)
-    model = KMeans(n_clusters=k, init=centres, n_init=1, random_state=seed)
+    start = points[sample] if len(sample) >= k else points
+    if len(start) * k <= KMEANS_PLUSPLUS_MAX_PAIRS:
+        centres, _ = kmeans_plusplus(start, k, random_state=seed)
+        init = "k-means++"
+    else:
+        rng = np.random.default_rng(seed)
+        centres = start[np.sort(rng.choice(len(start), size=k, replace=False))]
+        init = "random points"
+    model = KMeans(
+        n_clusters=k, init=centres, n_init=1, max_iter=KMEANS_MAX_ITER, random_state=seed
+    )
     with warnings.catch_warnings():  # duplicate points can leave fewer distinct clusters than k
         warnings.simplefilter("ignore")
         clusters = model.fit_predict(points)
-    parameters = {"n_clusters": k, "iterations": int(model.n_iter_), "init_points": len(start)}
+    parameters = {
+        "n_clusters": k,
+        "init": init,
+        "init_points": len(start),
+        "iterations": int(model.n_iter_),
+    }
     return Clustering("k-means", np.arange(len(points)), clusters, parameters)
 
 

@@ -122,7 +122,17 @@ def test_kmeans_clusters_every_point_and_is_seeded():
     assert len(first.clusters) == len(points) and np.array_equal(first.indices, np.arange(800))
     assert np.array_equal(first.clusters, again.clusters)
     assert first.parameters["init_points"] == 100  # k-means++ started from the sample
+    assert first.parameters["init"] == "k-means++"
     assert normalized_mutual_info_score(labels, first.clusters) > 0.99
+
+
+def test_kmeans_of_very_many_clusters_starts_from_random_points(monkeypatch):
+    points, labels = blobs(n_per_class=100)
+    monkeypatch.setattr(clustering, "KMEANS_PLUSPLUS_MAX_PAIRS", 100)
+    found = clustering.kmeans(points, 4, np.arange(400), seed=0)
+    assert found.parameters["init"] == "random points"
+    assert found.parameters["iterations"] <= clustering.KMEANS_MAX_ITER
+    assert len(np.unique(found.clusters)) == 4
 
 
 def test_cosine_runs_cluster_directions_not_lengths():
@@ -380,6 +390,25 @@ def test_compare_puts_two_runs_side_by_side(data_dir, capsys):
     page = (folder / "index.html").read_text()
     assert {"sharp-t-sne.png", "vague-t-sne.png", "vague-curves.png"} <= referenced(page)
     assert "sharp - vague" in page  # the difference column
+
+
+def test_a_class_disjoint_test_set_reports_its_own_classes(data_dir):
+    raw = tiny_config(data__split={"by": "classes", "train_classes": 0.5})
+    path = fake_run(data_dir, "disjoint", raw, spread=0.05)
+    cfg = config.load(path)
+    gallery = read_gallery(sets.gallery_file(cfg, "test"))
+    assert len(gallery.classes) == 6 and len(np.unique(gallery.labels)) == 3
+    result = analyze(cfg, limits=Limits(thumbnails=0), show_progress=False)
+    (model,) = result["models"]
+    assert result["classes"] == 3 and model["clustering"]["k-means"]["clusters"] == 3
+    present = [gallery.classes[c] for c in np.unique(gallery.labels)]
+    assert [row["class"] for row in model["per_class"]] == present
+    assert [row["images"] for row in model["per_class"]] == [16, 16, 16]
+    folder = data_dir / "trainings" / "disjoint" / "analysis" / "test"
+    with open(folder / "disjoint-confusion.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0][1:] == present and len(rows) == 4
+    assert [int(v) for v in rows[1][1:]] == [16, 0, 0]
 
 
 def test_large_sets_are_sampled_and_the_report_says_so(data_dir):
