@@ -44,6 +44,7 @@ def make_gallery(n: int, n_classes: int, dim: int, seed: int = 0):
         model_id="synthetic",
         model_step=0,
         config_hash="synthetic",
+        items_hash="synthetic",
         created="",
         version="",
         data_root="",

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import config as cfg
-from retrieval.gallery import Gallery, read_gallery, write_gallery
+from retrieval.gallery import Gallery, GalleryIdentity, items_hash, read_gallery, write_gallery
 from tfcbir import UserError
 from tfcbir.files import hash_file
 
@@ -58,12 +58,15 @@ def baseline_embeddings(
     gallery's order; read from ``folder/baseline.h5`` when it holds them, else computed and
     written there. Raises UserError when an image of the gallery cannot be read any more."""
     path = Path(folder) / FILE_NAME
-    model_id, config_hash = identity(config), cfg.model_hash(config)
+    expected = GalleryIdentity(
+        model_id=identity(config),
+        config_hash=cfg.model_hash(config),
+        items_hash=items_hash(gallery.paths, gallery.labels, gallery.classes),
+        model_step=0,
+    )
     if path.is_file():
         try:
-            found = read_gallery(path, expect_model_id=model_id, expect_config_hash=config_hash)
-            if found.paths == gallery.paths and np.array_equal(found.labels, gallery.labels):
-                return found.embeddings
+            return read_gallery(path, expect=expected).embeddings
         except UserError:
             pass  # another model, config or image list: embed again
     embeddings = _embed(config, gallery, batch_size, progress)
@@ -74,9 +77,7 @@ def baseline_embeddings(
         gallery.paths,
         gallery.classes,
         normalized=cfg.normalized_embeddings(config),
-        model_id=model_id,
-        model_step=0,
-        config_hash=config_hash,
+        identity=expected,
         data_root=gallery.data_root,
         split=gallery.split,
         extra={"baseline_of": str(gallery.path)},

@@ -18,7 +18,7 @@ from report.build import Limits, analyze
 from report.clustering import Clustering, purity
 from report.per_class import class_retrieval
 from retrieval import sets
-from retrieval.gallery import read_gallery, write_gallery
+from retrieval.gallery import GalleryIdentity, items_hash, read_gallery, write_gallery
 from tests.conftest import REPO, tiny_config, write_config
 from tfcbir.cli import run
 from tfcbir.files import hash_file
@@ -320,9 +320,12 @@ def fake_run(root, name, raw, spread, seed=0, split="test"):
         images.paths,
         images.classes,
         normalized=config.normalized_embeddings(resolved),
-        model_id=hash_file(folder.best_weights),
-        model_step=30,
-        config_hash=config.model_hash(resolved),
+        identity=GalleryIdentity(
+            model_id=hash_file(folder.best_weights),
+            config_hash=config.model_hash(resolved),
+            items_hash=items_hash(images.paths, images.labels, images.classes),
+            model_step=30,
+        ),
         data_root=str(images.root),
         split=split,
     )
