@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test lint format
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): $(wildcard requirements*.txt)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
