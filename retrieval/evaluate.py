@@ -69,6 +69,7 @@ def evaluate_run(
     ap_denominator: str = "min_r_g",
     config_path=None,
     checkpoint=None,
+    nmi: bool = True,
 ) -> dict:
     """evaluation.py: ``queries`` sampled queries (seeded; 0: all) of the config's protocol, AP@r
     with cut-off ``r``, every metric of :func:`retrieval.metrics.evaluate`, saved as JSON under
@@ -79,7 +80,8 @@ def evaluate_run(
     classes, so it does not change with ``queries``. ``on_training_images`` is true when the
     queries come from the training split (``data.split.by: none``: leave-one-out on the images
     the model was trained on, an optimistic number). checkpoint: the weights the galleries were
-    embedded with (default: the run's best).
+    embedded with (default: the run's best). nmi: False leaves NMI out (its k-means is the
+    slowest part for many classes).
     """
     if queries < 0:
         raise UserError(f"-t {queries}: give a number of queries >= 0 (0: all)")
@@ -119,7 +121,8 @@ def evaluate_run(
         nmi=False,
     )
     values = metrics.as_dict()
-    values["NMI"] = clustering_nmi(query_set.embeddings, query_set.labels, seed=seed)
+    if nmi:
+        values["NMI"] = clustering_nmi(query_set.embeddings, query_set.labels, seed=seed)
     result = {key: values[key] for key in report_keys(r) if key in values}
     result.update(
         {

@@ -20,10 +20,20 @@ Musgrave et al. it is left out of every retrieval average and counted in ``n_exc
 NMI clusters the query embeddings with k-means (as many clusters as query classes) and compares
 the clusters with the classes: mutual information over the arithmetic mean of the two entropies.
 
-Memory stays bounded: queries are processed in blocks sized from ``memory_mb``, each block's
-scores are turned into distinct ranking keys, and each relevant item's rank is the number of keys
-above its own, counted directly when classes are small or read off a sorted row when they are
-large. Both are exact. See the README's "Retrieval" section.
+NMI clusters the query embeddings given to :func:`evaluate`; ``evaluation.py`` clusters the whole
+query set instead (:func:`clustering_nmi`), so that NMI does not depend on the query sample.
+
+How: only each query's relevant items need a rank, and a rank is 1 + the number of items ranked
+above (a higher score, or an equal one and a lower index). Queries go in blocks of at most
+:data:`BLOCK_ROWS` (fewer if ``memory_mb`` says so), one float32 matrix product a block for whole
+gallery rows; equal gallery vectors get one score (:func:`retrieval.search.equal_rows`); the
+query itself and the relevant items drop out of the row, and for each relevant item, best first,
+the other items above it are counted with one float32 comparison per score (the tie rule by
+gallery tiles, see :func:`_count_above`): rank_m = m + that count. With a cut-off r, a query's
+later relevant items are not counted once one ranks beyond max(r, G) (no metric but the first
+rank looks further). Classes of more than :data:`COUNT_MAX_RELEVANT` relevant items are ranked by
+sorting the row's keys instead. Everything is exact, ties to the lower gallery index; see the
+README's "Retrieval" section.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from retrieval.search import (
     exclude_keys,
     exclusion_mask,
     order_keys,
+    pair_keys,
     similarity,
     tie_equal_rows,
 )
@@ -55,13 +66,18 @@ PROTOCOLS = {
 AP_DENOMINATORS = ("min_r_g", "found")
 DEFAULT_KS = (1, 2, 4, 8)
 
-# Up to this many relevant items per query, counting the keys above each one (G passes over
+# Up to this many relevant items per query, counting the items above each one (G passes over
 # the row) beats sorting the row (about 40 passes' worth for 60,000 items).
 COUNT_MAX_RELEVANT = 32
-# Buffers per (query, gallery item): float32 scores, int64 keys (sorted in place when ranking
-# by sorting), a boolean comparison; per (query, relevant item): keys, ranks, float64 precisions.
-BYTES_PER_PAIR = 16
-BYTES_PER_RELEVANT = 48
+# Buffers per (query, gallery item): float32 scores, and when ranking by sorting, int64 keys
+# sorted in place; per (query, relevant item): keys, ranks, float64 precisions.
+BYTES_PER_PAIR = 12
+BYTES_PER_RELEVANT = 64
+# Queries per block at most: a block's scores (B, N) stay in the caches while each relevant
+# item's count passes over them.
+BLOCK_ROWS = 512
+# Gallery items per comparison of a count: a (B, tile) tile of scores and flags in the L2 cache.
+COUNT_TILE = 8192
 
 
 @dataclass
@@ -254,8 +270,6 @@ def query_results(
     narrowest = int(n_members[order[0]]) if len(order) else 0
     most_rows = min(len(order), _rows_for(n_gallery, narrowest, memory_mb))
     score_buffer = np.empty((most_rows, n_gallery), dtype=np.float32)
-    key_buffer = np.empty((most_rows, n_gallery), dtype=np.int64)
-    flag_buffer = np.empty((most_rows, n_gallery), dtype=bool)
     position = 0
     while position < len(order):
         size = min(most_rows, _block_size(n_gallery, n_members, order, position, memory_mb))
@@ -269,16 +283,11 @@ def query_results(
             out=score_buffer[: len(rows)],
         )
         tie_equal_rows(scores, tied_rows, tied_heads)
-        keys = order_keys(scores, out=key_buffer[: len(rows)])
-        exclude_keys(keys, exclude[rows])
-        # The keys of each query's class members, best first; excluded ones and padding
-        # (EXCLUDED) sort last, so the first G columns are the relevant items in rank order.
         members = classes.gather(starts[rows], n_members[rows])
-        member_keys = np.where(
-            members >= 0, np.take_along_axis(keys, np.maximum(members, 0), axis=1), EXCLUDED
-        )
-        member_keys = np.sort(member_keys, axis=1)[:, ::-1][:, : n_relevant[rows].max()]
-        ranks = _ranks(keys, member_keys, n_relevant[rows], flag_buffer[: len(rows)])
+        if members.shape[1] <= COUNT_MAX_RELEVANT:
+            ranks = _counted_ranks(scores, members, exclude[rows], n_relevant[rows], r)
+        else:
+            ranks = _sorted_ranks(scores, members, exclude[rows], n_relevant[rows])
         _fill(results, rows, ranks, n_relevant[rows], r, n_gallery, ap_denominator)
     return results
 
@@ -316,8 +325,10 @@ class _ClassMembers:
 
 
 def _rows_for(n_gallery: int, width: int, memory_mb: float) -> int:
-    """Query rows that fit the budget when each holds N gallery pairs and ``width`` relevant."""
-    return block_rows(1, n_gallery * BYTES_PER_PAIR + width * BYTES_PER_RELEVANT, memory_mb)
+    """Query rows that fit the budget when each holds N gallery pairs and ``width`` relevant,
+    at most :data:`BLOCK_ROWS`."""
+    rows = block_rows(1, n_gallery * BYTES_PER_PAIR + width * BYTES_PER_RELEVANT, memory_mb)
+    return min(rows, BLOCK_ROWS)
 
 
 def _block_size(
@@ -330,29 +341,137 @@ def _block_size(
     return min(first_guess, _rows_for(n_gallery, int(n_members[last]), memory_mb))
 
 
-def _ranks(
-    keys: np.ndarray, member_keys: np.ndarray, n_relevant: np.ndarray, flags: np.ndarray
-) -> np.ndarray:
-    """Ranks (B, C) of the relevant items whose keys (B, C) are given best first.
+def _relevant_in_order(
+    scores: np.ndarray, members: np.ndarray, exclude: np.ndarray, n_relevant: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The relevant items of each query, best first: their scores and gallery indices (B, C')
+    (C' = the largest G), from scores (B, N) and class members (B, C) padded with -1. Excluded
+    members (``exclude`` (B, M)) and padding sort last (score -inf, index -1)."""
+    valid = members >= 0
+    if exclude.shape[1]:
+        valid &= ~(members[:, :, None] == exclude[:, None, :]).any(axis=2)
+    items = np.where(valid, members, -1)
+    member_scores = np.take_along_axis(scores, np.maximum(items, 0), axis=1)
+    keys = np.where(valid, pair_keys(member_scores, items), EXCLUDED)
+    order = np.argsort(keys, axis=1)[:, ::-1][:, : n_relevant.max()]
+    return np.take_along_axis(member_scores, order, axis=1), np.take_along_axis(
+        items, order, axis=1
+    )
 
-    An item's rank is 1 + the number of gallery keys (B, N) above its own (keys are distinct).
-    Columns at or beyond a row's G are padding; callers mask them. ``flags`` is a (B, N) bool
-    buffer; ``keys`` may be sorted in place.
+
+def _counted_ranks(
+    scores: np.ndarray,
+    members: np.ndarray,
+    exclude: np.ndarray,
+    n_relevant: np.ndarray,
+    r: int | None,
+) -> np.ndarray:
+    """Ranks (B, C') of each query's relevant items, best first, from scores (B, N) (overwritten)
+    by counting the other items above each: ``rank_m = m + #{other items ranked above it}``.
+
+    With a cut-off r, a rank beyond max(r, G) changes no metric but the first: once a query's
+    m-th relevant item ranks beyond it, the later ones are not counted (their rank is left at
+    N + 1, beyond every cut-off). Columns at or beyond a row's G are padding.
     """
-    n_rows, width = member_keys.shape
-    ranks = np.zeros((n_rows, width), dtype=np.int64)
-    if width <= COUNT_MAX_RELEVANT:
-        for column in range(width):
-            # Rows whose G is smaller hold padding in this column; counting it is harmless.
-            np.greater(keys, member_keys[:, column, None], out=flags)
-            ranks[:, column] = 1 + np.count_nonzero(flags, axis=1)
+    n_rows, n_gallery = scores.shape
+    thresholds, positions = _relevant_in_order(scores, members, exclude, n_relevant)
+    width = thresholds.shape[1]
+    # Only the other items are counted: the query itself (excluded) and the relevant items
+    # drop to -inf (the relevant ones above an item are m - 1 by construction).
+    excluded_rows, excluded_columns = np.nonzero(exclude >= 0)
+    scores[excluded_rows, exclude[excluded_rows, excluded_columns]] = -np.inf
+    relevant_rows, relevant_columns = np.nonzero(positions >= 0)
+    scores[relevant_rows, positions[relevant_rows, relevant_columns]] = -np.inf
+    ranks = np.full((n_rows, width), n_gallery + 1, dtype=np.int64)
+    limit = n_relevant if r is None else np.maximum(n_relevant, r)
+    flags = np.empty((n_rows, _count_tile(n_gallery)), dtype=bool)
+    for column in range(width):
+        active = column < n_relevant
+        if r is not None and column:
+            active &= ranks[:, column - 1] <= limit  # else this one ranks beyond it too
+        chosen = np.flatnonzero(active)
+        if not len(chosen):
+            break
+        above = _count_above(
+            scores, chosen, thresholds[chosen, column], positions[chosen, column], flags
+        )
+        ranks[chosen, column] = above + column + 1
+    return ranks
+
+
+def _count_above(
+    scores: np.ndarray,
+    rows: np.ndarray,
+    thresholds: np.ndarray,
+    positions: np.ndarray,
+    flags: np.ndarray,
+) -> np.ndarray:
+    """For each query ``rows[i]`` of scores (B, N): the number of items ranked above an item of
+    score ``thresholds[i]`` and gallery index ``positions[i]``, i.e. with a higher score, or an
+    equal one and a lower index. (S,) int64.
+
+    One float32 comparison a score, in gallery tiles: a tile wholly before the item counts the
+    scores >= the threshold (``> nextafter(t, -inf)``), a tile after it or holding it those >
+    the threshold; in the tile holding it, the scores equal to the threshold (compared once
+    more, a tile a row) that lie before it are added. ``flags`` is a (B, tile) bool buffer.
+    """
+    n_gallery = scores.shape[1]
+    # Every row: compare in place (rows not asked for get +inf, so count nothing); a few rows:
+    # a copy of theirs.
+    if 2 * len(rows) >= len(scores):
+        block = scores
+        exact = np.full(len(scores), np.inf, dtype=np.float32)
+        exact[rows] = thresholds
+        where = np.full(len(scores), n_gallery, dtype=np.int64)
+        where[rows] = positions
     else:
-        keys.sort(axis=1)
-        n_gallery = keys.shape[1]
-        for row in range(n_rows):
-            relevant = member_keys[row, : n_relevant[row]]
-            above = n_gallery - np.searchsorted(keys[row], relevant, side="right")
-            ranks[row, : n_relevant[row]] = 1 + above
+        block, exact, where = scores[rows], thresholds, positions
+    below = np.nextafter(exact, np.float32(-np.inf))
+    counts = np.zeros(len(block), dtype=np.int64)
+    tile = flags.shape[1]
+    for start in range(0, n_gallery, tile):
+        stop = min(start + tile, n_gallery)
+        threshold = np.where(where >= stop, below, exact)[:, None]
+        found = flags[: len(block), : stop - start]
+        np.greater(block[:, start:stop], threshold, out=found)
+        in_tile = found.view(np.uint8).sum(axis=1, dtype=np.int32)
+        counts += in_tile
+        split = np.flatnonzero((where >= start) & (where < stop))
+        if len(split):  # the tile holding the item: equal scores before it rank above it
+            part = block[split, start:stop]
+            tied = np.count_nonzero(part >= exact[split, None], axis=1) - in_tile[split]
+            split, part = split[tied > 0], part[tied > 0]  # rare: an exact tie
+            if len(split):
+                ties = part == exact[split, None]
+                ties &= np.arange(start, stop)[None, :] < where[split, None]
+                counts[split] += np.count_nonzero(ties, axis=1)
+    return counts if block is not scores else counts[rows]
+
+
+def _count_tile(n_gallery: int) -> int:
+    """Gallery items per comparison of :func:`_count_above`: a sixteenth of the gallery, so that
+    the tile holding each item (compared twice) adds a sixteenth, within [1024, COUNT_TILE]."""
+    return int(min(n_gallery, max(1024, min(COUNT_TILE, n_gallery // 16))))
+
+
+def _sorted_ranks(
+    scores: np.ndarray, members: np.ndarray, exclude: np.ndarray, n_relevant: np.ndarray
+) -> np.ndarray:
+    """Ranks (B, C') of each query's relevant items, best first, read off its sorted row of
+    ranking keys: for large classes, where counting would take C' passes over the row."""
+    keys = order_keys(scores)
+    exclude_keys(keys, exclude)
+    member_keys = np.where(
+        members >= 0, np.take_along_axis(keys, np.maximum(members, 0), axis=1), EXCLUDED
+    )
+    member_keys = np.sort(member_keys, axis=1)[:, ::-1][:, : n_relevant.max()]
+    keys.sort(axis=1)
+    n_rows, n_gallery = keys.shape
+    ranks = np.zeros(member_keys.shape, dtype=np.int64)
+    for row in range(n_rows):
+        relevant = member_keys[row, : n_relevant[row]]
+        above = n_gallery - np.searchsorted(keys[row], relevant, side="right")
+        ranks[row, : n_relevant[row]] = 1 + above
     return ranks
 
 

@@ -27,8 +27,9 @@ STEPS = 160
 # Batches of every class (P = 6) with K = 5: with P = 4, K = 4 semi-hard mining found too few
 # semi-hard negatives to learn reliably in 160 steps.
 BATCH = {"P": 6, "K": 5}
-# Measured over seeds 0-2 with oneDNN on and off (see BAR_MEASURED): untrained MAP@R at most
-# 0.060; after 160 steps every loss at least MIN_TRAINED. The bar sits far from both.
+# Measured with seeds 0-2, oneDNN on and off (66 runs): untrained MAP@R 0.044-0.060; after 160
+# steps each loss's lowest was 0.38 (npair) to 0.66 (contrastive), most above 0.45. The bar
+# sits at about half the lowest trained value and over three times the untrained ones.
 BAR = 0.2
 
 
@@ -73,5 +74,5 @@ def test_each_loss_trains_the_model(shapes, name):
     trained.load_weights(result.run.best_weights)
     after = training_map_at_r(resolved, trained)
     print(f"{name}: MAP@R of the training images {before:.3f} untrained -> {after:.3f}")
-    assert before < 0.08  # the untrained model is near chance (1/6 of pairs relevant)
+    assert before < 0.1  # the untrained model is near chance
     assert after > BAR

@@ -256,6 +256,51 @@ def test_metrics_match_brute_force_on_normalised_random_data():
     )
 
 
+def varied_classes_data(seed: int, dim: int = 4):
+    """Leave-one-out data with classes of 1 to 50 images and many exact ties: coarse integer
+    vectors (a few values per coordinate, so many scores are exactly equal), some rows equal."""
+    rng = np.random.default_rng(seed)
+    sizes = np.r_[1, 2, 50, 33, 32, rng.integers(1, 51, size=8)]
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    embeddings = rng.integers(-2, 3, size=(len(labels), dim)).astype(np.float32)
+    embeddings[rng.choice(len(labels), 20)] = embeddings[0]  # equal vectors at many places
+    return embeddings, labels
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+@pytest.mark.parametrize("r", [None, 1, 10])
+@pytest.mark.parametrize("tile", [None, 7])
+def test_counted_and_sorted_ranks_match_brute_force_on_varied_classes(
+    normalized, r, tile, monkeypatch
+):
+    # Classes of 1..50 images: rows with G <= 32 are counted, larger ones sorted, in blocks of
+    # a few queries (a small budget). tile=7: the counts compare the gallery in tiles of 7, so
+    # many relevant items lie in a tile with exactly tied scores before and after them.
+    if tile is not None:
+        monkeypatch.setattr(metrics_module, "_count_tile", lambda n: tile)
+    embeddings, labels = varied_classes_data(seed=11)
+    exclude = np.arange(len(labels))
+    rng = np.random.default_rng(0)
+    picked = rng.choice(len(labels), 120, replace=False)  # a sample, as evaluation.py's -t
+    picked = np.unique(np.r_[picked, np.flatnonzero(labels == 0)])  # with the one-image class
+    results = query_results(
+        embeddings[picked],
+        labels[picked],
+        embeddings,
+        labels,
+        normalized=normalized,
+        exclude=exclude[picked],
+        r=r,
+        memory_mb=0.02,
+    )
+    expected = brute_metrics(
+        embeddings[picked], labels[picked], embeddings, labels, normalized, picked, r, False
+    )
+    assert any(row is None for row in expected)  # a class of one image: excluded
+    assert max(row[0] for row in expected if row) == 49  # the sorted path is exercised
+    assert_matches_brute(results, expected)
+
+
 # --- exact search -------------------------------------------------------------------------------
 
 

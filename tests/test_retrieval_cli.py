@@ -101,7 +101,11 @@ def test_embed_evaluate_test_and_cbir(trained, capsys):
     sampled = json.loads(out)
     assert sampled["queries"] == 5 and sampled["NMI"] == result["NMI"]
     code, out, err = call("evaluation", "-c", trained, "-t", "5", "-r", "5", capsys=capsys)
-    assert "  mAP@5  " in out and "warning" not in out
+    assert "  mAP@5  " in out and "warning" not in out and "NMI" in out
+    code, out, err = call(
+        "evaluation", "-c", trained, "-t", "5", "-r", "5", "--no-nmi", "--json", capsys=capsys
+    )
+    assert "NMI" not in json.loads(out) and json.loads(out)["mAP@5"] == sampled["mAP@5"]
     assert result["recall@1"] <= result["recall@2"] <= result["recall@4"] <= result["recall@8"]
     saved = json.loads(Path(result["saved"]).read_text())
     assert saved["mAP"] == result["mAP"]

@@ -1,4 +1,4 @@
-"""Training end to end on the tiny demo set: the loss falls, kills resume, bad input is reported."""
+"""Training end to end on the tiny demo set: the run folder, resume after kill, bad input."""
 
 from __future__ import annotations
 
