@@ -175,22 +175,24 @@ def create_app(
         return out.getvalue()
 
     @app.get("/api/gallery/{index}")
-    def gallery_image(index: int, size: int | None = None) -> Response:
+    def gallery_image(request: Request, index: int, size: int | None = None) -> Response:
         try:
             path = searcher.image_file(index)
         except GalleryIndexError as error:
             raise BadRequest(_index_message(error)) from None
-        headers = {
-            "Cache-Control": "public, max-age=3600",
-            "ETag": f'"{gallery.gallery_id}-{index}-{size}"',
-        }
+        low, high = THUMBNAIL_SIZES
+        if size is not None and not low <= size <= high:
+            raise BadRequest(f"size={size}: give a thumbnail size from {low} to {high} pixels")
+        # Position i is another image once the gallery is re-embedded: the browser revalidates
+        # (no-cache) against a tag naming this gallery, and gets 304 while it is the same.
+        tag = f'"{gallery.gallery_id}-{index}-{size or "file"}"'
+        headers = {"Cache-Control": "no-cache", "ETag": tag}
+        if request.headers.get("if-none-match") == tag:
+            return Response(status_code=304, headers=headers)
         if size is None:
             if not path.is_file():
                 raise BadRequest(f"gallery item {index}'s image is gone from the data set", 404)
             return FileResponse(path, headers=headers)
-        low, high = THUMBNAIL_SIZES
-        if not low <= size <= high:
-            raise BadRequest(f"size={size}: give a thumbnail size from {low} to {high} pixels")
         try:
             data = thumbnail(index, size)
         except ImageError as error:

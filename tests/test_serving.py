@@ -133,7 +133,12 @@ def test_gallery_images_and_thumbnails_by_index_only(client, searcher):
     thumbnail = Image.open(io.BytesIO(small.content))
     assert max(thumbnail.size) == 20 and thumbnail.format == "JPEG"
     assert client.get("/api/gallery/3?size=20").content == small.content  # cached, stable
-    assert "max-age" in small.headers["cache-control"]
+    # Cached by the browser while the gallery is the same one (revalidated: 304).
+    tag = small.headers["etag"]
+    assert searcher.gallery.gallery_id in tag and small.headers["cache-control"] == "no-cache"
+    again = client.get("/api/gallery/3?size=20", headers={"If-None-Match": tag})
+    assert again.status_code == 304 and again.content == b""
+    assert client.get("/api/gallery/4?size=20", headers={"If-None-Match": tag}).status_code == 200
     for url, fragment in (
         ("/api/gallery/72", "there is no gallery item 72: the gallery has 72 items, 0 to 71"),
         ("/api/gallery/-1", "there is no gallery item -1"),
@@ -422,3 +427,20 @@ def test_the_page_searches_text_when_the_model_has_a_text_tower(browser, searche
         assert shown[0]["index"] == 30
         assert page.inner_text("#query-text") == "“gallery item 30”"
         page.close()
+
+
+def test_a_gallery_image_gone_from_disk_is_404(searcher, tmp_path):
+    import dataclasses
+
+    moved = dataclasses.replace(searcher.gallery, data_root=str(tmp_path))  # no images there
+    elsewhere = Searcher(
+        searcher.config, searcher.embedder, moved, searcher.index, protocol=searcher.protocol
+    )
+    with TestClient(create_app(elsewhere)) as client:
+        thumbnail = client.get("/api/gallery/0?size=32")
+        assert thumbnail.status_code == 404
+        assert "gallery item 0's image cannot be read" in thumbnail.json()["error"]
+        original = client.get("/api/gallery/0")
+        assert original.status_code == 404
+        assert original.json()["error"] == "gallery item 0's image is gone from the data set"
+        assert client.get("/api/similar/0?k=3").status_code == 200  # searches need no files
