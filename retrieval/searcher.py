@@ -48,6 +48,7 @@ class Result:
     answers: list[Answer]
     position: int = 0
     query_index: int | None = None
+    kind: str = "image"  # or "gallery" (search_gallery), "text" (search_text)
 
     def as_json(self) -> dict:
         """cbir.py --json's record of the query (:func:`retrieval.answers.as_json`)."""
@@ -69,8 +70,9 @@ class GalleryIndexError(UserError):
 
 class Searcher:
     """A run's model, gallery and index (see the module docstring). Build it with
-    :meth:`open`; ``text_encoder`` is the model's text tower (an object with ``embed(texts) ->
-    (B, D)``), None for an image-only model."""
+    :meth:`open`. ``embedder``: the image model (:class:`retrieval.embedder.Embedder`), None
+    when only text queries are to be answered; ``text_encoder``: the model's text tower (an
+    object with ``embed(texts) -> (B, D)``), None when it has none or it is not wanted."""
 
     def __init__(
         self,
@@ -100,26 +102,36 @@ class Searcher:
         index: str | None = None,
         checkpoint: str | Path | None = None,
         config_path: str | Path | None = None,
+        images: bool = True,
+        text: bool = False,
     ) -> Searcher:
         """Load ``config``'s model (its best weights, or ``checkpoint``), the gallery of set
         ``gallery`` (default: the protocol's gallery) and its index (``index``: ``"exact"`` or
         the FAISS factory string embed.py built; default: the config's ``index.type``).
-        ``config_path`` names the config in the commands that errors suggest."""
+        ``config_path`` names the config in the commands that errors suggest.
+
+        images: load the image model (else only gallery and text queries can be answered);
+        text: load the text tower too (UserError for a model without one)."""
         from retrieval.embedder import load_embedder
         from retrieval.evaluate import open_gallery
         from retrieval.faiss_index import open_index
 
         protocol = sets.protocol(config)
         name = gallery or protocol.gallery
-        embedder = load_embedder(config, checkpoint)  # its weights' hash checks the gallery
-        found = open_gallery(config, name, config_path, embedder.model_id, checkpoint)
+        text_encoder = _load_text_encoder(config, checkpoint) if text else None
+        embedder = load_embedder(config, checkpoint) if images else None
+        # The weights' hash checks the gallery (that of their files when no model is loaded).
+        model_id = embedder.model_id if embedder is not None else None
+        found = open_gallery(config, name, config_path, model_id, checkpoint)
         search_index = open_index(
             found,
             index or config["index"]["type"],
             search_parameters=config["index"]["search_parameters"],
             config_path=config_path,
         )
-        return cls(config, embedder, found, search_index, protocol=protocol)
+        return cls(
+            config, embedder, found, search_index, protocol=protocol, text_encoder=text_encoder
+        )
 
     def __len__(self) -> int:
         return len(self.gallery)
@@ -186,7 +198,8 @@ class Searcher:
         paths = [str(p) for p in paths]
         if labels is None:
             labels = [self.known_class(p) for p in paths]
-        batches = self.embedder.embed_files(paths, batch_size=batch_size, on_error=on_error)
+        embedder = self._image_model()
+        batches = embedder.embed_files(paths, batch_size=batch_size, on_error=on_error)
         while True:
             with self._lock:  # the forward pass runs inside next()
                 batch = next(batches, None)
@@ -212,12 +225,13 @@ class Searcher:
         answers). ``names`` name them in the results and errors. ImageError for one that
         cannot be decoded or has more than ``max_pixels`` pixels; nothing is searched then."""
         self.check_k(k)
+        embedder = self._image_model()
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
         pixels = [
             load_and_fit(
                 data,
-                self.embedder.image_size,
-                self.embedder.resize,
+                embedder.image_size,
+                embedder.resize,
                 max_pixels=max_pixels,
                 name=name,
             )
@@ -231,10 +245,9 @@ class Searcher:
         """Results of decoded images, each ``(H, W, 3)`` uint8 of any size (fitted to the
         model's input as files are: :func:`datasets.images.fit_image`)."""
         self.check_k(k)
+        embedder = self._image_model()
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
-        pixels = [
-            fit_image(image, self.embedder.image_size, self.embedder.resize) for image in images
-        ]
+        pixels = [fit_image(image, embedder.image_size, embedder.resize) for image in images]
         return self._search_pixels(pixels, names, k)
 
     def search_gallery(self, indices: Sequence[int], k: int) -> list[Result]:
@@ -252,6 +265,7 @@ class Searcher:
                 found,
                 position=n,
                 query_index=i,
+                kind="gallery",
             )
             for n, (i, label, found) in enumerate(zip(indices, labels, ranked))
         ]
@@ -260,10 +274,7 @@ class Searcher:
         """Results of text queries, embedded by the model's text tower (UserError for a model
         without one, or an empty text)."""
         if not self.has_text:
-            raise UserError(
-                f"this model has no text tower (run {self.config['name']}), so it cannot "
-                "answer text queries"
-            )
+            raise no_text_tower(self.config)
         self.check_k(k)
         texts = [" ".join(str(text).split()) for text in texts]
         if any(not text for text in texts):
@@ -272,7 +283,7 @@ class Searcher:
             embeddings = self.text_encoder.embed(texts)
             ranked = self._rank(embeddings, [None] * len(texts), k)
         return [
-            Result(text, None, found, position=n)
+            Result(text, None, found, position=n, kind="text")
             for n, (text, found) in enumerate(zip(texts, ranked))
         ]
 
@@ -281,6 +292,7 @@ class Searcher:
     def _search_pixels(self, pixels: list[np.ndarray], names: list[str], k: int) -> list[Result]:
         if not pixels:
             return []
+        self._image_model()
         with self._lock:
             embeddings = self.embedder.embed_pixels(np.stack(pixels))
             ranked = self._rank(embeddings, [None] * len(pixels), k)
@@ -303,3 +315,20 @@ class Searcher:
 
     def _class_name(self, label: int | None) -> str | None:
         return None if label is None else self.gallery.classes[label]
+
+    def _image_model(self):
+        if self.embedder is None:
+            raise ValueError("this Searcher was opened without its image model (images=False)")
+        return self.embedder
+
+
+def no_text_tower(config: dict) -> UserError:
+    return UserError(
+        f"this model has no text tower (run {config['name']}), so it cannot answer text queries"
+    )
+
+
+def _load_text_encoder(config: dict, checkpoint):
+    """The model's text tower (an object with ``embed(texts) -> (B, D)``); UserError for a
+    model without one, as every model is until the text towers land."""
+    raise no_text_tower(config)

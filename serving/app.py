@@ -154,7 +154,7 @@ def create_app(
                 else "send a JPEG, PNG, GIF, BMP, TIFF or WebP image"
             )
             raise BadRequest(f"{name}: {error.problem.split('; ')[0]}; {fix}") from None
-        return search_json(results[0], k, "image")
+        return search_json(results[0], k)
 
     @app.get("/api/similar/{index}")
     def similar(index: int, k: int = DEFAULT_K) -> dict:
@@ -163,7 +163,7 @@ def create_app(
             result = searcher.search_gallery([index], k)[0]
         except GalleryIndexError as error:
             raise BadRequest(_index_message(error)) from None
-        return search_json(result, k, "gallery")
+        return search_json(result, k)
 
     @lru_cache(maxsize=THUMBNAILS_CACHED)
     def thumbnail(index: int, size: int) -> bytes:
@@ -204,7 +204,7 @@ def create_app(
     return app
 
 
-def search_json(result: Result, k: int, kind: str) -> dict:
+def search_json(result: Result, k: int) -> dict:
     """The API's answer: the query (``query``: the upload's name, the text or the gallery item's
     path; ``query_class`` and ``query_index`` where known; ``kind``: image, text or gallery)
     and ``results``, ranked as ``cbir.py --json``'s answers with the same scores: ``rank``,
@@ -212,7 +212,7 @@ def search_json(result: Result, k: int, kind: str) -> dict:
     query's class is unknown)."""
     return {
         "query": result.query,
-        "kind": kind,
+        "kind": result.kind,
         "query_class": result.query_class,
         "query_index": result.query_index,
         "k": k,
@@ -242,7 +242,7 @@ def _search_text(searcher: Searcher, text: str, k: int) -> dict:
     except UserError as error:
         fix = "; send an image instead" if not searcher.has_text else ""
         raise BadRequest(f"{error}{fix}") from None
-    return search_json(results[0], k, "text")
+    return search_json(results[0], k)
 
 
 def _check_k(searcher: Searcher, k: int, leave_one_out: bool = False) -> None:

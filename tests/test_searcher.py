@@ -178,3 +178,20 @@ def test_a_text_tower_plugs_in(searcher):
     assert all(a.match is None for r in results for a in r.answers)
     with pytest.raises(UserError, match="empty text query"):
         with_text.search_text(["   "], 3)
+
+
+def test_opened_without_the_image_model_it_still_searches_the_gallery(searcher, searchable_run):
+    path, root = searchable_run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TFCBIR_DATA_DIR", str(root))
+        cfg = config.load(path)
+        gallery_only = Searcher.open(cfg, images=False)
+        with pytest.raises(UserError, match="this model has no text tower"):
+            Searcher.open(cfg, text=True)
+    assert gallery_only.embedder is None and gallery_only.gallery.path == searcher.gallery.path
+    assert [a.index for a in gallery_only.search_gallery([8], 4)[0].answers] == [
+        a.index for a in searcher.search_gallery([8], 4)[0].answers
+    ]
+    assert searcher.search_gallery([8], 4)[0].kind == "gallery"
+    with pytest.raises(ValueError, match="without its image model"):
+        gallery_only.search_bytes([b"x"], 3)
