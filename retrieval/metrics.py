@@ -38,6 +38,9 @@ README's "Retrieval" section.
 
 from __future__ import annotations
 
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -156,6 +159,7 @@ def evaluate(
     nmi: bool = True,
     seed: int = 0,
     memory_mb: float = DEFAULT_MEMORY_MB,
+    threads: int | None = None,
 ) -> Metrics:
     """All metrics of queries (Q, D) with labels (Q,) against a gallery (N, D) with labels (N,).
 
@@ -163,6 +167,8 @@ def evaluate(
     (leave-one-out), -1 for none; or (Q, M) several distinct indices per query.
     r: AP@r's cut-off (None: the whole ranking). ks: the k of Recall@k.
     nmi: also cluster the queries and compute NMI (the slowest part for many classes).
+    memory_mb: the budget of the temporaries, shared by ``threads`` (default: one per CPU,
+    at most 8) that rank blocks of queries at once; the results do not depend on either.
     Raises UserError when no query has a relevant item (query and gallery classes disjoint).
     """
     results = query_results(
@@ -175,6 +181,7 @@ def evaluate(
         r=r,
         ap_denominator=ap_denominator,
         memory_mb=memory_mb,
+        threads=threads,
     )
     evaluated = results.evaluated
     n_queries, n_evaluated = len(evaluated), int(evaluated.sum())
@@ -229,6 +236,7 @@ def query_results(
     r: int | None = None,
     ap_denominator: str = "min_r_g",
     memory_mb: float = DEFAULT_MEMORY_MB,
+    threads: int | None = None,
 ) -> QueryResults:
     """Per-query G, first relevant rank, AP@r, MAP@R and R-precision; see :func:`evaluate`."""
     queries = check_embeddings(queries, "query embeddings")
@@ -265,31 +273,62 @@ def query_results(
     # Blocks of queries with similar class sizes: the per-block (B, C) arrays stay narrow.
     order = np.argsort(n_members, kind="stable")
     order = order[n_relevant[order] > 0]
-    # Buffers reused by every block (fresh (B, N) arrays would page-fault every time). Widths
-    # only grow along `order`, so no block needs more rows than the narrowest row allows.
-    narrowest = int(n_members[order[0]]) if len(order) else 0
-    most_rows = min(len(order), _rows_for(n_gallery, narrowest, memory_mb))
-    score_buffer = np.empty((most_rows, n_gallery), dtype=np.float32)
+    # Blocks run on `threads` threads at once (NumPy's comparisons use one core each), each
+    # with its share of the memory budget and a score buffer of its own, reused block after
+    # block (fresh (B, N) arrays would page-fault every time). Widths only grow along `order`,
+    # so no block needs more rows than the narrowest row allows.
+    threads = max(1, default_threads() if threads is None else int(threads))
+    budget = memory_mb / threads
+    blocks = []
     position = 0
     while position < len(order):
-        size = min(most_rows, _block_size(n_gallery, n_members, order, position, memory_mb))
-        rows = order[position : position + size]
-        position += len(rows)
-        scores = similarity(
-            queries[rows],
-            gallery,
-            normalized=normalized,
-            gallery_sq_norms=sq_norms,
-            out=score_buffer[: len(rows)],
-        )
-        tie_equal_rows(scores, tied_rows, tied_heads)
-        members = classes.gather(starts[rows], n_members[rows])
-        if members.shape[1] <= COUNT_MAX_RELEVANT:
-            ranks = _counted_ranks(scores, members, exclude[rows], n_relevant[rows], r)
-        else:
-            ranks = _sorted_ranks(scores, members, exclude[rows], n_relevant[rows])
-        _fill(results, rows, ranks, n_relevant[rows], r, n_gallery, ap_denominator)
+        size = _block_size(n_gallery, n_members, order, position, budget)
+        blocks.append(order[position : position + size])
+        position += size
+    threads = min(threads, len(blocks))
+    most_rows = max((len(rows) for rows in blocks), default=0)
+    buffers: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(threads):
+        buffers.put(np.empty((most_rows, n_gallery), dtype=np.float32))
+
+    def rank_block(rows: np.ndarray) -> None:
+        buffer = buffers.get()
+        try:
+            scores = similarity(
+                queries[rows],
+                gallery,
+                normalized=normalized,
+                gallery_sq_norms=sq_norms,
+                out=buffer[: len(rows)],
+            )
+            tie_equal_rows(scores, tied_rows, tied_heads)
+            members = classes.gather(starts[rows], n_members[rows])
+            if members.shape[1] <= COUNT_MAX_RELEVANT:
+                ranks = _counted_ranks(scores, members, exclude[rows], n_relevant[rows], r)
+            else:
+                ranks = _sorted_ranks(scores, members, exclude[rows], n_relevant[rows])
+            # Blocks hold distinct queries: each thread writes rows of its own.
+            _fill(results, rows, ranks, n_relevant[rows], r, n_gallery, ap_denominator)
+        finally:
+            buffers.put(buffer)
+
+    if threads <= 1:
+        for rows in blocks:
+            rank_block(rows)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            for done in pool.map(rank_block, blocks):
+                del done
     return results
+
+
+def default_threads() -> int:
+    """Threads for the metrics: the CPUs this process may use (at most 8)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
 
 
 def _labels(labels: np.ndarray, n: int, what: str) -> np.ndarray:

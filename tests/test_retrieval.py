@@ -269,9 +269,9 @@ def varied_classes_data(seed: int, dim: int = 4):
 
 @pytest.mark.parametrize("normalized", [True, False])
 @pytest.mark.parametrize("r", [None, 1, 10])
-@pytest.mark.parametrize("tile", [None, 7])
+@pytest.mark.parametrize(("tile", "threads"), [(None, 1), (7, 1), (None, 3)])
 def test_counted_and_sorted_ranks_match_brute_force_on_varied_classes(
-    normalized, r, tile, monkeypatch
+    normalized, r, tile, threads, monkeypatch
 ):
     # Classes of 1..50 images: rows with G <= 32 are counted, larger ones sorted, in blocks of
     # a few queries (a small budget). tile=7: the counts compare the gallery in tiles of 7, so
@@ -292,6 +292,7 @@ def test_counted_and_sorted_ranks_match_brute_force_on_varied_classes(
         exclude=exclude[picked],
         r=r,
         memory_mb=0.02,
+        threads=threads,  # 3: blocks ranked by three threads at once, each with its buffer
     )
     expected = brute_metrics(
         embeddings[picked], labels[picked], embeddings, labels, normalized, picked, r, False
