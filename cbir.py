@@ -51,53 +51,48 @@ def main(argv: list[str]) -> int:
 
     import config
     from datasets.images import is_image_name
-    from retrieval import answers, sets
-    from retrieval.embedder import load_embedder
-    from retrieval.evaluate import open_gallery
-    from retrieval.faiss_index import open_index
+    from retrieval import answers
+    from retrieval.searcher import Searcher
     from tfcbir import UserError
 
     cfg = config.load(args.config)
     paths = _query_paths(args.queries, args.list, is_image_name)
-    name = args.gallery or sets.protocol(cfg).gallery
-    embedder = load_embedder(cfg, args.checkpoint)  # its weights' hash checks the gallery
-    gallery = open_gallery(cfg, name, args.config, embedder.model_id, args.checkpoint)
-    answers.check_r(args.retrieve, gallery)
-    index = open_index(
-        gallery,
-        args.index or cfg["index"]["type"],
-        search_parameters=cfg["index"]["search_parameters"],
+    searcher = Searcher.open(
+        cfg,
+        gallery=args.gallery,
+        index=args.index,
+        checkpoint=args.checkpoint,
         config_path=args.config,
     )
+    gallery = searcher.gallery
+    answers.check_r(args.retrieve, gallery)
     failed: list[int] = []
     results = []
-    for indices, embeddings in embedder.embed_files(
-        [str(p) for p in paths],
+    for result in searcher.search_files(
+        paths,
+        args.retrieve,
         batch_size=args.batch_size,
         on_error=lambda i, _message: failed.append(i),
     ):
-        labels = [_known_class(paths[i], gallery) for i in indices]
-        ranked = answers.rank(index, gallery, embeddings, labels, args.retrieve)
-        for i, label, found in zip(indices, labels, ranked):
-            class_name = None if label is None else gallery.classes[label]
-            results.append((paths[i], class_name, found))
-            if not args.json:
-                print(answers.table(str(paths[i]), class_name, found) + "\n")
-            if args.save:
-                out = (
-                    args.save
-                    if len(paths) == 1
-                    else args.save.with_name(f"{args.save.stem}_{paths[i].stem}{args.save.suffix}")
-                )
-                saved = answers.picture(paths[i], class_name, found, gallery, out)
-                print(f"picture: {saved}", file=sys.stderr)
+        results.append(result)
+        if not args.json:
+            print(result.table() + "\n")
+        if args.save:
+            query = paths[result.position]
+            out = (
+                args.save
+                if len(paths) == 1
+                else args.save.with_name(f"{args.save.stem}_{query.stem}{args.save.suffix}")
+            )
+            saved = answers.picture(query, result.query_class, result.answers, gallery, out)
+            print(f"picture: {saved}", file=sys.stderr)
     if args.json:
         print(
             json.dumps(
                 {
                     "gallery": str(gallery.path),
                     "r": args.retrieve,
-                    "results": [answers.as_json(str(p), c, a) for p, c, a in results],
+                    "results": [result.as_json() for result in results],
                     "unreadable": [str(paths[i]) for i in sorted(failed)],
                 },
                 indent=2,
@@ -129,16 +124,6 @@ def _query_paths(items: list[Path], lists: list[Path], is_image_name) -> list[Pa
     if not paths:
         raise UserError("no query given; name image files, folders or --list files")
     return paths
-
-
-def _known_class(path: Path, gallery) -> int | None:
-    """A query inside a class folder of the gallery's data set has that class."""
-    try:
-        Path(path).resolve().relative_to(Path(gallery.data_root).resolve())
-    except ValueError:
-        return None
-    folder = Path(path).parent.name
-    return gallery.classes.index(folder) if folder in gallery.classes else None
 
 
 if __name__ == "__main__":

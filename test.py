@@ -31,41 +31,40 @@ def main(argv: list[str]) -> int:
 
     import config
     from retrieval import answers, sets
-    from retrieval.embedder import load_embedder
-    from retrieval.evaluate import open_gallery
-    from retrieval.faiss_index import open_index
+    from retrieval.searcher import Searcher
     from tfcbir import UserError
 
     cfg = config.load(args.config)
-    protocol = sets.protocol(cfg)
-    embedder = load_embedder(cfg, args.checkpoint)  # its weights' hash checks the gallery
-    gallery = open_gallery(cfg, protocol.gallery, args.config, embedder.model_id, args.checkpoint)
-    answers.check_r(args.retrieve, gallery, protocol.leave_one_out)
+    searcher = Searcher.open(
+        cfg, index=args.index, checkpoint=args.checkpoint, config_path=args.config
+    )
+    protocol = searcher.protocol
+    answers.check_r(args.retrieve, searcher.gallery, protocol.leave_one_out)
     candidates = sets.images(cfg, protocol.queries)
+    absolute = candidates.absolute_paths()
     rng = np.random.default_rng(args.seed)
     for pick in rng.permutation(len(candidates))[:20]:  # a broken file: try another image
-        path = candidates.absolute_paths()[pick]
-        found = list(embedder.embed_files([path]))
+        relative = candidates.paths[pick]
+        # Leave-one-out: the query is a gallery item, left out of its own answers.
+        itself = searcher.position(relative) if protocol.leave_one_out else None
+        found = list(
+            searcher.search_files(
+                [absolute[pick]],
+                args.retrieve,
+                labels=[int(candidates.labels[pick])],
+                exclude=[itself],
+            )
+        )
         if found:
             break
     else:
         raise UserError(f"no readable query image found in {candidates.root}")
-    label = int(candidates.labels[pick])
-    relative = candidates.paths[pick]
-    exclude = None
-    if protocol.leave_one_out and relative in gallery.paths:
-        exclude = np.array([gallery.paths.index(relative)])
-    index = open_index(
-        gallery,
-        args.index or cfg["index"]["type"],
-        search_parameters=cfg["index"]["search_parameters"],
-        config_path=args.config,
-    )
-    ranked = answers.rank(index, gallery, found[0][1], [label], args.retrieve, exclude)[0]
-    class_name = candidates.classes[label]
+    path = absolute[pick]
+    class_name = candidates.classes[int(candidates.labels[pick])]
+    ranked = found[0].answers
     print(answers.table(relative, class_name, ranked))
     out = args.save or config.run_dir(cfg) / "queries" / f"test-{Path(relative).stem}.png"
-    print(f"picture: {answers.picture(path, class_name, ranked, gallery, out)}")
+    print(f"picture: {answers.picture(path, class_name, ranked, searcher.gallery, out)}")
     return 0
 
 
