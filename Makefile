@@ -7,8 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo demo-text test lint format
 
-REQUIREMENTS := requirements.txt requirements-dev.txt requirements-faiss.txt \
-	requirements-hub.txt requirements-hub-nodeps.txt
+REQUIREMENTS := $(wildcard requirements*.txt)
 
 # keras-hub and tensorflow-text go in last with --no-deps: tensorflow-text's wheels require the
 # full `tensorflow` package, which pip would otherwise install over tensorflow-cpu (see README,

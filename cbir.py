@@ -61,32 +61,27 @@ def main(argv: list[str]) -> int:
 
     import config
     from datasets.images import is_image_name
-    from retrieval import answers, sets
-    from retrieval.embedder import load_embedder, load_text_encoder
-    from retrieval.evaluate import open_gallery
-    from retrieval.faiss_index import open_index
-    from retrieval.text_queries import open_text_gallery, slug
+    from retrieval import answers
+    from retrieval.searcher import Searcher
+    from retrieval.text_queries import slug
     from tfcbir import UserError
 
     cfg = config.load(args.config)
     texts = _texts(args.text)
     paths = _query_paths(args.queries, args.list, is_image_name, allow_none=bool(texts))
-    name = args.gallery or sets.protocol(cfg).gallery
-    # Each model is loaded only if a query needs it; their identity (both towers) checks the
+    # Each tower is loaded only if a query needs it; their identity (both towers) checks the
     # gallery.
-    encoder = load_text_encoder(cfg, args.checkpoint) if texts else None
-    embedder = load_embedder(cfg, args.checkpoint) if paths else None
-    if encoder is not None:
-        gallery = open_text_gallery(cfg, name, encoder, args.config, args.checkpoint)
-    else:
-        gallery = open_gallery(cfg, name, args.config, embedder.model_id, args.checkpoint)
-    answers.check_r(args.retrieve, gallery)
-    index = open_index(
-        gallery,
-        args.index or cfg["index"]["type"],
-        search_parameters=cfg["index"]["search_parameters"],
+    searcher = Searcher.open(
+        cfg,
+        gallery=args.gallery,
+        index=args.index,
+        checkpoint=args.checkpoint,
         config_path=args.config,
+        images=bool(paths),
+        text=bool(texts),
     )
+    gallery = searcher.gallery
+    answers.check_r(args.retrieve, gallery)
     count = len(paths) + len(texts)
     failed: list[int] = []
     results = []
@@ -96,51 +91,44 @@ def main(argv: list[str]) -> int:
             return args.save
         return args.save.with_name(f"{args.save.stem}_{stem}{args.save.suffix}")
 
-    if embedder is not None:
-        for indices, embeddings in embedder.embed_files(
-            [str(p) for p in paths],
+    if paths:
+        for result in searcher.search_files(
+            paths,
+            args.retrieve,
             batch_size=args.batch_size,
             on_error=lambda i, _message: failed.append(i),
         ):
-            labels = [_known_class(paths[i], gallery) for i in indices]
-            ranked = answers.rank(index, gallery, embeddings, labels, args.retrieve)
-            for i, label, found in zip(indices, labels, ranked):
-                class_name = None if label is None else gallery.classes[label]
-                results.append(answers.as_json(str(paths[i]), class_name, found))
-                if not args.json:
-                    print(answers.table(str(paths[i]), class_name, found) + "\n")
-                if args.save:
-                    saved = answers.picture(
-                        paths[i], class_name, found, gallery, out_path(paths[i].stem)
-                    )
-                    print(f"picture: {saved}", file=sys.stderr)
-    if encoder is not None:
-        ranked = answers.rank(
-            index, gallery, encoder.embed(texts), [None] * len(texts), args.retrieve
-        )
-        for n, (text, found) in enumerate(zip(texts, ranked)):
-            unknown = encoder.unknown_words(text)
-            if unknown:
-                print(
-                    f"warning: --text {text!r}: {', '.join(map(repr, unknown))} "
-                    f"{'is' if len(unknown) == 1 else 'are'} not in the text tower's vocabulary "
-                    "(the training captions' words) and read as unknown",
-                    file=sys.stderr,
-                )
-            results.append(answers.text_as_json(text, None, found, unknown))
+            results.append(result)
             if not args.json:
-                print(answers.text_table(text, None, found) + "\n")
+                print(result.table() + "\n")
             if args.save:
-                stem = f"text{n + 1}-{slug(text)}" if len(texts) > 1 else slug(text)
-                saved = answers.text_picture(text, None, found, gallery, out_path(stem))
+                query = paths[result.position]
+                out = out_path(query.stem)
+                saved = answers.picture(query, result.query_class, result.answers, gallery, out)
                 print(f"picture: {saved}", file=sys.stderr)
+    for result in searcher.search_text(texts, args.retrieve) if texts else []:
+        text, unknown = result.query, result.unknown_words
+        if unknown:
+            print(
+                f"warning: --text {text!r}: {', '.join(map(repr, unknown))} "
+                f"{'is' if len(unknown) == 1 else 'are'} not in the text tower's vocabulary "
+                "(the training captions' words) and read as unknown",
+                file=sys.stderr,
+            )
+        results.append(result)
+        if not args.json:
+            print(result.table() + "\n")
+        if args.save:
+            stem = f"text{result.position + 1}-{slug(text)}" if len(texts) > 1 else slug(text)
+            saved = answers.text_picture(text, None, result.answers, gallery, out_path(stem))
+            print(f"picture: {saved}", file=sys.stderr)
     if args.json:
         print(
             json.dumps(
                 {
                     "gallery": str(gallery.path),
                     "r": args.retrieve,
-                    "results": results,
+                    "results": [result.as_json() for result in results],
                     "unreadable": [str(paths[i]) for i in sorted(failed)],
                 },
                 indent=2,
@@ -187,16 +175,6 @@ def _query_paths(
             'no query given; name image files, folders or --list files, or --text "..."'
         )
     return paths
-
-
-def _known_class(path: Path, gallery) -> int | None:
-    """A query inside a class folder of the gallery's data set has that class."""
-    try:
-        Path(path).resolve().relative_to(Path(gallery.data_root).resolve())
-    except ValueError:
-        return None
-    folder = Path(path).parent.name
-    return gallery.classes.index(folder) if folder in gallery.classes else None
 
 
 if __name__ == "__main__":

@@ -42,41 +42,40 @@ def main(argv: list[str]) -> int:
 
     import config
     from retrieval import answers, sets
-    from retrieval.embedder import load_embedder
-    from retrieval.evaluate import open_gallery
-    from retrieval.faiss_index import open_index
+    from retrieval.searcher import Searcher
     from tfcbir import UserError
 
     cfg = config.load(args.config)
-    protocol = sets.protocol(cfg)
-    embedder = load_embedder(cfg, args.checkpoint)  # its weights' hash checks the gallery
-    gallery = open_gallery(cfg, protocol.gallery, args.config, embedder.model_id, args.checkpoint)
-    answers.check_r(args.retrieve, gallery, protocol.leave_one_out)
+    searcher = Searcher.open(
+        cfg, index=args.index, checkpoint=args.checkpoint, config_path=args.config
+    )
+    protocol = searcher.protocol
+    answers.check_r(args.retrieve, searcher.gallery, protocol.leave_one_out)
     candidates = sets.images(cfg, protocol.queries)
+    absolute = candidates.absolute_paths()
     rng = np.random.default_rng(args.seed)
     for pick in rng.permutation(len(candidates))[:20]:  # a broken file: try another image
-        path = candidates.absolute_paths()[pick]
-        found = list(embedder.embed_files([path]))
+        relative = candidates.paths[pick]
+        # Leave-one-out: the query is a gallery item, left out of its own answers.
+        itself = searcher.position(relative) if protocol.leave_one_out else None
+        found = list(
+            searcher.search_files(
+                [absolute[pick]],
+                args.retrieve,
+                labels=[int(candidates.labels[pick])],
+                exclude=[itself],
+            )
+        )
         if found:
             break
     else:
         raise UserError(f"no readable query image found in {candidates.root}")
-    label = int(candidates.labels[pick])
-    relative = candidates.paths[pick]
-    exclude = None
-    if protocol.leave_one_out and relative in gallery.paths:
-        exclude = np.array([gallery.paths.index(relative)])
-    index = open_index(
-        gallery,
-        args.index or cfg["index"]["type"],
-        search_parameters=cfg["index"]["search_parameters"],
-        config_path=args.config,
-    )
-    ranked = answers.rank(index, gallery, found[0][1], [label], args.retrieve, exclude)[0]
-    class_name = candidates.classes[label]
+    path = absolute[pick]
+    class_name = candidates.classes[int(candidates.labels[pick])]
+    ranked = found[0].answers
     print(answers.table(relative, class_name, ranked))
     out = args.save or config.run_dir(cfg) / "queries" / f"test-{Path(relative).stem}.png"
-    print(f"picture: {answers.picture(path, class_name, ranked, gallery, out)}")
+    print(f"picture: {answers.picture(path, class_name, ranked, searcher.gallery, out)}")
     return 0
 
 
@@ -86,38 +85,35 @@ def _text_query(args) -> int:
     import config
     from datasets.captions import image_captions, load_caption_table
     from retrieval import answers, sets
-    from retrieval.embedder import load_text_encoder
-    from retrieval.faiss_index import open_index
-    from retrieval.text_queries import class_prompts_of, open_text_gallery, slug
+    from retrieval.searcher import Searcher
+    from retrieval.text_queries import class_prompts_of, slug
 
     cfg = config.load(args.config)
-    protocol = sets.protocol(cfg)
-    encoder = load_text_encoder(cfg, args.checkpoint)
-    gallery = open_text_gallery(cfg, protocol.gallery, encoder, args.config, args.checkpoint)
-    answers.check_r(args.retrieve, gallery)
+    searcher = Searcher.open(
+        cfg,
+        index=args.index,
+        checkpoint=args.checkpoint,
+        config_path=args.config,
+        images=False,
+        text=True,
+    )
+    answers.check_r(args.retrieve, searcher.gallery)
     text, label = " ".join(args.text.split()), None
     if not text:  # a random test image's caption, or its class prompt
-        candidates = sets.images(cfg, protocol.queries)
+        candidates = sets.images(cfg, searcher.protocol.queries)
         pick = int(np.random.default_rng(args.seed).integers(len(candidates)))
         label = int(candidates.labels[pick])
         table = load_caption_table(config.data_root(cfg), cfg["data"]["captions"]["file"])
         own = image_captions(candidates.subset([pick]), table, None).texts
         text = own[0] if own else class_prompts_of(cfg, [candidates.classes[label]])[0][0]
         print(f"text of {candidates.paths[pick]}: {text!r}")
-    index = open_index(
-        gallery,
-        args.index or cfg["index"]["type"],
-        search_parameters=cfg["index"]["search_parameters"],
-        config_path=args.config,
-    )
-    ranked = answers.rank(index, gallery, encoder.embed([text]), [label], args.retrieve)[0]
-    class_name = None if label is None else gallery.classes[label]
-    print(answers.text_table(text, class_name, ranked))
-    unknown = encoder.unknown_words(text)
-    if unknown:
-        print(f"unknown words (read as unknown): {', '.join(unknown)}")
+    result = searcher.search_text([text], args.retrieve, labels=[label])[0]
+    print(result.table())
+    if result.unknown_words:
+        print(f"unknown words (read as unknown): {', '.join(result.unknown_words)}")
     out = args.save or config.run_dir(cfg) / "queries" / f"text-{slug(text)}.png"
-    print(f"picture: {answers.text_picture(text, class_name, ranked, gallery, out)}")
+    picture = answers.text_picture(text, result.query_class, result.answers, searcher.gallery, out)
+    print(f"picture: {picture}")
     return 0
 
 

@@ -11,6 +11,7 @@ are ``(width, height)``; the conversion happens only in this module).
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -60,12 +61,16 @@ def is_image_name(name: str | os.PathLike) -> bool:
 
 
 def load_image(
-    path: str | os.PathLike,
+    path: str | os.PathLike | bytes,
     size: tuple[int, int] | None = None,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
 ) -> np.ndarray:
     """Decode ``path`` into an RGB array ``(H, W, 3)`` uint8, resized to ``size=(h, w)`` if given.
+
+    ``path`` may also be the encoded image itself (``bytes``, e.g. an upload), named ``name`` in
+    error messages (default ``"<image data>"``); it is decoded from memory, nothing is written.
 
     - The EXIF orientation is applied, so the array is upright as a viewer shows it.
     - Colour modes: grey (L, 1), palette (P, with transparency), CMYK, YCbCr become RGB; anything
@@ -81,15 +86,20 @@ def load_image(
 
     Raises ImageError (missing, empty, not an image, truncated/corrupt, too large).
     """
-    path = os.fspath(path)
-    try:
-        if os.path.getsize(path) == 0:
-            raise ImageError(path, "the file is empty; delete it or replace it with the image")
-    except OSError:
-        raise ImageError(path, "the file does not exist or cannot be read") from None
+    if isinstance(path, bytes | bytearray | memoryview):
+        source, path = io.BytesIO(path), name or "<image data>"
+        if not source.getbuffer().nbytes:
+            raise ImageError(path, "no image data (0 bytes)")
+    else:
+        source = path = os.fspath(path)
+        try:
+            if os.path.getsize(path) == 0:
+                raise ImageError(path, "the file is empty; delete it or replace it with the image")
+        except OSError:
+            raise ImageError(path, "the file does not exist or cannot be read") from None
 
     try:
-        opened = Image.open(path)
+        opened = Image.open(source)
     except Image.DecompressionBombError:
         raise ImageError(path, _too_large_text(None, max_pixels)) from None
     except Image.UnidentifiedImageError:
@@ -216,18 +226,37 @@ def random_crop_flip(
 
 
 def load_and_fit(
-    path: str | os.PathLike,
+    path: str | os.PathLike | bytes,
     image_size: tuple[int, int],
     resize: tuple[int, int] | None,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str | None = None,
 ) -> np.ndarray:
-    """The evaluation view of an image: resized to ``resize`` then centre-cropped to
-    ``image_size``, or resized straight to ``image_size`` when ``resize`` is None. ``(h, w, 3)``.
+    """The evaluation view of an image (a file, or its bytes named ``name``, as
+    :func:`load_image`): resized to ``resize`` then centre-cropped to ``image_size``, or resized
+    straight to ``image_size`` when ``resize`` is None. ``(h, w, 3)``.
     """
     if resize is None:
-        return load_image(path, image_size, max_pixels=max_pixels)
-    return center_crop(load_image(path, resize, max_pixels=max_pixels), image_size)
+        return load_image(path, image_size, max_pixels=max_pixels, name=name)
+    return center_crop(load_image(path, resize, max_pixels=max_pixels, name=name), image_size)
+
+
+def fit_image(
+    image: np.ndarray, image_size: tuple[int, int], resize: tuple[int, int] | None
+) -> np.ndarray:
+    """:func:`load_and_fit`'s view of an image decoded already (``(H, W, 3)`` uint8): resized
+    with the same filter to ``resize``, then centre-cropped to ``image_size`` (or resized straight
+    to ``image_size`` when ``resize`` is None). Equal to load_and_fit's pixels except for JPEGs
+    that load_and_fit decodes at a reduced scale (much larger than the size)."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    target = tuple(image_size) if resize is None else tuple(resize)
+    if image.shape[:2] != target:
+        resized = Image.fromarray(image).resize((target[1], target[0]), Image.Resampling.BILINEAR)
+        image = np.asarray(resized, dtype=np.uint8)
+    return image if resize is None else center_crop(image, image_size)
 
 
 def as_size(value, name: str) -> tuple[int, int]:
@@ -250,6 +279,7 @@ __all__ = [
     "is_image_name",
     "load_image",
     "load_and_fit",
+    "fit_image",
     "center_crop",
     "random_crop_flip",
     "as_size",

@@ -8,6 +8,9 @@ the evaluation CLIs start fast.
 - :mod:`retrieval.gallery`: the HDF5 gallery (atomic writes, identity checks, resumable writer).
 - :mod:`retrieval.faiss_index`: optional approximate search with FAISS (faiss-cpu).
 - :mod:`retrieval.visualize`: a query beside its answers, framed by match / miss.
+- :mod:`retrieval.searcher`: the :class:`~retrieval.searcher.Searcher` that cbir.py, test.py and
+  serve.py share: a run's model, gallery and index loaded once, answering batches of queries
+  (it loads the model through :mod:`retrieval.embedder`, the one module here using TensorFlow).
 
 Definitions: the README's "Retrieval" section.
 """

@@ -21,17 +21,41 @@ class Answer:
     class_name: str
     path: str  # relative to the gallery's data root
     match: bool | None  # None when the query's class is unknown
+    index: int  # the item's position in the gallery
+
+
+class AnswerCountError(UserError):
+    """k answers cannot be given: k < 1, or more than the ``available`` gallery items (the
+    gallery's size, less one when each query's own item is left out)."""
+
+    def __init__(self, k: int, available: int, gallery: Gallery):
+        self.k, self.available, self.gallery = k, available, gallery
+        super().__init__(
+            f"{k} answers asked: at least 1 is needed"
+            if k < 1
+            else f"{k} answers asked of the gallery {gallery.path}, which has {available} "
+            "images to answer with"
+        )
+
+
+def check_k(k: int, gallery: Gallery, leave_one_out: bool = False) -> None:
+    """AnswerCountError unless 1 <= k <= the gallery's size (less one with ``leave_one_out``)."""
+    available = len(gallery) - (1 if leave_one_out else 0)
+    if not 1 <= k <= available:
+        raise AnswerCountError(k, available, gallery)
 
 
 def check_r(r: int, gallery: Gallery, leave_one_out: bool = False) -> None:
-    available = len(gallery) - (1 if leave_one_out else 0)
-    if r < 1:
-        raise UserError(f"-r {r}: give a number of answers >= 1")
-    if r > available:
+    """:func:`check_k` in the CLIs' terms (their ``-r``)."""
+    try:
+        check_k(r, gallery, leave_one_out)
+    except AnswerCountError as error:
+        if r < 1:
+            raise UserError(f"-r {r}: give a number of answers >= 1") from None
         raise UserError(
-            f"-r {r} is larger than the gallery {gallery.path} ({available} images); "
-            f"give -r <= {available}"
-        )
+            f"-r {r} is larger than the gallery {gallery.path} ({error.available} images); "
+            f"give -r <= {error.available}"
+        ) from None
 
 
 def rank(
@@ -54,6 +78,7 @@ def rank(
                     class_name=gallery.classes[gallery.labels[j]],
                     path=gallery.paths[j],
                     match=None if label is None else bool(gallery.labels[j] == label),
+                    index=int(j),
                 )
                 for i, (s, j) in enumerate(zip(row_scores, row_indices))
                 if j >= 0

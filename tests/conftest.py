@@ -74,3 +74,21 @@ def write_config(folder: Path, name: str, raw: dict) -> Path:
     path = folder / f"{name}.json"
     path.write_text(json.dumps(raw))
     return path
+
+
+@pytest.fixture(scope="session")
+def searchable_run(tmp_path_factory, tiny_demo):
+    """A data_dir with the tiny demo set, a briefly trained run and its embedded galleries:
+    ``(config path, data_dir)``. Tests that run a CLI on it set TFCBIR_DATA_DIR to data_dir."""
+    import config
+    from embed import main as embed
+    from training.trainer import train
+
+    root = tmp_path_factory.mktemp("searchable") / "data"
+    shutil.copytree(tiny_demo, root / "datasets" / "shapes")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TFCBIR_DATA_DIR", str(root))
+        path = write_config(root, "search", tiny_config(train__steps=20, train__validate_every=10))
+        train(config.load(path))
+        assert embed(["-c", str(path)]) == 0
+    return path, root

@@ -8,6 +8,7 @@ from datasets.images import (
     IMAGE_EXTENSIONS,
     ImageError,
     center_crop,
+    fit_image,
     is_image_name,
     load_and_fit,
     load_image,
@@ -209,3 +210,42 @@ def test_load_and_fit_resizes_then_centre_crops(tmp_path):
     fitted = load_and_fit(path, (16, 16), (20, 24))
     np.testing.assert_array_equal(fitted, center_crop(load_image(path, (20, 24)), (16, 16)))
     np.testing.assert_array_equal(load_and_fit(path, (16, 16), None), load_image(path, (16, 16)))
+
+
+def test_encoded_bytes_decode_as_their_file_does(tmp_path):
+    png = write_image(tmp_path / "a.png", gradient((40, 30)))
+    jpeg = write_image(tmp_path / "b.jpg", gradient((900, 700)), quality=90)
+    for path in (png, jpeg):
+        data = path.read_bytes()
+        np.testing.assert_array_equal(load_image(data), load_image(path))
+        np.testing.assert_array_equal(load_image(data, (20, 16)), load_image(path, (20, 16)))
+        np.testing.assert_array_equal(
+            load_and_fit(data, (16, 16), (20, 24), name="upload"),
+            load_and_fit(path, (16, 16), (20, 24)),
+        )
+    with pytest.raises(ImageError) as empty:
+        load_image(b"", name="upload.png")
+    assert str(empty.value) == "upload.png: no image data (0 bytes)"
+    with pytest.raises(ImageError, match=r"^<image data>: not an image file"):
+        load_image(b"plain words")
+    bomb = write_png_header(tmp_path / "bomb.png", 60000, 60000).read_bytes()
+    with pytest.raises(ImageError, match="^bomb.png: the image is more than the 1000 pixels"):
+        load_image(bomb, max_pixels=1000, name="bomb.png")  # PIL's own limit, at opening
+    large = write_png_header(tmp_path / "large.png", 2000, 1000).read_bytes()
+    with pytest.raises(ImageError, match="^large.png: 2000x1000 pixels is more than the 1000"):
+        load_image(large, max_pixels=1000, name="large.png")  # ours, from the header
+
+
+def test_fit_image_is_load_and_fit_of_decoded_pixels(tmp_path):
+    path = write_image(tmp_path / "a.png", gradient((50, 70)))
+    pixels = load_image(path)
+    np.testing.assert_array_equal(
+        fit_image(pixels, (16, 16), (20, 24)), load_and_fit(path, (16, 16), (20, 24))
+    )
+    np.testing.assert_array_equal(
+        fit_image(pixels, (16, 16), None), load_and_fit(path, (16, 16), None)
+    )
+    same_size = gradient((16, 16))
+    np.testing.assert_array_equal(fit_image(same_size, (16, 16), None), same_size)
+    with pytest.raises(ValueError, match=r"expected an \(H, W, 3\) uint8 image"):
+        fit_image(np.zeros((8, 8), np.uint8), (4, 4), None)

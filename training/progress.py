@@ -1,4 +1,8 @@
-"""A one-line progress bar with loss, step rate and ETA (a plain line every so often off a TTY)."""
+"""A one-line progress bar with values, rate and ETA (a plain line every so often off a TTY).
+
+Training counts steps; other long jobs (the analysis report's parts, embedding images) name
+their own ``unit`` and may show a ``text`` label, e.g. the part being worked on.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,15 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, start: int = 0, stream=None, every_s: float = 10.0):
-        self.total, self.start = total, start
+    def __init__(
+        self,
+        total: int,
+        start: int = 0,
+        stream=None,
+        every_s: float = 10.0,
+        unit: str = "steps",
+    ):
+        self.total, self.start, self.unit = total, start, unit
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.every_s = every_s
@@ -18,7 +29,8 @@ class Progress:
         elapsed = time.monotonic() - self.t0
         return (step - self.start) / elapsed if elapsed > 0 else 0.0
 
-    def update(self, step: int, **values) -> None:
+    def update(self, step: int, text: str = "", **values) -> None:
+        """Show ``step`` of ``total``, the named ``values`` (numbers) and ``text``."""
         now = time.monotonic()
         if not self.tty and now - self.last_print < self.every_s and step < self.total:
             return
@@ -26,10 +38,10 @@ class Progress:
         rate = self.rate(step)
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         width = 24
-        done = int(width * step / self.total)
+        done = int(width * step / max(self.total, 1))
         bar = "=" * done + ">" * (done < width) + "." * (width - done - 1)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
-        line = f"{step}/{self.total} [{bar}] {shown} {rate:.2f} steps/s ETA {_clock(eta)}"
+        shown = " ".join([f"{k} {v:.4g}" for k, v in values.items()] + ([text] if text else []))
+        line = f"{step}/{self.total} [{bar}] {shown} {rate:.2f} {self.unit}/s ETA {_clock(eta)}"
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
         else:

@@ -20,6 +20,8 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from config.schema import RESUMABLE_CHANGES, resolve
 from tfcbir import UserError
 from tfcbir.files import write_json
@@ -84,6 +86,19 @@ class RunFolder:
     def write_best(self, info: dict) -> None:
         write_json(self.best_info, info)
 
+    def read_metrics(self) -> dict[str, np.ndarray] | None:
+        """The columns of metrics.csv (:data:`CSV_FIELDS`) as float64 arrays (R,), one value per
+        row, NaN where a row has none (validation Recall@1 is only measured every
+        ``train.validate_every`` steps); None when the run has no metrics.csv."""
+        if not self.metrics.is_file():
+            return None
+        with open(self.metrics, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        return {
+            name: np.array([_number(row.get(name)) for row in rows], dtype=np.float64)
+            for name in CSV_FIELDS
+        }
+
     def open_metrics(self, resume_step: int, fields: list[str] = CSV_FIELDS):
         """The CSV log with columns ``fields``, opened for appending; rows after
         ``resume_step`` are dropped (redone)."""
@@ -97,6 +112,13 @@ class RunFolder:
         writer.writerows(rows)
         handle.flush()
         return handle, writer
+
+
+def _number(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):  # an empty cell, or a row cut short by a crash
+        return float("nan")
 
 
 def _with_new_defaults(saved: dict) -> dict:

@@ -1,0 +1,241 @@
+"""Benchmark: the search service over HTTP on loopback against the same searches in-process.
+
+Two workloads, each run by --clients concurrent clients for --seconds:
+
+- upload: a 500 x 375 JPEG photo (cycling through a few) searched for its top --k: decode, embed,
+  search (``POST /api/search`` with the file, or ``Searcher.search_bytes``);
+- similar: "more like this" of a gallery item (``GET /api/similar/<i>``, or
+  ``Searcher.search_gallery``): the search alone, no model.
+
+In-process, the clients are threads calling one :class:`retrieval.searcher.Searcher` (what the
+server does inside); over HTTP they are threads with keep-alive connections to ``serve.py``,
+started as a subprocess on a free localhost port. It prints requests/s and p50/p99 latency of
+each, and the ratio HTTP / in-process (throughput): what HTTP, JSON and the multipart upload
+cost. The answers of both paths are checked to be the same. On a small machine the clients,
+the server and the in-process searches share the CPUs: compare ratios, not absolute numbers,
+across machines.
+
+Without -c it makes its own run in a temporary folder: the demo shapes (12 classes x 60) and
+trainings/demo.json's model with untrained weights (search costs do not depend on the weights),
+its training split embedded as the gallery (540 images).
+
+    .venv/bin/python benchmarks/serve.py                         # 4 clients, 10 s a measurement
+    .venv/bin/python benchmarks/serve.py --clients 8 --seconds 20 --k 20
+    .venv/bin/python benchmarks/serve.py -c trainings/demo.json  # a trained, embedded run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def make_run(folder: Path) -> Path:
+    """A data_dir in ``folder`` with the demo set and an embedded untrained demo run: its config."""
+    import config
+    import nets
+    from datasets.demo import generate
+    from embed import main as embed
+    from training.run import RunFolder
+
+    os.environ["TFCBIR_DATA_DIR"] = str(folder)
+    raw = json.loads((ROOT / "trainings" / "demo.json").read_text())
+    generate(folder / raw["data"]["root"])
+    path = folder / "bench.json"
+    path.write_text(json.dumps({**raw, "name": "bench"}))
+    cfg = config.load(path)
+    model = nets.build_embedding_model(
+        cfg["model"], tuple(cfg["data"]["image_size"]), pretrained=False
+    )
+    run = RunFolder(config.run_dir(cfg))
+    run.best_weights.parent.mkdir(parents=True, exist_ok=True)
+    model.save_weights(run.best_weights)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = embed(["-c", str(path)])
+    if code != 0:
+        raise SystemExit("embedding the benchmark's gallery failed")
+    return path
+
+
+def photos(count: int) -> list[bytes]:
+    from benchmarks.embed import write_jpegs
+
+    with tempfile.TemporaryDirectory() as folder:
+        return [Path(p).read_bytes() for p in write_jpegs(Path(folder), count, seed=1)]
+
+
+def drive(clients: int, seconds: float, work) -> dict:
+    """``clients`` threads calling ``work(client, n)`` for ``seconds``: throughput, latencies."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    stop = time.perf_counter() + seconds
+    errors: list[BaseException] = []
+
+    def client(c: int) -> None:
+        n = c
+        try:
+            while time.perf_counter() < stop:
+                started = time.perf_counter()
+                work(c, n)
+                latencies[c].append(time.perf_counter() - started)
+                n += clients
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    every = np.array([t for each in latencies for t in each]) * 1000
+    return {
+        "requests": len(every),
+        "per_s": len(every) / elapsed,
+        "p50": float(np.percentile(every, 50)),
+        "p99": float(np.percentile(every, 99)),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(config_path: Path, port: int) -> subprocess.Popen:
+    import httpx
+
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "serve.py"), "-c", str(config_path), "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"serve.py stopped: {server.stderr.read().strip()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            time.sleep(0.2)
+    server.kill()
+    raise SystemExit("serve.py did not answer /healthz within 3 minutes")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-c", "--config", type=Path, help="an embedded run (default: its own)")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    parser.add_argument("--seconds", type=float, default=10, help="length of each measurement")
+    parser.add_argument("--k", type=int, default=10, help="answers per query")
+    args = parser.parse_args(argv)
+
+    from tfcbir.cli import import_tensorflow, setup_logging
+
+    setup_logging()
+    import_tensorflow()
+    import httpx
+
+    import config
+    from retrieval.searcher import Searcher
+
+    with tempfile.TemporaryDirectory() as folder:
+        config_path = args.config or make_run(Path(folder))
+        searcher = Searcher.open(config.load(config_path), config_path=config_path)
+        queries = photos(8)
+        items = np.random.default_rng(0).permutation(len(searcher))
+        print(
+            f"gallery {searcher.gallery.path.name}: {len(searcher)} images, "
+            f"{searcher.gallery.dim}-d; model input {searcher.embedder.image_size}; "
+            f"k = {args.k}; {args.clients} clients x {args.seconds:g} s; "
+            f"{os.cpu_count()} CPUs shared by clients and server"
+        )
+
+        def upload_in_process(_c, n):
+            return searcher.search_bytes([queries[n % len(queries)]], args.k)[0]
+
+        def similar_in_process(_c, n):
+            return searcher.search_gallery([int(items[n % len(items)])], args.k)[0]
+
+        port = free_port()
+        server = start_server(config_path, port)
+        sessions = [
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+            for _ in range(args.clients)
+        ]
+        try:
+
+            def upload_http(c, n):
+                files = {"image": (f"q{n}.jpg", queries[n % len(queries)], "image/jpeg")}
+                answer = sessions[c].post(f"/api/search?k={args.k}", files=files)
+                answer.raise_for_status()
+                return answer.json()
+
+            def similar_http(c, n):
+                answer = sessions[c].get(f"/api/similar/{items[n % len(items)]}?k={args.k}")
+                answer.raise_for_status()
+                return answer.json()
+
+            for n in range(3):  # the same answers both ways
+                served, direct = upload_http(0, n), upload_in_process(0, n)
+                assert [(r["index"], r["score"]) for r in served["results"]] == [
+                    (a.index, a.score) for a in direct.answers
+                ], "HTTP and in-process answers differ"
+                served, direct = similar_http(0, n), similar_in_process(0, n)
+                assert [r["index"] for r in served["results"]] == [a.index for a in direct.answers]
+            rows = []
+            for name, local, remote in (
+                ("upload", upload_in_process, upload_http),
+                ("similar", similar_in_process, similar_http),
+            ):
+                drive(args.clients, min(2.0, args.seconds), local)  # warm-up
+                measured_local = drive(args.clients, args.seconds, local)
+                drive(args.clients, min(2.0, args.seconds), remote)
+                measured_remote = drive(args.clients, args.seconds, remote)
+                rows.append((name, measured_local, measured_remote))
+        finally:
+            for session in sessions:
+                session.close()
+            server.terminate()
+            server.wait(30)
+
+    print(
+        f"\n{'workload':<9} {'path':<11} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
+    )
+    for name, local, remote in rows:
+        for path, m in (("in-process", local), ("HTTP", remote)):
+            print(
+                f"{name:<9} {path:<11} {m['requests']:>8} {m['per_s']:>8.1f} "
+                f"{m['p50']:>8.2f} {m['p99']:>8.2f}"
+            )
+    print()
+    for name, local, remote in rows:
+        print(
+            f"{name}: HTTP / in-process throughput {remote['per_s'] / local['per_s']:.2f}, "
+            f"p50 latency +{remote['p50'] - local['p50']:.2f} ms"
+        )
+
+
+if __name__ == "__main__":
+    main()

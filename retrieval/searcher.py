@@ -1,0 +1,356 @@
+"""One long-lived search: a run's model, gallery and index, loaded once, answering batches of queries.
+
+``Searcher.open(config)`` loads the embedding model (:func:`retrieval.embedder.load_embedder`),
+the gallery of the config's protocol (:func:`retrieval.evaluate.open_gallery`: refused unless
+fresh) and its index (:func:`retrieval.faiss_index.open_index`: exact or FAISS). Its methods take
+batches of queries and give one :class:`Result` per query, its answers ranked by
+:func:`retrieval.answers.rank`:
+
+- :meth:`Searcher.search_files`: image files (streamed in batches; unreadable ones skipped);
+- :meth:`Searcher.search_bytes`: encoded images, e.g. uploads (decoded in memory);
+- :meth:`Searcher.search_images`: decoded ``(H, W, 3)`` uint8 arrays;
+- :meth:`Searcher.search_gallery`: gallery items by index ("more like this"), each left out of
+  its own answers as in leave-one-out;
+- :meth:`Searcher.search_text`: words, for a model with a text tower (:attr:`Searcher.has_text`).
+
+cbir.py, test.py and serve.py are its front ends. Its errors (UserError and its kinds
+:class:`~retrieval.answers.AnswerCountError`, :class:`GalleryIndexError`,
+:class:`datasets.images.ImageError`) say what is wrong; each front end says how to fix it in its
+own terms. A Searcher may be shared by threads: the model and the index are used under one lock,
+images are decoded outside it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from datasets.images import DEFAULT_MAX_PIXELS, fit_image, load_and_fit
+from retrieval import answers, sets
+from retrieval.answers import Answer
+from retrieval.gallery import Gallery
+from tfcbir import UserError
+
+
+@dataclass
+class Result:
+    """One query's answers. ``query``: what was asked (a path, an upload's name, a gallery path,
+    a text); ``query_class``: its class where known (None otherwise; answers then have
+    ``match`` None); ``position``: the query's place in the batch it was asked in;
+    ``query_index``: its gallery position when it is a gallery item."""
+
+    query: str
+    query_class: str | None
+    answers: list[Answer]
+    position: int = 0
+    query_index: int | None = None
+    kind: str = "image"  # or "gallery" (search_gallery), "text" (search_text)
+    unknown_words: list[str] = field(default_factory=list)  # a text's, read as unknown
+
+    def as_json(self) -> dict:
+        """cbir.py --json's record of the query (:func:`retrieval.answers.as_json`, or
+        :func:`retrieval.answers.text_as_json` for a text)."""
+        if self.kind == "text":
+            return answers.text_as_json(
+                self.query, self.query_class, self.answers, self.unknown_words
+            )
+        return answers.as_json(self.query, self.query_class, self.answers)
+
+    def table(self) -> str:
+        if self.kind == "text":
+            return answers.text_table(self.query, self.query_class, self.answers)
+        return answers.table(self.query, self.query_class, self.answers)
+
+
+class GalleryIndexError(UserError):
+    """A gallery position that does not exist."""
+
+    def __init__(self, index, size: int):
+        self.index, self.size = index, size
+        super().__init__(
+            f"there is no gallery item {index}: the gallery has {size} items, 0 to {size - 1}"
+        )
+
+
+class Searcher:
+    """A run's model, gallery and index (see the module docstring). Build it with
+    :meth:`open`. ``embedder``: the image model (:class:`retrieval.embedder.Embedder`), None
+    when only text queries are to be answered; ``text_encoder``: the model's text tower (an
+    object with ``embed(texts) -> (B, D)``), None when it has none or it is not wanted."""
+
+    def __init__(
+        self,
+        config: dict,
+        embedder,
+        gallery: Gallery,
+        index,
+        *,
+        protocol: sets.Protocol | None = None,
+        text_encoder=None,
+    ):
+        self.config = config
+        self.embedder = embedder
+        self.gallery = gallery
+        self.index = index
+        self.protocol = protocol or sets.protocol(config)
+        self.text_encoder = text_encoder
+        self._lock = threading.RLock()  # around the model and the index
+        self._positions = {path: i for i, path in enumerate(gallery.paths)}
+
+    @classmethod
+    def open(
+        cls,
+        config: dict,
+        *,
+        gallery: str | None = None,
+        index: str | None = None,
+        checkpoint: str | Path | None = None,
+        config_path: str | Path | None = None,
+        images: bool = True,
+        text: bool | None = None,
+    ) -> Searcher:
+        """Load ``config``'s model (its best weights, or ``checkpoint``), the gallery of set
+        ``gallery`` (default: the protocol's gallery) and its index (``index``: ``"exact"`` or
+        the FAISS factory string embed.py built; default: the config's ``index.type``).
+        ``config_path`` names the config in the commands that errors suggest.
+
+        images: load the image model (else only gallery and text queries can be answered);
+        text: load the text tower too (UserError for a model without one); default: when the
+        model has one."""
+        from retrieval.embedder import has_text_tower, load_embedder, load_text_encoder
+        from retrieval.evaluate import open_gallery
+        from retrieval.faiss_index import open_index
+        from retrieval.text_queries import open_text_gallery
+
+        protocol = sets.protocol(config)
+        name = gallery or protocol.gallery
+        if text is None:
+            text = has_text_tower(config)
+        text_encoder = load_text_encoder(config, checkpoint) if text else None
+        embedder = load_embedder(config, checkpoint) if images else None
+        # The weights' hash checks the gallery (that of their files when no model is loaded);
+        # with a text tower, the towers it records and its dimension too.
+        if text_encoder is not None:
+            found = open_text_gallery(config, name, text_encoder, config_path, checkpoint)
+        else:
+            model_id = embedder.model_id if embedder is not None else None
+            found = open_gallery(config, name, config_path, model_id, checkpoint)
+        search_index = open_index(
+            found,
+            index or config["index"]["type"],
+            search_parameters=config["index"]["search_parameters"],
+            config_path=config_path,
+        )
+        return cls(
+            config, embedder, found, search_index, protocol=protocol, text_encoder=text_encoder
+        )
+
+    def __len__(self) -> int:
+        return len(self.gallery)
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the model has a text tower, so :meth:`search_text` can answer."""
+        return self.text_encoder is not None
+
+    # --- what the gallery holds ---------------------------------------------------------------
+
+    def check_k(self, k: int, *, leave_one_out: bool = False) -> None:
+        """AnswerCountError unless 1 <= k <= the gallery's size (less one with leave_one_out)."""
+        answers.check_k(k, self.gallery, leave_one_out)
+
+    def check_index(self, index: int) -> int:
+        """``index`` as an int; GalleryIndexError unless 0 <= index < len(gallery)."""
+        if isinstance(index, bool) or not isinstance(index, int | np.integer):
+            raise GalleryIndexError(index, len(self))
+        if not 0 <= index < len(self):
+            raise GalleryIndexError(index, len(self))
+        return int(index)
+
+    def position(self, path: str) -> int | None:
+        """The gallery position of the item at ``path`` (relative to the data root), or None."""
+        return self._positions.get(path)
+
+    def image_file(self, index: int) -> Path:
+        """Gallery item ``index``'s image file (GalleryIndexError for a position not in it)."""
+        return Path(self.gallery.data_root) / self.gallery.paths[self.check_index(index)]
+
+    def class_of(self, index: int) -> str:
+        return self.gallery.classes[int(self.gallery.labels[self.check_index(index)])]
+
+    def known_class(self, path: str | Path) -> int | None:
+        """The label of a query file inside a class folder of the gallery's data set, else None."""
+        try:
+            Path(path).resolve().relative_to(Path(self.gallery.data_root).resolve())
+        except ValueError:
+            return None
+        folder = Path(path).parent.name
+        return self.gallery.classes.index(folder) if folder in self.gallery.classes else None
+
+    # --- queries ------------------------------------------------------------------------------
+
+    def search_files(
+        self,
+        paths: Sequence[str | Path],
+        k: int,
+        *,
+        labels: Sequence[int | None] | None = None,
+        exclude: Sequence[int | None] | None = None,
+        batch_size: int = 64,
+        on_error: Callable[[int, str], None] | None = None,
+    ) -> Iterator[Result]:
+        """Results of image files, in order, batch by batch as they are embedded; a file that
+        cannot be read is skipped (``on_error(position, message)``, and a warning).
+
+        labels: each query's label (None: unknown); default: :meth:`known_class` of its path.
+        exclude: each query's gallery position to leave out of its answers (None: none), e.g.
+        the query itself in a leave-one-out protocol.
+        """
+        self.check_k(k, leave_one_out=exclude is not None and any(e is not None for e in exclude))
+        paths = [str(p) for p in paths]
+        if labels is None:
+            labels = [self.known_class(p) for p in paths]
+        embedder = self._image_model()
+        batches = embedder.embed_files(paths, batch_size=batch_size, on_error=on_error)
+        while True:
+            with self._lock:  # the forward pass runs inside next()
+                batch = next(batches, None)
+                if batch is None:
+                    return
+                positions, embeddings = batch
+                batch_labels = [labels[i] for i in positions]
+                left_out = None if exclude is None else [exclude[i] for i in positions]
+                ranked = self._rank(embeddings, batch_labels, k, left_out)
+            for i, label, found in zip(positions, batch_labels, ranked):
+                yield Result(paths[i], self._class_name(label), found, position=int(i))
+
+    def search_bytes(
+        self,
+        images: Sequence[bytes],
+        k: int,
+        *,
+        names: Sequence[str] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> list[Result]:
+        """Results of encoded images (e.g. uploads: JPEG, PNG, ... as bytes), decoded in memory as
+        files are (the same pixels as :meth:`search_files` of the same file, hence the same
+        answers). ``names`` name them in the results and errors. ImageError for one that
+        cannot be decoded or has more than ``max_pixels`` pixels; nothing is searched then."""
+        self.check_k(k)
+        embedder = self._image_model()
+        names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
+        pixels = [
+            load_and_fit(
+                data,
+                embedder.image_size,
+                embedder.resize,
+                max_pixels=max_pixels,
+                name=name,
+            )
+            for data, name in zip(images, names)
+        ]
+        return self._search_pixels(pixels, names, k)
+
+    def search_images(
+        self, images: Sequence[np.ndarray], k: int, *, names: Sequence[str] | None = None
+    ) -> list[Result]:
+        """Results of decoded images, each ``(H, W, 3)`` uint8 of any size (fitted to the
+        model's input as files are: :func:`datasets.images.fit_image`)."""
+        self.check_k(k)
+        embedder = self._image_model()
+        names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
+        pixels = [fit_image(image, embedder.image_size, embedder.resize) for image in images]
+        return self._search_pixels(pixels, names, k)
+
+    def search_gallery(self, indices: Sequence[int], k: int) -> list[Result]:
+        """ "More like this": results of gallery items (positions), each searched with its stored
+        embedding and left out of its own answers (as leave-one-out evaluation does)."""
+        self.check_k(k, leave_one_out=True)
+        indices = [self.check_index(i) for i in indices]
+        labels = [int(self.gallery.labels[i]) for i in indices]
+        with self._lock:
+            ranked = self._rank(self.gallery.embeddings[indices], labels, k, indices)
+        return [
+            Result(
+                self.gallery.paths[i],
+                self._class_name(label),
+                found,
+                position=n,
+                query_index=i,
+                kind="gallery",
+            )
+            for n, (i, label, found) in enumerate(zip(indices, labels, ranked))
+        ]
+
+    def search_text(
+        self, texts: Sequence[str], k: int, *, labels: Sequence[int | None] | None = None
+    ) -> list[Result]:
+        """Results of text queries, embedded by the model's text tower (UserError for a model
+        without one, or an empty text). labels: each text's class where known (e.g. an image's
+        caption), else None; each result names the words the tower could only read as unknown.
+        """
+        if not self.has_text:
+            raise no_text_tower(self.config)
+        self.check_k(k)
+        texts = [" ".join(str(text).split()) for text in texts]
+        if any(not text for text in texts):
+            raise UserError("an empty text query: there are no words to search with")
+        labels = list(labels) if labels is not None else [None] * len(texts)
+        with self._lock:
+            embeddings = self.text_encoder.embed(texts)
+            ranked = self._rank(embeddings, labels, k)
+        return [
+            Result(
+                text,
+                self._class_name(label),
+                found,
+                position=n,
+                kind="text",
+                unknown_words=list(self.text_encoder.unknown_words(text)),
+            )
+            for n, (text, label, found) in enumerate(zip(texts, labels, ranked))
+        ]
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _search_pixels(self, pixels: list[np.ndarray], names: list[str], k: int) -> list[Result]:
+        if not pixels:
+            return []
+        self._image_model()
+        with self._lock:
+            embeddings = self.embedder.embed_pixels(np.stack(pixels))
+            ranked = self._rank(embeddings, [None] * len(pixels), k)
+        return [
+            Result(name, None, found, position=n)
+            for n, (name, found) in enumerate(zip(names, ranked))
+        ]
+
+    def _rank(
+        self,
+        embeddings: np.ndarray,
+        labels: list[int | None],
+        k: int,
+        exclude: Sequence[int | None] | None = None,
+    ) -> list[list[Answer]]:
+        left_out = None
+        if exclude is not None:
+            left_out = np.array([-1 if e is None else int(e) for e in exclude], np.int64)
+        return answers.rank(self.index, self.gallery, embeddings, labels, k, left_out)
+
+    def _class_name(self, label: int | None) -> str | None:
+        return None if label is None else self.gallery.classes[label]
+
+    def _image_model(self):
+        if self.embedder is None:
+            raise ValueError("this Searcher was opened without its image model (images=False)")
+        return self.embedder
+
+
+def no_text_tower(config: dict) -> UserError:
+    return UserError(
+        f"this model has no text tower (run {config['name']}), so it cannot answer text queries"
+    )

@@ -1,0 +1,176 @@
+// The search page: an image (dropped, picked or pasted) or words are sent to /api/search; an
+// answer clicked asks /api/similar/<i> ("more like this"). The answers come back ranked; each is
+// shown as a thumbnail from /api/gallery/<i>?size=<px>, framed green (same class as the query),
+// red (another class) or grey (the query's class is unknown, e.g. an upload).
+"use strict";
+
+const THUMBNAIL = 240; // px asked of the server; the grid scales it down
+const $ = (id) => document.getElementById(id);
+let info = null;
+let busy = 0; // the number of the latest search: older answers arriving late are dropped
+
+async function start() {
+  const response = await fetch("/api/info");
+  info = await response.json();
+  $("about").textContent =
+    `run ${info.run} · gallery ${info.gallery}: ${info.gallery_size} images, ` +
+    `${info.classes} classes`;
+  $("k").max = info.gallery_size;
+  $("k").value = info.default_k;
+  $("text-form").hidden = !info.has_text;
+  wireDrop();
+  $("text-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("text").value.trim();
+    if (text) searchText(text);
+  });
+  window.addEventListener("hashchange", fromHash);
+  fromHash();
+}
+
+function wireDrop() {
+  const drop = $("drop");
+  $("file").addEventListener("change", () => {
+    if ($("file").files.length) searchImage($("file").files[0]);
+    $("file").value = ""; // the same file picked again searches again
+  });
+  for (const name of ["dragenter", "dragover"]) {
+    drop.addEventListener(name, (event) => {
+      event.preventDefault();
+      drop.classList.add("over");
+    });
+  }
+  for (const name of ["dragleave", "drop"]) {
+    drop.addEventListener(name, () => drop.classList.remove("over"));
+  }
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    const file = event.dataTransfer.files[0];
+    if (file) searchImage(file);
+  });
+  drop.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") $("file").click();
+  });
+  document.addEventListener("paste", (event) => {
+    const file = [...(event.clipboardData?.files || [])].find((f) => f.type.startsWith("image/"));
+    if (file) searchImage(file);
+  });
+}
+
+function k() {
+  return Math.max(1, parseInt($("k").value, 10) || info.default_k);
+}
+
+async function searchImage(file) {
+  showQuery({ image: URL.createObjectURL(file), name: file.name, cls: null });
+  const form = new FormData();
+  form.append("image", file, file.name);
+  await ask(`/api/search?k=${k()}`, { method: "POST", body: form });
+}
+
+async function searchText(text) {
+  showQuery({ text, name: "text query", cls: null });
+  const form = new FormData();
+  form.append("text", text);
+  await ask(`/api/search?k=${k()}`, { method: "POST", body: form });
+}
+
+function fromHash() {
+  const match = /^#item=(\d+)(?:&k=(\d+))?$/.exec(location.hash);
+  if (!match) return;
+  if (match[2]) $("k").value = match[2];
+  searchSimilar(parseInt(match[1], 10));
+}
+
+async function searchSimilar(index) {
+  showQuery({ image: thumbnail(index), name: `gallery item ${index}`, cls: null });
+  const data = await ask(`/api/similar/${index}?k=${k()}`);
+  if (data) showQuery({ image: thumbnail(index), name: data.query, cls: data.query_class });
+}
+
+async function ask(url, options) {
+  const mine = ++busy;
+  setStatus("searching…");
+  const started = performance.now();
+  let data;
+  try {
+    const response = await fetch(url, options);
+    data = await response.json();
+    if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
+  } catch (error) {
+    if (mine === busy) setStatus(error.message, true);
+    return null;
+  }
+  if (mine !== busy) return null;
+  const ms = Math.round(performance.now() - started);
+  const known = data.results.filter((r) => r.match !== null);
+  const matches = known.filter((r) => r.match).length;
+  const unknown = data.unknown_words || [];
+  setStatus(
+    `top ${data.results.length} of ${info.gallery_size} in ${ms} ms` +
+      (known.length ? ` · ${matches} of ${known.length} of class ${data.query_class}` : "") +
+      (unknown.length ? ` · not in the text tower's vocabulary: ${unknown.join(", ")}` : "")
+  );
+  $("legend").hidden = !known.length;
+  render(data.results);
+  return data;
+}
+
+function render(results) {
+  const list = $("results");
+  list.replaceChildren(
+    ...results.map((r) => {
+      const item = document.createElement("li");
+      item.className = "result " + (r.match === null ? "unknown" : r.match ? "match" : "miss");
+      item.tabIndex = 0;
+      item.dataset.index = r.index;
+      item.title = `${r.path}\nclick: more like this`;
+      const image = document.createElement("img");
+      image.src = thumbnail(r.index);
+      image.alt = `${r.class} (${r.path})`;
+      image.loading = "lazy";
+      const rank = element("span", "rank", `#${r.rank}`);
+      const cls = element("div", "class", r.class);
+      const score = element("div", "score", `score ${r.score.toFixed(4)}`);
+      item.append(image, rank, cls, score);
+      const open = () => {
+        const hash = `#item=${r.index}&k=${k()}`;
+        if (location.hash === hash) fromHash(); // no hashchange event: search again
+        else location.hash = hash;
+      };
+      item.addEventListener("click", open);
+      item.addEventListener("keydown", (event) => {
+        if (event.key === "Enter") open();
+      });
+      return item;
+    })
+  );
+}
+
+function showQuery({ image, text, name, cls }) {
+  $("query").hidden = false;
+  $("query-image").hidden = !image;
+  if (image) $("query-image").src = image;
+  $("query-text").hidden = !text;
+  $("query-text").textContent = text ? `“${text}”` : "";
+  $("query-name").textContent = name;
+  $("query-class").textContent = cls ? `class ${cls}` : "class unknown";
+}
+
+function thumbnail(index) {
+  return `/api/gallery/${index}?size=${THUMBNAIL}`;
+}
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  node.className = className;
+  node.textContent = text;
+  return node;
+}
+
+function setStatus(text, error = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", error);
+}
+
+start().catch((error) => setStatus(`cannot reach the server: ${error.message}`, true));
