@@ -21,6 +21,7 @@ the last position, so keep its own length). keras-hub is imported only here.
 
 from __future__ import annotations
 
+import difflib
 import os
 
 import keras
@@ -65,6 +66,14 @@ def source(preset: str) -> str:
                 "folder here (README: Foundation backbones)"
             )
         return path
+    if "://" not in preset and preset not in _keras_hub().models.Backbone.presets:
+        close = difflib.get_close_matches(preset, list(_keras_hub().models.Backbone.presets), n=1)
+        hint = f" (did you mean hub:{close[0]}?)" if close else ""
+        raise UserError(
+            f"{KEY}: hub:{preset} is neither a keras-hub preset nor a preset folder{hint}; give a "
+            "CLIP or SigLIP preset (e.g. hub:clip_vit_base_patch32) or a folder saved with "
+            "save_to_preset"
+        )
     return preset
 
 

@@ -15,7 +15,7 @@ import importlib.metadata
 import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,8 @@ class Embedder:
     model_step: int
     config_hash: str  # config.model_hash: what turns pixels into embeddings
     weights: Path | None  # None: a pretrained preset as it is (zero-shot)
-    towers: dict  # {"image_tower", "text_tower"}: recorded in the galleries' extra
+    # {"image_tower", "text_tower"}: recorded in the galleries' extra (see :func:`towers`)
+    towers: dict = field(default_factory=dict)
 
     @property
     def dim(self) -> int:

@@ -138,6 +138,11 @@ def test_frozen_hub_tower_trains_only_a_new_head(clip_preset):
         ({"tower": "hub:{missing}"}, "no keras-hub preset folder there"),
         ({"tower": "hub:{empty}"}, "no keras-hub preset folder there (no config.json)"),
         ({"tower": "hub:{clip}", "max_length": 40}, "model.text.max_length: 40 is more than"),
+        (
+            {"tower": "hub:clip_vit_base_patch3"},
+            "model.text.tower: hub:clip_vit_base_patch3 is neither a keras-hub preset nor a "
+            "preset folder (did you mean hub:clip_vit_base_patch32?)",
+        ),
     ],
 )
 def test_hub_tower_errors_are_one_line(clip_preset, tmp_path, params, message):

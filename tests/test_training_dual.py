@@ -123,6 +123,13 @@ def test_a_dual_run_saves_both_towers_and_resumes_exactly(data_dir):
             np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4, err_msg=group)
     assert WordTokenizer.load(resumed.run.text_tokenizer) == tokenizer
 
+    # Captions that changed since the run started would read text otherwise: refused.
+    captions = data_dir / "datasets" / "shapes" / "captions.csv"
+    captions.write_text(captions.read_text().replace(" red ", " crimson "))
+    more = {**raw, "name": "dual", "train": {**raw["train"], "steps": 32}}
+    with pytest.raises(UserError, match="the training captions changed since the run started"):
+        train(config.resolve(more))
+
 
 def test_image_loss_term_and_its_proxies(data_dir):
     raw = dual_config(
