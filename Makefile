@@ -1,10 +1,11 @@
-# The two commands of the README: `make demo` and `make test`. Both create .venv on first use.
+# The commands of the README: `make demo`, `make demo-text` and `make test`. They create .venv on
+# first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format
+.PHONY: venv demo demo-text test lint format
 
 REQUIREMENTS := $(wildcard requirements*.txt)
 
@@ -31,6 +32,16 @@ demo: venv configuration.py
 	$(BIN)/python embed.py -c $(DEMO)
 	$(BIN)/python evaluation.py -c $(DEMO) -t 100 -r 10
 	$(BIN)/python test.py -c $(DEMO) -r 10 --seed 0
+
+# The text demo: the same shapes (with their captions.csv), a small dual encoder trained from
+# scratch, its galleries, text-query scores and two text queries.
+DEMO_TEXT := trainings/demo_text.json
+demo-text: venv configuration.py
+	$(BIN)/python -m datasets.demo --out "$$($(BIN)/python -c 'import config; print(config.data_dir())')/datasets/demo_shapes"
+	$(BIN)/python train.py -c $(DEMO_TEXT)
+	$(BIN)/python embed.py -c $(DEMO_TEXT)
+	$(BIN)/python evaluation.py -c $(DEMO_TEXT) --text-queries -r 10
+	$(BIN)/python cbir.py -c $(DEMO_TEXT) -r 10 --text "a small red triangle" --text "a large blue circle" --save "$$($(BIN)/python -c 'import config; print(config.data_dir())')/trainings/demo_text/queries/demo.png"
 
 test: venv
 	$(BIN)/python -m pytest

@@ -1,9 +1,11 @@
-"""Answer image queries: ``python cbir.py -c <config> -r 10 photo.jpg [more.jpg | folder ...]``.
+"""Answer image and text queries: ``python cbir.py -c <config> -r 10 photo.jpg [more.jpg | folder
+...] [--text "a red handbag" ...]``.
 
 Queries are image files, folders of images, or list files (--list, one path a line); they are
 embedded in batches and searched in the gallery of the config's eval.protocol (or --gallery).
-Prints each query's ranked answers, or one JSON document with --json; --save writes pictures.
-Exit code: 0 when every query was answered, 1 when some could not be read, 2 when none.
+--text queries (a dual encoder's) are embedded by its text tower and searched in the same
+gallery. Prints each query's ranked answers, or one JSON document with --json; --save writes
+pictures. Exit code: 0 when every query was answered, 1 when some could not be read, 2 when none.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
     parser.add_argument("-r", "--retrieve", type=int, default=10, help="answers per query")
     parser.add_argument("queries", nargs="*", type=Path, help="image files or folders")
+    parser.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help='a text query, e.g. --text "a red handbag" (repeat for several; needs a model '
+        "with a text tower)",
+    )
     parser.add_argument(
         "--list",
         type=Path,
@@ -53,38 +63,64 @@ def main(argv: list[str]) -> int:
     from datasets.images import is_image_name
     from retrieval import answers
     from retrieval.searcher import Searcher
+    from retrieval.text_queries import slug
     from tfcbir import UserError
 
     cfg = config.load(args.config)
-    paths = _query_paths(args.queries, args.list, is_image_name)
+    texts = _texts(args.text)
+    paths = _query_paths(args.queries, args.list, is_image_name, allow_none=bool(texts))
+    # Each tower is loaded only if a query needs it; their identity (both towers) checks the
+    # gallery.
     searcher = Searcher.open(
         cfg,
         gallery=args.gallery,
         index=args.index,
         checkpoint=args.checkpoint,
         config_path=args.config,
+        images=bool(paths),
+        text=bool(texts),
     )
     gallery = searcher.gallery
     answers.check_r(args.retrieve, gallery)
+    count = len(paths) + len(texts)
     failed: list[int] = []
     results = []
-    for result in searcher.search_files(
-        paths,
-        args.retrieve,
-        batch_size=args.batch_size,
-        on_error=lambda i, _message: failed.append(i),
-    ):
+
+    def out_path(stem: str) -> Path:
+        if count == 1:
+            return args.save
+        return args.save.with_name(f"{args.save.stem}_{stem}{args.save.suffix}")
+
+    if paths:
+        for result in searcher.search_files(
+            paths,
+            args.retrieve,
+            batch_size=args.batch_size,
+            on_error=lambda i, _message: failed.append(i),
+        ):
+            results.append(result)
+            if not args.json:
+                print(result.table() + "\n")
+            if args.save:
+                query = paths[result.position]
+                out = out_path(query.stem)
+                saved = answers.picture(query, result.query_class, result.answers, gallery, out)
+                print(f"picture: {saved}", file=sys.stderr)
+    for result in searcher.search_text(texts, args.retrieve) if texts else []:
+        text, unknown = result.query, result.unknown_words
+        if unknown:
+            print(
+                f"warning: --text {text!r}: {', '.join(map(repr, unknown))} "
+                f"{'is' if len(unknown) == 1 else 'are'} not in the text tower's vocabulary "
+                "(the training captions' words) and read as unknown",
+                file=sys.stderr,
+            )
         results.append(result)
         if not args.json:
             print(result.table() + "\n")
         if args.save:
-            query = paths[result.position]
-            out = (
-                args.save
-                if len(paths) == 1
-                else args.save.with_name(f"{args.save.stem}_{query.stem}{args.save.suffix}")
-            )
-            saved = answers.picture(query, result.query_class, result.answers, gallery, out)
+            stem = f"text{result.position + 1}-{slug(text)}" if len(texts) > 1 else slug(text)
+            saved = answers.text_picture(text, None, result.answers, gallery, out_path(stem))
             print(f"picture: {saved}", file=sys.stderr)
     if args.json:
         print(
@@ -103,8 +139,21 @@ def main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _query_paths(items: list[Path], lists: list[Path], is_image_name) -> list[Path]:
-    """Files as given, folders' images (recursively, sorted), and the paths in list files."""
+def _texts(texts: list[str]) -> list[str]:
+    """The --text queries, blanks refused."""
+    from tfcbir import UserError
+
+    cleaned = [" ".join(text.split()) for text in texts]
+    if any(not text for text in cleaned):
+        raise UserError('--text: an empty query; give words, e.g. --text "a red handbag"')
+    return cleaned
+
+
+def _query_paths(
+    items: list[Path], lists: list[Path], is_image_name, allow_none: bool = False
+) -> list[Path]:
+    """Files as given, folders' images (recursively, sorted), and the paths in list files;
+    none at all is an error unless ``allow_none`` (there are text queries)."""
     from tfcbir import UserError
 
     paths: list[Path] = []
@@ -121,8 +170,10 @@ def _query_paths(items: list[Path], lists: list[Path], is_image_name) -> list[Pa
             paths += found
         else:
             paths.append(item)  # a missing or broken file is reported when it is read
-    if not paths:
-        raise UserError("no query given; name image files, folders or --list files")
+    if not paths and not allow_none:
+        raise UserError(
+            'no query given; name image files, folders or --list files, or --text "..."'
+        )
     return paths
 
 

@@ -3,6 +3,10 @@
 Picks -t random queries (seeded; -t 0: every query), retrieves -r answers each from the gallery
 of the config's eval.protocol and prints mAP (AP@r), Precision@1, Recall@1/2/4/8, MAP@R,
 R-precision and NMI. The result is also saved under <run>/evaluation/.
+
+``--text-queries`` scores a dual encoder's text queries instead: each class's prompt against the
+test images (mAP@r, Recall@1/5/10) and, where they have captions, caption-to-image and
+image-to-caption Recall@1/5/10, beside chance (see retrieval/text_queries.py).
 """
 
 from __future__ import annotations
@@ -53,9 +57,17 @@ def main(argv: list[str]) -> int:
         help="AP@r's denominator: min(r, G) (default), or 'found' as the "
         "original system did (inflates mAP; for comparison only)",
     )
+    parser.add_argument(
+        "--text-queries",
+        action="store_true",
+        help="score text queries (class prompts, captions) of a model with a text tower",
+    )
     args = parser.parse_args(argv)
 
     import config
+
+    if args.text_queries:
+        return _text_queries(args, config.load(args.config))
     from retrieval.evaluate import evaluate_run, report
 
     cfg = config.load(args.config)
@@ -68,6 +80,21 @@ def main(argv: list[str]) -> int:
         config_path=args.config,
         checkpoint=args.checkpoint,
         nmi=not args.no_nmi,
+    )
+    print(json.dumps(result, indent=None) if args.json else report(result))
+    return 0
+
+
+def _text_queries(args, cfg: dict) -> int:
+    from tfcbir.cli import import_tensorflow
+
+    import_tensorflow()  # the text tower embeds the prompts and captions
+    from retrieval.embedder import load_text_encoder
+    from retrieval.text_queries import evaluate_text, report
+
+    encoder = load_text_encoder(cfg, args.checkpoint)
+    result = evaluate_text(
+        cfg, encoder, r=args.retrieve, config_path=args.config, checkpoint=args.checkpoint
     )
     print(json.dumps(result, indent=None) if args.json else report(result))
     return 0

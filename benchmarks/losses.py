@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up lines out
     import losses
 
-    names = losses.LOSSES.names()
+    names = losses.image_loss_names()  # image-text losses take two towers: not comparable
     print(
         f"forward + backward, D = {args.dim}, P x K = B/4 x 4, median of {args.repeats} after "
         f"a warm-up; ratios = loss / addons O(B^3) semi-hard; {MEMORY_NOTE}"

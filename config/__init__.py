@@ -125,6 +125,11 @@ def model_hash(config: dict) -> str:
     data = config["data"]
     model = {k: v for k, v in config["model"].items() if k not in nets.TRAINING_ONLY_PARAMS}
     model["backbone"] = nets.backbone_identity(model["backbone"])
+    text = model.pop("text", None)
+    if text is not None and text["tower"] != "none":  # no text tower: the image model's hash
+        text = {k: v for k, v in text.items() if k != "freeze"}  # freezing: training only
+        text["tower"] = nets.backbone_identity(text["tower"], "model.text.tower")
+        model["text"] = text
     return _digest(
         {
             "model": model,

@@ -11,6 +11,7 @@ import re
 
 import losses
 import nets
+from datasets.captions import CAPTIONS_FILE, GROUP_BY, check_template
 from datasets.lists import CLASS_ORDERS
 from tfcbir import UserError
 from tfcbir.params import REQUIRED, Param, check_value, fmt, validate
@@ -35,6 +36,16 @@ VALIDATION_SOURCES = ["auto", "holdout", "test", "none"]
 def _name_ok(value: str) -> str | None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
         return "is not a usable folder name; use letters, digits, '.', '_' and '-'"
+    return None
+
+
+def _templates_ok(value: list) -> str | None:
+    if not value:
+        return "is empty; give at least one template such as 'a photo of a {class}.', or null"
+    for template in value:
+        problem = check_template(template)
+        if problem:
+            return f"holds {template!r}, which {problem}"
     return None
 
 
@@ -125,8 +136,37 @@ SCHEMA: dict = {
             "size (decoded once); larger sets are decoded batch by batch.",
             min=0,
         ),
+        "captions": {
+            "file": Param(
+                str,
+                CAPTIONS_FILE,
+                "Image-caption pairs for a text tower: a CSV file in the data root (header "
+                "path,caption; paths relative to the data root; several rows per image "
+                "allowed), used when it exists.",
+            ),
+            "templates": Param(
+                list,
+                None,
+                "Captions made from class names for the images without a row in the file, "
+                'e.g. ["a photo of a {class}."] ({class}: the folder name, _ and - read as '
+                "spaces); also the class prompts of evaluation.py --text-queries (there "
+                'default ["a photo of a {class}."]). null: none.',
+                item=str,
+                nullable=True,
+                check=_templates_ok,
+            ),
+            "group_by": Param(
+                str,
+                "auto",
+                "Pairs of one group are not negatives of each other in an image-text loss, "
+                "and are matches in its validation: image (captions of one image, or the same "
+                "words), class (of one class); auto: class when every caption comes from the "
+                "templates, else image.",
+                choices=GROUP_BY,
+            ),
+        },
     },
-    "model": nets.PARAMS,
+    "model": {**nets.PARAMS, "text": nets.TEXT_PARAMS},
     "loss": {
         "name": Param(
             str,
@@ -320,6 +360,8 @@ def resolve_loss(loss_raw) -> dict:
     )
     entry = losses.LOSSES.get(name, "loss.name")
     params = validate({k: v for k, v in loss_raw.items() if k != "name"}, entry.params, "loss")
+    if "image_loss" in params and losses.is_image_text({"name": name}):
+        params["image_loss"] = losses.resolve_image_loss(params["image_loss"])
     return {"name": name, **params}
 
 
@@ -361,6 +403,7 @@ def _check_cross_keys(config: dict) -> None:
             f"{data['image_size']}; the crop must fit inside the resized image"
         )
     losses.check_batch(config["loss"], train["batch"]["P"], train["batch"]["K"])
+    _check_text_tower(config)
     protocol = config["eval"]["protocol"]
     # Under data.format auto the root may turn out to be In-shop, whose partition file gives the
     # lists; retrieval.sets refuses a root without them when the sets are needed.
@@ -372,6 +415,51 @@ def _check_cross_keys(config: dict) -> None:
         raise UserError(
             "eval.protocol: query_gallery needs eval.query_list and "
             "eval.gallery_list (CSV lists of label,path)"
+        )
+
+
+def _check_text_tower(config: dict) -> None:
+    """A text tower and an image-text loss go together; the scratch tower's shape is sound."""
+    text, loss = config["model"]["text"], config["loss"]
+    kind = nets.text_tower_kind(text["tower"])
+    if losses.is_image_text(loss) and kind == "none":
+        raise UserError(
+            f"loss.name: {loss['name']} trains a dual encoder (image and text towers); set "
+            "model.text.tower: scratch (or hub:<preset>), or choose an image loss"
+        )
+    if kind != "none" and not losses.is_image_text(loss):
+        raise UserError(
+            f"model.text.tower: {text['tower']} needs an image-text loss to align it with the "
+            f"image tower; set loss.name: clip or siglip (loss.image_loss keeps "
+            f"{loss['name']} on the images), or model.text.tower: none"
+        )
+    if kind == "scratch":
+        if nets.text_embedding_dim(config["model"]) is None:
+            raise UserError(
+                f"model.head: {config['model']['head']} keeps the image features as they are, "
+                "but a scratch text tower projects to model.embedding_dim; give a head that "
+                "projects (e.g. direct_normalize)"
+            )
+        if text["width"] % text["heads"]:
+            raise UserError(
+                f"model.text.heads: {text['heads']} does not divide model.text.width "
+                f"{text['width']}; pick heads that divide it (e.g. 4 or 8)"
+            )
+        if text["freeze"]:
+            raise UserError(
+                "model.text.freeze: a scratch text tower starts from random weights and must "
+                "train; set freeze: false, or use a pretrained hub:<preset> tower"
+            )
+    image = losses.resolve_image_loss(loss.get("image_loss")) if kind != "none" else None
+    if (
+        image is not None
+        and losses.geometry(image) != "cosine"
+        and not nets.is_normalized(config["model"]["head"])
+    ):
+        raise UserError(
+            f"loss.image_loss: {image['name']} with metric {image.get('metric')} trains "
+            f"Euclidean distances, but {loss['name']} and search compare angles; give it "
+            "metric: cosine, or a normalising head (model.head: direct_normalize)"
         )
 
 

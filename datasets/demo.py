@@ -1,7 +1,8 @@
 """A small, seeded demo data set: coloured shapes on cluttered backgrounds.
 
 ``generate(out_dir)`` writes ``out_dir/<shape>/<i>.png`` for up to 16 shape classes (circle,
-square, triangle, star, ...). Colours, size, rotation, position, the background and its clutter
+square, triangle, star, ...) and ``out_dir/captions.csv``, two captions per image naming its
+colour, size, shape and position ("a small red triangle at the top left", "a red triangle"). Colours, size, rotation, position, the background and its clutter
 (lines, blobs, noise) are random, so raw pixels are a poor descriptor while a small CNN learns
 the shapes within minutes on a CPU. Every image has its own generator seeded with
 ``[seed, class, i]``, so the set does not depend on the order of generation.
@@ -16,6 +17,8 @@ Command line: ``python -m datasets.demo --out DIR [--classes N --per-class N --s
 from __future__ import annotations
 
 import argparse
+import colorsys
+import csv
 import json
 import math
 import os
@@ -30,7 +33,9 @@ from PIL import Image, ImageDraw
 from tfcbir import UserError
 
 MANIFEST = "demo_manifest.json"
-_VERSION = 1  # bump when the drawing changes, so old sets are regenerated
+CAPTIONS = "captions.csv"  # path,caption rows (datasets.captions reads them)
+# Bump when the drawing or the files change, so old sets are regenerated (2: captions.csv).
+_VERSION = 2
 _SUPERSAMPLE = 2  # drawn at twice the size and shrunk: smooth edges
 # Rotations stay within +-30 degrees so that classes stay apart (a square turned by 45 degrees
 # would be a diamond) and a small CNN needs few examples to learn each shape.
@@ -145,11 +150,17 @@ def _clutter(
 
 def render(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """One ``(size, size, 3)`` uint8 image of ``shape`` with random colours, pose and clutter."""
+    return draw(shape, size, rng)[0]
+
+
+def draw(shape: str, size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """:func:`render`'s image and what it shows: ``{"shape", "colour" (RGB), "radius" and
+    "centre" (fractions of the side)}``, from the same draws of ``rng``."""
     side = size * _SUPERSAMPLE
     background = _colour(rng)
     canvas = Image.new("RGB", (side, side), background)
-    draw = ImageDraw.Draw(canvas)
-    _clutter(draw, rng, side, lines=int(rng.integers(1, 5)), blobs=int(rng.integers(1, 4)))
+    canvas_draw = ImageDraw.Draw(canvas)
+    _clutter(canvas_draw, rng, side, lines=int(rng.integers(1, 5)), blobs=int(rng.integers(1, 4)))
 
     radius = rng.uniform(0.22, 0.36) * side
     stretch = rng.uniform(0.85, 1.15)  # mild aspect changes within a class
@@ -167,13 +178,78 @@ def render(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
             for x, y in points
         ]
         mask_draw.polygon(placed, fill=fill)
-    canvas.paste(_distinct_colour(rng, background), (0, 0, side, side), mask)
+    colour = _distinct_colour(rng, background)
+    canvas.paste(colour, (0, 0, side, side), mask)
     # A few lines across the shape too, so it is not a clean silhouette.
-    _clutter(draw, rng, side, lines=int(rng.integers(0, 2)), blobs=0)
+    _clutter(canvas_draw, rng, side, lines=int(rng.integers(0, 2)), blobs=0)
 
     small = np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
     noise = rng.normal(0.0, rng.uniform(2.0, 6.0), small.shape)
-    return np.clip(np.rint(small + noise), 0, 255).astype(np.uint8)
+    image = np.clip(np.rint(small + noise), 0, 255).astype(np.uint8)
+    shown = {
+        "shape": shape,
+        "colour": colour,
+        "radius": radius / side,
+        "centre": (cx / side, cy / side),
+    }
+    return image, shown
+
+
+# --- captions -----------------------------------------------------------------------------------
+
+
+def colour_name(rgb) -> str:
+    """A plain English name for an RGB colour (0..255): black, white or grey when it has little
+    colour, else its hue's name (brown for dark oranges)."""
+    r, g, b = (float(v) / 255.0 for v in rgb)
+    hue, saturation, value = colorsys.rgb_to_hsv(r, g, b)
+    if value < 0.25:
+        return "black"
+    if saturation < 0.25:
+        return "white" if value > 0.75 else "grey"
+    degrees = hue * 360.0
+    for limit, name in _HUES:
+        if degrees < limit:
+            return "brown" if name == "orange" and value < 0.6 else name
+    return "red"
+
+
+# Hue names by their upper limit in degrees (red wraps around 360).
+_HUES = (
+    (15, "red"),
+    (40, "orange"),
+    (70, "yellow"),
+    (160, "green"),
+    (200, "cyan"),
+    (260, "blue"),
+    (300, "purple"),
+    (345, "pink"),
+)
+SIZE_WORDS = ("small", "medium", "large")
+
+
+def size_word(radius: float) -> str:
+    """small, medium or large: thirds of the radii drawn (0.22 to 0.36 of the side)."""
+    return "small" if radius < 0.2667 else "large" if radius > 0.3133 else "medium"
+
+
+def position_words(centre: tuple[float, float]) -> str:
+    """Where the shape sits, e.g. "at the top left", "in the centre", "on the right"."""
+    x, y = centre
+    column = "left" if x < 0.4 else "right" if x > 0.6 else ""
+    row = "top" if y < 0.4 else "bottom" if y > 0.6 else ""
+    if row:
+        return f"at the {row} {column}".rstrip()
+    return f"on the {column}" if column else "in the centre"
+
+
+def captions(shown: dict) -> list[str]:
+    """Two captions of a drawn image: colour, size, shape and position, and a short one:
+    ``["a small red triangle at the top left", "a red triangle"]``."""
+    colour = colour_name(shown["colour"])
+    size = size_word(shown["radius"])
+    where = position_words(shown["centre"])
+    return [f"a {size} {colour} {shown['shape']} {where}", f"a {colour} {shown['shape']}"]
 
 
 def _check(classes: int, per_class: int, size: int, seed: int) -> None:
@@ -204,7 +280,8 @@ def _is_complete(out_dir: Path, manifest: dict) -> bool:
         return False
     if found != manifest:
         return False
-    return all((out_dir / f).is_file() for f in _files(manifest["classes"], manifest["per_class"]))
+    files = [CAPTIONS] + _files(manifest["classes"], manifest["per_class"])
+    return all((out_dir / f).is_file() for f in files)
 
 
 def generate(
@@ -218,7 +295,8 @@ def generate(
     """Write (or find) the demo set in ``out_dir``; return ``out_dir`` as an absolute Path.
 
     Layout: ``out_dir/<shape>/<i>.png`` (``classes`` shapes in :data:`SHAPES` order,
-    ``per_class`` images of ``size`` x ``size``) and ``out_dir/demo_manifest.json``. An existing
+    ``per_class`` images of ``size`` x ``size``), ``out_dir/captions.csv`` (``path,caption``: two
+    captions of each image, see :func:`captions`) and ``out_dir/demo_manifest.json``. An existing
     demo set made with other arguments is replaced; a non-empty folder that is not a demo set is
     left alone (UserError).
     """
@@ -245,13 +323,20 @@ def generate(
 
     temp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        rows = []
         for label, name in enumerate(list(SHAPES)[:classes]):
             (temp / name).mkdir()
             for i, file in enumerate(
                 _files(classes, per_class)[label * per_class : (label + 1) * per_class]
             ):
                 rng = np.random.default_rng([seed, label, i])
-                Image.fromarray(render(name, size, rng)).save(temp / file, optimize=False)
+                image, shown = draw(name, size, rng)
+                Image.fromarray(image).save(temp / file, optimize=False)
+                rows += [(file, caption) for caption in captions(shown)]
+        with open(temp / CAPTIONS, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["path", "caption"])
+            writer.writerows(rows)
         # Written last: a manifest means a complete set.
         (temp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if _is_complete(out_dir, manifest):  # another process finished it meanwhile

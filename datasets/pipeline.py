@@ -188,20 +188,27 @@ class TrainData:
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """Batch ``step``: images ``(P*K, h, w, 3)`` uint8 and labels ``(P*K,)`` int32, K
         consecutive images per class."""
+        images, labels, _ = self.batch_items(step)
+        return images, labels
+
+    def batch_items(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`batch` and the ``(P*K,)`` int64 positions in ``images`` (the ImageList) of the
+        images it holds (after any replacement of an unreadable file), to pair them with
+        per-image data such as captions."""
         step = int(step)
         indices = self._readable[self.sampler.batch(step)]
         labels = self.images.labels[indices].copy()
         if self.cached:
             sources = [self._cache[i] for i in indices]
         else:
-            sources = self._stream(step, indices, labels)
+            sources, indices = self._stream(step, indices, labels)
         rng = np.random.default_rng([self.seed, step, _AUGMENT_STREAM])
         out = np.empty((len(indices), *self.image_size, 3), dtype=np.uint8)
         for slot, source in enumerate(sources):
             out[slot] = random_crop_flip(
                 source, self.image_size, rng, flip=self.flip, crop=self.crop
             )
-        return out, labels.astype(np.int32)
+        return out, labels.astype(np.int32), np.asarray(indices, np.int64)
 
     def dataset(self, start_step: int, stop_step: int):
         """``tf.data.Dataset`` of the batches ``start_step .. stop_step - 1``, in order:
@@ -316,26 +323,33 @@ class TrainData:
 
     # -- streaming ----------------------------------------------------------------------------
 
-    def _stream(self, step: int, indices: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+    def _stream(
+        self, step: int, indices: np.ndarray, labels: np.ndarray
+    ) -> tuple[list[np.ndarray], np.ndarray]:
         """Decode the images of one batch; unreadable ones replaced (see the class docstring).
-        ``labels`` is updated in place where a whole class had to be replaced."""
+        Returns the images and the positions of the images actually used. ``labels`` is
+        updated in place where a whole class had to be replaced."""
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(
                         self.workers, thread_name_prefix="tfcbir-stream"
                     )
-        sources = list(self._pool.map(self._load_or_substitute, indices))
+        found = list(self._pool.map(self._load_or_substitute, indices))
+        used = np.array([-1 if f is None else f[0] for f in found], np.int64)
+        sources = [None if f is None else f[1] for f in found]
         for slot in range(0, len(indices), self.K):
             if any(source is None for source in sources[slot : slot + self.K]):
                 group, label = self._replacement_group(step, slot, labels)
-                sources[slot : slot + self.K] = group
+                sources[slot : slot + self.K] = [image for _, image in group]
+                used[slot : slot + self.K] = [index for index, _ in group]
                 labels[slot : slot + self.K] = label
-        return sources
+        return sources, used
 
-    def _load_or_substitute(self, index: int) -> np.ndarray | None:
-        """Image ``index`` decoded, or else the next readable image of its class (cyclically in
-        list order); None when the class has no readable image. Deterministic given the files."""
+    def _load_or_substitute(self, index: int) -> tuple[int, np.ndarray] | None:
+        """``(index, image)`` decoded, or else the next readable image of its class (cyclically
+        in list order) with its index; None when the class has no readable image.
+        Deterministic given the files."""
         label = int(self.images.labels[index])
         members = self.sampler.members[np.searchsorted(self.sampler.classes, label)]
         start = int(np.searchsorted(members, index))
@@ -345,7 +359,7 @@ class TrainData:
                 continue
             try:
                 path = os.path.join(self.images.root, self.images.paths[candidate])
-                return load_image(path, self.decode_size, max_pixels=self.max_pixels)
+                return candidate, load_image(path, self.decode_size, max_pixels=self.max_pixels)
             except ImageError as error:
                 with self._lock:
                     known = candidate in self._unreadable
@@ -364,9 +378,10 @@ class TrainData:
 
     def _replacement_group(
         self, step: int, slot: int, labels: np.ndarray
-    ) -> tuple[list[np.ndarray], int]:
-        """K images of the first class after the dead one (in label order) that is readable and
-        not in the batch, drawn from ``default_rng([seed, step, 3, slot])``."""
+    ) -> tuple[list[tuple[int, np.ndarray]], int]:
+        """K ``(index, image)`` of the first class after the dead one (in label order) that is
+        readable and not in the batch, drawn from ``default_rng([seed, step, 3, slot])``; and
+        that class."""
         classes = self.sampler.classes
         start = int(np.searchsorted(classes, labels[slot]))
         in_batch = set(labels.tolist())
@@ -379,7 +394,7 @@ class TrainData:
             rng = np.random.default_rng([self.seed, step, _REPLACEMENT_STREAM, slot])
             picks = draw_without_repeats(rng, len(members), self.K)
             group = [self._load_or_substitute(int(members[p])) for p in picks]
-            if all(image is not None for image in group):
+            if all(found is not None for found in group):
                 return group, label
         raise UserError(
             f"data.root: too few training classes in {self.images.root} have "

@@ -1,9 +1,12 @@
 """Metric-learning losses: the registry (:mod:`losses.catalog`) and what the config needs.
 
 ``loss = losses.get({"name": "semi_hard_triplet", "margin": 0.2})`` gives a callable
-``loss(labels (B,), embeddings (B, D))`` -> scalar float32. Importing this package costs no
-TensorFlow: the registry (names, parameters, batch needs, geometry) is plain data, and a loss's
-implementation, one file per loss, is imported when :func:`get` builds it.
+``loss(labels (B,), embeddings (B, D))`` -> scalar float32. The image-text losses of dual
+encoders (``clip``, ``siglip``: :func:`is_image_text`) are called as ``loss(image_embeddings,
+text_embeddings, groups)``; :func:`get_dual` adds the weighted image loss their ``image_loss``
+names. Importing this package costs no TensorFlow: the registry (names, parameters, batch needs,
+geometry) is plain data, and a loss's implementation, one file per loss, is imported when
+:func:`get` builds it.
 
 The README's "Losses" section gives the formulas, defaults and sources.
 """
@@ -14,15 +17,19 @@ import importlib
 
 from losses.catalog import LOSSES, METRICS, metric_param
 from tfcbir import UserError
-from tfcbir.params import validate
+from tfcbir.params import Param, check_value, fmt, validate
 
 __all__ = [
     "LOSSES",
     "METRICS",
     "DEFAULT",
     "get",
+    "get_dual",
     "check_batch",
     "geometry",
+    "image_loss_names",
+    "is_image_text",
+    "resolve_image_loss",
     "metric_param",
     "pairwise_distances",
     "cosine_similarities",
@@ -42,6 +49,8 @@ def get(params: dict, *, num_classes: int | None = None):
     name = params.pop("name", DEFAULT)
     entry = LOSSES.get(name, "loss.name")
     values = validate(params, entry.params, "loss")
+    if is_image_text({"name": name}):
+        values.pop("image_loss")  # get_dual builds it
     if not entry.meta["uses_proxies"]:
         return entry.builder(**values)
     if num_classes is None or num_classes < 1:
@@ -52,8 +61,70 @@ def get(params: dict, *, num_classes: int | None = None):
     return entry.builder(num_classes=int(num_classes), **values)
 
 
+def get_dual(params: dict, *, num_classes: int | None = None):
+    """The image-text loss ``params`` describes, with its weighted ``image_loss`` (if any):
+    a :class:`losses.dual.DualEncoderLoss`. num_classes: as for :func:`get` (image losses that
+    learn one vector per class)."""
+    from losses.dual import DualEncoderLoss
+
+    params = dict(params or {})
+    if not is_image_text(params):
+        raise UserError(
+            f"loss.name: {params.get('name', DEFAULT)} is an image loss; a dual encoder trains "
+            f"with one of {', '.join(n for n in LOSSES.names() if is_image_text({'name': n}))}"
+        )
+    image = resolve_image_loss(params.get("image_loss"))
+    pair = get({k: v for k, v in params.items() if k != "image_loss"})
+    if image is None:
+        return DualEncoderLoss(pair)
+    weight = image.pop("weight")
+    return DualEncoderLoss(pair, get(image, num_classes=num_classes), weight)
+
+
+def is_image_text(params: dict) -> bool:
+    """Whether the loss in ``params`` is an image-text loss (trains a dual encoder)."""
+    name = (params or {}).get("name", DEFAULT)
+    return LOSSES.get(name, "loss.name").meta.get("kind", "image") == "image_text"
+
+
+def image_loss_names() -> list[str]:
+    """The losses of image embeddings alone, in registry order."""
+    return [name for name in LOSSES.names() if not is_image_text({"name": name})]
+
+
+IMAGE_LOSS_WEIGHT = Param(
+    float, 1.0, "Weight of the image loss in the sum.", min=0, min_exclusive=True
+)
+
+
+def resolve_image_loss(value, path: str = "loss.image_loss") -> dict | None:
+    """An image-text loss's ``image_loss`` validated, its defaults filled:
+    ``{"name", "weight", <the loss's parameters>}``, or None. UserError naming ``path.key``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise UserError(
+            f'{path}: {fmt(value)} is not a mapping; give e.g. {{"name": "ntxent", "weight": 1}}'
+        )
+    if "name" not in value:
+        raise UserError(f"{path}.name: missing; give one of {', '.join(image_loss_names())}")
+    name = value["name"]
+    entry = LOSSES.get(name, f"{path}.name")
+    if is_image_text({"name": name}):
+        raise UserError(
+            f"{path}.name: {name} is an image-text loss; give an image loss, one of "
+            f"{', '.join(image_loss_names())}"
+        )
+    weight = check_value(
+        value.get("weight", IMAGE_LOSS_WEIGHT.default), IMAGE_LOSS_WEIGHT, f"{path}.weight"
+    )
+    rest = {k: v for k, v in value.items() if k not in ("name", "weight")}
+    return {"name": name, "weight": weight, **validate(rest, entry.params, path)}
+
+
 def check_batch(params: dict, P: int, K: int) -> None:
-    """Raise UserError when the loss in ``params`` cannot learn from batches of P classes x K."""
+    """Raise UserError when the loss in ``params`` (and an image-text loss's image loss) cannot
+    learn from batches of P classes x K."""
     name = (params or {}).get("name", DEFAULT)
     entry = LOSSES.get(name, "loss.name")
     min_K, min_P = entry.meta["min_K"], entry.meta["min_P"]
@@ -67,14 +138,21 @@ def check_batch(params: dict, P: int, K: int) -> None:
             f"loss.name: {name} needs P >= {min_P} classes in a batch (negatives); "
             f"set train.batch.P >= {min_P}"
         )
+    image = resolve_image_loss(params.get("image_loss")) if is_image_text(params) else None
+    if image is not None:
+        try:
+            check_batch(image, P, K)
+        except UserError as error:
+            raise UserError(str(error).replace("loss.name:", "loss.image_loss.name:", 1)) from None
 
 
 def geometry(params: dict) -> str:
     """How the loss in ``params`` compares embeddings: ``cosine`` (angles) or ``euclidean``.
 
-    Losses on similarities (angular, npair, ntxent, multi_similarity, proxy_anchor, arcface) are
-    ``cosine``; a distance-based loss follows its ``metric`` (``squared_euclidean`` ranks as
-    ``euclidean`` does). A trained model is searched, validated and evaluated in this geometry.
+    Losses on similarities (angular, npair, ntxent, multi_similarity, proxy_anchor, arcface, and
+    the image-text losses clip and siglip) are ``cosine``; a distance-based loss follows its
+    ``metric`` (``squared_euclidean`` ranks as ``euclidean`` does). A trained model is searched,
+    validated and evaluated in this geometry.
     """
     name = (params or {}).get("name", DEFAULT)
     entry = LOSSES.get(name, "loss.name")

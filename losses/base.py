@@ -190,3 +190,64 @@ class ClassVectorLoss(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes}
+
+
+def unit_rows(x) -> tf.Tensor:
+    """Rows of ``x`` (B, D) scaled to unit L2 norm (a zero row stays zero, with finite
+    gradients): ``x / max(|x|, 1e-12)``, as ``torch.nn.functional.normalize``."""
+    squared = tf.reduce_sum(tf.square(x), axis=1, keepdims=True)
+    return x * tf.math.rsqrt(tf.maximum(squared, fill(1e-24, squared)))
+
+
+def not_negatives(groups) -> tf.Tensor:
+    """(B, B) bool: pairs (i, j), i != j, of one group (``groups`` (B,)): neither a positive nor a
+    negative of each other in an image-text loss, so left out of it."""
+    same = tf.equal(groups[:, None], groups[None, :])
+    index = tf.range(tf.shape(groups)[0])
+    return tf.logical_and(same, index[:, None] != index[None, :])
+
+
+def constant(value: float):
+    """An initializer filling a weight with ``value``, exact in float64 (keras' Constant
+    initializer rounds through float32)."""
+
+    def initializer(shape, dtype=None):
+        return tf.fill(shape, tf.constant(value, dtype=dtype or "float32"))
+
+    return initializer
+
+
+class ImageTextLoss(keras.layers.Layer):
+    """Base of the dual-encoder losses: ``loss(image_embeddings, text_embeddings, groups)``.
+
+    Pair i is image i with its caption i: image_embeddings and text_embeddings (B, D), any float
+    type, L2-normalised here; groups (B,) integers, pairs of one group (the same image, the same
+    caption, or the same class, see :func:`datasets.captions.pair_groups`) are not negatives of
+    each other and are left out of the loss. The temperature (and bias) are trainable weights of
+    this layer, created in ``__init__``; the trainer optimises them with the model and saves them
+    in checkpoints. Computes in float32 whatever the mixed-precision policy (``dtype="float64"``
+    for float64); returns a scalar.
+    """
+
+    registry_name = ""
+    lr_multiplier = 1.0
+
+    def __init__(self, name=None, dtype="float32", **kwargs):
+        super().__init__(name=name or self.registry_name, dtype=dtype, **kwargs)
+
+    def call(self, image_embeddings, text_embeddings, groups):
+        images = unit_rows(tf.cast(image_embeddings, self.compute_dtype))
+        texts = unit_rows(tf.cast(text_embeddings, self.compute_dtype))
+        groups = tf.reshape(tf.convert_to_tensor(groups), [-1])
+        tf.debugging.assert_equal(
+            tf.shape(images), tf.shape(texts), message="image and text embeddings differ in shape"
+        )
+        tf.debugging.assert_equal(
+            tf.shape(groups)[0], tf.shape(images)[0], message="groups and embeddings differ"
+        )
+        similarities = tf.matmul(images, texts, transpose_b=True)  # (B, B): image i, text j
+        return self.compute(similarities, not_negatives(groups))
+
+    def compute(self, similarities, left_out):
+        """similarities (B, B) cosines of image i and text j; left_out (B, B) bool -> scalar."""
+        raise NotImplementedError

@@ -227,3 +227,71 @@ LOSSES.register(
     uses_proxies=True,
     geometry="cosine",
 )
+
+
+# --- image-text losses (dual encoders) -----------------------------------------------------------
+# kind="image_text": called as loss(image_embeddings, text_embeddings, groups) on a batch of
+# image-caption pairs; they need a text tower (model.text.tower). An image loss of the entries
+# above may be added to them, weighted (``image_loss``, resolved by losses.resolve_image_loss).
+
+
+def image_loss_param() -> Param:
+    """The ``image_loss`` key of the image-text losses."""
+    return Param(
+        dict,
+        None,
+        'An image loss added to this one, on the image embeddings: {"name": <an image loss>, '
+        '"weight": 1.0, <its parameters>}; null: none.',
+        nullable=True,
+    )
+
+
+LOSSES.register(
+    "clip",
+    "losses.clip:ClipLoss",
+    params={
+        "temperature": Param(
+            float,
+            0.07,
+            "Initial temperature: the logit scale starts at 1 / temperature (CLIP: 0.07).",
+            min=0,
+            min_exclusive=True,
+        ),
+        "max_logit_scale": Param(
+            float,
+            100.0,
+            "The logit scale is clamped at this after every update (CLIP: 100).",
+            min=1,
+        ),
+        "learn_temperature": Param(bool, True, "Learn the temperature; false keeps it fixed."),
+        "image_loss": image_loss_param(),
+    },
+    doc="CLIP: symmetric image-text cross-entropy with a learned temperature (open_clip's ClipLoss).",
+    min_K=1,
+    min_P=1,
+    uses_proxies=False,
+    geometry="cosine",
+    kind="image_text",
+)
+
+LOSSES.register(
+    "siglip",
+    "losses.siglip:SigLipLoss",
+    params={
+        "logit_scale": Param(
+            float,
+            10.0,
+            "Initial temperature t = exp(t') multiplying the cosines (SigLIP: 10).",
+            min=0,
+            min_exclusive=True,
+        ),
+        "bias": Param(float, -10.0, "Initial bias b added to the logits (SigLIP: -10)."),
+        "image_loss": image_loss_param(),
+    },
+    doc="SigLIP: pairwise sigmoid image-text loss with learned temperature and bias (big_vision).",
+    min_K=1,
+    min_P=1,
+    uses_proxies=False,
+    geometry="cosine",
+    kind="image_text",
+)

@@ -24,11 +24,16 @@ from nets.catalog import (
     HUB_PREFIX,
     PARAMS,
     PREPROCESS_MODES,
+    TEXT_PARAMS,
     TRAINING_ONLY_PARAMS,
     WEIGHT_SUFFIXES,
     backbone_identity,
+    hub_preset,
     imagenet_file,
     is_hub,
+    pretrained_model,
+    same_preset,
+    text_tower_kind,
 )
 
 __all__ = [
@@ -38,21 +43,30 @@ __all__ = [
     "HUB_PREFIX",
     "PARAMS",
     "PREPROCESS_MODES",
+    "TEXT_PARAMS",
     "TRAINING_ONLY_PARAMS",
     "WEIGHT_SUFFIXES",
     "ImagePreprocessing",
     "L2Normalize",
+    "TextTower",
     "backbone_identity",
     "backbone_names",
     "build_backbone",
     "build_embedding_model",
+    "build_text_tower",
     "head_names",
+    "hub_preset",
     "imagenet_file",
     "is_hub",
     "is_normalized",
+    "pretrained_model",
+    "same_preset",
+    "shared_hub_backbone",
     "load_backbone_weights",
     "min_image_size",
     "preprocess_mode",
+    "text_embedding_dim",
+    "text_tower_kind",
 ]
 
 # Names that need TensorFlow, and the module each comes from (imported on first use).
@@ -63,6 +77,9 @@ _LAZY = {
     "ImagePreprocessing": "nets.layers",
     "L2Normalize": "nets.layers",
     "ClassToken": "nets.layers",
+    "build_text_tower": "nets.text",
+    "shared_hub_backbone": "nets.text",
+    "TextTower": "nets.text",
 }
 
 
@@ -99,6 +116,15 @@ def preprocess_mode(backbone: str) -> str:
     if is_hub(backbone):
         return "scale_offset"
     return BACKBONES.get(backbone, "model.backbone").meta["preprocess"]
+
+
+def text_embedding_dim(model: dict) -> int | None:
+    """The dimension a text tower projects to, for the ``model`` section ``model``: its
+    ``embedding_dim``, or None (a hub tower's own projection) when the head passes the image
+    features through unchanged (a head with the ``keeps_features`` fact)."""
+    if HEADS.get(model["head"], "model.head").meta.get("keeps_features", False):
+        return None
+    return model["embedding_dim"]
 
 
 def is_normalized(head: str) -> bool:

@@ -84,7 +84,8 @@ def densenet169(input_shape):
 
 
 def small_cnn(input_shape):
-    """A 4-block CNN (32-64-128-128 channels), 128 features; trains on a CPU in minutes."""
+    """A 4-block CNN (32-64-128-128 channels), 128 features; trains on a CPU in minutes (also
+    the architecture of small_cnn_rgb, which differs in its preprocessing only)."""
     inputs = keras.Input(shape=tuple(input_shape))
     x = inputs
     for block, filters in enumerate((32, 64, 128, 128), start=1):

@@ -14,7 +14,9 @@ Besides the registered names, ``model.backbone`` takes ``hub:<preset>``: a keras
 image tower (:mod:`nets.hub`), named (``hub:clip_vit_base_patch32``), by handle
 (``hub:hf://...``) or by a local preset directory (``hub:/models/clip_b32``).
 
-A head's fact: ``normalized``, whether its embeddings have unit L2 norm.
+A head's facts: ``normalized``, whether its embeddings have unit L2 norm; ``keeps_features``
+(optional), whether it passes the pooled features through (no layer to train: a CLIP preset's
+towers then stay in their joint space, and a text tower keeps the preset's own projection).
 """
 
 from __future__ import annotations
@@ -156,6 +158,17 @@ BACKBONES.register(
     imagenet=None,
 )
 
+BACKBONES.register(
+    "small_cnn_rgb",
+    "nets.backbones:small_cnn",
+    doc="small_cnn on the colours as they are (inputs in [-1, 1]): for queries that name "
+    "colours, such as the text demo's.",
+    min_size=8,
+    preprocess="tf",
+    blocks=r"^block(\d+)_",
+    imagenet=None,
+)
+
 
 HEADS.register(
     "identity",
@@ -163,6 +176,7 @@ HEADS.register(
     doc="The pooled features themselves (embedding_dim is ignored), e.g. a CLIP preset's "
     "image embedding.",
     normalized=False,
+    keeps_features=True,
 )
 HEADS.register(
     "identity_normalize",
@@ -170,6 +184,7 @@ HEADS.register(
     doc="The pooled features, L2-normalised (embedding_dim is ignored): zero-shot CLIP/SigLIP "
     "search.",
     normalized=True,
+    keeps_features=True,
 )
 HEADS.register(
     "direct",
@@ -236,13 +251,14 @@ def hub_directory(preset: str) -> str | None:
     return None
 
 
-def backbone_identity(backbone: str) -> str:
+def backbone_identity(backbone: str, key: str = "model.backbone") -> str:
     """What identifies ``backbone``'s architecture and preprocessing, for a model's hash.
 
     A registered name or a keras-hub preset name is its own identity; a local preset directory
     is identified by the contents of its config and image-converter files (so moving or
     copying the folder keeps galleries valid, and another preset saved under the same path
-    does not). UserError if such a directory is missing.
+    does not). UserError if such a directory is missing (naming ``key``; a text tower's preset
+    is identified alike, ``key="model.text.tower"``).
     """
     if not is_hub(backbone):
         return backbone
@@ -250,7 +266,7 @@ def backbone_identity(backbone: str) -> str:
     if folder is None:
         return backbone
     if not os.path.isdir(folder):
-        raise UserError(missing_preset_message(backbone))
+        raise UserError(missing_preset_message(backbone, key))
     digest = hashlib.sha256()
     for name in HUB_IDENTITY_FILES:
         path = os.path.join(folder, name)
@@ -262,9 +278,9 @@ def backbone_identity(backbone: str) -> str:
     return f"{HUB_PREFIX}preset-dir-{digest.hexdigest()[:16]}"
 
 
-def missing_preset_message(backbone: str) -> str:
+def missing_preset_message(backbone: str, key: str = "model.backbone") -> str:
     return (
-        f"model.backbone: {backbone}: no such preset directory; save the preset with keras-hub "
+        f"{key}: {backbone}: no such preset directory; save the preset with keras-hub "
         "on a machine with internet and copy the folder here (README: Foundation backbones)"
     )
 
@@ -342,3 +358,90 @@ def imagenet_file(name: str) -> ImagenetFile | None:
     if is_hub(name):
         return None
     return BACKBONES.get(name, "model.backbone").meta["imagenet"]
+
+
+# --- the text tower (dual encoders) --------------------------------------------------------------
+
+TEXT_TOWERS = ("none", "scratch")  # and "hub:<preset>"
+SCRATCH_MAX_LENGTH = 32
+
+
+def _check_tower(value: str) -> str | None:
+    if value in TEXT_TOWERS or (is_hub(value) and hub_preset(value).strip()):
+        return None
+    return (
+        "is not none, scratch or hub:<preset> (a keras-hub CLIP or SigLIP preset's name, or "
+        "the path of a local preset folder)"
+    )
+
+
+# The ``model.text`` section's keys, as nets.text_tower reads them.
+TEXT_PARAMS = {
+    "tower": Param(
+        str,
+        "none",
+        "Text tower beside the image tower, for text queries: none; scratch (a small "
+        "transformer trained from scratch, with a word tokenizer built from the training "
+        "captions); hub:<preset> (a keras-hub CLIP or SigLIP preset's text encoder and "
+        "tokenizer, by name or local folder). Needs an image-text loss (clip, siglip).",
+        check=_check_tower,
+    ),
+    "width": Param(int, 256, "scratch: width of the token embeddings and blocks.", min=8),
+    "layers": Param(int, 2, "scratch: transformer blocks.", min=1, max=48),
+    "heads": Param(int, 4, "scratch: attention heads (they must divide width).", min=1),
+    "max_length": Param(
+        int,
+        None,
+        f"Tokens per caption, start and end included (longer captions are cut); null: "
+        f"{SCRATCH_MAX_LENGTH} for scratch, the preset's own for hub.",
+        min=3,
+        max=1024,
+        nullable=True,
+    ),
+    "vocab_size": Param(
+        int,
+        10000,
+        "scratch: the vocabulary holds at most this many tokens: 4 special ones and the most "
+        "frequent words of the training captions.",
+        min=8,
+    ),
+    "freeze": Param(
+        bool,
+        False,
+        "Keep a hub: text tower's pretrained weights fixed while training (a new Dense layer "
+        "to embedding_dim, if any, still trains).",
+    ),
+}
+
+
+def text_tower_kind(tower: str) -> str:
+    """none, scratch or hub."""
+    return "hub" if is_hub(tower) else tower
+
+
+PRETRAINED_WEIGHTS = ("imagenet", "pretrained")  # model.weights: the preset's own (hub:)
+
+
+def pretrained_model(model: dict) -> bool:
+    """Whether the ``model`` section describes a model complete without training (zero-shot): a
+    ``hub:`` image tower with its preset's weights, a head without weights (``keeps_features``)
+    and, if there is a text tower, the same preset's (so with no new layer either)."""
+    if not is_hub(model["backbone"]) or model["weights"] not in PRETRAINED_WEIGHTS:
+        return False
+    if not HEADS.get(model["head"], "model.head").meta.get("keeps_features", False):
+        return False
+    tower = model.get("text", {}).get("tower", "none")
+    return tower == "none" or same_preset(tower, model["backbone"])
+
+
+def same_preset(first: str, second: str) -> bool:
+    """Whether two ``hub:`` names denote the same preset (the same name, or folders of the same
+    identity, :func:`backbone_identity`)."""
+    if not (is_hub(first) and is_hub(second)):
+        return False
+    if hub_preset(first).strip() == hub_preset(second).strip():
+        return True
+    try:
+        return backbone_identity(first) == backbone_identity(second)
+    except UserError:
+        return False

@@ -1,4 +1,5 @@
-"""Answering image queries: the ranked answers of each query, as text, JSON and a picture."""
+"""Answering queries: the ranked answers of each image or text query, as text, JSON and a
+picture."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from datasets.images import ImageError, load_image
 from retrieval.gallery import Gallery
-from retrieval.visualize import result_grid, save_grid
+from retrieval.visualize import result_grid, save_grid, text_tile
 from tfcbir import UserError
 
 
@@ -99,6 +100,22 @@ def as_json(query: str, query_class: str | None, answers: list[Answer]) -> dict:
     return {"query": query, "class": query_class, "answers": [asdict(a) for a in answers]}
 
 
+def text_as_json(
+    text: str, query_class: str | None, answers: list[Answer], unknown_words: list[str]
+) -> dict:
+    """A text query's answers: :func:`as_json`'s fields (``query`` is the text) plus
+    ``query_text`` and ``unknown_words`` (words the text tower could only read as unknown)."""
+    return {
+        **as_json(text, query_class, answers),
+        "query_text": text,
+        "unknown_words": list(unknown_words),
+    }
+
+
+def text_table(text: str, query_class: str | None, answers: list[Answer]) -> str:
+    return table(f"text {text!r}", query_class, answers)
+
+
 def picture(
     query_path: str | Path,
     query_class: str | None,
@@ -108,6 +125,19 @@ def picture(
 ) -> Path:
     """Save the query beside its answers (green frame: same class, red: other, grey: unknown)."""
     query_image = load_image(query_path, max_pixels=64_000_000)
+    title = f"{Path(query_path).name}: top {len(answers)} of {len(gallery)}"
+    return _grid(query_image, query_class, answers, gallery, out, title)
+
+
+def text_picture(
+    text: str, query_class: str | None, answers: list[Answer], gallery: Gallery, out: Path
+) -> Path:
+    """Save a text query (its words drawn as the query's tile) beside its answers."""
+    title = f"text query: top {len(answers)} of {len(gallery)}"
+    return _grid(text_tile(text), query_class, answers, gallery, out, title)
+
+
+def _grid(query_image, query_class, answers, gallery, out: Path, title: str) -> Path:
     results = []
     root = Path(gallery.data_root)
     for a in answers:
@@ -116,10 +146,5 @@ def picture(
         except ImageError:  # the gallery image moved or broke since embedding: show a blank
             image = np.full((32, 32, 3), 255, np.uint8)
         results.append((image, a.class_name, a.score, a.match))
-    grid = result_grid(
-        query_image,
-        results,
-        query_label=query_class,
-        title=f"{Path(query_path).name}: top {len(answers)} of {len(gallery)}",
-    )
+    grid = result_grid(query_image, results, query_label=query_class, title=title)
     return save_grid(out, grid)

@@ -3,14 +3,19 @@
 ``load_embedder(config)`` builds the embedding model from the config, loads the run's best
 weights (or a given checkpoint) and knows the identity that galleries record
 (:class:`retrieval.gallery.GalleryIdentity`): the weights file's hash and step, the config's
-model hash, and the hash of the items embedded.
+model hash, and the hash of the items embedded. A dual encoder's model identity covers both
+towers (the hash of both weights files), so a gallery is only ever searched with the text tower
+trained with its image tower; ``load_text_encoder(config)`` is that text tower, text -> embedding.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +40,9 @@ class Embedder:
     model_id: str  # hash of the weights file
     model_step: int
     config_hash: str  # config.model_hash: what turns pixels into embeddings
-    weights: Path
+    weights: Path | None  # None: a pretrained preset as it is (zero-shot)
+    # {"image_tower", "text_tower"}: recorded in the galleries' extra (see :func:`towers`)
+    towers: dict = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
@@ -89,6 +96,117 @@ class Embedder:
         return unit_rows(embeddings) if self.normalized else embeddings
 
 
+def towers(config: dict) -> dict:
+    """What a gallery records of the model that embedded it (its ``extra``): the image tower
+    (``model.backbone``) and the text tower (``model.text.tower``: none, scratch or hub:...)."""
+    return {
+        "image_tower": config["model"]["backbone"],
+        "text_tower": config["model"]["text"]["tower"],
+    }
+
+
+def has_text_tower(config: dict) -> bool:
+    return config["model"]["text"]["tower"] != "none"
+
+
+def is_zero_shot(config: dict, checkpoint: str | Path | None = None) -> bool:
+    """Whether the run is searched with its pretrained preset as it is: no weights were asked
+    for, the run has no trained ones, and its model needs none (``nets.pretrained_model``: a
+    ``hub:`` image tower with its preset's weights, a head without weights, the same preset's
+    text tower)."""
+    import nets
+    from training.run import RunFolder
+
+    if checkpoint is not None or not nets.pretrained_model(config["model"]):
+        return False
+    return not RunFolder(cfg.run_dir(config)).best_weights.exists()
+
+
+def pretrained_model_id(config: dict) -> str:
+    """The ``model_id`` of a zero-shot model: ``pretrained-`` and a hash of its preset's
+    identity, the preset's name and the keras-hub version for a named preset (its weights are a
+    fixed version of keras-hub's registry), or every file's contents for a local folder."""
+    import nets
+
+    towers = dict.fromkeys([config["model"]["backbone"], config["model"]["text"]["tower"]])
+    parts = [_preset_identity(tower) for tower in towers if nets.is_hub(tower)]
+    joined = json.dumps(parts, sort_keys=True)
+    return "pretrained-" + hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def _preset_identity(tower: str) -> dict:
+    import nets
+    from nets.catalog import hub_directory
+
+    preset = nets.hub_preset(tower).strip()
+    folder = hub_directory(preset)
+    if folder is None:
+        try:
+            version = importlib.metadata.version("keras-hub")
+        except importlib.metadata.PackageNotFoundError:
+            version = "absent"
+        return {"preset": preset, "keras_hub": version}
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"model.backbone: {tower}: no such preset directory")
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {str(p.relative_to(folder)): hash_file(p) for p in files}
+
+
+def text_weights_for(weights: Path) -> Path:
+    """The text tower's file beside an image tower's ``X.weights.h5``: ``X.text.weights.h5``."""
+    return weights.with_name(weights.name[: -len(".weights.h5")] + ".text.weights.h5")
+
+
+def weights_files(config: dict, checkpoint: str | Path | None = None) -> tuple[Path, Path | None]:
+    """The files holding the run's model: the image tower's weights (or a training checkpoint,
+    which holds both towers) and, for a dual encoder saved as weights files, the text tower's
+    (else None). Default: the run's best weights. UserError when a file is missing."""
+    from training.run import RunFolder
+
+    run = RunFolder(cfg.run_dir(config))
+    if checkpoint is None:
+        weights = run.best_weights
+        if not weights.exists():
+            import nets
+
+            zero_shot = (
+                "; or search with the preset as it is (zero-shot: model.weights: pretrained, "
+                "model.head: identity_normalize, and a text tower of the same preset)"
+                if nets.is_hub(config["model"]["backbone"])
+                else ""
+            )
+            raise UserError(
+                f"{run.path} has no trained model yet; train it first: "
+                f"python train.py -c <config> (run {config['name']}){zero_shot}"
+            )
+    else:
+        weights = Path(checkpoint)
+        if not weights.is_file():
+            raise UserError(
+                f"--checkpoint {weights}: no such file; give a .weights.h5 file or "
+                f"a checkpoint from {run.checkpoints}"
+            )
+    if not has_text_tower(config) or not weights.name.endswith(".weights.h5"):
+        return weights, None
+    text = text_weights_for(weights)
+    if not text.is_file():
+        raise UserError(
+            f"{text}: the text tower's weights are missing beside {weights.name}; train the run "
+            "(train.py writes both), or give a training checkpoint ckpt-<step>.h5"
+        )
+    return weights, text
+
+
+def model_id(weights: Path, text_weights: Path | None) -> str:
+    """The identity galleries record: the hash of the weights file, or, for a dual encoder
+    saved as two files, the hash of both hashes."""
+    if text_weights is None:
+        return hash_file(weights)
+    joined = f"{hash_file(weights)}+{hash_file(text_weights)}"
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
 def load_embedder(config: dict, checkpoint: str | Path | None = None) -> Embedder:
     """The embedding model of ``config``'s run with its best weights, or those of ``checkpoint``
     (a ``best.weights.h5``-style file or a training checkpoint ``ckpt-<step>.h5``)."""
@@ -98,22 +216,26 @@ def load_embedder(config: dict, checkpoint: str | Path | None = None) -> Embedde
 
     run = RunFolder(cfg.run_dir(config))
     data = config["data"]
-    if checkpoint is None:
-        weights = run.best_weights
-        if not weights.exists():
-            raise UserError(
-                f"{run.path} has no trained model yet; train it first: "
-                f"python train.py -c <config> (run {config['name']})"
-            )
-        step = int((run.best() or {}).get("step", 0))
-    else:
-        weights = Path(checkpoint)
-        if not weights.is_file():
-            raise UserError(
-                f"--checkpoint {weights}: no such file; give a .weights.h5 file or "
-                f"a checkpoint from {run.checkpoints}"
-            )
-        step = 0
+    if is_zero_shot(config, checkpoint):
+        log.info(
+            "%s has no trained model: using %s as it is (zero-shot)",
+            run.path,
+            config["model"]["backbone"],
+        )
+        model = nets.build_embedding_model(config["model"], tuple(data["image_size"]))
+        return Embedder(
+            model=model,
+            image_size=tuple(data["image_size"]),
+            resize=tuple(data["resize"]) if data["resize"] else None,
+            normalized=cfg.normalized_embeddings(config),
+            model_id=pretrained_model_id(config),
+            model_step=0,
+            config_hash=cfg.model_hash(config),
+            weights=None,
+            towers=towers(config),
+        )
+    weights, text_weights = weights_files(config, checkpoint)
+    step = int((run.best() or {}).get("step", 0)) if checkpoint is None else 0
     model = nets.build_embedding_model(config["model"], tuple(data["image_size"]), pretrained=False)
     if weights.name.endswith(".weights.h5"):
         try:
@@ -124,10 +246,7 @@ def load_embedder(config: dict, checkpoint: str | Path | None = None) -> Embedde
                 f"({type(error).__name__}); was it trained with another config?"
             ) from None
     else:
-        try:
-            saved = ckpt.read(weights)
-        except (OSError, KeyError, ValueError) as error:
-            raise UserError(f"{weights}: not a tfcbir checkpoint ({error})") from None
+        saved = _read_checkpoint(weights)
         ckpt.restore(model.weights, saved.groups.get("model", []), "model", weights)
         step = saved.step
     return Embedder(
@@ -135,34 +254,148 @@ def load_embedder(config: dict, checkpoint: str | Path | None = None) -> Embedde
         image_size=tuple(data["image_size"]),
         resize=tuple(data["resize"]) if data["resize"] else None,
         normalized=cfg.normalized_embeddings(config),
-        model_id=hash_file(weights),
+        model_id=model_id(weights, text_weights),
         model_step=step,
         config_hash=cfg.model_hash(config),
         weights=weights,
+        towers=towers(config),
+    )
+
+
+def _read_checkpoint(path: Path):
+    from training import checkpoint as ckpt
+
+    try:
+        return ckpt.read(path)
+    except (OSError, KeyError, ValueError) as error:
+        raise UserError(f"{path}: not a tfcbir checkpoint ({error})") from None
+
+
+@dataclass
+class TextEncoder:
+    """A dual encoder's text tower as a text -> embedding function, with the identity of the
+    model it belongs to (the same ``model_id`` as the galleries its image tower embedded)."""
+
+    tower: object  # nets.TextTower
+    model_id: str
+    model_step: int
+    config_hash: str
+    towers: dict
+
+    @property
+    def dim(self) -> int:
+        return int(self.tower.model.output_shape[-1])
+
+    def embed(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """(B, D) float32 unit vectors of B texts (searched by cosine, as the image-text loss
+        compares them)."""
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        ids = self.tower.tokenizer.encode(list(texts))
+        if not hasattr(self, "_compiled"):
+            import tensorflow as tf
+
+            self._compiled = tf.function(
+                lambda x: self.tower.model(x, training=False), reduce_retracing=True
+            )
+        return unit_rows(
+            np.concatenate(
+                [
+                    np.asarray(self._compiled(ids[i : i + batch_size]), np.float32)
+                    for i in range(0, len(ids), batch_size)
+                ]
+            )
+        )
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of ``text`` the tokenizer can only read as unknown (a scratch tower's
+        vocabulary is the training captions' words)."""
+        return list(self.tower.tokenizer.unknown_words(text))
+
+
+def no_text_tower_error(config: dict) -> UserError:
+    return UserError(
+        f"model.text.tower: none: the model of run {config['name']} has no text tower, so it "
+        "cannot answer text queries; query with images, or train a dual encoder "
+        "(model.text.tower: scratch, loss.name: clip)"
+    )
+
+
+def load_text_encoder(config: dict, checkpoint: str | Path | None = None) -> TextEncoder:
+    """The text tower of ``config``'s run, with the best weights (or those of ``checkpoint``,
+    as :func:`load_embedder`). UserError for a model without a text tower."""
+    import nets
+    from datasets.tokenizer import WordTokenizer
+    from training import checkpoint as ckpt
+    from training.run import RunFolder
+
+    if not has_text_tower(config):
+        raise no_text_tower_error(config)
+    run = RunFolder(cfg.run_dir(config))
+    text_cfg = config["model"]["text"]
+    if is_zero_shot(config, checkpoint):
+        tower = nets.build_text_tower(text_cfg, nets.text_embedding_dim(config["model"]))
+        return TextEncoder(
+            tower=tower,
+            model_id=pretrained_model_id(config),
+            model_step=0,
+            config_hash=cfg.model_hash(config),
+            towers=towers(config),
+        )
+    weights, text_weights = weights_files(config, checkpoint)
+    tokenizer = None
+    if nets.text_tower_kind(text_cfg["tower"]) == "scratch":
+        tokenizer = WordTokenizer.load(run.text_tokenizer)
+    tower = nets.build_text_tower(
+        text_cfg, nets.text_embedding_dim(config["model"]), tokenizer=tokenizer, pretrained=False
+    )
+    step = int((run.best() or {}).get("step", 0)) if checkpoint is None else 0
+    if text_weights is not None:
+        try:
+            tower.model.load_weights(text_weights)
+        except Exception as error:  # Keras raises several types for a file of another model
+            raise UserError(
+                f"{text_weights}: these weights do not fit the text tower of the config "
+                f"({type(error).__name__}); was it trained with another config?"
+            ) from None
+    else:
+        saved = _read_checkpoint(weights)
+        ckpt.restore(tower.model.weights, saved.groups.get("text_model", []), "text tower", weights)
+        step = saved.step
+    return TextEncoder(
+        tower=tower,
+        model_id=model_id(weights, text_weights),
+        model_step=step,
+        config_hash=cfg.model_hash(config),
+        towers=towers(config),
     )
 
 
 def expected_model_id(config: dict, checkpoint: str | Path | None = None) -> str:
     """The ``model_id`` that :func:`load_embedder` gives (without building the model): of
-    ``checkpoint``, else of the run's best weights. A run without best weights is refused
+    ``checkpoint``, else of the run's best weights, else, for a model complete without training,
+    of its pretrained preset (:func:`pretrained_model_id`). A run without any of them is refused
     (UserError): no gallery can be checked against a model that does not exist."""
     from training.run import RunFolder
 
+    if is_zero_shot(config, checkpoint):
+        return pretrained_model_id(config)
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
             raise UserError(
                 f"--checkpoint {checkpoint}: no such file; give the weights the galleries were "
                 "embedded with"
             )
-        return hash_file(checkpoint)
-    run = RunFolder(cfg.run_dir(config))
-    if not run.best_weights.is_file():
-        raise UserError(
-            f"{run.path} has no trained model ({run.best_weights.name}), so its galleries cannot "
-            f"be checked; train it first: python train.py -c <config> (run {config['name']}), or "
-            "give the weights the galleries were embedded with: --checkpoint <file>"
-        )
-    return hash_file(run.best_weights)
+    else:
+        run = RunFolder(cfg.run_dir(config))
+        if not run.best_weights.is_file():
+            raise UserError(
+                f"{run.path} has no trained model ({run.best_weights.name}), so its galleries "
+                f"cannot be checked; train it first: python train.py -c <config> (run "
+                f"{config['name']}), or give the weights the galleries were embedded with: "
+                "--checkpoint <file>"
+            )
+    return model_id(*weights_files(config, checkpoint))
 
 
 def embed_images(
@@ -185,6 +418,7 @@ def embed_images(
     """
     from retrieval.gallery import GalleryWriter, read_gallery
 
+    extra = {**embedder.towers, **(extra or {})}
     identity = embedder.gallery_identity(images)
     if out.exists():
         try:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +49,20 @@ class Result:
     position: int = 0
     query_index: int | None = None
     kind: str = "image"  # or "gallery" (search_gallery), "text" (search_text)
+    unknown_words: list[str] = field(default_factory=list)  # a text's, read as unknown
 
     def as_json(self) -> dict:
-        """cbir.py --json's record of the query (:func:`retrieval.answers.as_json`)."""
+        """cbir.py --json's record of the query (:func:`retrieval.answers.as_json`, or
+        :func:`retrieval.answers.text_as_json` for a text)."""
+        if self.kind == "text":
+            return answers.text_as_json(
+                self.query, self.query_class, self.answers, self.unknown_words
+            )
         return answers.as_json(self.query, self.query_class, self.answers)
 
     def table(self) -> str:
+        if self.kind == "text":
+            return answers.text_table(self.query, self.query_class, self.answers)
         return answers.table(self.query, self.query_class, self.answers)
 
 
@@ -103,7 +111,7 @@ class Searcher:
         checkpoint: str | Path | None = None,
         config_path: str | Path | None = None,
         images: bool = True,
-        text: bool = False,
+        text: bool | None = None,
     ) -> Searcher:
         """Load ``config``'s model (its best weights, or ``checkpoint``), the gallery of set
         ``gallery`` (default: the protocol's gallery) and its index (``index``: ``"exact"`` or
@@ -111,18 +119,26 @@ class Searcher:
         ``config_path`` names the config in the commands that errors suggest.
 
         images: load the image model (else only gallery and text queries can be answered);
-        text: load the text tower too (UserError for a model without one)."""
-        from retrieval.embedder import load_embedder
+        text: load the text tower too (UserError for a model without one); default: when the
+        model has one."""
+        from retrieval.embedder import has_text_tower, load_embedder, load_text_encoder
         from retrieval.evaluate import open_gallery
         from retrieval.faiss_index import open_index
+        from retrieval.text_queries import open_text_gallery
 
         protocol = sets.protocol(config)
         name = gallery or protocol.gallery
-        text_encoder = _load_text_encoder(config, checkpoint) if text else None
+        if text is None:
+            text = has_text_tower(config)
+        text_encoder = load_text_encoder(config, checkpoint) if text else None
         embedder = load_embedder(config, checkpoint) if images else None
-        # The weights' hash checks the gallery (that of their files when no model is loaded).
-        model_id = embedder.model_id if embedder is not None else None
-        found = open_gallery(config, name, config_path, model_id, checkpoint)
+        # The weights' hash checks the gallery (that of their files when no model is loaded);
+        # with a text tower, the towers it records and its dimension too.
+        if text_encoder is not None:
+            found = open_text_gallery(config, name, text_encoder, config_path, checkpoint)
+        else:
+            model_id = embedder.model_id if embedder is not None else None
+            found = open_gallery(config, name, config_path, model_id, checkpoint)
         search_index = open_index(
             found,
             index or config["index"]["type"],
@@ -270,21 +286,33 @@ class Searcher:
             for n, (i, label, found) in enumerate(zip(indices, labels, ranked))
         ]
 
-    def search_text(self, texts: Sequence[str], k: int) -> list[Result]:
+    def search_text(
+        self, texts: Sequence[str], k: int, *, labels: Sequence[int | None] | None = None
+    ) -> list[Result]:
         """Results of text queries, embedded by the model's text tower (UserError for a model
-        without one, or an empty text)."""
+        without one, or an empty text). labels: each text's class where known (e.g. an image's
+        caption), else None; each result names the words the tower could only read as unknown.
+        """
         if not self.has_text:
             raise no_text_tower(self.config)
         self.check_k(k)
         texts = [" ".join(str(text).split()) for text in texts]
         if any(not text for text in texts):
             raise UserError("an empty text query: there are no words to search with")
+        labels = list(labels) if labels is not None else [None] * len(texts)
         with self._lock:
             embeddings = self.text_encoder.embed(texts)
-            ranked = self._rank(embeddings, [None] * len(texts), k)
+            ranked = self._rank(embeddings, labels, k)
         return [
-            Result(text, None, found, position=n, kind="text")
-            for n, (text, found) in enumerate(zip(texts, ranked))
+            Result(
+                text,
+                self._class_name(label),
+                found,
+                position=n,
+                kind="text",
+                unknown_words=list(self.text_encoder.unknown_words(text)),
+            )
+            for n, (text, label, found) in enumerate(zip(texts, labels, ranked))
         ]
 
     # --- helpers ------------------------------------------------------------------------------
@@ -326,9 +354,3 @@ def no_text_tower(config: dict) -> UserError:
     return UserError(
         f"this model has no text tower (run {config['name']}), so it cannot answer text queries"
     )
-
-
-def _load_text_encoder(config: dict, checkpoint):
-    """The model's text tower (an object with ``embed(texts) -> (B, D)``); UserError for a
-    model without one, as every model is until the text towers land."""
-    raise no_text_tower(config)

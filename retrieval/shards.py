@@ -156,7 +156,10 @@ class CheckedShards:
             ),
             data_root=str(self.images.root),
             split=self.split,
-            extra={"merged_shards": len(self.shards)},
+            extra={
+                **{k: v for k, v in first.extra.items() if k != "shard"},
+                "merged_shards": len(self.shards),
+            },
             dropped=self.dropped,
         )
 

@@ -115,6 +115,37 @@ def result_grid(
     return picture
 
 
+def text_tile(text: str, side: int = 256) -> np.ndarray:
+    """A ``(side, side, 3)`` uint8 picture of a text query: the words, wrapped and centred in
+    quotes on a light square, to stand in the query's place in a result grid."""
+    font = _font(size=max(12, side // 11))
+    tile = Image.new("RGB", (side, side), MOUNT)
+    draw = ImageDraw.Draw(tile)
+    margin = side // 12
+    lines = _wrap(draw, f"\u201c{text}\u201d", side - 2 * margin, font)
+    line_height = font.size + 6 if hasattr(font, "size") else FONT_SIZE + 6
+    shown = lines[: max(1, (side - 2 * margin) // line_height)]
+    if len(shown) < len(lines):
+        shown[-1] = _fit(draw, shown[-1] + "...", side - 2 * margin, font)
+    top = (side - len(shown) * line_height) // 2
+    for n, line in enumerate(shown):
+        width = draw.textlength(line, font=font)
+        draw.text(((side - width) / 2, top + n * line_height), line, TEXT, font)
+    return np.asarray(tile)
+
+
+def _wrap(draw, text: str, width: int, font) -> list[str]:
+    """``text`` broken into lines of whole words that fit ``width`` pixels (a word longer than
+    a line is cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(_fit(draw, word, width, font))
+    return lines or [""]
+
+
 def save_grid(path: str | os.PathLike, image: Image.Image) -> Path:
     """Save a picture atomically; the format follows the suffix (.png, .jpg, ...)."""
     path = Path(path)
@@ -123,9 +154,9 @@ def save_grid(path: str | os.PathLike, image: Image.Image) -> Path:
     return path
 
 
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
-        return ImageFont.load_default(size=FONT_SIZE)
+        return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
         return ImageFont.load_default()
 

@@ -206,7 +206,8 @@ def create_app(
 
 def search_json(result: Result, k: int) -> dict:
     """The API's answer: the query (``query``: the upload's name, the text or the gallery item's
-    path; ``query_class`` and ``query_index`` where known; ``kind``: image, text or gallery)
+    path; ``query_class`` and ``query_index`` where known; ``kind``: image, text or gallery;
+    a text's ``unknown_words``, those its text tower could only read as unknown)
     and ``results``, ranked as ``cbir.py --json``'s answers with the same scores: ``rank``,
     ``index`` (gallery position), ``path``, ``class``, ``score``, ``match`` (None when the
     query's class is unknown)."""
@@ -216,6 +217,7 @@ def search_json(result: Result, k: int) -> dict:
         "query_class": result.query_class,
         "query_index": result.query_index,
         "k": k,
+        **({"unknown_words": result.unknown_words} if result.kind == "text" else {}),
         "results": [
             {
                 "rank": a.rank,

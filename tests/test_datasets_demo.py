@@ -25,7 +25,7 @@ def test_layout_and_determinism(tmp_path):
     assert files == _contents(second)  # byte for byte
     names = list(demo.SHAPES)[:4]
     assert sorted(files) == sorted(
-        [demo.MANIFEST] + [f"{n}/{i:03d}.png" for n in names for i in range(5)]
+        [demo.MANIFEST, demo.CAPTIONS] + [f"{n}/{i:03d}.png" for n in names for i in range(5)]
     )
     manifest = json.loads(files[demo.MANIFEST])
     assert {k: manifest[k] for k in SMALL} == SMALL
@@ -81,3 +81,47 @@ def test_command_line(tmp_path, capsys):
     assert demo.main(["--out", str(out), "--classes", "1"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: --classes: 1") and error.count("\n") == 1
+
+
+def test_captions_describe_what_is_drawn(tmp_path):
+    from datasets.captions import image_captions, load_caption_table
+
+    root = demo.generate(tmp_path / "set", **SMALL)
+    images = scan_class_folders(root)
+    captions = image_captions(images, load_caption_table(root, demo.CAPTIONS), None)
+    assert len(captions) == 2 * len(images) and captions.from_file.all()
+    assert captions.image.tolist() == [i for i in range(len(images)) for _ in range(2)]
+    # Caption of image 0 of the first class, recomputed from the generator's own draws.
+    label = list(demo.SHAPES).index(images.paths[0].split("/")[0])
+    _, shown = demo.draw(images.classes[0], 32, np.random.default_rng([3, label, 0]))
+    assert captions.texts[:2] == demo.captions(shown)
+    long, short = captions.texts[0], captions.texts[1]
+    assert short == f"a {demo.colour_name(shown['colour'])} {images.classes[0]}"
+    assert long.startswith(f"a {demo.size_word(shown['radius'])} ") and images.classes[0] in long
+
+
+@pytest.mark.parametrize(
+    "rgb, name",
+    [
+        ((230, 20, 20), "red"),
+        ((20, 30, 220), "blue"),
+        ((30, 200, 40), "green"),
+        ((240, 230, 30), "yellow"),
+        ((245, 245, 245), "white"),
+        ((10, 10, 10), "black"),
+        ((128, 128, 128), "grey"),
+        ((140, 70, 10), "brown"),
+        ((250, 140, 10), "orange"),
+        ((150, 30, 220), "purple"),
+    ],
+)
+def test_colour_names(rgb, name):
+    assert demo.colour_name(rgb) == name
+
+
+def test_size_and_position_words():
+    assert [demo.size_word(r) for r in (0.22, 0.29, 0.36)] == ["small", "medium", "large"]
+    assert demo.position_words((0.3, 0.3)) == "at the top left"
+    assert demo.position_words((0.5, 0.7)) == "at the bottom"
+    assert demo.position_words((0.7, 0.5)) == "on the right"
+    assert demo.position_words((0.5, 0.5)) == "in the centre"

@@ -88,6 +88,50 @@ def test_mirrored_step_equals_the_single_device_step():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_mirrored_dual_encoder_step_equals_the_single_device_step():
+    """Both towers and the CLIP temperature: the image-text loss sees the whole batch."""
+    result = run_python("""
+        import keras, numpy as np
+        import losses
+        from training import distribute
+        from training.dual import make_step
+        from training.optim import VariableGroup
+
+        rng = np.random.default_rng(0)
+        images = rng.normal(size=(8, 6)).astype("float32")
+        tokens = rng.normal(size=(8, 5)).astype("float32")
+        labels = np.repeat(np.arange(4), 2).astype("int32")
+        pair_groups = np.array([0, 0, 1, 2, 3, 4, 5, 5], dtype="int64")
+        updated = {}
+        for name in ("none", "mirrored"):
+            strategy = distribute.make_strategy(name)
+            with strategy.scope():
+                keras.utils.set_random_seed(0)
+                model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+                text = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4)])
+                loss = losses.get_dual({"name": "clip", "temperature": 0.5})
+                groups = [VariableGroup("image", model.trainable_variables),
+                          VariableGroup("text", text.trainable_variables),
+                          VariableGroup("temperature", loss.pair_variables)]
+                optimizer = keras.optimizers.SGD(0.5)
+                optimizer.build([v for g in groups for v in g.variables])
+            step = make_step(model, text, loss, optimizer, groups, strategy, False)
+            parts = distribute.split_per_replica(
+                strategy, *(tf.constant(v) for v in (images, labels, tokens, pair_groups)))
+            total, pair, image = (float(v) for v in step(*parts))
+            variables = model.weights + text.weights + loss.weights
+            updated[name] = {"loss": total, "replicas": strategy.num_replicas_in_sync,
+                             "weights": [np.asarray(w).tolist() for w in variables]}
+        print(json.dumps(updated))
+    """)
+    single, mirrored = result["none"], result["mirrored"]
+    assert single["replicas"] == 1 and mirrored["replicas"] == 2
+    assert mirrored["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    for a, b in zip(single["weights"], mirrored["weights"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert single["weights"][-1] != pytest.approx(np.log(2.0))  # the temperature trained too
+
+
 def test_mirrored_training_run(tmp_path, tiny_demo):
     import shutil
 

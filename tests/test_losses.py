@@ -54,7 +54,10 @@ def value_and_gradient(loss, labels, x):
 
 
 def test_registry_lists_every_loss_with_its_params_and_facts():
-    assert losses.LOSSES.names() == NAMES
+    # The image losses; the image-text ones (dual encoders) are tested in
+    # test_losses_image_text.py.
+    assert losses.LOSSES.names() == NAMES + ["clip", "siglip"]
+    assert losses.image_loss_names() == NAMES
     for name in NAMES:
         entry = losses.LOSSES.get(name)
         assert entry.doc

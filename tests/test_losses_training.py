@@ -1,4 +1,4 @@
-"""Every registered loss trains the demo model: retrieval on the training images improves far
+"""Every registered image loss trains the demo model: retrieval on the training images improves far
 beyond the untrained model, with a margin measured across seeds.
 
 The signal is MAP@R (Musgrave et al. 2020) of the training images searched among themselves
@@ -55,7 +55,7 @@ def training_map_at_r(resolved: dict, model) -> float:
     return metrics.map_at_r
 
 
-@pytest.mark.parametrize("name", losses.LOSSES.names())
+@pytest.mark.parametrize("name", losses.image_loss_names())
 def test_each_loss_trains_the_model(shapes, name):
     raw = tiny_config(
         train__steps=STEPS,

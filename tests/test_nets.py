@@ -30,6 +30,7 @@ BACKBONES = [
     "efficientnet_b0",
     "densenet169",
     "small_cnn",
+    "small_cnn_rgb",
 ]
 HEADS = [
     "identity",
@@ -49,6 +50,7 @@ FEATURES = {
     "efficientnet_b0": 1280,
     "densenet169": 1664,
     "small_cnn": 128,
+    "small_cnn_rgb": 128,
 }
 BLOCKS = {  # stages (blocks for mobilenet_v2) that model.freeze_backbone counts
     "resnet_v1_50": 4,
@@ -58,6 +60,7 @@ BLOCKS = {  # stages (blocks for mobilenet_v2) that model.freeze_backbone counts
     "efficientnet_b0": 7,
     "densenet169": 4,
     "small_cnn": 4,
+    "small_cnn_rgb": 4,
 }
 # The preprocessing keras documents for each application (efficientnet's is the identity).
 KERAS_PREPROCESS = {
@@ -123,7 +126,7 @@ def no_network(monkeypatch) -> None:
 def test_registries_list_every_backbone_and_head():
     assert nets.backbone_names() == BACKBONES
     assert nets.head_names() == HEADS
-    assert [nets.min_image_size(b) for b in BACKBONES] == [32, 32, 32, 32, 32, 32, 8]
+    assert [nets.min_image_size(b) for b in BACKBONES] == [32, 32, 32, 32, 32, 32, 8, 8]
     assert [nets.is_normalized(h) for h in HEADS] == [False, True] * 4
     assert [nets.preprocess_mode(b) for b in BACKBONES] == [
         "caffe",
@@ -133,6 +136,7 @@ def test_registries_list_every_backbone_and_head():
         "raw",
         "torch",
         "per_image",
+        "tf",
     ]
 
 

@@ -161,6 +161,9 @@ class EchoTextTower:
     def embed(self, texts):
         return self.gallery.embeddings[[int(t.split()[-1]) for t in texts]]
 
+    def unknown_words(self, text):
+        return [w for w in text.split() if w not in ("gallery", "item") and not w.isdigit()]
+
 
 def test_a_text_tower_plugs_in(searcher):
     with_text = Searcher(
@@ -172,10 +175,16 @@ def test_a_text_tower_plugs_in(searcher):
         text_encoder=EchoTextTower(searcher.gallery),
     )
     assert with_text.has_text
-    results = with_text.search_text(["  gallery   item 4 ", "gallery item 60"], 3)
-    assert [r.query for r in results] == ["gallery item 4", "gallery item 60"]
+    results = with_text.search_text(["  gallery   item 4 ", "red gallery item 60"], 3)
+    assert [r.query for r in results] == ["gallery item 4", "red gallery item 60"]
     assert [r.answers[0].index for r in results] == [4, 60]
     assert all(a.match is None for r in results for a in r.answers)
+    assert [r.unknown_words for r in results] == [[], ["red"]]
+    assert results[1].as_json()["unknown_words"] == ["red"] and results[1].kind == "text"
+    assert results[1].as_json()["query_text"] == "red gallery item 60"
+    # A text whose class is known (an image's caption): its answers are marked.
+    known = with_text.search_text(["gallery item 4"], 3, labels=[int(with_text.gallery.labels[4])])
+    assert known[0].query_class == with_text.class_of(4) and known[0].answers[0].match is True
     with pytest.raises(UserError, match="empty text query"):
         with_text.search_text(["   "], 3)
 
@@ -186,7 +195,7 @@ def test_opened_without_the_image_model_it_still_searches_the_gallery(searcher, 
         patch.setenv("TFCBIR_DATA_DIR", str(root))
         cfg = config.load(path)
         gallery_only = Searcher.open(cfg, images=False)
-        with pytest.raises(UserError, match="this model has no text tower"):
+        with pytest.raises(UserError, match="has no text tower"):
             Searcher.open(cfg, text=True)
     assert gallery_only.embedder is None and gallery_only.gallery.path == searcher.gallery.path
     assert [a.index for a in gallery_only.search_gallery([8], 4)[0].answers] == [

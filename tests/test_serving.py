@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -333,6 +334,9 @@ class EchoTextTower:
     def embed(self, texts):
         return self.gallery.embeddings[[int(t.split()[-1]) for t in texts]]
 
+    def unknown_words(self, text):
+        return [w for w in text.split() if w not in ("gallery", "item") and not w.isdigit()]
+
 
 def results_shown(page) -> list[dict]:
     return page.eval_on_selector_all(
@@ -420,12 +424,13 @@ def test_the_page_searches_text_when_the_model_has_a_text_tower(browser, searche
         page.goto(url + "/")
         page.wait_for_selector("#text-form", state="visible")
         page.fill("#k", "4")
-        page.fill("#text", "gallery item 30")
+        page.fill("#text", "red gallery item 30")
         page.click("#text-form button")
         page.wait_for_function("document.querySelectorAll('#results .result').length === 4")
         shown = results_shown(page)
         assert shown[0]["index"] == 30
-        assert page.inner_text("#query-text") == "“gallery item 30”"
+        assert page.inner_text("#query-text") == "“red gallery item 30”"
+        assert "not in the text tower's vocabulary: red" in page.inner_text("#status")
         page.close()
 
 
@@ -444,3 +449,48 @@ def test_a_gallery_image_gone_from_disk_is_404(searcher, tmp_path):
         assert original.status_code == 404
         assert original.json()["error"] == "gallery item 0's image is gone from the data set"
         assert client.get("/api/similar/0?k=3").status_code == 200  # searches need no files
+
+
+@pytest.fixture(scope="module")
+def dual_run(tmp_path_factory, tiny_demo):
+    """A dual encoder (image and text towers) trained briefly on the tiny demo set, embedded:
+    ``(config path, data_dir)``."""
+    from embed import main as embed
+    from tests.conftest import write_config
+    from tests.test_training_dual import dual_config
+    from training.trainer import train
+
+    root = tmp_path_factory.mktemp("dual") / "data"
+    shutil.copytree(tiny_demo, root / "datasets" / "shapes")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TFCBIR_DATA_DIR", str(root))
+        raw = dual_config(train__steps=12, train__validate_every=6, train__checkpoint_every=6)
+        path = write_config(root, "dual", raw)
+        train(config.load(path))
+        assert embed(["-c", str(path)]) == 0
+    return path, root
+
+
+def test_text_queries_answer_as_cbir_text_json(dual_run, capsys):
+    path, root = dual_run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TFCBIR_DATA_DIR", str(root))
+        searcher = Searcher.open(config.load(path), config_path=path)  # both towers
+        code, out, err = call(
+            "cbir", "-c", path, "-r", "5", "--json", "--text", "a small red hat", capsys=capsys
+        )
+    assert code == 0, err
+    expected = json.loads(out)["results"][0]
+    assert searcher.has_text
+    with TestClient(create_app(searcher)) as client:
+        assert client.get("/api/info").json()["has_text"] is True
+        document = client.post("/api/search?k=5", data={"text": "a small red hat"}).json()
+        assert document["kind"] == "text" and document["query"] == "a small red hat"
+        assert document["unknown_words"] == expected["unknown_words"] == ["hat"]
+        assert [(r["rank"], r["path"], r["score"]) for r in document["results"]] == [
+            (a["rank"], a["path"], a["score"]) for a in expected["answers"]
+        ]
+        image = gallery_file(searcher, 0).read_bytes()  # images work on the same gallery
+        assert upload(client, image).json()["results"][0]["index"] == 0
+        both = client.post("/api/search", files={"image": ("q.png", image)}, data={"text": "x"})
+        assert both.status_code == 400

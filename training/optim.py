@@ -78,6 +78,7 @@ class VariableGroup:
     name: str  # for messages: "backbone", "head", "loss"
     variables: list
     lr_multiplier: float = 1.0
+    weight_decay: bool = True  # False: never decayed (a temperature, a bias)
 
 
 def build_optimizer(
@@ -97,6 +98,12 @@ def build_optimizer(
         for variable in group.variables:
             multipliers[optimizer._var_key(variable)] = float(group.lr_multiplier)
     optimizer.lr_multipliers = {k: m for k, m in multipliers.items() if m != 1.0}
+    optimizer.no_decay = frozenset(
+        optimizer._var_key(variable)
+        for group in groups
+        if not group.weight_decay
+        for variable in group.variables
+    )
     if mixed:
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     if groups:
@@ -110,13 +117,14 @@ class _GroupRates:
     instead of by keras at the unscaled rate."""
 
     lr_multipliers: dict = {}
+    no_decay: frozenset = frozenset()  # keys of variables never decayed
     weight_decay_rate: float | None = None
 
     def update_step(self, gradient, variable, learning_rate):
         multiplier = self.lr_multipliers.get(self._var_key(variable), 1.0)
         if multiplier != 1.0:
             learning_rate = learning_rate * multiplier
-        if self.weight_decay_rate:
+        if self.weight_decay_rate and self._var_key(variable) not in self.no_decay:
             rate = ops.cast(learning_rate, variable.dtype) * ops.cast(
                 self.weight_decay_rate, variable.dtype
             )

@@ -3,8 +3,11 @@
 config.json        the resolved config the run was started with
 checkpoints/       ckpt-<step>.h5, the newest few
 best.weights.h5    the embedding model's best weights (by validation Recall@1)
+best.text.weights.h5   a dual encoder's text tower, saved with them
+text_tokenizer.json    a scratch text tower's tokenizer (datasets.tokenizer), made at the start
 best.json          step and score of those weights
-metrics.csv        step, loss, learning rate, steps/s, validation Recall@1
+metrics.csv        step, loss, learning rate, steps/s, validation Recall@1 (and, for a dual
+                   encoder, the epoch, the image-text loss's logit scale and its parts)
 logs/              TensorBoard event files
 embeddings/, evaluation/, queries/   written by embed.py, evaluation.py and test.py
 """
@@ -26,6 +29,8 @@ from tfcbir.files import write_json
 log = logging.getLogger("tfcbir")
 
 CSV_FIELDS = ["step", "loss", "lr", "steps_per_s", "val_recall@1", "elapsed_s"]
+# A dual encoder's extra columns: epochs of its training pairs, the logit scale, the two terms.
+DUAL_CSV_FIELDS = [*CSV_FIELDS, "epoch", "logit_scale", "pair_loss", "image_loss"]
 
 
 class RunFolder:
@@ -36,6 +41,8 @@ class RunFolder:
         self.logs = self.path / "logs"
         self.metrics = self.path / "metrics.csv"
         self.best_weights = self.path / "best.weights.h5"
+        self.best_text_weights = self.path / "best.text.weights.h5"
+        self.text_tokenizer = self.path / "text_tokenizer.json"
         self.best_info = self.path / "best.json"
         self.embeddings = self.path / "embeddings"
         self.evaluation = self.path / "evaluation"
@@ -51,7 +58,13 @@ class RunFolder:
         if restart:
             for path in (self.checkpoints, self.logs):
                 shutil.rmtree(path, ignore_errors=True)
-            for path in (self.metrics, self.best_weights, self.best_info):
+            for path in (
+                self.metrics,
+                self.best_weights,
+                self.best_text_weights,
+                self.text_tokenizer,
+                self.best_info,
+            ):
                 path.unlink(missing_ok=True)
         saved = None if restart else self.saved_config()
         if saved is not None:
@@ -86,14 +99,15 @@ class RunFolder:
             for name in CSV_FIELDS
         }
 
-    def open_metrics(self, resume_step: int):
-        """The CSV log, opened for appending; rows after ``resume_step`` are dropped (redone)."""
+    def open_metrics(self, resume_step: int, fields: list[str] = CSV_FIELDS):
+        """The CSV log with columns ``fields``, opened for appending; rows after
+        ``resume_step`` are dropped (redone)."""
         rows = []
         if self.metrics.exists() and resume_step > 0:
             with open(self.metrics, newline="") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
         handle = open(self.metrics, "w", newline="")  # noqa: SIM115 - closed by the trainer
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         handle.flush()

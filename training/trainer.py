@@ -3,6 +3,11 @@
 ``train(config)`` starts a run or resumes it from its newest checkpoint. Data order and
 augmentation are pure functions of (seed, step) and the learning rate a function of the
 optimiser's step, so a resumed run computes what the uninterrupted one would have.
+
+With an image-text loss (``clip``, ``siglip``) the run trains a dual encoder: the same loop over
+image-caption batches, with the text tower beside the embedding model (:mod:`training.dual`);
+its weights go into the checkpoints (group ``text_model``) and ``best.text.weights.h5``, and
+the model is selected on text-to-image Recall@1 of held-out images' captions.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from datasets.lists import Splits, ValidationSplit, load_splits
 from datasets.pipeline import TrainData
 from tfcbir import UserError
 from tfcbir.files import atomic_output
-from training import checkpoint, distribute, validation
+from training import checkpoint, distribute, dual, validation
 from training.optim import VariableGroup, build_optimizer
 from training.progress import Progress
-from training.run import RunFolder
+from training.run import DUAL_CSV_FIELDS, RunFolder
 from training.validation import choose_validation
 
 log = logging.getLogger("tfcbir")
@@ -87,10 +92,18 @@ def _train(
 ) -> Result:
     data, model_cfg, train_cfg = config["data"], config["model"], config["train"]
     P, K = train_cfg["batch"]["P"], train_cfg["batch"]["K"]
+    is_dual = losses.is_image_text(config["loss"])
 
     # Labels renumbered over the training classes only: a per-class loss gets one vector per
     # class it trains on (test classes of a class-disjoint split get none).
     train_images, val_images = chosen.train.compact(), chosen.validation
+    pairs = None
+    if is_dual:  # only captioned images train a dual encoder
+        pairs = dual.caption_pairs(config, train_images)
+        dual.check_captions(pairs, train_images, config)
+        train_images = pairs.images
+        if len(np.unique(train_images.labels)) == 1:  # no classes: plain shuffled batches
+            P, K = 1, P * K
     train_data = TrainData(
         train_images,
         P=P,
@@ -102,14 +115,32 @@ def _train(
         crop=data["augment"]["crop"],
         cache_max_bytes=int(data["cache_gb"] * (1 << 30)),
     )
+    text_tower = None
+    if is_dual:
+        tokenizer = dual.run_tokenizer(config, run, pairs, resuming=found is not None)
 
     with strategy.scope():
-        model = nets.build_embedding_model(
-            model_cfg, tuple(data["image_size"]), pretrained=found is None
+        # A CLIP or SigLIP preset's two towers are loaded once and share it.
+        hub_backbone = (
+            nets.shared_hub_backbone(model_cfg, data["image_size"], pretrained=found is None)
+            if is_dual
+            else None
         )
-        loss_fn = losses.get(config["loss"], num_classes=len(train_images.classes))
-        loss_variables = _build_loss(loss_fn, model, data["image_size"])
-        variable_groups = trainable_groups(model, loss_fn, loss_variables, train_cfg)
+        model = nets.build_embedding_model(
+            model_cfg,
+            tuple(data["image_size"]),
+            pretrained=found is None,
+            hub_backbone=hub_backbone,
+        )
+        if is_dual:
+            text_tower, loss_fn, loss_variables, variable_groups = dual.build(
+                config, model, tokenizer, len(train_images.classes), found is None, hub_backbone
+            )
+            pairs.tokenize(text_tower.tokenizer)
+        else:
+            loss_fn = losses.get(config["loss"], num_classes=len(train_images.classes))
+            loss_variables = _build_loss(loss_fn, model, data["image_size"])
+            variable_groups = trainable_groups(model, loss_fn, loss_variables, train_cfg)
         optimizer = build_optimizer(train_cfg, variable_groups, mixed=mixed)
 
     groups = {
@@ -118,6 +149,9 @@ def _train(
         "loss": loss_variables,
         "rng": _random_states(model),
     }
+    if text_tower is not None:
+        groups["text_model"] = text_tower.model.weights
+        groups["rng"] += _random_states(text_tower.model)
     step, best = 0, None
     if found is not None:
         for name, variables in groups.items():
@@ -129,21 +163,41 @@ def _train(
 
     validator = None
     if validate and val_images is not None and train_cfg["validate_every"] > 0:
-        validator = validation.Validator(
-            val_images,
-            data,
-            train_cfg["validation"]["max_images"],
-            config["seed"],
-            normalized=cfg.normalized_embeddings(config),
-            # Mirror evaluation: class-disjoint splits leave one out, others search training.
-            gallery=None if splits.class_disjoint else chosen.train,
-        )
+        if is_dual:
+            validator = _text_validator(config, val_images, text_tower)
+        else:
+            validator = validation.Validator(
+                val_images,
+                data,
+                train_cfg["validation"]["max_images"],
+                config["seed"],
+                normalized=cfg.normalized_embeddings(config),
+                # Mirror evaluation: class-disjoint splits leave one out, others search training.
+                gallery=None if splits.class_disjoint else chosen.train,
+            )
 
     _summary(config, run, splits, chosen, train_images, train_data, model, step, strategy)
     log.info(_trainable_line(variable_groups))
-    train_step = _make_train_step(model, loss_fn, optimizer, variable_groups, strategy, mixed)
+    if is_dual:
+        train_step = dual.make_step(
+            model, text_tower.model, loss_fn, optimizer, variable_groups, strategy, mixed
+        )
+        batches = dual.PairBatches(train_data, pairs, config["seed"]).dataset(
+            step, train_cfg["steps"]
+        )
+        log.info(
+            "text tower %s; %d training pairs' images, captions grouped by %s",
+            text_tower.tower,
+            len(pairs),
+            pairs.group_by,
+        )
+    else:
+        train_step = _make_train_step(model, loss_fn, optimizer, variable_groups, strategy, mixed)
+        batches = train_data.dataset(step, train_cfg["steps"])
     writer = tf.summary.create_file_writer(str(run.logs))
-    csv_handle, csv_writer = run.open_metrics(step)
+    csv_handle, csv_writer = (
+        run.open_metrics(step, DUAL_CSV_FIELDS) if is_dual else run.open_metrics(step)
+    )
     progress = Progress(train_cfg["steps"], start=step)
     signal_handler = _raise_on_sigterm()
     last_loss = None  # None: the run had already finished
@@ -156,10 +210,12 @@ def _train(
         checkpoint.save(run.checkpoints, at, groups, meta, train_cfg["keep_checkpoints"])
 
     try:
-        batches = train_data.dataset(step, train_cfg["steps"])
-        for images, labels in batches:
-            images, labels = distribute.split_per_replica(strategy, images, labels)
-            loss_value = float(train_step(images, labels))
+        for batch in batches:
+            parts = None
+            if is_dual:
+                loss_value, *parts = (float(v) for v in train_step(*_split(strategy, batch)))
+            else:
+                loss_value = float(train_step(*_split(strategy, batch)))
             step += 1
             last_loss = loss_value
             if not np.isfinite(loss_value):
@@ -185,10 +241,15 @@ def _train(
                     "val_recall@1": "",
                     "elapsed_s": f"{now - t_start:.1f}",
                 }
+                if is_dual:
+                    row.update(_dual_row(step, parts, loss_fn, train_data, writer))
             if validator is not None and (
                 step % train_cfg["validate_every"] == 0 or step == train_cfg["steps"]
             ):
-                recall = validator.recall_at_1(model)
+                if is_dual:
+                    recall = validator.recall_at_1(model, text_tower.model)
+                else:
+                    recall = validator.recall_at_1(model)
                 with writer.as_default(step=step):
                     tf.summary.scalar("val_recall@1", recall)
                 improved = best is None or recall > best["val_recall@1"]
@@ -198,7 +259,7 @@ def _train(
                 )
                 if improved:
                     best = {"step": step, "val_recall@1": recall}
-                    _save_weights(model, run)
+                    _save_weights(model, run, text_tower)
                     run.write_best(best)
                 row = row or {"step": step, "loss": f"{loss_value:.6g}"}
                 row["val_recall@1"] = f"{recall:.6g}"
@@ -209,7 +270,8 @@ def _train(
                 step % train_cfg["checkpoint_every"] == 0 or step == train_cfg["steps"]
             ):
                 best = {"step": step, "val_recall@1": None}
-                _save_weights(model, run)  # no validation: the newest weights are the model
+                # No validation: the newest weights are the model.
+                _save_weights(model, run, text_tower)
                 run.write_best(best)
             if step % train_cfg["checkpoint_every"] == 0 or step == train_cfg["steps"]:
                 save_checkpoint(step)
@@ -226,6 +288,43 @@ def _train(
     if interrupted:
         log.warning("run the same command to resume %s from step %d", config["name"], step)
     return Result(run, step, last_loss, best, interrupted)
+
+
+def _split(strategy, batch) -> tuple:
+    return distribute.split_per_replica(strategy, *batch)
+
+
+def _text_validator(config: dict, val_images, text_tower):
+    """Text-to-image Recall@1 of the held-out images' captions; None when none has a caption."""
+    pairs = dual.caption_pairs(config, val_images)
+    if len(pairs) == 0:
+        log.warning(
+            "train.validation: none of the %d held-out images has a caption; training without "
+            "validation, the last weights are the model",
+            len(val_images),
+        )
+        return None
+    pairs.tokenize(text_tower.tokenizer)
+    validation_cfg = config["train"]["validation"]
+    return dual.TextValidator(pairs, config["data"], validation_cfg["max_images"], config["seed"])
+
+
+def _dual_row(step: int, parts, loss_fn, train_data, writer) -> dict:
+    """A dual encoder's extra CSV columns (and TensorBoard scalars)."""
+    pair, image = parts
+    scale = loss_fn.pair.logit_scale
+    epoch = step * train_data.batch_size / max(train_data.num_images, 1)
+    with writer.as_default(step=step):
+        tf.summary.scalar("logit_scale", scale)
+        tf.summary.scalar("pair_loss", pair)
+        if loss_fn.image is not None:
+            tf.summary.scalar("image_loss", image)
+    return {
+        "epoch": f"{epoch:.4g}",
+        "logit_scale": f"{scale:.6g}",
+        "pair_loss": f"{pair:.6g}",
+        "image_loss": f"{image:.6g}" if loss_fn.image is not None else "",
+    }
 
 
 def _random_states(model) -> list:
@@ -245,20 +344,24 @@ def _build_loss(loss_fn, model, image_size) -> list:
     return list(loss_fn.trainable_variables)
 
 
-def trainable_groups(model, loss_fn, loss_variables: list, train_cfg: dict) -> list[VariableGroup]:
+def trainable_groups(
+    model, loss_fn, loss_variables: list, train_cfg: dict, others: tuple = ()
+) -> list[VariableGroup]:
     """What trains, in the optimiser's order: the model's trainable variables (the backbone's
-    at ``backbone_lr_multiplier``, the head's at 1), then the loss's class vectors at the loss's
-    ``lr_multiplier``. Empty groups are left out; UserError when nothing would train."""
+    at ``backbone_lr_multiplier``, the head's at 1), then ``others`` (a dual encoder's text
+    tower, temperature), then the loss's class vectors at the loss's ``lr_multiplier``. Empty
+    groups are left out; UserError when no model weight (image or text tower) would train."""
     backbone = {id(v) for v in model.get_layer("backbone").trainable_variables}
     model_variables = list(model.trainable_variables)
     multiplier = train_cfg["optimizer"]["backbone_lr_multiplier"]
     groups = [
         VariableGroup("backbone", [v for v in model_variables if id(v) in backbone], multiplier),
         VariableGroup("head", [v for v in model_variables if id(v) not in backbone]),
+        *others,
         VariableGroup("loss", list(loss_variables), getattr(loss_fn, "lr_multiplier", 1.0)),
     ]
     groups = [group for group in groups if group.variables]
-    if not any(group.name in ("backbone", "head") for group in groups):
+    if not any(group.name in ("backbone", "head", "text") for group in groups):
         raise UserError(
             "model: nothing to train: the backbone is frozen (model.freeze_backbone: true) and "
             "the head has no weights; use a head with weights or unfreeze the backbone"
@@ -304,7 +407,12 @@ def _mixed_precision(wanted: bool) -> bool:
     return True
 
 
-def _save_weights(model, run: RunFolder) -> None:
+def _save_weights(model, run: RunFolder, text_tower=None) -> None:
+    """best.weights.h5 (and a dual encoder's best.text.weights.h5, written first: the image
+    tower's file is the last to change, and both are replaced atomically)."""
+    if text_tower is not None:
+        with atomic_output(run.best_text_weights) as tmp:
+            text_tower.model.save_weights(tmp)
     with atomic_output(run.best_weights) as tmp:
         model.save_weights(tmp)
 

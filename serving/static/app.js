@@ -105,9 +105,11 @@ async function ask(url, options) {
   const ms = Math.round(performance.now() - started);
   const known = data.results.filter((r) => r.match !== null);
   const matches = known.filter((r) => r.match).length;
+  const unknown = data.unknown_words || [];
   setStatus(
     `top ${data.results.length} of ${info.gallery_size} in ${ms} ms` +
-      (known.length ? ` · ${matches} of ${known.length} of class ${data.query_class}` : "")
+      (known.length ? ` · ${matches} of ${known.length} of class ${data.query_class}` : "") +
+      (unknown.length ? ` · not in the text tower's vocabulary: ${unknown.join(", ")}` : "")
   );
   $("legend").hidden = !known.length;
   render(data.results);

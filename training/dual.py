@@ -1,0 +1,327 @@
+"""The text side of dual-encoder training: caption pairs, their batches, the step and validation.
+
+A dual encoder trains the image tower (the embedding model) and a text tower together with an
+image-text loss (``clip``, ``siglip``) on image-caption pairs:
+
+- :func:`caption_pairs`: the captioned images of a list and their captions, tokenized
+  (``data.captions``: the captions file and/or templates; images without a caption are left
+  out of text training);
+- :func:`run_tokenizer`: a scratch tower's tokenizer, built from the training captions and
+  saved in the run folder (a resumed run checks that the captions still give it);
+- :class:`PairBatches`: P x K batches of images by class (one caption of each image, drawn
+  from its captions), or, for a list with a single class, P * K distinct images of it, as a pure
+  function of (seed, step) like the image batches; with each pair's group
+  (:func:`datasets.captions.pair_groups`);
+- :func:`build`: the text tower, the loss (an image-text loss, maybe with an image loss) and
+  what trains at which rate;
+- :func:`make_step`: the training step (both towers, or a frozen text tower);
+- :class:`TextValidator`: text-to-image Recall@1 of held-out images' captions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from datasets.captions import (
+    Captions,
+    image_captions,
+    load_caption_table,
+    only_captioned,
+    pair_groups,
+    resolve_group_by,
+)
+from datasets.lists import ImageList
+from datasets.pipeline import TrainData
+from datasets.tokenizer import WordTokenizer
+from nets.catalog import SCRATCH_MAX_LENGTH, text_tower_kind
+from retrieval.metrics import evaluate
+from retrieval.search import unit_rows
+from tfcbir import UserError
+from training import distribute
+from training.validation import _Decoded
+
+log = logging.getLogger("tfcbir")
+
+_CAPTION_STREAM = 4  # the caption draws of step s come from default_rng([seed, s, 4])
+
+
+class CaptionPairs:
+    """The captioned images of a list and their captions: ``images`` (ImageList), ``captions``
+    (Captions indexing ``images``), ``text_ids`` (M,) int64 (equal texts, equal ids),
+    ``group_by`` (image or class), and, once :meth:`tokenize` ran, ``token_ids`` (M, L)."""
+
+    def __init__(self, images: ImageList, captions: Captions, group_by: str):
+        self.images, self.captions, self.group_by = images, captions, group_by
+        _, self.text_ids = np.unique(np.array(captions.texts, dtype=object), return_inverse=True)
+        self.text_ids = self.text_ids.astype(np.int64).reshape(-1)
+        order = np.argsort(captions.image, kind="stable")
+        if not np.array_equal(order, np.arange(len(order))):
+            raise ValueError("captions must be ordered by image")
+        # The captions of image i are starts[i] .. starts[i] + counts[i] - 1.
+        self.counts = np.bincount(captions.image, minlength=len(images)).astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        self.token_ids: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def tokenize(self, tokenizer) -> CaptionPairs:
+        self.token_ids = np.asarray(tokenizer.encode(self.captions.texts), np.int32)
+        return self
+
+    def groups(self, image_positions: np.ndarray, caption_positions: np.ndarray) -> np.ndarray:
+        """(B,) group ids of the pairs (image, caption) at these positions."""
+        classes = self.images.labels[image_positions] if self.group_by == "class" else None
+        return pair_groups(image_positions, self.text_ids[caption_positions], classes)
+
+
+def caption_pairs(config: dict, images: ImageList) -> CaptionPairs:
+    """The captioned images of ``images`` with their captions (``data.captions``)."""
+    from config import data_root
+
+    settings = config["data"]["captions"]
+    table = load_caption_table(data_root(config), settings["file"])
+    captions = image_captions(images, table, settings["templates"])
+    kept, captions = only_captioned(images, captions)
+    return CaptionPairs(kept, captions, resolve_group_by(settings["group_by"], captions))
+
+
+def check_captions(pairs: CaptionPairs, images: ImageList, config: dict) -> None:
+    """Refuse training without captions; say how many images have none."""
+    from config import data_root
+
+    if len(pairs) == 0:
+        file = data_root(config) / config["data"]["captions"]["file"]
+        raise UserError(
+            f"data.captions: none of the {len(images)} training images has a caption; write "
+            f"{file} (header path,caption) or set data.captions.templates, e.g. "
+            '["a photo of a {class}."]'
+        )
+    if len(pairs) < len(images):
+        log.warning(
+            "data.captions: %d of the %d training images have no caption and are left out of "
+            "training (give them rows in the captions file, or set data.captions.templates)",
+            len(images) - len(pairs),
+            len(images),
+        )
+
+
+def run_tokenizer(config: dict, run, pairs: CaptionPairs, resuming: bool):
+    """A scratch tower's tokenizer, built from the training captions (deterministically) and
+    saved in the run folder; a resumed run checks it against the saved one (refusing captions
+    that changed since the run started). None for a hub tower (its preset has its own)."""
+    text = config["model"]["text"]
+    if text_tower_kind(text["tower"]) != "scratch":
+        return None
+    tokenizer = WordTokenizer.build(
+        pairs.captions.texts,
+        vocab_size=text["vocab_size"],
+        max_length=text["max_length"] or SCRATCH_MAX_LENGTH,
+    )
+    if resuming and run.text_tokenizer.exists():
+        if WordTokenizer.load(run.text_tokenizer) != tokenizer:
+            raise UserError(
+                f"{run.text_tokenizer}: the training captions changed since the run started (its "
+                "vocabulary differs); run with --restart to start over, or give the config "
+                "another name"
+            )
+        return tokenizer
+    tokenizer.save(run.text_tokenizer)
+    log.info(
+        "text tokenizer: %d tokens from %d training captions -> %s",
+        tokenizer.vocab_size,
+        len(pairs.captions),
+        run.text_tokenizer,
+    )
+    return tokenizer
+
+
+class PairBatches:
+    """Image-caption batches on top of the image batches of :class:`TrainData`.
+
+    Batch ``step``: the images, labels and positions of ``TrainData.batch_items(step)``, and for
+    each image one of its captions, drawn from ``default_rng([seed, step, 4])``; with the
+    groups of the pairs. A pure function of (seed, step).
+    """
+
+    def __init__(self, data: TrainData, pairs: CaptionPairs, seed: int):
+        if pairs.token_ids is None:
+            raise ValueError("tokenize the captions first")
+        self.data, self.pairs, self.seed = data, pairs, int(seed)
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(images (B, h, w, 3) uint8, labels (B,) int32, token ids (B, L) int32, groups (B,)
+        int64)``."""
+        images, labels, positions = self.data.batch_items(step)
+        rng = np.random.default_rng([self.seed, int(step), _CAPTION_STREAM])
+        counts = self.pairs.counts[positions]
+        captions = self.pairs.starts[positions] + (rng.random(len(positions)) * counts).astype(
+            np.int64
+        )
+        groups = self.pairs.groups(positions, captions)
+        return images, labels, self.pairs.token_ids[captions], groups
+
+    def dataset(self, start_step: int, stop_step: int) -> tf.data.Dataset:
+        """The batches ``start_step .. stop_step - 1`` in order, with static shapes, prefetched."""
+        size, length = self.data.batch_size, self.pairs.token_ids.shape[1]
+        shapes = ((size, *self.data.image_size, 3), (size,), (size, length), (size,))
+
+        def make(step):
+            tensors = tf.numpy_function(
+                self.batch, [step], (tf.uint8, tf.int32, tf.int32, tf.int64), stateful=False
+            )
+            for tensor, shape in zip(tensors, shapes):
+                tensor.set_shape(shape)
+            return tuple(tensors)
+
+        parallel = 2 if self.data.cached else max(2, min(4, self.data.workers))
+        return (
+            tf.data.Dataset.range(int(start_step), int(stop_step))
+            .map(make, num_parallel_calls=parallel, deterministic=True)
+            .prefetch(2)
+        )
+
+
+def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool, hub_backbone=None):
+    """The text tower and the loss of a dual encoder beside the image tower ``model`` (inside the
+    strategy's scope), and what trains: ``(text_tower, loss, loss_variables, groups)``.
+
+    ``loss_variables`` are the loss's weights in checkpoint order (the temperature and bias,
+    then an image loss's class vectors, created here by one call). ``groups``
+    (:class:`training.optim.VariableGroup`, the optimiser's order): the image tower's backbone
+    and head (as for image losses), the text tower, the temperature and bias (no weight decay:
+    open_clip's choice), an image loss's class vectors at their own learning rate.
+    hub_backbone: the keras-hub preset the image tower was built from, when the text tower is
+    the same preset's (:func:`nets.shared_hub_backbone`).
+    """
+    import losses
+    import nets
+    from training.optim import VariableGroup
+    from training.trainer import trainable_groups
+
+    model_cfg = config["model"]
+    text_tower = nets.build_text_tower(
+        model_cfg["text"],
+        nets.text_embedding_dim(model_cfg),
+        tokenizer=tokenizer,
+        pretrained=pretrained,
+        hub_backbone=hub_backbone,
+    )
+    image_dim, text_dim = model.output_shape[-1], text_tower.model.output_shape[-1]
+    if image_dim != text_dim:
+        raise UserError(
+            f"model.text.tower: {text_tower.tower} embeds texts in {text_dim} dimensions, the image "
+            f"tower images in {image_dim}; use the same preset for both, or a head that projects "
+            "both to model.embedding_dim (e.g. direct_normalize)"
+        )
+    loss = losses.get_dual(config["loss"], num_classes=num_classes)
+    if loss.image is not None and hasattr(loss.image, "trainable_variables"):
+        images = tf.zeros([2, *config["data"]["image_size"], 3], tf.uint8)
+        loss.image(tf.constant([0, 0]), model(images, training=False))
+    groups = trainable_groups(
+        model,
+        loss.image,
+        loss.image_variables,
+        config["train"],
+        others=(
+            VariableGroup("text", list(text_tower.model.trainable_variables)),
+            VariableGroup("temperature", loss.pair_variables, weight_decay=False),
+        ),
+    )
+    return text_tower, loss, loss.weights, groups
+
+
+def make_step(model, text_model, loss, optimizer, groups, strategy, mixed: bool):
+    """The dual encoder's training step ``step(images, labels, token_ids, groups)`` -> (total
+    loss, image-text part, image part (0 without an image loss)), means over the replicas.
+
+    One optimiser update of every variable of ``groups`` (each group at its learning rate). A
+    text tower without trainable weights (frozen) runs in inference mode."""
+    train_text = bool(text_model.trainable_variables)
+    variables = [variable for group in groups for variable in group.variables]
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(images, labels, token_ids, pair_groups):
+        with tf.GradientTape() as tape:
+            image_embeddings = tf.cast(model(images, training=True), tf.float32)
+            text_embeddings = tf.cast(text_model(token_ids, training=train_text), tf.float32)
+            total, parts = loss(
+                distribute.gather(image_embeddings),
+                distribute.gather(text_embeddings),
+                distribute.gather(pair_groups),
+                distribute.gather(labels),
+            )
+            regular = list(model.losses) + list(text_model.losses)
+            objective = (total + tf.add_n(regular) if regular else total) / replicas
+            if mixed:
+                objective = optimizer.scale_loss(objective)
+        grads = tape.gradient(objective, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        image_part = parts.get("image", tf.zeros_like(total))
+        return total, parts["pair"], image_part
+
+    @tf.function
+    def step(images, labels, token_ids, pair_groups):
+        per_replica = strategy.run(replica_step, args=(images, labels, token_ids, pair_groups))
+        return tuple(strategy.reduce("MEAN", value, axis=None) for value in per_replica)
+
+    return step
+
+
+class TextValidator:
+    """Text-to-image Recall@1 of held-out images' captions: every caption of (a sample of) the
+    held-out images is a query against those images; an image is a match when it is in the
+    caption's group (its own image, an image with the same words, or, grouped by class, an image
+    of its class). Recall@1 as :mod:`retrieval.metrics`, cosine scores."""
+
+    def __init__(self, pairs: CaptionPairs, data: dict, max_images: int, seed: int):
+        keep = np.sort(_sample_positions(len(pairs), max_images, seed))
+        images = pairs.images.subset(keep)
+        in_sample = np.isin(pairs.captions.image, keep)
+        captions = pairs.captions.subset(in_sample)
+        renumber = np.full(len(pairs), -1, np.int64)
+        renumber[keep] = np.arange(len(keep))
+        captions.image = renumber[captions.image]
+        self.sample = CaptionPairs(images, captions, pairs.group_by)
+        self.token_ids = pairs.token_ids[in_sample]
+        self.images = _Decoded(images, data)
+        # One group per caption over the whole sample; an image's group is its captions'.
+        self.query_groups = self.sample.groups(captions.image, np.arange(len(captions)))
+        self.image_groups = np.empty(len(images), np.int64)
+        self.image_groups[captions.image] = self.query_groups
+        if len(np.unique(self.image_groups)) < 2:
+            log.warning(
+                "train.validation: the %d held-out images form a single group, so text-to-image "
+                "Recall@1 is 1 whatever the model",
+                len(images),
+            )
+
+    def recall_at_1(self, model, text_model, batch_size: int = 256) -> float:
+        images = self.images.embed(model, normalized=True)
+        texts = np.concatenate(
+            [
+                np.asarray(text_model(self.token_ids[i : i + batch_size], training=False))
+                for i in range(0, len(self.token_ids), batch_size)
+            ]
+        )
+        metrics = evaluate(
+            unit_rows(texts.astype(np.float32)),
+            self.query_groups,
+            images,
+            self.image_groups,
+            normalized=True,
+            r=1,
+            ks=(1,),
+            nmi=False,
+        )
+        return metrics.recall_at_k[1]
+
+
+def _sample_positions(n: int, max_images: int, seed: int) -> np.ndarray:
+    """A seeded sample of at most ``max_images`` of the positions 0 .. n - 1."""
+    if n <= max_images:
+        return np.arange(n)
+    return np.random.default_rng([seed, 11]).permutation(n)[:max_images]
