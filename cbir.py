@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from tfcbir.cli import import_tensorflow, run
+from tfcbir.cli import add_search_arguments, import_tensorflow, run
 
 
 def main(argv: list[str]) -> int:
@@ -38,17 +38,7 @@ def main(argv: list[str]) -> int:
         default=[],
         help="a text file naming one query image a line",
     )
-    parser.add_argument(
-        "--gallery",
-        choices=["train", "test", "all", "query", "gallery"],
-        help="the embedded set to search (default: the protocol's gallery)",
-    )
-    parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="weights to use instead of the run's best.weights.h5 (embed.py --checkpoint)",
-    )
+    add_search_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument(
         "--save",

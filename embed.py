@@ -20,11 +20,13 @@ from tfcbir.cli import import_tensorflow, run
 
 
 def main(argv: list[str]) -> int:
+    from retrieval.sets import SET_NAMES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
     parser.add_argument(
         "--split",
-        choices=["train", "test", "all", "query", "gallery"],
+        choices=SET_NAMES,
         help="the set to embed (default: the sets eval.protocol uses)",
     )
     parser.add_argument("-o", "--output", type=Path, help="gallery file (with one --split only)")

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from tfcbir.cli import import_tensorflow, run
+from tfcbir.cli import add_search_arguments, import_tensorflow, run
 
 
 def main(argv: list[str]) -> int:
@@ -22,17 +21,7 @@ def main(argv: list[str]) -> int:
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
     )
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument(
-        "--gallery",
-        choices=["train", "test", "all", "query", "gallery"],
-        help="the embedded set to search (default: the protocol's gallery)",
-    )
-    parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="weights to use instead of the run's best.weights.h5 (embed.py --checkpoint)",
-    )
+    add_search_arguments(parser)
     parser.add_argument(
         "--max-upload-mb", type=float, default=20, help="largest upload accepted, in MB"
     )

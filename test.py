@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tfcbir.cli import import_tensorflow, run
+from tfcbir.cli import add_search_arguments, import_tensorflow, run
 
 
 def main(argv: list[str]) -> int:
@@ -19,12 +19,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
     parser.add_argument("-r", "--retrieve", type=int, default=10, help="answers to show")
     parser.add_argument("--seed", type=int, help="pick the query with this seed (default: any)")
-    parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="weights to use instead of the run's best.weights.h5 (embed.py --checkpoint)",
-    )
+    add_search_arguments(parser, gallery=False)
     parser.add_argument("--save", type=Path, help="picture file (default: <run>/queries/)")
     parser.add_argument(
         "--text",

@@ -100,14 +100,11 @@ def _embed(config: dict, gallery: Gallery, batch_size: int, progress) -> np.ndar
     data = config["data"]
     keras.utils.set_random_seed(config["seed"])  # as train.py seeds the start of a run
     model = nets.build_embedding_model(config["model"], tuple(data["image_size"]), pretrained=True)
-    embedder = Embedder(
-        model=model,
-        image_size=tuple(data["image_size"]),
-        resize=tuple(data["resize"]) if data["resize"] else None,
-        normalized=cfg.normalized_embeddings(config),
+    embedder = Embedder.of_config(
+        config,
+        model,
         model_id=identity(config),
         model_step=0,
-        config_hash=cfg.model_hash(config),
         weights=Path(config["model"]["weights"]),
     )
     root = image_root(config, gallery)

@@ -44,6 +44,25 @@ class Embedder:
     # {"image_tower", "text_tower"}: recorded in the galleries' extra (see :func:`towers`)
     towers: dict = field(default_factory=dict)
 
+    @classmethod
+    def of_config(
+        cls, config: dict, model, *, model_id: str, model_step: int, weights: Path | None
+    ) -> Embedder:
+        """The embedder of ``model`` built from ``config``: image geometry, search geometry,
+        model hash and towers from the config; the weights' identity as given."""
+        data = config["data"]
+        return cls(
+            model=model,
+            image_size=tuple(data["image_size"]),
+            resize=tuple(data["resize"]) if data["resize"] else None,
+            normalized=cfg.normalized_embeddings(config),
+            model_id=model_id,
+            model_step=model_step,
+            config_hash=cfg.model_hash(config),
+            weights=weights,
+            towers=towers(config),
+        )
+
     @property
     def dim(self) -> int:
         return int(self.model.output_shape[-1])
@@ -223,43 +242,32 @@ def load_embedder(config: dict, checkpoint: str | Path | None = None) -> Embedde
             config["model"]["backbone"],
         )
         model = nets.build_embedding_model(config["model"], tuple(data["image_size"]))
-        return Embedder(
-            model=model,
-            image_size=tuple(data["image_size"]),
-            resize=tuple(data["resize"]) if data["resize"] else None,
-            normalized=cfg.normalized_embeddings(config),
-            model_id=pretrained_model_id(config),
-            model_step=0,
-            config_hash=cfg.model_hash(config),
-            weights=None,
-            towers=towers(config),
+        return Embedder.of_config(
+            config, model, model_id=pretrained_model_id(config), model_step=0, weights=None
         )
     weights, text_weights = weights_files(config, checkpoint)
     step = int((run.best() or {}).get("step", 0)) if checkpoint is None else 0
     model = nets.build_embedding_model(config["model"], tuple(data["image_size"]), pretrained=False)
     if weights.name.endswith(".weights.h5"):
-        try:
-            model.load_weights(weights)
-        except Exception as error:  # Keras raises several types for a file of another model
-            raise UserError(
-                f"{weights}: these weights do not fit the model of the config "
-                f"({type(error).__name__}); was it trained with another config?"
-            ) from None
+        _load_weights_file(model, weights, "model")
     else:
         saved = _read_checkpoint(weights)
         ckpt.restore(model.weights, saved.groups.get("model", []), "model", weights)
         step = saved.step
-    return Embedder(
-        model=model,
-        image_size=tuple(data["image_size"]),
-        resize=tuple(data["resize"]) if data["resize"] else None,
-        normalized=cfg.normalized_embeddings(config),
-        model_id=model_id(weights, text_weights),
-        model_step=step,
-        config_hash=cfg.model_hash(config),
-        weights=weights,
-        towers=towers(config),
+    return Embedder.of_config(
+        config, model, model_id=model_id(weights, text_weights), model_step=step, weights=weights
     )
+
+
+def _load_weights_file(model, path: Path, what: str) -> None:
+    """Load a ``.weights.h5`` file into ``model``; a file of another model is a UserError."""
+    try:
+        model.load_weights(path)
+    except Exception as error:  # Keras raises several types for a file of another model
+        raise UserError(
+            f"{path}: these weights do not fit the {what} of the config "
+            f"({type(error).__name__}); was it trained with another config?"
+        ) from None
 
 
 def _read_checkpoint(path: Path):
@@ -351,13 +359,7 @@ def load_text_encoder(config: dict, checkpoint: str | Path | None = None) -> Tex
     )
     step = int((run.best() or {}).get("step", 0)) if checkpoint is None else 0
     if text_weights is not None:
-        try:
-            tower.model.load_weights(text_weights)
-        except Exception as error:  # Keras raises several types for a file of another model
-            raise UserError(
-                f"{text_weights}: these weights do not fit the text tower of the config "
-                f"({type(error).__name__}); was it trained with another config?"
-            ) from None
+        _load_weights_file(tower.model, text_weights, "text tower")
     else:
         saved = _read_checkpoint(weights)
         ckpt.restore(tower.model.weights, saved.groups.get("text_model", []), "text tower", weights)

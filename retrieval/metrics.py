@@ -38,13 +38,13 @@ README's "Retrieval" section.
 
 from __future__ import annotations
 
-import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from datasets.pipeline import default_workers
 from retrieval.search import (
     DEFAULT_MEMORY_MB,
     EXCLUDED,
@@ -324,11 +324,7 @@ def query_results(
 
 def default_threads() -> int:
     """Threads for the metrics: the CPUs this process may use (at most 8)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    return min(8, default_workers())
 
 
 def _labels(labels: np.ndarray, n: int, what: str) -> np.ndarray:

@@ -64,6 +64,27 @@ def setup_logging(verbose: bool = False) -> None:
     logger.propagate = False
 
 
+def add_search_arguments(parser, *, gallery: bool = True) -> None:
+    """The flags of the commands that search a run's gallery: --gallery (the set), --index and
+    --checkpoint (the weights the gallery was embedded with)."""
+    from pathlib import Path
+
+    from retrieval.sets import SET_NAMES
+
+    if gallery:
+        parser.add_argument(
+            "--gallery",
+            choices=SET_NAMES,
+            help="the embedded set to search (default: the protocol's gallery)",
+        )
+    parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="weights to use instead of the run's best.weights.h5 (embed.py --checkpoint)",
+    )
+
+
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
     """Call ``main`` and exit with its code; a UserError becomes ``error: ...`` and exit 2."""
     setup_logging()
