@@ -134,8 +134,10 @@ def test_check_of_a_bad_config_is_one_line_and_exit_2(cub, capsys, change, messa
 
 
 def test_json_without_check_is_refused(cub, capsys):
-    code, _, err = call("train", "-c", cub, "--json", capsys=capsys)
-    assert code == 2 and "--json formats the --check report" in err
+    code, out, err = call("train", "-c", cub, "--json", capsys=capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "--json formats the --check report" in err
+    assert not (cub.parent / "trainings").exists()  # refused before any training started
 
 
 def test_check_imports_no_tensorflow(cub):
