@@ -12,25 +12,15 @@ import re
 import losses
 import nets
 from datasets.captions import CAPTIONS_FILE, GROUP_BY, check_template
-from datasets.lists import CLASS_ORDERS
+from datasets.lists import CLASS_ORDERS, LAYOUTS, SPLIT_KINDS, VALIDATION_SOURCES
 from tfcbir import UserError
 from tfcbir.params import REQUIRED, Param, check_value, fmt, validate
 
-SPLIT_MODES = ["auto", "images", "classes", "folders", "csv", "protocol", "none"]
-DATA_FORMATS = [
-    "auto",
-    "class_folders",
-    "split_folders",
-    "csv",
-    "cub200",
-    "cars196",
-    "sop",
-    "inshop",
-]  # datasets.lists.LAYOUTS
+SPLIT_MODES = ["auto", *SPLIT_KINDS]
+DATA_FORMATS = ["auto", *LAYOUTS]
 OPTIMIZERS = ["adam", "adamw", "sgd"]
 LR_SCHEDULES = ["constant", "linear", "cosine"]
 PROTOCOLS = ["auto", "train_gallery", "leave_one_out", "query_gallery"]
-VALIDATION_SOURCES = ["auto", "holdout", "test", "none"]
 
 
 def _name_ok(value: str) -> str | None:

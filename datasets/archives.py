@@ -39,12 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.lists import ImageList, existing_files
+from datasets.lists import ARCHIVE_LAYOUTS, ImageList, existing_files, open_text
 from tfcbir import UserError
 
 log = logging.getLogger("tfcbir")
 
-FORMATS = ("cub200", "cars196", "sop", "inshop")
+FORMATS = ARCHIVE_LAYOUTS  # defined in datasets.lists, which reads no archive itself
 
 #: Display names, and the full archives' sizes (classes, images) per set, for reports.
 NAMES = {
@@ -319,14 +319,13 @@ def _by_class_ids(name, folder, paths, labels, classes, class_ids, train_ids) ->
 
 def _rows(path: Path, skip: int = 0):
     """``(line number, whitespace-split fields)`` of the non-blank lines after the first
-    ``skip`` lines."""
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if line_number <= skip:
-                continue
-            parts = line.split()
-            if parts:
-                yield line_number, parts
+    ``skip`` lines; a UserError naming the file when it is not UTF-8."""
+    for line_number, line in enumerate(open_text(path), start=1):
+        if line_number <= skip:
+            continue
+        parts = line.split()
+        if parts:
+            yield line_number, parts
 
 
 def _id_table(path: Path) -> dict[str, str]:

@@ -17,7 +17,6 @@ arguments only: this module never reads the config.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.lists import ImageList
+from datasets.lists import ImageList, csv_rows, existing_files
 from tfcbir import UserError
 
 log = logging.getLogger("tfcbir")
@@ -71,27 +70,26 @@ def read_captions_file(path: str | os.PathLike) -> dict[str, list[str]]:
     if not path.is_file():
         raise UserError(f"data.captions.file: {path} does not exist")
     captions: dict[str, list[str]] = {}
-    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: Excel's BOM
-        rows = csv.reader(handle)
-        header = next(rows, None)
-        if header is None or [field.strip().lower() for field in header] != _HEADER:
-            shown = ",".join(header) if header else "nothing"
+    rows = csv_rows(path)
+    header = next(rows, None)
+    if header is None or [field.strip().lower() for field in header] != _HEADER:
+        shown = ",".join(header) if header else "nothing"
+        raise UserError(
+            f"{path}:1: the first line is {shown!r}; it must be the header 'path,caption'"
+        )
+    for line_number, row in enumerate(rows, start=2):
+        if not row or all(not field.strip() for field in row):
+            continue
+        if len(row) != 2:
             raise UserError(
-                f"{path}:1: the first line is {shown!r}; it must be the header 'path,caption'"
+                f"{path}:{line_number}: {len(row)} fields; give 'path,caption' (quote a "
+                'caption that holds commas: "a red, shiny bag")'
             )
-        for line_number, row in enumerate(rows, start=2):
-            if not row or all(not field.strip() for field in row):
-                continue
-            if len(row) != 2:
-                raise UserError(
-                    f"{path}:{line_number}: {len(row)} fields; give 'path,caption' (quote a "
-                    'caption that holds commas: "a red, shiny bag")'
-                )
-            relative, caption = _posix(row[0].strip()), " ".join(row[1].split())
-            if not relative or not caption:
-                what = "path" if not relative else "caption"
-                raise UserError(f"{path}:{line_number}: empty {what}; give 'path,caption'")
-            captions.setdefault(relative, []).append(caption)
+        relative, caption = _posix(row[0].strip()), " ".join(row[1].split())
+        if not relative or not caption:
+            what = "path" if not relative else "caption"
+            raise UserError(f"{path}:{line_number}: empty {what}; give 'path,caption'")
+        captions.setdefault(relative, []).append(caption)
     if not captions:
         raise UserError(f"{path}: no captions below the header; add 'path,caption' rows")
     return captions
@@ -142,7 +140,8 @@ def only_captioned(images: ImageList, captions: Captions) -> tuple[ImageList, Ca
 
 def load_caption_table(root: str | os.PathLike, file: str | None) -> dict[str, list[str]] | None:
     """The captions file ``file`` (relative to ``root``, or absolute) read, or None when there is
-    none; rows naming images that do not exist under ``root`` are dropped with one warning."""
+    none; rows naming images that do not exist under ``root`` are dropped with one warning (each
+    folder they name is listed once: :func:`datasets.lists.existing_files`)."""
     if not file:
         return None
     root = Path(root)
@@ -150,7 +149,8 @@ def load_caption_table(root: str | os.PathLike, file: str | None) -> dict[str, l
     if not path.is_file():
         return None
     table = read_captions_file(path)
-    missing = [p for p in table if not (root / p).is_file()]
+    present = existing_files(root, list(table))
+    missing = [relative for relative, ok in zip(table, present) if not ok]
     if missing:
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""

@@ -225,7 +225,6 @@ _HUES = (
     (300, "purple"),
     (345, "pink"),
 )
-SIZE_WORDS = ("small", "medium", "large")
 
 
 def size_word(radius: float) -> str:

@@ -18,9 +18,11 @@ generators seeded with the run's seed.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +36,7 @@ log = logging.getLogger("tfcbir")
 SPLIT_KINDS = ("images", "classes", "folders", "csv", "protocol", "none")
 CLASS_ORDERS = ("random", "sorted")
 TRAIN_CSV, TEST_CSV = "x_train.csv", "x_test.csv"
-ARCHIVE_LAYOUTS = ("cub200", "cars196", "sop", "inshop")  # datasets.archives.FORMATS
+ARCHIVE_LAYOUTS = ("cub200", "cars196", "sop", "inshop")  # also datasets.archives.FORMATS
 LAYOUTS = ("class_folders", "split_folders", "csv", *ARCHIVE_LAYOUTS)
 
 # The split's own random stream, kept apart from the sampler's [seed, round] streams.
@@ -423,20 +425,54 @@ def read_csv_list(path: str | os.PathLike) -> list[tuple[str, str]]:
     """
     path = Path(path)
     rows = []
-    with open(path, newline="", encoding="utf-8-sig") as file:  # -sig: Excel's BOM
-        for line_number, row in enumerate(csv.reader(file), start=1):
-            if not row or all(not field.strip() for field in row):
-                continue
-            if len(row) < 2:
-                raise UserError(
-                    f"{path}:{line_number}: {','.join(row)!r} is not "
-                    "'label,relative/path'; give the class and the image path"
-                )
-            label, relative = row[0].strip(), ",".join(row[1:]).strip()
-            if not rows and line_number == 1 and _looks_like_header(path.parent, relative):
-                continue
-            rows.append((label, relative))
+    for line_number, row in enumerate(csv_rows(path), start=1):
+        if not row or all(not field.strip() for field in row):
+            continue
+        if len(row) < 2:
+            raise UserError(
+                f"{path}:{line_number}: {','.join(row)!r} is not "
+                "'label,relative/path'; give the class and the image path"
+            )
+        label, relative = row[0].strip(), ",".join(row[1:]).strip()
+        if not rows and line_number == 1 and _looks_like_header(path.parent, relative):
+            continue
+        rows.append((label, relative))
     return rows
+
+
+def open_text(path: str | os.PathLike) -> io.StringIO:
+    """The UTF-8 text file ``path``, read whole, as a file to iterate line by line.
+
+    A leading byte-order mark (Excel writes one) is dropped; line ends are kept as written, as
+    :mod:`csv` wants them (``newline=""``: lines end at LF, CR or CR LF). Raises UserError (one
+    line, naming the file and line) when the file is not UTF-8, e.g. a list saved as Latin-1 or
+    Windows-1252; OSError for a missing or unreadable file.
+    """
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:  # error.object: the bytes after a byte-order mark
+        line = error.object.count(b"\n", 0, error.start) + 1
+        raise UserError(
+            f"{os.fspath(path)}:{line}: not UTF-8 text (byte 0x{error.object[error.start]:02x}); "
+            "save it as UTF-8"
+        ) from None
+    return io.StringIO(text, newline="")
+
+
+def csv_rows(path: str | os.PathLike) -> Iterator[list[str]]:
+    """The rows of the CSV file ``path`` (UTF-8, read by :func:`open_text`), one list of fields
+    per record; blank lines give ``[]``. Raises UserError (one line, naming the file and line)
+    for text the :mod:`csv` reader refuses, e.g. a field over its size limit (an unclosed quote
+    swallowing the rest of a large file)."""
+    reader = csv.reader(open_text(path))
+    try:
+        yield from reader
+    except csv.Error as error:
+        raise UserError(
+            f"{os.fspath(path)}:{reader.line_num}: not readable as CSV ({error}); check its "
+            "quotes and save it as UTF-8 text"
+        ) from None
 
 
 def _looks_like_header(root: Path, relative: str) -> bool:

@@ -105,6 +105,25 @@ def test_yaml_is_accepted(tmp_path):
         ({"name": "a b"}, "name: 'a b' is not a usable folder name"),
         ({"loss": {"name": "angular", "alpha": 90}}, "loss.alpha: 90 must be less than 90"),
         ({"loss": {"name": "angular"}, "train": {"batch": {"P": 4, "K": 1}}}, "K >= 2"),
+        # A name that is not a string: the unknown-name error, not Python's "unhashable".
+        (
+            {"loss": {"name": "siglip", "image_loss": {"name": ["ntxent"]}}},
+            "loss.image_loss.name: ['ntxent'] is not one of semi_hard_triplet, angular",
+        ),
+        (
+            {"loss": {"name": "clip", "image_loss": {"name": {"ntxent": 1}}}},
+            "loss.image_loss.name: {'ntxent': 1} is not one of semi_hard_triplet",
+        ),
+        # JSON writes NaN and Infinity; no parameter means them.
+        ({"loss": {"name": "siglip", "bias": float("nan")}}, "loss.bias: nan is not a finite"),
+        (
+            {"loss": {"name": "siglip", "image_loss": {"name": "ntxent", "weight": float("inf")}}},
+            "loss.image_loss.weight: inf is not a finite number; give a number > 0",
+        ),
+        (
+            {"train": {"optimizer": {"lr": float("inf")}}},
+            "train.optimizer.lr: inf is not a finite number; give a number > 0",
+        ),
     ],
 )
 def test_bad_configs_are_rejected_with_the_key_path(tmp_path, change, message):
@@ -136,6 +155,16 @@ def test_unreadable_files_name_the_file_and_line(tmp_path, content, message):
     path = write(tmp_path, content, name)
     with pytest.raises(UserError, match=message):
         config.load(path)
+
+
+def test_yaml_nan_and_infinity_are_refused(tmp_path):
+    for value, shown in ((".nan", "nan"), ("-.inf", "-inf")):
+        text = (
+            "data: {root: /somewhere}\nmodel: {backbone: small_cnn, weights: none}\n"
+            f"loss: {{name: angular, alpha: {value}}}\n"
+        )
+        with pytest.raises(UserError, match=f"loss.alpha: {shown} is not a finite number"):
+            config.load(write(tmp_path, text, "y.yaml"))
 
 
 def test_missing_file_and_unknown_suffix(tmp_path):

@@ -221,6 +221,24 @@ def test_damaged_lists_name_the_file_and_line(tmp_path):
         load_splits(cars, AUTO, seed=0)
 
 
+@pytest.mark.parametrize("name", ["sop", "cub200", "inshop"])
+def test_lists_not_in_utf8_name_the_file(tmp_path, name):
+    if name == "sop":
+        listing = make_sop(tmp_path, train={1: 2}, test={2: 2}) / "Ebay_test.txt"
+    elif name == "cub200":
+        listing = make_cub(tmp_path, {1: 2, 101: 2}) / "classes.txt"
+    else:
+        listing = make_inshop(tmp_path / "shop", {"id_1": (2, 0, 0), "id_2": (0, 1, 1)})
+        listing = listing / "list_eval_partition.txt"
+    lines = listing.read_bytes().count(b"\n")
+    listing.write_bytes(listing.read_bytes() + b"# r\xe9sum\xe9\n")  # a Latin-1 byte
+    with pytest.raises(UserError) as caught:
+        load_splits(listing.parent, AUTO, seed=0)
+    assert (
+        str(caught.value) == f"{listing}:{lines + 1}: not UTF-8 text (byte 0xe9); save it as UTF-8"
+    )
+
+
 def test_existing_files_lists_each_folder_once(tmp_path):
     make_class_tree(tmp_path, {"a": 2, "b": 1})
     paths = [

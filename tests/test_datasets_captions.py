@@ -80,6 +80,41 @@ def test_bad_captions_files_are_one_line_errors(tree, text, message):
     assert "\n" not in str(caught.value)
 
 
+def test_a_captions_file_not_in_utf8_is_a_one_line_error(tree):
+    # "café" saved as Latin-1: byte 0xe9 is not UTF-8.
+    (tree / CAPTIONS_FILE).write_bytes(b"path,caption\ntabby/000.png,a cat in a caf\xe9\n")
+    for read in (
+        lambda: read_captions_file(tree / CAPTIONS_FILE),
+        lambda: load_caption_table(tree, CAPTIONS_FILE),
+    ):
+        with pytest.raises(UserError) as caught:
+            read()
+        expected = f"{tree / CAPTIONS_FILE}:2: not UTF-8 text (byte 0xe9); save it as UTF-8"
+        assert str(caught.value) == expected
+    # An unclosed quote swallows the rest of the file into one field, over csv's size limit.
+    write_captions(tree, 'path,caption\ntabby/000.png,"a cat\n' + "x" * 200_000 + "\n")
+    with pytest.raises(UserError, match=r"captions.csv:\d+: not readable as CSV \(field larger"):
+        read_captions_file(tree / CAPTIONS_FILE)
+
+
+def test_caption_table_lists_each_folder_once(tree, monkeypatch):
+    rows = "".join(f"golden_retriever/{i:03d}.png,dog {i}\n" for i in range(5))
+    write_captions(tree, "path,caption\n" + rows + "red-fox/000.png,a fox\nnone/000.png,x\n")
+    import os
+    import pathlib
+
+    listed, stats = [], []
+    scandir, is_file = os.scandir, pathlib.Path.is_file
+    monkeypatch.setattr(os, "scandir", lambda folder: listed.append(folder) or scandir(folder))
+    monkeypatch.setattr(pathlib.Path, "is_file", lambda self: stats.append(self) or is_file(self))
+    with captured_warnings() as warnings:
+        table = load_caption_table(tree, CAPTIONS_FILE)
+    assert list(table) == [f"golden_retriever/{i:03d}.png" for i in range(3)] + ["red-fox/000.png"]
+    assert "3 of the 7 images" in warnings[0]  # 003, 004 and none/000 do not exist
+    assert sorted(os.path.basename(f) for f in listed) == ["golden_retriever", "none", "red-fox"]
+    assert stats == [tree / CAPTIONS_FILE] * 2  # the captions file only, never an image
+
+
 def test_file_captions_then_templates_for_the_rest(tree):
     write_captions(
         tree,

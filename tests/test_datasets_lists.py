@@ -166,6 +166,31 @@ def test_csv_reader_keeps_commas_in_paths_and_detects_headers(tmp_path):
         read_csv_list(tmp_path / "bad.csv")
 
 
+def test_csv_lists_not_in_utf8_are_one_line_errors(tmp_path):
+    make_class_tree(tmp_path / "img", {"café": 1})
+    (tmp_path / "x_train.csv").write_bytes(b"caf\xe9,img/caf\xe9/000.png\n")  # Latin-1
+    for read in (
+        lambda: read_csv_list(tmp_path / "x_train.csv"),
+        lambda: load_splits(tmp_path, {"by": "auto"}, seed=0),
+    ):
+        with pytest.raises(UserError) as caught:
+            read()
+        assert str(caught.value) == (
+            f"{tmp_path / 'x_train.csv'}:1: not UTF-8 text (byte 0xe9); save it as UTF-8"
+        )
+    # Lines are counted after a byte-order mark, past the first read chunk of a large file.
+    body = "".join(f"c,img/c/{i:05d}.png\n" for i in range(2000)).encode()
+    (tmp_path / "x_train.csv").write_bytes(b"\xef\xbb\xbf" + body + b"d,img/\xe9.png\n")
+    with pytest.raises(UserError, match=r"x_train.csv:2001: not UTF-8 text \(byte 0xe9\)"):
+        read_csv_list(tmp_path / "x_train.csv")
+    # The same list in UTF-8 (with Excel's byte-order mark) reads.
+    (tmp_path / "x_train.csv").write_bytes("\ufeffcafé,img/café/000.png\n".encode())
+    assert read_csv_list(tmp_path / "x_train.csv") == [("café", "img/café/000.png")]
+    (tmp_path / "x_train.csv").write_text('a,"img/' + "x" * 200_000 + "\n")
+    with pytest.raises(UserError, match=r"x_train.csv:\d+: not readable as CSV"):
+        load_splits(tmp_path, {"by": "auto"}, seed=0)
+
+
 def test_csv_with_all_files_missing_is_an_error(tmp_path):
     (tmp_path / "x_train.csv").write_text("a,nope/1.png\nb,nope/2.png\n")
     with pytest.raises(UserError, match="x_train.csv: none of its 2 images exist"):

@@ -8,6 +8,7 @@ defaults and raises :class:`tfcbir.UserError` with the key path, the value and w
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -133,9 +134,14 @@ def check_value(value, param: Param, path: str):
             + _did_you_mean(value, allowed)
         )
     numbers = value if isinstance(value, list) else [value]
-    for number in numbers:
+    for i, number in enumerate(numbers):
         if not isinstance(number, (int, float)) or isinstance(number, bool):
             continue
+        if not math.isfinite(number):  # JSON and YAML can write NaN and Infinity
+            where = f"{path}[{i}]" if isinstance(value, list) else path
+            raise UserError(
+                f"{where}: {fmt(number)} is not a finite number; give {param.describe()}"
+            )
         if param.min is not None and (
             number < param.min or (param.min_exclusive and number == param.min)
         ):

@@ -76,11 +76,12 @@ class Registry:
         return list(self._entries)
 
     def __contains__(self, name) -> bool:
-        return name in self._entries
+        return isinstance(name, str) and name in self._entries
 
     def get(self, name: str, path: str = "") -> Entry:
-        """The entry called ``name``; a UserError naming ``path`` and the allowed names if none."""
-        if name not in self._entries:
+        """The entry called ``name``; a UserError naming ``path`` and the allowed names if none
+        (also when ``name`` is not a string, e.g. a list or mapping from a config file)."""
+        if not isinstance(name, str) or name not in self._entries:
             where = f"{path}: " if path else ""
             raise UserError(
                 f"{where}{fmt(name)} is not one of {', '.join(self._entries)}"
