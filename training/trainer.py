@@ -97,9 +97,10 @@ def _train(
     # Labels renumbered over the training classes only: a per-class loss gets one vector per
     # class it trains on (test classes of a class-disjoint split get none).
     train_images, val_images = chosen.train.compact(), chosen.validation
-    pairs = None
+    pairs = table = None
     if is_dual:  # only captioned images train a dual encoder
-        pairs = dual.caption_pairs(config, train_images)
+        table = dual.caption_table(config)
+        pairs = dual.caption_pairs(config, train_images, table)
         dual.check_captions(pairs, train_images, config)
         train_images = pairs.images
         if len(np.unique(train_images.labels)) == 1:  # no classes: plain shuffled batches
@@ -164,7 +165,7 @@ def _train(
     validator = None
     if validate and val_images is not None and train_cfg["validate_every"] > 0:
         if is_dual:
-            validator = _text_validator(config, val_images, text_tower)
+            validator = _text_validator(config, val_images, text_tower, table, pairs.group_by)
         else:
             validator = validation.Validator(
                 val_images,
@@ -294,9 +295,11 @@ def _split(strategy, batch) -> tuple:
     return distribute.split_per_replica(strategy, *batch)
 
 
-def _text_validator(config: dict, val_images, text_tower):
-    """Text-to-image Recall@1 of the held-out images' captions; None when none has a caption."""
-    pairs = dual.caption_pairs(config, val_images)
+def _text_validator(config: dict, val_images, text_tower, table, group_by: str):
+    """Text-to-image Recall@1 of the held-out images' captions (from the captions ``table`` the
+    training pairs came from, grouped by the training pairs' ``group_by``); None when none has a
+    caption."""
+    pairs = dual.caption_pairs(config, val_images, table, group_by)
     if len(pairs) == 0:
         log.warning(
             "train.validation: none of the %d held-out images has a caption; training without "
@@ -304,9 +307,14 @@ def _text_validator(config: dict, val_images, text_tower):
             len(val_images),
         )
         return None
-    pairs.tokenize(text_tower.tokenizer)
     validation_cfg = config["train"]["validation"]
-    return dual.TextValidator(pairs, config["data"], validation_cfg["max_images"], config["seed"])
+    return dual.TextValidator(
+        pairs,
+        config["data"],
+        validation_cfg["max_images"],
+        config["seed"],
+        tokenizer=text_tower.tokenizer,
+    )
 
 
 def _dual_row(step: int, parts, loss_fn, train_data, writer) -> dict:
