@@ -41,6 +41,7 @@ from retrieval.metrics import evaluate
 from retrieval.search import unit_rows
 from tfcbir import UserError
 from training import distribute
+from training.optim import VariableGroup, create_loss_variables, trainable_groups
 from training.validation import _Decoded
 
 log = logging.getLogger("tfcbir")
@@ -216,8 +217,6 @@ def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool, hu
     """
     import losses
     import nets
-    from training.optim import VariableGroup
-    from training.trainer import trainable_groups
 
     model_cfg = config["model"]
     text_tower = nets.build_text_tower(
@@ -235,13 +234,15 @@ def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool, hu
             "both to model.embedding_dim (e.g. direct_normalize)"
         )
     loss = losses.get_dual(config["loss"], num_classes=num_classes)
-    if loss.image is not None and hasattr(loss.image, "trainable_variables"):
-        images = tf.zeros([2, *config["data"]["image_size"], 3], tf.uint8)
-        loss.image(tf.constant([0, 0]), model(images, training=False))
+    image_variables = (
+        []
+        if loss.image is None
+        else create_loss_variables(loss.image, model, config["data"]["image_size"])
+    )
     groups = trainable_groups(
         model,
         loss.image,
-        loss.image_variables,
+        image_variables,
         config["train"],
         others=(
             VariableGroup("text", list(text_tower.model.trainable_variables)),
