@@ -56,9 +56,16 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--losses", default=",".join(losses.LOSSES.names()))
+    # The image losses, as the test: an image-text loss (clip, siglip) trains a dual encoder.
+    names = losses.image_loss_names()
+    parser.add_argument("--losses", default=",".join(names), help="image losses to run")
     parser.add_argument("--onednn", default="0,1", help="TF_ENABLE_ONEDNN_OPTS values to try")
     args = parser.parse_args()
+    unknown = [name for name in args.losses.split(",") if name not in names]
+    if unknown:
+        parser.error(
+            f"--losses: {', '.join(unknown)} not among the image losses {', '.join(names)}"
+        )
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = args.onednn.split(",")
 

@@ -122,28 +122,27 @@ def resolve_image_loss(value, path: str = "loss.image_loss") -> dict | None:
     return {"name": name, "weight": weight, **validate(rest, entry.params, path)}
 
 
-def check_batch(params: dict, P: int, K: int) -> None:
+def check_batch(params: dict, P: int, K: int, path: str = "loss") -> None:
     """Raise UserError when the loss in ``params`` (and an image-text loss's image loss) cannot
-    learn from batches of P classes x K."""
+    learn from batches of P classes x K; the message names ``path`` (e.g. ``loss.image_loss``)."""
     name = (params or {}).get("name", DEFAULT)
-    entry = LOSSES.get(name, "loss.name")
+    entry = LOSSES.get(name, f"{path}.name")
     min_K, min_P = entry.meta["min_K"], entry.meta["min_P"]
     if min_K > K:
         raise UserError(
-            f"loss.name: {name} needs K >= {min_K} images per class in a batch; "
+            f"{path}.name: {name} needs K >= {min_K} images per class in a batch; "
             f"set train.batch.K >= {min_K}"
         )
     if min_P > P:
         raise UserError(
-            f"loss.name: {name} needs P >= {min_P} classes in a batch (negatives); "
+            f"{path}.name: {name} needs P >= {min_P} classes in a batch (negatives); "
             f"set train.batch.P >= {min_P}"
         )
-    image = resolve_image_loss(params.get("image_loss")) if is_image_text(params) else None
-    if image is not None:
-        try:
-            check_batch(image, P, K)
-        except UserError as error:
-            raise UserError(str(error).replace("loss.name:", "loss.image_loss.name:", 1)) from None
+    if is_image_text(params):
+        image_path = f"{path}.image_loss"
+        image = resolve_image_loss(params.get("image_loss"), image_path)
+        if image is not None:
+            check_batch(image, P, K, image_path)
 
 
 def geometry(params: dict) -> str:

@@ -192,21 +192,6 @@ class ClassVectorLoss(keras.layers.Layer):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
-def unit_rows(x) -> tf.Tensor:
-    """Rows of ``x`` (B, D) scaled to unit L2 norm (a zero row stays zero, with finite
-    gradients): ``x / max(|x|, 1e-12)``, as ``torch.nn.functional.normalize``."""
-    squared = tf.reduce_sum(tf.square(x), axis=1, keepdims=True)
-    return x * tf.math.rsqrt(tf.maximum(squared, fill(1e-24, squared)))
-
-
-def not_negatives(groups) -> tf.Tensor:
-    """(B, B) bool: pairs (i, j), i != j, of one group (``groups`` (B,)): neither a positive nor a
-    negative of each other in an image-text loss, so left out of it."""
-    same = tf.equal(groups[:, None], groups[None, :])
-    index = tf.range(tf.shape(groups)[0])
-    return tf.logical_and(same, index[:, None] != index[None, :])
-
-
 def constant(value: float):
     """An initializer filling a weight with ``value``, exact in float64 (keras' Constant
     initializer rounds through float32)."""
@@ -236,8 +221,14 @@ class ImageTextLoss(keras.layers.Layer):
         super().__init__(name=name or self.registry_name, dtype=dtype, **kwargs)
 
     def call(self, image_embeddings, text_embeddings, groups):
-        images = unit_rows(tf.cast(image_embeddings, self.compute_dtype))
-        texts = unit_rows(tf.cast(text_embeddings, self.compute_dtype))
+        # Unit rows, x / max(|x|, 1e-12) as torch.nn.functional.normalize (a zero row stays
+        # zero, with finite gradients).
+        images = tf.math.l2_normalize(
+            tf.cast(image_embeddings, self.compute_dtype), axis=1, epsilon=1e-24
+        )
+        texts = tf.math.l2_normalize(
+            tf.cast(text_embeddings, self.compute_dtype), axis=1, epsilon=1e-24
+        )
         groups = tf.reshape(tf.convert_to_tensor(groups), [-1])
         tf.debugging.assert_equal(
             tf.shape(images), tf.shape(texts), message="image and text embeddings differ in shape"
@@ -246,7 +237,9 @@ class ImageTextLoss(keras.layers.Layer):
             tf.shape(groups)[0], tf.shape(images)[0], message="groups and embeddings differ"
         )
         similarities = tf.matmul(images, texts, transpose_b=True)  # (B, B): image i, text j
-        return self.compute(similarities, not_negatives(groups))
+        # Pairs of one group are neither positives nor negatives of each other: left out.
+        left_out, _ = class_masks(groups)
+        return self.compute(similarities, left_out)
 
     def compute(self, similarities, left_out):
         """similarities (B, B) cosines of image i and text j; left_out (B, B) bool -> scalar."""

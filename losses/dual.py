@@ -39,11 +39,6 @@ class DualEncoderLoss:
         return list(getattr(self.image, "trainable_variables", []))
 
     @property
-    def image_lr_multiplier(self) -> float:
-        """The image loss's own learning-rate multiplier (proxy_anchor's proxies: 100)."""
-        return float(getattr(self.image, "lr_multiplier", 1.0))
-
-    @property
     def weights(self) -> list:
         """Every variable to checkpoint: the pair loss's, then the image loss's."""
         return list(self.pair.weights) + list(getattr(self.image, "weights", []))

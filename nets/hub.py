@@ -59,13 +59,14 @@ SAVE_HINT = (
 )
 
 
-def _keras_hub():
+def _keras_hub(key: str = "model.backbone"):
+    """The keras_hub module; UserError naming ``key`` when it is not installed."""
     try:
         import keras_hub
     except ImportError as error:
         raise UserError(
-            "model.backbone: hub: backbones need keras-hub, which is not installed; run `make "
-            "venv`, or pip install -r requirements-hub.txt, then pip install --no-deps -r "
+            f"{key}: hub: presets need keras-hub, which is not installed; run `make venv`, or "
+            "pip install -r requirements-hub.txt, then pip install --no-deps -r "
             "requirements-hub-nodeps.txt (README: Foundation backbones)"
         ) from error
     return keras_hub
@@ -76,40 +77,43 @@ def _one_line(error: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def preset_source(backbone: str) -> str:
-    """What ``keras_hub ... from_preset`` is given for ``hub:<preset>``; UserError for a missing
-    directory or an unknown name."""
+def preset_source(backbone: str, key: str = "model.backbone", families=FAMILIES) -> str:
+    """What ``keras_hub ... from_preset`` is given for ``hub:<preset>``; UserError naming ``key``
+    for a missing directory, a directory without a preset or an unknown name (with the closest
+    preset of ``families``)."""
     preset = hub_preset(backbone)
     folder = hub_directory(preset)
     if folder is not None:
         if not os.path.isdir(folder):
-            raise UserError(missing_preset_message(backbone))
+            raise UserError(missing_preset_message(backbone, key))
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise UserError(
-                f"model.backbone: {backbone}: {folder} is not a keras-hub preset directory "
+                f"{key}: {backbone}: {folder} is not a keras-hub preset directory "
                 f"(no config.json); {SAVE_HINT}"
             )
         return folder
     if "://" in preset:
         return preset
-    known = image_presets()
-    if preset not in _keras_hub().models.Backbone.presets:
-        close = difflib.get_close_matches(preset, known, n=1)
+    if preset not in _keras_hub(key).models.Backbone.presets:
+        close = difflib.get_close_matches(preset, image_presets(families), n=1)
         hint = f" (did you mean hub:{close[0]}?)" if close else ""
+        example = "hub:clip_vit_base_patch32" + (
+            ", hub:dinov2_small" if "dinov2" in families else ""
+        )
         raise UserError(
-            f"model.backbone: {backbone}: {preset!r} is neither a keras-hub preset nor a preset "
-            f"directory{hint}; give a preset of {', '.join(FAMILIES)} (e.g. "
-            "hub:clip_vit_base_patch32, hub:dinov2_small) or a folder saved with save_to_preset"
+            f"{key}: {backbone}: {preset!r} is neither a keras-hub preset nor a preset "
+            f"directory{hint}; give a preset of {', '.join(families)} (e.g. {example}) or a "
+            "folder saved with save_to_preset"
         )
     return preset
 
 
-def image_presets() -> list[str]:
-    """keras-hub's built-in presets of the supported families (they need internet once)."""
+def image_presets(families=FAMILIES) -> list[str]:
+    """keras-hub's built-in presets of ``families`` (they need internet once)."""
     models = _keras_hub().models
     names: list[str] = []
-    for class_name in _CLASSES.values():
-        names += list(getattr(models, class_name).presets)
+    for name in families:
+        names += list(getattr(models, _CLASSES[name]).presets)
     return sorted(set(names))
 
 

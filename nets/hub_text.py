@@ -21,13 +21,12 @@ the last position, so keep its own length). keras-hub is imported only here.
 
 from __future__ import annotations
 
-import difflib
 import os
 
 import keras
 import numpy as np
 
-from nets.catalog import hub_directory
+from nets.hub import _keras_hub, _one_line, preset_source
 from tfcbir import UserError
 
 FAMILIES = {
@@ -37,50 +36,16 @@ FAMILIES = {
 KEY = "model.text.tower"
 
 
-def _keras_hub():
-    try:
-        import keras_hub
-    except ImportError as error:
-        raise UserError(
-            f"{KEY}: hub: towers need keras-hub, which is not installed; run `make venv` "
-            "(README: Foundation backbones)"
-        ) from error
-    return keras_hub
-
-
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def source(preset: str) -> str:
-    """What keras-hub's ``from_preset`` is given: an expanded local folder
-    (:func:`nets.catalog.hub_directory`'s rule), or the name or handle. UserError for a folder
-    that is missing or not a preset."""
-    path = hub_directory(preset)
-    if path is not None:
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(
-                f"{KEY}: hub:{preset}: no keras-hub preset folder there (no config.json); save "
-                "the preset with keras-hub's save_to_preset where there is internet and copy the "
-                "folder here (README: Foundation backbones)"
-            )
-        return path
-    if "://" not in preset and preset not in _keras_hub().models.Backbone.presets:
-        close = difflib.get_close_matches(preset, list(_keras_hub().models.Backbone.presets), n=1)
-        hint = f" (did you mean hub:{close[0]}?)" if close else ""
-        raise UserError(
-            f"{KEY}: hub:{preset} is neither a keras-hub preset nor a preset folder{hint}; give a "
-            "CLIP or SigLIP preset (e.g. hub:clip_vit_base_patch32) or a folder saved with "
-            "save_to_preset"
-        )
-    return preset
+    """What keras-hub's ``from_preset`` is given for ``hub:<preset>`` (:func:`nets.hub.preset_source`
+    for a CLIP or SigLIP text tower)."""
+    return preset_source(f"hub:{preset}", KEY, tuple(FAMILIES))
 
 
 def load_backbone(preset: str, *, pretrained: bool, backbone=None):
     """The preset's keras-hub backbone (weights loaded when ``pretrained``; ``backbone``: one
     already loaded, shared with the image tower) and its family."""
-    keras_hub = _keras_hub()
+    keras_hub = _keras_hub(KEY)
     if backbone is None:
         where = source(preset)
         try:
@@ -124,7 +89,7 @@ class HubTokenizer:
 def load_tokenizer(preset: str, family: str, max_length: int | None) -> HubTokenizer:
     """The preset's preprocessor (its tokenizer, without its image converter) as a
     :class:`HubTokenizer` of ``max_length`` tokens (None: the preset's own length)."""
-    keras_hub = _keras_hub()
+    keras_hub = _keras_hub(KEY)
     preprocessor_class = getattr(keras_hub.models, FAMILIES[family][1])
     try:
         preprocessor = preprocessor_class.from_preset(source(preset), image_converter=None)

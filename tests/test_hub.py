@@ -382,7 +382,7 @@ def _sgd(lr=0.05, multiplier=1.0) -> dict:
 def test_a_frozen_backbone_stays_bitwise_unchanged(presets, backbone):
     """freeze_backbone true: after training steps every backbone weight, BatchNorm moving
     statistics included (small_cnn), is bitwise what it was; the head moved."""
-    from training.trainer import trainable_groups
+    from training.optim import trainable_groups
 
     name = presets.get(backbone, backbone)
     params = {**model_params(name, "direct_normalize", embedding_dim=8), "freeze_backbone": True}
@@ -411,7 +411,7 @@ def test_backbone_lr_multiplier_scales_the_backbones_first_step(presets):
     """One SGD step from the same weights on the same batch: with backbone_lr_multiplier 0.1
     the backbone moves 0.1 times as far as with 1 (same gradient, a tenth of the rate); the
     head moves the same."""
-    from training.trainer import trainable_groups
+    from training.optim import trainable_groups
 
     params = model_params(presets["clip"], "direct_normalize", embedding_dim=8)
     initial = nets.build_embedding_model(params, (32, 32)).get_weights()

@@ -275,7 +275,7 @@ def test_image_loss_is_added_with_its_weight():
     proxies = losses.get_dual(
         {"name": "clip", "image_loss": {"name": "proxy_anchor"}}, num_classes=5
     )
-    assert proxies.image_weight == 1.0 and proxies.image_lr_multiplier == 100.0
+    assert proxies.image_weight == 1.0 and proxies.image.lr_multiplier == 100.0
 
 
 @pytest.mark.parametrize(
@@ -304,6 +304,10 @@ def test_facts_and_batch_needs():
     assert "clip" not in losses.image_loss_names()
     with pytest.raises(UserError, match=r"loss.image_loss.name: ntxent needs K >= 2"):
         losses.check_batch({"name": "clip", "image_loss": {"name": "ntxent"}}, P=4, K=1)
+    with pytest.raises(UserError, match=r"^loss.image_loss.name: npair needs P >= 2 classes"):
+        losses.check_batch({"name": "siglip", "image_loss": {"name": "npair"}}, P=1, K=4)
+    with pytest.raises(UserError, match=r"^teacher.loss.name: ntxent needs K >= 2"):
+        losses.check_batch({"name": "ntxent"}, P=4, K=1, path="teacher.loss")
     with pytest.raises(UserError, match="ntxent is an image loss; a dual encoder trains with"):
         losses.get_dual({"name": "ntxent"})
 

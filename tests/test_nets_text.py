@@ -135,13 +135,14 @@ def test_frozen_hub_tower_trains_only_a_new_head(clip_preset):
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ({"tower": "hub:{missing}"}, "no keras-hub preset folder there"),
-        ({"tower": "hub:{empty}"}, "no keras-hub preset folder there (no config.json)"),
+        ({"tower": "hub:{missing}"}, "model.text.tower: hub:{missing}: no such preset directory"),
+        ({"tower": "hub:{empty}"}, "is not a keras-hub preset directory (no config.json)"),
         ({"tower": "hub:{clip}", "max_length": 40}, "model.text.max_length: 40 is more than"),
         (
             {"tower": "hub:clip_vit_base_patch3"},
-            "model.text.tower: hub:clip_vit_base_patch3 is neither a keras-hub preset nor a "
-            "preset folder (did you mean hub:clip_vit_base_patch32?)",
+            "model.text.tower: hub:clip_vit_base_patch3: 'clip_vit_base_patch3' is neither a "
+            "keras-hub preset nor a preset directory (did you mean hub:clip_vit_base_patch32?); "
+            "give a preset of clip, siglip",
         ),
     ],
 )
@@ -151,4 +152,4 @@ def test_hub_tower_errors_are_one_line(clip_preset, tmp_path, params, message):
     params = {**params, "tower": params["tower"].format(**folders)}
     with pytest.raises(UserError) as raised:
         build_text_tower(params, None)
-    assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert message.format(**folders) in str(raised.value) and "\n" not in str(raised.value)

@@ -131,6 +131,61 @@ def test_a_dual_run_saves_both_towers_and_resumes_exactly(data_dir):
         train(config.resolve(more))
 
 
+def test_an_unreadable_held_out_image_is_left_out_of_validation(data_dir, caplog):
+    from datasets.lists import load_splits
+    from training.validation import choose_validation
+
+    raw = dual_config(train__steps=4, train__validate_every=2)
+    resolved = config.resolve({**raw, "name": "broken_holdout"})
+    data = resolved["data"]
+    splits = load_splits(config.data_root(resolved), data["split"], resolved["seed"])
+    held_out = choose_validation(resolved, splits).validation
+    broken = held_out.absolute_paths()[0]
+    with open(broken, "wb") as handle:
+        handle.write(b"not an image")
+    result = train(resolved)
+    assert result.step == 4 and np.isfinite(result.loss)
+    recalls = [float(r["val_recall@1"]) for r in read_metrics(result.run.path) if r["val_recall@1"]]
+    assert len(recalls) == 2 and all(0 <= r <= 1 for r in recalls)
+    assert held_out.paths[0] in caplog.text  # named as skipped
+
+
+def test_validation_pairs_share_the_training_captions_and_grouping(data_dir, monkeypatch):
+    """Only held-out images have rows in the captions file, so the training captions are all
+    templates (group_by auto -> class): the held-out pairs are grouped by class too, and the
+    file is read once."""
+    from datasets.lists import load_splits
+    from training import dual
+    from training.validation import choose_validation
+
+    raw = dual_config(
+        train__steps=2, train__validate_every=2, data__captions={"templates": ["a {class}"]}
+    )
+    resolved = config.resolve({**raw, "name": "grouping"})
+    data = resolved["data"]
+    splits = load_splits(config.data_root(resolved), data["split"], resolved["seed"])
+    held_out = choose_validation(resolved, splits).validation
+    lines = ["path,caption"] + [
+        f"{path},a photo number {j}" for j, path in enumerate(held_out.paths)
+    ]
+    (data_dir / "datasets" / "shapes" / "captions.csv").write_text("\n".join(lines) + "\n")
+    reads, validated = [], []
+    load = dual.load_caption_table
+    monkeypatch.setattr(dual, "load_caption_table", lambda *a: reads.append(a) or load(*a))
+    validator = dual.TextValidator
+
+    def spy(pairs, *args, **kwargs):
+        validated.append(pairs)
+        return validator(pairs, *args, **kwargs)
+
+    monkeypatch.setattr(dual, "TextValidator", spy)
+    result = train(resolved)
+    assert result.step == 2 and len(reads) == 1
+    (pairs,) = validated
+    assert pairs.group_by == "class" and len(pairs) == len(held_out)
+    assert set(pairs.captions.texts) == {f"a photo number {j}" for j in range(len(held_out))}
+
+
 def test_image_loss_term_and_its_proxies(data_dir):
     raw = dual_config(
         train__steps=4,

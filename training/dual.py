@@ -3,9 +3,9 @@
 A dual encoder trains the image tower (the embedding model) and a text tower together with an
 image-text loss (``clip``, ``siglip``) on image-caption pairs:
 
-- :func:`caption_pairs`: the captioned images of a list and their captions, tokenized
-  (``data.captions``: the captions file and/or templates; images without a caption are left
-  out of text training);
+- :func:`caption_table`, :func:`caption_pairs`: the captions file, read once, and the captioned
+  images of a list with their captions, tokenized (``data.captions``: the captions file and/or
+  templates; images without a caption are left out of text training);
 - :func:`run_tokenizer`: a scratch tower's tokenizer, built from the training captions and
   saved in the run folder (a resumed run checks that the captions still give it);
 - :class:`PairBatches`: P x K batches of images by class (one caption of each image, drawn
@@ -41,6 +41,7 @@ from retrieval.metrics import evaluate
 from retrieval.search import unit_rows
 from tfcbir import UserError
 from training import distribute
+from training.optim import VariableGroup, create_loss_variables, trainable_groups
 from training.validation import _Decoded
 
 log = logging.getLogger("tfcbir")
@@ -78,15 +79,32 @@ class CaptionPairs:
         return pair_groups(image_positions, self.text_ids[caption_positions], classes)
 
 
-def caption_pairs(config: dict, images: ImageList) -> CaptionPairs:
-    """The captioned images of ``images`` with their captions (``data.captions``)."""
+def caption_table(config: dict) -> dict[str, list[str]] | None:
+    """The run's captions file (``data.captions.file``) read, or None when there is none."""
     from config import data_root
 
+    return load_caption_table(data_root(config), config["data"]["captions"]["file"])
+
+
+def caption_pairs(
+    config: dict,
+    images: ImageList,
+    table: dict[str, list[str]] | None = None,
+    group_by: str | None = None,
+) -> CaptionPairs:
+    """The captioned images of ``images`` with their captions (``data.captions``).
+
+    table: the captions file as :func:`caption_table` read it (read here when None). group_by:
+    how the pairs are grouped, e.g. the training pairs' for the held-out ones, so both group
+    alike; None resolves ``data.captions.group_by`` (``auto``) on these captions."""
     settings = config["data"]["captions"]
-    table = load_caption_table(data_root(config), settings["file"])
+    if table is None:
+        table = caption_table(config)
     captions = image_captions(images, table, settings["templates"])
     kept, captions = only_captioned(images, captions)
-    return CaptionPairs(kept, captions, resolve_group_by(settings["group_by"], captions))
+    return CaptionPairs(
+        kept, captions, resolve_group_by(group_by or settings["group_by"], captions)
+    )
 
 
 def check_captions(pairs: CaptionPairs, images: ImageList, config: dict) -> None:
@@ -199,8 +217,6 @@ def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool, hu
     """
     import losses
     import nets
-    from training.optim import VariableGroup
-    from training.trainer import trainable_groups
 
     model_cfg = config["model"]
     text_tower = nets.build_text_tower(
@@ -218,13 +234,15 @@ def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool, hu
             "both to model.embedding_dim (e.g. direct_normalize)"
         )
     loss = losses.get_dual(config["loss"], num_classes=num_classes)
-    if loss.image is not None and hasattr(loss.image, "trainable_variables"):
-        images = tf.zeros([2, *config["data"]["image_size"], 3], tf.uint8)
-        loss.image(tf.constant([0, 0]), model(images, training=False))
+    image_variables = (
+        []
+        if loss.image is None
+        else create_loss_variables(loss.image, model, config["data"]["image_size"])
+    )
     groups = trainable_groups(
         model,
         loss.image,
-        loss.image_variables,
+        image_variables,
         config["train"],
         others=(
             VariableGroup("text", list(text_tower.model.trainable_variables)),
@@ -275,28 +293,32 @@ class TextValidator:
     """Text-to-image Recall@1 of held-out images' captions: every caption of (a sample of) the
     held-out images is a query against those images; an image is a match when it is in the
     caption's group (its own image, an image with the same words, or, grouped by class, an image
-    of its class). Recall@1 as :mod:`retrieval.metrics`, cosine scores."""
+    of its class). Recall@1 as :mod:`retrieval.metrics`, cosine scores.
 
-    def __init__(self, pairs: CaptionPairs, data: dict, max_images: int, seed: int):
+    ``pairs``: the held-out images' captions (tokenised here with ``tokenizer``, after the sample
+    of ``max_images`` is drawn). An unreadable image is left out of the gallery; its captions
+    stay queries, and one whose group then has no image is left out of Recall@1."""
+
+    def __init__(self, pairs: CaptionPairs, data: dict, max_images: int, seed: int, tokenizer):
         keep = np.sort(_sample_positions(len(pairs), max_images, seed))
         images = pairs.images.subset(keep)
-        in_sample = np.isin(pairs.captions.image, keep)
-        captions = pairs.captions.subset(in_sample)
+        captions = pairs.captions.subset(np.isin(pairs.captions.image, keep))
         renumber = np.full(len(pairs), -1, np.int64)
         renumber[keep] = np.arange(len(keep))
         captions.image = renumber[captions.image]
-        self.sample = CaptionPairs(images, captions, pairs.group_by)
-        self.token_ids = pairs.token_ids[in_sample]
+        self.sample = CaptionPairs(images, captions, pairs.group_by).tokenize(tokenizer)
+        self.token_ids = self.sample.token_ids
         self.images = _Decoded(images, data)
         # One group per caption over the whole sample; an image's group is its captions'.
         self.query_groups = self.sample.groups(captions.image, np.arange(len(captions)))
-        self.image_groups = np.empty(len(images), np.int64)
-        self.image_groups[captions.image] = self.query_groups
+        image_groups = np.empty(len(images), np.int64)
+        image_groups[captions.image] = self.query_groups
+        self.image_groups = image_groups[self.images.indices]  # of the images decoded
         if len(np.unique(self.image_groups)) < 2:
             log.warning(
                 "train.validation: the %d held-out images form a single group, so text-to-image "
                 "Recall@1 is 1 whatever the model",
-                len(images),
+                len(self.image_groups),
             )
 
     def recall_at_1(self, model, text_model, batch_size: int = 256) -> float:

@@ -7,6 +7,9 @@ variable uses the learning rate times the variable's group multiplier, and so do
 weight decay. For SGD, Adam and AdamW that is exactly what one optimiser per group would do (the
 same step counter and schedule), with one set of state to checkpoint and, under mixed precision,
 one loss scale for all gradients.
+
+:func:`trainable_groups` says what trains in which group (image and dual-encoder runs alike);
+:func:`create_loss_variables` creates an image loss's class vectors before the groups are made.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 
 import keras
 from keras import ops
+
+from tfcbir import UserError
 
 
 @keras.saving.register_keras_serializable(package="tfcbir")
@@ -160,3 +165,38 @@ def _optimizer(train: dict) -> keras.optimizers.Optimizer:
         decay = 0.004
     optimizer.weight_decay_rate = decay
     return optimizer
+
+
+def create_loss_variables(loss_fn, model, image_size) -> list:
+    """Create an image loss's trainable variables (proxies, class weights) with one call on a
+    tiny batch of ``model``'s embeddings, and return them ([] for a loss without)."""
+    if not hasattr(loss_fn, "trainable_variables"):
+        return []
+    images = ops.zeros([2, *image_size, 3], "uint8")
+    loss_fn(ops.convert_to_tensor([0, 0], "int32"), model(images, training=False))
+    return list(loss_fn.trainable_variables)
+
+
+def trainable_groups(
+    model, loss_fn, loss_variables: list, train_cfg: dict, others: tuple = ()
+) -> list[VariableGroup]:
+    """What trains, in the optimiser's order: the model's trainable variables (the backbone's
+    at ``backbone_lr_multiplier``, the head's at 1), then ``others`` (a dual encoder's text
+    tower, temperature), then the loss's class vectors at the loss's ``lr_multiplier``. Empty
+    groups are left out; UserError when no model weight (image or text tower) would train."""
+    backbone = {id(v) for v in model.get_layer("backbone").trainable_variables}
+    model_variables = list(model.trainable_variables)
+    multiplier = train_cfg["optimizer"]["backbone_lr_multiplier"]
+    groups = [
+        VariableGroup("backbone", [v for v in model_variables if id(v) in backbone], multiplier),
+        VariableGroup("head", [v for v in model_variables if id(v) not in backbone]),
+        *others,
+        VariableGroup("loss", list(loss_variables), getattr(loss_fn, "lr_multiplier", 1.0)),
+    ]
+    groups = [group for group in groups if group.variables]
+    if not any(group.name in ("backbone", "head", "text") for group in groups):
+        raise UserError(
+            "model: nothing to train: the backbone is frozen (model.freeze_backbone: true) and "
+            "the head has no weights; use a head with weights or unfreeze the backbone"
+        )
+    return groups

@@ -31,7 +31,7 @@ from datasets.pipeline import TrainData
 from tfcbir import UserError
 from tfcbir.files import atomic_output
 from training import checkpoint, distribute, dual, validation
-from training.optim import VariableGroup, build_optimizer
+from training.optim import VariableGroup, build_optimizer, create_loss_variables, trainable_groups
 from training.progress import Progress
 from training.run import DUAL_CSV_FIELDS, RunFolder
 from training.validation import choose_validation
@@ -97,9 +97,10 @@ def _train(
     # Labels renumbered over the training classes only: a per-class loss gets one vector per
     # class it trains on (test classes of a class-disjoint split get none).
     train_images, val_images = chosen.train.compact(), chosen.validation
-    pairs = None
+    pairs = table = None
     if is_dual:  # only captioned images train a dual encoder
-        pairs = dual.caption_pairs(config, train_images)
+        table = dual.caption_table(config)
+        pairs = dual.caption_pairs(config, train_images, table)
         dual.check_captions(pairs, train_images, config)
         train_images = pairs.images
         if len(np.unique(train_images.labels)) == 1:  # no classes: plain shuffled batches
@@ -139,7 +140,7 @@ def _train(
             pairs.tokenize(text_tower.tokenizer)
         else:
             loss_fn = losses.get(config["loss"], num_classes=len(train_images.classes))
-            loss_variables = _build_loss(loss_fn, model, data["image_size"])
+            loss_variables = create_loss_variables(loss_fn, model, data["image_size"])
             variable_groups = trainable_groups(model, loss_fn, loss_variables, train_cfg)
         optimizer = build_optimizer(train_cfg, variable_groups, mixed=mixed)
 
@@ -164,7 +165,7 @@ def _train(
     validator = None
     if validate and val_images is not None and train_cfg["validate_every"] > 0:
         if is_dual:
-            validator = _text_validator(config, val_images, text_tower)
+            validator = _text_validator(config, val_images, text_tower, table, pairs.group_by)
         else:
             validator = validation.Validator(
                 val_images,
@@ -294,9 +295,11 @@ def _split(strategy, batch) -> tuple:
     return distribute.split_per_replica(strategy, *batch)
 
 
-def _text_validator(config: dict, val_images, text_tower):
-    """Text-to-image Recall@1 of the held-out images' captions; None when none has a caption."""
-    pairs = dual.caption_pairs(config, val_images)
+def _text_validator(config: dict, val_images, text_tower, table, group_by: str):
+    """Text-to-image Recall@1 of the held-out images' captions (from the captions ``table`` the
+    training pairs came from, grouped by the training pairs' ``group_by``); None when none has a
+    caption."""
+    pairs = dual.caption_pairs(config, val_images, table, group_by)
     if len(pairs) == 0:
         log.warning(
             "train.validation: none of the %d held-out images has a caption; training without "
@@ -304,9 +307,14 @@ def _text_validator(config: dict, val_images, text_tower):
             len(val_images),
         )
         return None
-    pairs.tokenize(text_tower.tokenizer)
     validation_cfg = config["train"]["validation"]
-    return dual.TextValidator(pairs, config["data"], validation_cfg["max_images"], config["seed"])
+    return dual.TextValidator(
+        pairs,
+        config["data"],
+        validation_cfg["max_images"],
+        config["seed"],
+        tokenizer=text_tower.tokenizer,
+    )
 
 
 def _dual_row(step: int, parts, loss_fn, train_data, writer) -> dict:
@@ -333,40 +341,6 @@ def _random_states(model) -> list:
     run would have."""
     weights = {id(w) for w in model.weights}
     return [v for v in model.variables if id(v) not in weights]
-
-
-def _build_loss(loss_fn, model, image_size) -> list:
-    """Create a trainable loss's variables (proxies) with one call on a tiny batch."""
-    if not hasattr(loss_fn, "trainable_variables"):
-        return []
-    images = tf.zeros([2, *image_size, 3], tf.uint8)
-    loss_fn(tf.constant([0, 0]), model(images, training=False))
-    return list(loss_fn.trainable_variables)
-
-
-def trainable_groups(
-    model, loss_fn, loss_variables: list, train_cfg: dict, others: tuple = ()
-) -> list[VariableGroup]:
-    """What trains, in the optimiser's order: the model's trainable variables (the backbone's
-    at ``backbone_lr_multiplier``, the head's at 1), then ``others`` (a dual encoder's text
-    tower, temperature), then the loss's class vectors at the loss's ``lr_multiplier``. Empty
-    groups are left out; UserError when no model weight (image or text tower) would train."""
-    backbone = {id(v) for v in model.get_layer("backbone").trainable_variables}
-    model_variables = list(model.trainable_variables)
-    multiplier = train_cfg["optimizer"]["backbone_lr_multiplier"]
-    groups = [
-        VariableGroup("backbone", [v for v in model_variables if id(v) in backbone], multiplier),
-        VariableGroup("head", [v for v in model_variables if id(v) not in backbone]),
-        *others,
-        VariableGroup("loss", list(loss_variables), getattr(loss_fn, "lr_multiplier", 1.0)),
-    ]
-    groups = [group for group in groups if group.variables]
-    if not any(group.name in ("backbone", "head", "text") for group in groups):
-        raise UserError(
-            "model: nothing to train: the backbone is frozen (model.freeze_backbone: true) and "
-            "the head has no weights; use a head with weights or unfreeze the backbone"
-        )
-    return groups
 
 
 def _make_train_step(model, loss_fn, optimizer, groups: list[VariableGroup], strategy, mixed: bool):

@@ -111,10 +111,16 @@ def _sample(images: ImageList, max_images: int, seed: int, by_class: bool = Fals
 
 
 class _Decoded:
-    """A list's images decoded once at the evaluation size (centre crop), and their labels."""
+    """A list's images decoded once at the evaluation size (centre crop), and their labels.
+
+    An unreadable file is left out (with a warning naming it): ``indices`` (N,) int64 are the
+    positions in ``images`` of the N images decoded, in order; ``pixels`` (N, h, w, 3) uint8 and
+    ``labels`` (N,) int64 are theirs. Anything else kept per image of the list is indexed with
+    ``indices`` to line up with them.
+    """
 
     def __init__(self, images: ImageList, data: dict):
-        pixels, labels = [], []
+        pixels, positions = [], []
         for indices, batch in iter_eval_batches(
             images.absolute_paths(),
             image_size=tuple(data["image_size"]),
@@ -122,9 +128,10 @@ class _Decoded:
             batch_size=64,
         ):
             pixels.append(batch)
-            labels.append(images.labels[indices])
+            positions.append(indices)
         self.pixels = np.concatenate(pixels)
-        self.labels = np.concatenate(labels).astype(np.int64)
+        self.indices = np.concatenate(positions).astype(np.int64)
+        self.labels = images.labels[self.indices].astype(np.int64)
 
     def embed(self, model, normalized: bool, batch_size: int = 128) -> np.ndarray:
         """(N, D) float32 embeddings, as the run's search sees them."""
