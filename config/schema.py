@@ -151,7 +151,8 @@ SCHEMA: dict = {
                 "Pairs of one group are not negatives of each other in an image-text loss, "
                 "and are matches in its validation: image (captions of one image, or the same "
                 "words), class (of one class); auto: class when every caption comes from the "
-                "templates, else image.",
+                "templates, else image (resolved on the training captions; validation groups "
+                "alike).",
                 choices=GROUP_BY,
             ),
         },

@@ -408,3 +408,19 @@ def test_leave_one_out_validation_samples_whole_classes(tmp_path):
     assert 18 <= len(sampled) <= 20 and set(counts[counts > 0]) == {3}
     assert _sample(images, 20, seed=0, by_class=True).paths == sampled.paths  # seeded
     assert len(_sample(images, 20, seed=0)) == 20  # plain image sample otherwise
+
+
+def test_validation_images_all_unreadable_is_one_line(tmp_path):
+    from datasets.lists import ImageList
+    from training.validation import _Decoded
+
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / name).write_bytes(b"not an image")
+    images = ImageList(tmp_path, ["a.jpg", "b.png"], [0, 1], ["x", "y"])
+    data = config.resolve(tiny_config())["data"]
+    with pytest.raises(UserError) as error:
+        _Decoded(images, data)
+    message = str(error.value)
+    assert "none of the 2 validation images can be read" in message
+    assert str(tmp_path / "a.jpg") in message and "train.validate_every: 0" in message
+    assert "\n" not in message

@@ -129,6 +129,12 @@ class _Decoded:
         ):
             pixels.append(batch)
             positions.append(indices)
+        if not pixels:
+            raise UserError(
+                f"none of the {len(images)} validation images can be read (the first: "
+                f"{images.root / images.paths[0]}); replace them, or set "
+                "train.validate_every: 0 to train without validation"
+            )
         self.pixels = np.concatenate(pixels)
         self.indices = np.concatenate(positions).astype(np.int64)
         self.labels = images.labels[self.indices].astype(np.int64)
