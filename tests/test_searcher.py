@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import config
-from datasets.images import ImageError, load_and_fit, load_image
+from datasets.images import ImageError, ImageTooLarge, load_and_fit, load_image
 from retrieval.answers import AnswerCountError
 from retrieval.search import ExactIndex
 from retrieval.searcher import GalleryIndexError, Searcher
@@ -139,9 +139,11 @@ def test_bad_image_bytes_are_image_errors_naming_the_upload(searcher, tmp_path):
         with pytest.raises(ImageError) as refused:
             searcher.search_bytes([data], 3, names=[name], max_pixels=1_000_000)
         assert refused.value.path == name and problem in refused.value.problem
+        # Too large is a type of its own (the server tells the sender to shrink it).
+        assert isinstance(refused.value, ImageTooLarge) == (name == "bomb.png")
     small = io.BytesIO()
     Image.fromarray(gradient((2000, 600))).save(small, "PNG")  # 1.2 M pixels: over the limit
-    with pytest.raises(ImageError, match="1000000 pixels"):
+    with pytest.raises(ImageTooLarge, match="1000000 pixels"):
         searcher.search_bytes([small.getvalue()], 3, names=["big.png"], max_pixels=1_000_000)
     assert searcher.search_bytes([small.getvalue()], 3)[0].answers  # under the default limit
 
