@@ -322,6 +322,8 @@ class TextEncoder:
 
 
 def no_text_tower_error(config: dict) -> UserError:
+    """The one error for text queries to a model without a text tower (every CLI, the Searcher
+    and the server say this)."""
     return UserError(
         f"model.text.tower: none: the model of run {config['name']} has no text tower, so it "
         "cannot answer text queries; query with images, or train a dual encoder "

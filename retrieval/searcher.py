@@ -294,7 +294,7 @@ class Searcher:
         caption), else None; each result names the words the tower could only read as unknown.
         """
         if not self.has_text:
-            raise no_text_tower(self.config)
+            raise self._no_text_error()
         self.check_k(k)
         texts = [" ".join(str(text).split()) for text in texts]
         if any(not text for text in texts):
@@ -344,13 +344,19 @@ class Searcher:
     def _class_name(self, label: int | None) -> str | None:
         return None if label is None else self.gallery.classes[label]
 
+    def _no_text_error(self) -> UserError:
+        """Why text queries cannot be answered: the model has no text tower, or this Searcher
+        was opened without the one it has (``Searcher.open(..., text=False)``)."""
+        from retrieval.embedder import has_text_tower, no_text_tower_error
+
+        if has_text_tower(self.config):
+            return UserError(
+                f"this search was opened without the text tower of run {self.config['name']} "
+                "(text=False), so it cannot answer text queries; open it with text=True"
+            )
+        return no_text_tower_error(self.config)
+
     def _image_model(self):
         if self.embedder is None:
             raise ValueError("this Searcher was opened without its image model (images=False)")
         return self.embedder
-
-
-def no_text_tower(config: dict) -> UserError:
-    return UserError(
-        f"this model has no text tower (run {config['name']}), so it cannot answer text queries"
-    )

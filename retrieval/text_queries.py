@@ -26,7 +26,7 @@ import config as cfg
 from datasets.captions import class_prompts, image_captions, load_caption_table
 from retrieval import sets
 from retrieval.gallery import Gallery
-from retrieval.metrics import evaluate
+from retrieval.metrics import evaluate, map_key
 from retrieval.search import unit_rows
 from tfcbir import UserError
 from tfcbir.files import write_json
@@ -138,7 +138,7 @@ def _prompt_scores(config: dict, encoder, gallery: Gallery, r: int) -> dict:
     counts = np.bincount(gallery.labels, minlength=len(gallery.classes))[present]
     unknown = [encoder.unknown_words(text) for row in prompts for text in row]
     scores = {
-        f"mAP@{min(r, len(gallery))}": values["mAP"],
+        map_key(min(r, len(gallery))): values["mAP"],
         **{f"recall@{k}": values[f"recall@{k}"] for k in ks},
         "queries": len(present),
         "templates": templates_of(config),

@@ -150,7 +150,10 @@ def test_bad_image_bytes_are_image_errors_naming_the_upload(searcher, tmp_path):
 
 def test_text_queries_need_a_text_tower(searcher):
     assert searcher.has_text is False
-    with pytest.raises(UserError, match="this model has no text tower"):
+    # The one message every command gives (retrieval.embedder.no_text_tower_error).
+    with pytest.raises(
+        UserError, match=r"model.text.tower: none: the model of run \S+ has no text"
+    ):
         searcher.search_text(["a small red triangle"], 3)
 
 
