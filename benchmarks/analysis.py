@@ -27,13 +27,12 @@ sys.path.insert(0, ROOT)
 
 
 def make_gallery(n: int, n_classes: int, dim: int, seed: int = 0):
+    """benchmarks/evaluation.py's synthetic embeddings (:func:`make_data`) as a Gallery."""
+    from benchmarks.evaluation import make_data
     from retrieval.gallery import Gallery
 
-    rng = np.random.default_rng(seed)
-    labels = rng.permutation(np.arange(n) % n_classes).astype(np.int64)
-    centres = rng.standard_normal((n_classes, dim)).astype(np.float32)
-    embeddings = centres[labels] + 1.5 * rng.standard_normal((n, dim)).astype(np.float32)
-    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    embeddings, labels = make_data(n, n_classes, dim, seed)
+    labels = labels.astype(np.int64)
     return Gallery(
         path=Path("synthetic.h5"),
         embeddings=embeddings,
