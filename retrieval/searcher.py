@@ -126,7 +126,8 @@ class Searcher:
         from retrieval.faiss_index import open_index
         from retrieval.text_queries import open_text_gallery
 
-        protocol = sets.protocol(config)
+        made = sets.splits(config) if sets.needs_splits(config, gallery or "gallery") else None
+        protocol = sets.protocol(config, made)  # the data set's split read once, passed on
         name = gallery or protocol.gallery
         if text is None:
             text = has_text_tower(config)
@@ -135,10 +136,10 @@ class Searcher:
         # The weights' hash checks the gallery (that of their files when no model is loaded);
         # with a text tower, the towers it records and its dimension too.
         if text_encoder is not None:
-            found = open_text_gallery(config, name, text_encoder, config_path, checkpoint)
+            found = open_text_gallery(config, name, text_encoder, config_path, checkpoint, made)
         else:
             model_id = embedder.model_id if embedder is not None else None
-            found = open_gallery(config, name, config_path, model_id, checkpoint)
+            found = open_gallery(config, name, config_path, model_id, checkpoint, made)
         search_index = open_index(
             found,
             index or config["index"]["type"],

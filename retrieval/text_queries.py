@@ -36,17 +36,17 @@ TEXT_KS = (1, 5, 10)
 
 
 def open_text_gallery(
-    config: dict, name: str, encoder, config_path=None, checkpoint=None
+    config: dict, name: str, encoder, config_path=None, checkpoint=None, made=None
 ) -> Gallery:
     """The gallery of set ``name``, refused unless ``encoder``'s model (both towers) embedded it
     and its dimension is the text tower's. Both towers are checked by the gallery's identity:
     ``encoder.model_id`` (the weights of both) and ``config.model_hash`` (both towers'
     architecture, a local preset folder by its contents); the tower names the gallery records
     are information only. checkpoint: the weights in use when not the run's best (named in the
-    advice to re-embed)."""
+    advice to re-embed); made: the data set's split if the caller has read it."""
     from retrieval.evaluate import open_gallery
 
-    gallery = open_gallery(config, name, config_path, encoder.model_id, checkpoint)
+    gallery = open_gallery(config, name, config_path, encoder.model_id, checkpoint, made)
     if gallery.dim != encoder.dim:
         raise UserError(
             f"{gallery.path} holds {gallery.dim}-d embeddings, the text tower gives "

@@ -209,3 +209,22 @@ def test_opened_without_the_image_model_it_still_searches_the_gallery(searcher, 
     assert searcher.search_gallery([8], 4)[0].kind == "gallery"
     with pytest.raises(ValueError, match="without its image model"):
         gallery_only.search_bytes([b"x"], 3)
+
+
+def test_a_command_lists_the_data_set_once(searchable_run, monkeypatch):
+    """Opening the protocol's galleries reads the data set's split once, not once per gallery
+    and once more for the protocol."""
+    from retrieval import sets
+    from retrieval.evaluate import evaluate_run
+
+    path, root = searchable_run
+    monkeypatch.setenv("TFCBIR_DATA_DIR", str(root))
+    cfg = config.load(path)
+    listed = []
+    read = sets.load_splits
+    monkeypatch.setattr(sets, "load_splits", lambda *a, **k: listed.append(1) or read(*a, **k))
+    opened = Searcher.open(cfg, config_path=path)
+    assert len(listed) == 1 and len(opened.gallery) == 72
+    listed.clear()
+    result = evaluate_run(cfg, queries=0, r=3, config_path=path, nmi=False)
+    assert len(listed) == 1 and result["queries"] == 24 and result["gallery_size"] == 72
