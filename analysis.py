@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from tfcbir.cli import import_tensorflow, run
 
@@ -30,6 +31,11 @@ def main(argv: list[str]) -> int:
         "--baseline",
         action="store_true",
         help="put the untrained model (ImageNet or random init, per model.weights) beside it",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="weights to use instead of the run's best.weights.h5 (embed.py --checkpoint)",
     )
     parser.add_argument("--out", help="report folder (default: <run>/analysis/<split>...)")
     parser.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
@@ -90,6 +96,7 @@ def main(argv: list[str]) -> int:
         ),
         config_path=args.config,
         compare_path=args.compare,
+        checkpoint=args.checkpoint,
     )
     print(json.dumps(result) if args.json else summary(result))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 
 from tfcbir.cli import add_search_arguments, import_tensorflow, run
 
@@ -36,8 +37,8 @@ def main(argv: list[str]) -> int:
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: give a port from 1 to 65535")
-    if args.max_upload_mb <= 0 or args.max_pixels <= 0:
-        raise UserError("--max-upload-mb and --max-pixels must be positive")
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0) or args.max_pixels <= 0:
+        raise UserError("--max-upload-mb and --max-pixels must be positive (and finite)")
     try:
         import uvicorn
 

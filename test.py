@@ -42,7 +42,7 @@ def main(argv: list[str]) -> int:
 
     cfg = config.load(args.config)
     searcher = Searcher.open(
-        cfg, index=args.index, checkpoint=args.checkpoint, config_path=args.config
+        cfg, index=args.index, checkpoint=args.checkpoint, config_path=args.config, text=False
     )
     protocol = searcher.protocol
     answers.check_r(args.retrieve, searcher.gallery, protocol.leave_one_out)

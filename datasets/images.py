@@ -55,6 +55,10 @@ class ImageError(UserError):
         return type(self), (self.path, self.problem)
 
 
+class ImageTooLarge(ImageError):
+    """An image with more pixels than may be decoded (``max_pixels``, or PIL's own limit)."""
+
+
 def is_image_name(name: str | os.PathLike) -> bool:
     """Whether a file name has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
     return os.path.splitext(str(name))[1].lower() in IMAGE_EXTENSIONS
@@ -84,7 +88,8 @@ def load_image(
     - Images whose header says more than ``max_pixels`` pixels are refused before decoding.
       PIL itself refuses more than 2 x ``Image.MAX_IMAGE_PIXELS`` whatever ``max_pixels`` says.
 
-    Raises ImageError (missing, empty, not an image, truncated/corrupt, too large).
+    Raises ImageError (missing, empty, not an image, truncated/corrupt), ImageTooLarge (a
+    subclass: more than ``max_pixels`` pixels).
     """
     if isinstance(path, bytes | bytearray | memoryview):
         source, path = io.BytesIO(path), name or "<image data>"
@@ -101,7 +106,7 @@ def load_image(
     try:
         opened = Image.open(source)
     except Image.DecompressionBombError:
-        raise ImageError(path, _too_large_text(None, max_pixels)) from None
+        raise ImageTooLarge(path, _too_large_text(None, max_pixels)) from None
     except Image.UnidentifiedImageError:
         raise ImageError(path, "not an image file PIL can read; delete or replace it") from None
     except Exception as error:  # PIL raises many types for malformed headers
@@ -112,7 +117,7 @@ def load_image(
     with opened as image:
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageError(path, _too_large_text((height, width), max_pixels))
+            raise ImageTooLarge(path, _too_large_text((height, width), max_pixels))
         if size is not None and isinstance(image, JpegImagePlugin.JpegImageFile):  # also MPO
             _draft_jpeg(image, size)
         try:
@@ -276,6 +281,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "DEFAULT_MAX_PIXELS",
     "ImageError",
+    "ImageTooLarge",
     "is_image_name",
     "load_image",
     "load_and_fit",

@@ -99,12 +99,15 @@ def analyze(
     config_path: str | None = None,
     compare_path: str | None = None,
     show_progress: bool = True,
+    checkpoint: Path | None = None,
 ) -> dict:
     """Analyse the run of ``config`` on set ``split`` (default :func:`default_split`), write the
     report and return its numbers (what ``report.json`` holds, plus ``page``: the HTML file).
 
     compare: another run's resolved config, analysed on the same images (refused when its
     gallery of ``split`` holds other items); baseline: also the untrained model. One at most.
+    checkpoint: the weights ``config``'s gallery was embedded with (``embed.py --checkpoint``;
+    default: the run's best); a compared run's gallery is always of its best weights.
     """
     if compare is not None and baseline:
         raise UserError("--compare and --baseline each add a second model; give one of them")
@@ -112,7 +115,7 @@ def analyze(
     split = split or default_split(config)
     if split not in sets.SET_NAMES:
         raise UserError(f"--split {split}: unknown set; give one of {', '.join(sets.SET_NAMES)}")
-    gallery = open_gallery(config, split, config_path)
+    gallery = open_gallery(config, split, config_path, checkpoint=checkpoint)
     if len(gallery) < 2:
         raise UserError(f"{gallery.path} holds {len(gallery)} image; the report needs at least 2")
     other = None if compare is None else compare["name"]

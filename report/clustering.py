@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from retrieval.metrics import KMEANS_PLUSPLUS_MAX_PAIRS
 from retrieval.search import unit_rows
 
 METHODS = ("k-means", "agglomerative", "DBSCAN", "HDBSCAN")
@@ -51,10 +52,9 @@ EPS_QUANTILE = 0.5
 #: HDBSCAN: the smallest group it calls a cluster (scikit-learn's default).
 MIN_CLUSTER_SIZE = 5
 #: k-means: Lloyd iterations at most; k-means++ (k sequential passes over its start points) only
-#: up to this many (start point, centre) pairs, k distinct random points beyond (as
-#: retrieval.metrics.kmeans and FAISS do).
+#: up to KMEANS_PLUSPLUS_MAX_PAIRS (start point, centre) pairs (retrieval.metrics' limit), k
+#: distinct random points beyond (as retrieval.metrics.kmeans and FAISS do).
 KMEANS_MAX_ITER = 100
-KMEANS_PLUSPLUS_MAX_PAIRS = 2**24
 
 
 @dataclass

@@ -322,6 +322,8 @@ class TextEncoder:
 
 
 def no_text_tower_error(config: dict) -> UserError:
+    """The one error for text queries to a model without a text tower (every CLI, the Searcher
+    and the server say this)."""
     return UserError(
         f"model.text.tower: none: the model of run {config['name']} has no text tower, so it "
         "cannot answer text queries; query with images, or train a dual encoder "
@@ -415,17 +417,19 @@ def embed_images(
 
     A complete gallery of the same identity (model, step, config and these very items, see
     :meth:`Embedder.gallery_identity`) and the same ``extra`` entries is kept as it is; any other
-    is embedded again. A partial one left by an interrupted run is resumed where it stopped. A
-    list none of whose images can be read is refused unless ``allow_empty``.
+    is embedded again. The embedder's tower names are recorded in ``extra`` as information only:
+    the identity already covers both towers (a local preset folder by its contents, so a moved
+    folder keeps the gallery). A partial one left by an interrupted run is resumed where it
+    stopped. A list none of whose images can be read is refused unless ``allow_empty``.
     """
     from retrieval.gallery import GalleryWriter, read_gallery
 
-    extra = {**embedder.towers, **(extra or {})}
+    required = dict(extra or {})
     identity = embedder.gallery_identity(images)
     if out.exists():
         try:
             found = read_gallery(out, expect=identity)
-            if all(found.extra.get(key) == value for key, value in (extra or {}).items()):
+            if all(found.extra.get(key) == value for key, value in required.items()):
                 return out  # up to date
             reason = "other extra entries"
         except UserError as error:
@@ -441,7 +445,7 @@ def embed_images(
         identity=identity,
         data_root=str(images.root),
         split=split,
-        extra=extra,
+        extra={**embedder.towers, **required},
     )
     failed: list[int] = []
     with writer:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 import config as cfg
+from datasets.lists import Splits
 from retrieval import sets
 from retrieval.embedder import expected_model_id
 from retrieval.gallery import Gallery, GalleryIdentity, items_hash, read_gallery
@@ -30,12 +31,18 @@ ORDER = [
 
 
 def expected_identity(
-    config: dict, name: str, *, model_id: str | None = None, checkpoint=None
+    config: dict,
+    name: str,
+    *,
+    model_id: str | None = None,
+    checkpoint=None,
+    made: Splits | None = None,
 ) -> GalleryIdentity:
     """What the gallery of set ``name`` must be of: the weights in use (``model_id``, an
     Embedder's; else those of ``checkpoint``; else the run's best weights, refused when there
-    are none), the config's model and the set's image list as the data set has it now."""
-    images = sets.images(config, name)
+    are none), the config's model and the set's image list as the data set has it now (``made``:
+    the data set's split already read by the caller, else read here)."""
+    images = sets.images(config, name, made)
     return GalleryIdentity(
         model_id=model_id or expected_model_id(config, checkpoint),
         config_hash=cfg.model_hash(config),
@@ -44,17 +51,23 @@ def expected_identity(
 
 
 def open_gallery(
-    config: dict, name: str, config_path=None, model_id: str | None = None, checkpoint=None
+    config: dict,
+    name: str,
+    config_path=None,
+    model_id: str | None = None,
+    checkpoint=None,
+    made: Splits | None = None,
 ) -> Gallery:
     """A run's gallery of set ``name``, refused (with the command that re-embeds it) unless it
     is of :func:`expected_identity`: other weights or config made it, or the set's images or
-    lists changed since it was embedded."""
+    lists changed since it was embedded. made: the data set's split if the caller has read it
+    (:func:`retrieval.sets.needs_splits`)."""
     command = f"python embed.py -c {config_path or '<config>'} --split {name}"
     if checkpoint is not None:
         command += f" --checkpoint {checkpoint}"
     return read_gallery(
         sets.gallery_file(config, name),
-        expect=expected_identity(config, name, model_id=model_id, checkpoint=checkpoint),
+        expect=expected_identity(config, name, model_id=model_id, checkpoint=checkpoint, made=made),
         config_path=config_path,
         advice=f"re-embed it: {command}",
     )
@@ -87,12 +100,13 @@ def evaluate_run(
         raise UserError(f"-t {queries}: give a number of queries >= 0 (0: all)")
     if r < 1:
         raise UserError(f"-r {r}: give a number of answers >= 1")
-    protocol = sets.protocol(config)
-    gallery = open_gallery(config, protocol.gallery, config_path, checkpoint=checkpoint)
+    made = sets.splits(config) if sets.needs_splits(config, "query", "gallery") else None
+    protocol = sets.protocol(config, made)
+    gallery = open_gallery(config, protocol.gallery, config_path, checkpoint=checkpoint, made=made)
     query_set = (
         gallery
         if protocol.leave_one_out
-        else open_gallery(config, protocol.queries, config_path, checkpoint=checkpoint)
+        else open_gallery(config, protocol.queries, config_path, checkpoint=checkpoint, made=made)
     )
     if query_set.classes != gallery.classes:
         raise UserError(

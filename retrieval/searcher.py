@@ -126,7 +126,8 @@ class Searcher:
         from retrieval.faiss_index import open_index
         from retrieval.text_queries import open_text_gallery
 
-        protocol = sets.protocol(config)
+        made = sets.splits(config) if sets.needs_splits(config, gallery or "gallery") else None
+        protocol = sets.protocol(config, made)  # the data set's split read once, passed on
         name = gallery or protocol.gallery
         if text is None:
             text = has_text_tower(config)
@@ -135,10 +136,10 @@ class Searcher:
         # The weights' hash checks the gallery (that of their files when no model is loaded);
         # with a text tower, the towers it records and its dimension too.
         if text_encoder is not None:
-            found = open_text_gallery(config, name, text_encoder, config_path, checkpoint)
+            found = open_text_gallery(config, name, text_encoder, config_path, checkpoint, made)
         else:
             model_id = embedder.model_id if embedder is not None else None
-            found = open_gallery(config, name, config_path, model_id, checkpoint)
+            found = open_gallery(config, name, config_path, model_id, checkpoint, made)
         search_index = open_index(
             found,
             index or config["index"]["type"],
@@ -294,7 +295,7 @@ class Searcher:
         caption), else None; each result names the words the tower could only read as unknown.
         """
         if not self.has_text:
-            raise no_text_tower(self.config)
+            raise self._no_text_error()
         self.check_k(k)
         texts = [" ".join(str(text).split()) for text in texts]
         if any(not text for text in texts):
@@ -344,13 +345,19 @@ class Searcher:
     def _class_name(self, label: int | None) -> str | None:
         return None if label is None else self.gallery.classes[label]
 
+    def _no_text_error(self) -> UserError:
+        """Why text queries cannot be answered: the model has no text tower, or this Searcher
+        was opened without the one it has (``Searcher.open(..., text=False)``)."""
+        from retrieval.embedder import has_text_tower, no_text_tower_error
+
+        if has_text_tower(self.config):
+            return UserError(
+                f"this search was opened without the text tower of run {self.config['name']} "
+                "(text=False), so it cannot answer text queries; open it with text=True"
+            )
+        return no_text_tower_error(self.config)
+
     def _image_model(self):
         if self.embedder is None:
             raise ValueError("this Searcher was opened without its image model (images=False)")
         return self.embedder
-
-
-def no_text_tower(config: dict) -> UserError:
-    return UserError(
-        f"this model has no text tower (run {config['name']}), so it cannot answer text queries"
-    )

@@ -42,6 +42,17 @@ def splits(config: dict) -> Splits:
     return load_splits(cfg.data_root(config), data["split"], config["seed"], data["format"])
 
 
+def needs_splits(config: dict, *names: str) -> bool:
+    """Whether resolving ``config``'s protocol or the images of the sets ``names`` reads the data
+    set's split (:func:`splits`, which lists the data root): all but a ``query_gallery`` protocol
+    whose query and gallery come from ``eval.query_list`` and ``eval.gallery_list``. Commands
+    that open several sets read it once and pass it on as ``made``."""
+    listed = bool(config["eval"]["query_list"] or config["eval"]["gallery_list"])
+    if config["eval"]["protocol"] != "query_gallery":
+        return True
+    return any(name not in ("query", "gallery") or not listed for name in names)
+
+
 def protocol(config: dict, made: Splits | None = None) -> Protocol:
     """The evaluation protocol of ``config``, ``auto`` resolved from the split."""
     name = config["eval"]["protocol"]

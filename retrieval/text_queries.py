@@ -1,7 +1,8 @@
 """Text queries: a dual encoder's galleries searched with words, and how well that works.
 
 - :func:`open_text_gallery`: a gallery refused unless the dual encoder in use embedded it (its
-  model identity covers both towers; its ``extra`` records which towers those were).
+  model identity and model hash cover both towers; its ``extra`` records the towers' names, as
+  information only).
 - :func:`class_prompts_of`: each class's prompt(s) from ``data.captions.templates`` (default
   ``["a photo of a {class}."]``); several templates are averaged, as CLIP's prompt ensembles.
 - :func:`evaluate_text`: ``evaluation.py --text-queries``: the class prompts against the
@@ -25,7 +26,7 @@ import config as cfg
 from datasets.captions import class_prompts, image_captions, load_caption_table
 from retrieval import sets
 from retrieval.gallery import Gallery
-from retrieval.metrics import evaluate
+from retrieval.metrics import evaluate, map_key
 from retrieval.search import unit_rows
 from tfcbir import UserError
 from tfcbir.files import write_json
@@ -35,22 +36,17 @@ TEXT_KS = (1, 5, 10)
 
 
 def open_text_gallery(
-    config: dict, name: str, encoder, config_path=None, checkpoint=None
+    config: dict, name: str, encoder, config_path=None, checkpoint=None, made=None
 ) -> Gallery:
-    """The gallery of set ``name``, refused unless ``encoder``'s model (both towers) embedded it,
-    as its recorded towers also say, and its dimension is the text tower's. checkpoint: the
-    weights in use when not the run's best (named in the advice to re-embed)."""
+    """The gallery of set ``name``, refused unless ``encoder``'s model (both towers) embedded it
+    and its dimension is the text tower's. Both towers are checked by the gallery's identity:
+    ``encoder.model_id`` (the weights of both) and ``config.model_hash`` (both towers'
+    architecture, a local preset folder by its contents); the tower names the gallery records
+    are information only. checkpoint: the weights in use when not the run's best (named in the
+    advice to re-embed); made: the data set's split if the caller has read it."""
     from retrieval.evaluate import open_gallery
 
-    gallery = open_gallery(config, name, config_path, encoder.model_id, checkpoint)
-    recorded = {key: gallery.extra.get(key) for key in encoder.towers}
-    if recorded != encoder.towers:
-        shown = ", ".join(f"{k} {v or 'unknown'}" for k, v in recorded.items())
-        raise UserError(
-            f"{gallery.path} was embedded by {shown}, not by this config's "
-            f"{', '.join(f'{k} {v}' for k, v in encoder.towers.items())}; re-embed it: python "
-            f"embed.py -c {config_path or '<config>'} --split {name}"
-        )
+    gallery = open_gallery(config, name, config_path, encoder.model_id, checkpoint, made)
     if gallery.dim != encoder.dim:
         raise UserError(
             f"{gallery.path} holds {gallery.dim}-d embeddings, the text tower gives "
@@ -142,7 +138,7 @@ def _prompt_scores(config: dict, encoder, gallery: Gallery, r: int) -> dict:
     counts = np.bincount(gallery.labels, minlength=len(gallery.classes))[present]
     unknown = [encoder.unknown_words(text) for row in prompts for text in row]
     scores = {
-        f"mAP@{min(r, len(gallery))}": values["mAP"],
+        map_key(min(r, len(gallery))): values["mAP"],
         **{f"recall@{k}": values[f"recall@{k}"] for k in ks},
         "queries": len(present),
         "templates": templates_of(config),

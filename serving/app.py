@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from datasets.images import ImageError, load_image
+from datasets.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, load_image
 from retrieval.answers import AnswerCountError
 from retrieval.searcher import GalleryIndexError, Result, Searcher
 from tfcbir import UserError
@@ -150,7 +150,7 @@ def create_app(
         except ImageError as error:
             fix = (
                 "send a smaller image"
-                if "pixels" in error.problem
+                if isinstance(error, ImageTooLarge)
                 else "send a JPEG, PNG, GIF, BMP, TIFF or WebP image"
             )
             raise BadRequest(f"{name}: {error.problem.split('; ')[0]}; {fix}") from None
@@ -167,7 +167,8 @@ def create_app(
 
     @lru_cache(maxsize=THUMBNAILS_CACHED)
     def thumbnail(index: int, size: int) -> bytes:
-        pixels = load_image(searcher.image_file(index), max_pixels=max_pixels)
+        # A gallery file is the data set's, embedded already: PIL's own limit, not the uploads'.
+        pixels = load_image(searcher.image_file(index), max_pixels=DEFAULT_MAX_PIXELS)
         image = Image.fromarray(pixels)
         image.thumbnail((size, size), Image.Resampling.LANCZOS)
         out = io.BytesIO()

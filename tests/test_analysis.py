@@ -295,9 +295,10 @@ def call(*argv, capsys) -> tuple[int, str, str]:
     return done.value.code, out, err
 
 
-def fake_run(root, name, raw, spread, seed=0, split="test"):
+def fake_run(root, name, raw, spread, seed=0, split="test", checkpoint=None):
     """A run with a weights file (its identity) and a gallery of the data set's real ``split``
-    images whose embeddings are class centres plus ``spread`` noise; returns the config path."""
+    images whose embeddings are class centres plus ``spread`` noise; returns the config path.
+    checkpoint: a file whose hash the gallery records instead (as ``embed.py --checkpoint``)."""
     path = write_config(root, name, raw)
     resolved = config.load(path)
     folder = RunFolder(config.run_dir(resolved))
@@ -321,7 +322,7 @@ def fake_run(root, name, raw, spread, seed=0, split="test"):
         images.classes,
         normalized=config.normalized_embeddings(resolved),
         identity=GalleryIdentity(
-            model_id=hash_file(folder.best_weights),
+            model_id=hash_file(checkpoint or folder.best_weights),
             config_hash=config.model_hash(resolved),
             items_hash=items_hash(images.paths, images.labels, images.classes),
             model_step=30,
@@ -441,6 +442,21 @@ def test_large_sets_are_sampled_and_the_report_says_so(data_dir):
         show_progress=False,
     )
     assert again["models"][0]["clustering"] == model["clustering"]  # seeded
+
+
+def test_a_gallery_of_a_checkpoint_is_analysed_with_that_checkpoint(data_dir, capsys):
+    checkpoint = data_dir / "ckpt-000010.h5"
+    checkpoint.write_bytes(b"weights at step 10")
+    path = fake_run(data_dir, "early", tiny_config(), spread=0.05, checkpoint=checkpoint)
+    code, _, err = call("-c", path, "--thumbnails", "0", capsys=capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "another model checkpoint" in err
+    code, out, err = call(
+        "-c", path, "--checkpoint", checkpoint, "--json", "--thumbnails", "0", capsys=capsys
+    )
+    assert code == 0, err
+    (model,) = json.loads(out)["models"]
+    assert model["model_id"] == hash_file(checkpoint) and model["retrieval"]["recall@1"] == 1.0
 
 
 def test_bad_input_is_one_line_with_exit_code_2(data_dir, capsys):

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import config
-from datasets.images import ImageError, load_and_fit, load_image
+from datasets.images import ImageError, ImageTooLarge, load_and_fit, load_image
 from retrieval.answers import AnswerCountError
 from retrieval.search import ExactIndex
 from retrieval.searcher import GalleryIndexError, Searcher
@@ -139,16 +139,21 @@ def test_bad_image_bytes_are_image_errors_naming_the_upload(searcher, tmp_path):
         with pytest.raises(ImageError) as refused:
             searcher.search_bytes([data], 3, names=[name], max_pixels=1_000_000)
         assert refused.value.path == name and problem in refused.value.problem
+        # Too large is a type of its own (the server tells the sender to shrink it).
+        assert isinstance(refused.value, ImageTooLarge) == (name == "bomb.png")
     small = io.BytesIO()
     Image.fromarray(gradient((2000, 600))).save(small, "PNG")  # 1.2 M pixels: over the limit
-    with pytest.raises(ImageError, match="1000000 pixels"):
+    with pytest.raises(ImageTooLarge, match="1000000 pixels"):
         searcher.search_bytes([small.getvalue()], 3, names=["big.png"], max_pixels=1_000_000)
     assert searcher.search_bytes([small.getvalue()], 3)[0].answers  # under the default limit
 
 
 def test_text_queries_need_a_text_tower(searcher):
     assert searcher.has_text is False
-    with pytest.raises(UserError, match="this model has no text tower"):
+    # The one message every command gives (retrieval.embedder.no_text_tower_error).
+    with pytest.raises(
+        UserError, match=r"model.text.tower: none: the model of run \S+ has no text"
+    ):
         searcher.search_text(["a small red triangle"], 3)
 
 
@@ -204,3 +209,22 @@ def test_opened_without_the_image_model_it_still_searches_the_gallery(searcher, 
     assert searcher.search_gallery([8], 4)[0].kind == "gallery"
     with pytest.raises(ValueError, match="without its image model"):
         gallery_only.search_bytes([b"x"], 3)
+
+
+def test_a_command_lists_the_data_set_once(searchable_run, monkeypatch):
+    """Opening the protocol's galleries reads the data set's split once, not once per gallery
+    and once more for the protocol."""
+    from retrieval import sets
+    from retrieval.evaluate import evaluate_run
+
+    path, root = searchable_run
+    monkeypatch.setenv("TFCBIR_DATA_DIR", str(root))
+    cfg = config.load(path)
+    listed = []
+    read = sets.load_splits
+    monkeypatch.setattr(sets, "load_splits", lambda *a, **k: listed.append(1) or read(*a, **k))
+    opened = Searcher.open(cfg, config_path=path)
+    assert len(listed) == 1 and len(opened.gallery) == 72
+    listed.clear()
+    result = evaluate_run(cfg, queries=0, r=3, config_path=path, nmi=False)
+    assert len(listed) == 1 and result["queries"] == 24 and result["gallery_size"] == 72

@@ -294,6 +294,19 @@ def test_concurrent_requests_get_the_sequential_answers(searcher):
     assert concurrent == sequential * 2
 
 
+def test_the_pixel_limit_is_the_uploads_not_the_gallery_files(searcher):
+    with TestClient(create_app(searcher, max_pixels=500)) as strict:
+        answer = upload(strict, png(gradient((30, 30))), "q.png")  # 900 pixels
+        assert answer.status_code == 400
+        assert answer.json()["error"] == (
+            "q.png: 30x30 pixels is more than the 500 pixels that can be decoded safely; "
+            "send a smaller image"
+        )
+        thumbnail = strict.get("/api/gallery/0?size=20")  # a 32 x 32 gallery image
+        assert thumbnail.status_code == 200, thumbnail.text
+        assert max(Image.open(io.BytesIO(thumbnail.content)).size) == 20
+
+
 def test_serve_cli_refuses_a_taken_port(searchable_run, capsys):
     path, _ = searchable_run
     with socket.socket() as taken:
@@ -305,6 +318,9 @@ def test_serve_cli_refuses_a_taken_port(searchable_run, capsys):
     assert f"--port {port}: cannot listen there" in err and "choose another --port" in err
     code, out, err = call("serve", "-c", path, "--port", "70000", capsys=capsys)
     assert code == 2 and "give a port from 1 to 65535" in err
+    for limit in ("nan", "inf", "-1"):  # refused before the model is loaded
+        code, out, err = call("serve", "-c", path, "--max-upload-mb", limit, capsys=capsys)
+        assert code == 2 and "--max-upload-mb and --max-pixels must be positive" in err, err
 
 
 # --- the page in a real browser -----------------------------------------------------------------

@@ -133,11 +133,17 @@ def test_galleries_of_other_towers_or_weights_are_refused(dual_run, tmp_path):
     backup = tmp_path / "train.h5"
     shutil.copy(gallery, backup)
     try:
-        with h5py.File(gallery, "r+") as f:  # as if another text tower had embedded it
+        # The recorded tower names are information only (a moved preset folder keeps its
+        # galleries); the model hash, which covers both towers, is what refuses another model.
+        with h5py.File(gallery, "r+") as f:
             f.attrs["extra"] = json.dumps({"image_tower": "small_cnn", "text_tower": "hub:x"})
         done = cli("cbir.py", "-c", dual_run, "--text", "a red circle")
+        assert done.returncode == 0, done.stderr
+        with h5py.File(gallery, "r+") as f:  # as if another text tower had embedded it
+            f.attrs["config_hash"] = "0" * 16
+        done = cli("cbir.py", "-c", dual_run, "--text", "a red circle")
         assert done.returncode == 2 and done.stderr.count("\n") == 1
-        assert "was embedded by image_tower small_cnn, text_tower hub:x" in done.stderr
+        assert "was embedded with another config" in done.stderr
         assert "python embed.py -c" in done.stderr
         shutil.copy(backup, gallery)
         text_weights = dual_run.parent / "trainings" / "dual" / "best.text.weights.h5"
@@ -150,6 +156,36 @@ def test_galleries_of_other_towers_or_weights_are_refused(dual_run, tmp_path):
         assert done.returncode == 2 and done.stderr.startswith("error: --text: an empty query")
     finally:
         shutil.copy(backup, gallery)
+
+
+def test_image_queries_leave_the_text_tower_unloaded(dual_run, monkeypatch, capsys):
+    import importlib.util
+
+    from retrieval import embedder
+    from retrieval.searcher import Searcher
+    from tfcbir import UserError
+    from tfcbir.cli import run
+
+    cfg = config.load(dual_run)
+    image_only = Searcher.open(cfg, text=False)
+    assert not image_only.has_text
+    with pytest.raises(UserError) as refused:  # the model has one: the message does not deny it
+        image_only.search_text(["a red circle"], 3)
+    assert "opened without the text tower of run dual" in str(refused.value)
+    assert "has no text tower" not in str(refused.value)
+
+    def no_text_tower_wanted(*_args, **_kwargs):
+        raise AssertionError("test.py's image query built the text tower")
+
+    monkeypatch.setattr(embedder, "load_text_encoder", no_text_tower_wanted)
+    spec = importlib.util.spec_from_file_location("cli_test", REPO / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as done:
+        run(module.main, ["-c", str(dual_run), "-r", "3"])
+    out, err = capsys.readouterr()
+    assert done.value.code == 0, err
+    assert "picture: " in out
 
 
 def test_chance_slug_and_text_tile():

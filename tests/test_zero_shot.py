@@ -109,6 +109,39 @@ def test_a_pretrained_preset_searches_without_training(zero_shot):
         assert json.loads(done.stdout)["model_step"] == 0
 
 
+def test_a_moved_preset_folder_keeps_its_galleries(zero_shot, tmp_path):
+    path, preset = zero_shot
+    raw = json.loads(path.read_text())
+    before = shutil.copytree(preset, tmp_path / "before")
+    raw["model"]["backbone"] = raw["model"]["text"]["tower"] = f"hub:{before}"
+    moved_run = write_config(path.parent, "moved_preset", raw)
+    done = cli("embed.py", "-c", moved_run, "--split", "test")
+    assert done.returncode == 0, done.stderr
+    gallery = config.run_dir(config.load(moved_run)) / "embeddings" / "test.h5"
+    made = gallery.stat().st_mtime_ns
+    # The same preset in another folder: the same model, so the same galleries.
+    after = before.rename(tmp_path / "after")
+    raw["model"]["backbone"] = raw["model"]["text"]["tower"] = f"hub:{after}"
+    moved_run.write_text(json.dumps(raw))
+    done = cli(
+        "cbir.py",
+        "-c",
+        moved_run,
+        "--gallery",
+        "test",
+        "--text",
+        "a red circle",
+        "-r",
+        "3",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["results"][0]["answers"]) == 3
+    done = cli("embed.py", "-c", moved_run, "--split", "test")
+    assert done.returncode == 0, done.stderr
+    assert "out of date" not in done.stderr and gallery.stat().st_mtime_ns == made
+
+
 def test_training_makes_the_zero_shot_galleries_stale(zero_shot):
     path, _ = zero_shot
     assert cli("embed.py", "-c", path).returncode == 0
