@@ -353,6 +353,8 @@ def resolve_loss(loss_raw) -> dict:
     params = validate({k: v for k, v in loss_raw.items() if k != "name"}, entry.params, "loss")
     if "image_loss" in params and losses.is_image_text({"name": name}):
         params["image_loss"] = losses.resolve_image_loss(params["image_loss"])
+    if "check" in entry.meta:  # a rule across the loss's own keys
+        entry.meta["check"](params, "loss")
     return {"name": name, **params}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+from tfcbir import UserError
 from tfcbir.params import Param
 from tfcbir.registry import Registry
 
@@ -246,6 +247,19 @@ def image_loss_param() -> Param:
     )
 
 
+def _clip_scale_ok(params: dict, path: str) -> None:
+    """The initial logit scale 1 / temperature must lie under the clamp: the clamp acts only
+    after an update, so a fixed temperature above it would never be clamped."""
+
+    scale = 1.0 / params["temperature"]
+    if scale > params["max_logit_scale"]:
+        raise UserError(
+            f"{path}.temperature: {params['temperature']:g} starts the logit scale at {scale:g}, "
+            f"above {path}.max_logit_scale {params['max_logit_scale']:g}; raise the temperature "
+            f"to at least {1.0 / params['max_logit_scale']:g} or max_logit_scale"
+        )
+
+
 LOSSES.register(
     "clip",
     "losses.clip:ClipLoss",
@@ -260,13 +274,15 @@ LOSSES.register(
         "max_logit_scale": Param(
             float,
             100.0,
-            "The logit scale is clamped at this after every update (CLIP: 100).",
+            "The logit scale is clamped at this after every update (CLIP: 100); "
+            "1 / temperature may not start above it.",
             min=1,
         ),
         "learn_temperature": Param(bool, True, "Learn the temperature; false keeps it fixed."),
         "image_loss": image_loss_param(),
     },
     doc="CLIP: symmetric image-text cross-entropy with a learned temperature (open_clip's ClipLoss).",
+    check=_clip_scale_ok,
     min_K=1,
     min_P=1,
     uses_proxies=False,

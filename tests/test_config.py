@@ -124,6 +124,12 @@ def test_yaml_is_accepted(tmp_path):
             {"train": {"optimizer": {"lr": float("inf")}}},
             "train.optimizer.lr: inf is not a finite number; give a number > 0",
         ),
+        # CLIP's clamp acts after updates only: a start above it would stay there (or overflow).
+        (
+            {"loss": {"name": "clip", "temperature": 0.001, "learn_temperature": False}},
+            "loss.temperature: 0.001 starts the logit scale at 1000, above "
+            "loss.max_logit_scale 100; raise the temperature to at least 0.01",
+        ),
     ],
 )
 def test_bad_configs_are_rejected_with_the_key_path(tmp_path, change, message):
