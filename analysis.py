@@ -13,14 +13,47 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from tfcbir.cli import import_tensorflow, run
+import config
+from tfcbir import UserError
+from tfcbir.cli import add_checkpoint_argument, add_config_argument, import_tensorflow, run
 
 
 def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from report.build import Limits, analyze, summary  # matplotlib
+
+    if args.compare and args.baseline:
+        raise UserError("--compare and --baseline each add a second model; give one of them")
+    cfg = config.load(args.config)
+    other = config.load(args.compare) if args.compare else None
+    if args.baseline:
+        import_tensorflow()
+    result = analyze(
+        cfg,
+        split=args.split,
+        compare=other,
+        baseline=args.baseline,
+        out=args.out,
+        seed=args.seed,
+        limits=Limits(
+            map_points=args.map_points,
+            cluster_points=args.cluster_points,
+            queries=args.queries,
+            thumbnails=args.thumbnails,
+            dbscan_quantile=args.dbscan_quantile,
+        ),
+        config_path=args.config,
+        compare_path=args.compare,
+        checkpoint=args.checkpoint,
+    )
+    print(json.dumps(result) if args.json else summary(result))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
+    add_config_argument(parser)
     parser.add_argument(
         "--split",
         help="the set to analyse: train, test, all, query or gallery (default: the set the "
@@ -32,11 +65,7 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="put the untrained model (ImageNet or random init, per model.weights) beside it",
     )
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="weights to use instead of the run's best.weights.h5 (embed.py --checkpoint)",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument("--out", help="report folder (default: <run>/analysis/<split>...)")
     parser.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     parser.add_argument("--seed", type=int, default=0, help="seed of every sample and method")
@@ -68,38 +97,7 @@ def main(argv: list[str]) -> int:
         help="DBSCAN's eps: this quantile of the distance to the 4th nearest neighbour, about "
         "the share of core points (default 0.5)",
     )
-    args = parser.parse_args(argv)
-
-    import config
-    from report.build import Limits, analyze, summary
-    from tfcbir import UserError
-
-    if args.compare and args.baseline:
-        raise UserError("--compare and --baseline each add a second model; give one of them")
-    cfg = config.load(args.config)
-    other = config.load(args.compare) if args.compare else None
-    if args.baseline:
-        import_tensorflow()
-    result = analyze(
-        cfg,
-        split=args.split,
-        compare=other,
-        baseline=args.baseline,
-        out=args.out,
-        seed=args.seed,
-        limits=Limits(
-            map_points=args.map_points,
-            cluster_points=args.cluster_points,
-            queries=args.queries,
-            thumbnails=args.thumbnails,
-            dbscan_quantile=args.dbscan_quantile,
-        ),
-        config_path=args.config,
-        compare_path=args.compare,
-        checkpoint=args.checkpoint,
-    )
-    print(json.dumps(result) if args.json else summary(result))
-    return 0
+    return parser
 
 
 if __name__ == "__main__":

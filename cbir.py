@@ -15,12 +15,55 @@ import json
 import sys
 from pathlib import Path
 
-from tfcbir.cli import add_search_arguments, import_tensorflow, run
+import config
+from datasets.images import is_image_name
+from retrieval import answers
+from retrieval.gallery import Gallery
+from retrieval.searcher import Result, Searcher
+from retrieval.sets import SET_NAMES
+from retrieval.text_queries import slug
+from tfcbir import UserError
+from tfcbir.cli import (
+    add_config_argument,
+    add_gallery_argument,
+    add_search_arguments,
+    import_tensorflow,
+    run,
+)
 
 
 def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    import_tensorflow()
+    cfg = config.load(args.config)
+    texts = _texts(args.text)
+    paths = _query_paths(args.queries, args.list, allow_none=bool(texts))
+    # Each tower is loaded only if a query needs it; their identity (both towers) checks the
+    # gallery.
+    searcher = Searcher.open(
+        cfg,
+        gallery=args.gallery,
+        index=args.index,
+        checkpoint=args.checkpoint,
+        config_path=args.config,
+        images=bool(paths),
+        text=bool(texts),
+    )
+    answers.check_r(args.retrieve, searcher.gallery)
+    count = len(paths) + len(texts)
+    results, failed = _search_images(searcher, paths, args, count)
+    results += _search_texts(searcher, texts, args, count)
+    if args.json:
+        unreadable = [paths[i] for i in sorted(failed)]
+        _print_json(searcher.gallery, args.retrieve, results, unreadable)
+    if not results:
+        raise UserError(f"none of the {len(paths)} query images could be read (see above)")
+    return 1 if failed else 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
+    add_config_argument(parser)
     parser.add_argument("-r", "--retrieve", type=int, default=10, help="answers per query")
     parser.add_argument("queries", nargs="*", type=Path, help="image files or folders")
     parser.add_argument(
@@ -38,6 +81,7 @@ def main(argv: list[str]) -> int:
         default=[],
         help="a text file naming one query image a line",
     )
+    add_gallery_argument(parser, SET_NAMES)
     add_search_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument(
@@ -46,56 +90,41 @@ def main(argv: list[str]) -> int:
         help="picture file (several queries: one file each, named after the query)",
     )
     parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args(argv)
-    import_tensorflow()
+    return parser
 
-    import config
-    from datasets.images import is_image_name
-    from retrieval import answers
-    from retrieval.searcher import Searcher
-    from retrieval.text_queries import slug
-    from tfcbir import UserError
 
-    cfg = config.load(args.config)
-    texts = _texts(args.text)
-    paths = _query_paths(args.queries, args.list, is_image_name, allow_none=bool(texts))
-    # Each tower is loaded only if a query needs it; their identity (both towers) checks the
-    # gallery.
-    searcher = Searcher.open(
-        cfg,
-        gallery=args.gallery,
-        index=args.index,
-        checkpoint=args.checkpoint,
-        config_path=args.config,
-        images=bool(paths),
-        text=bool(texts),
-    )
-    gallery = searcher.gallery
-    answers.check_r(args.retrieve, gallery)
-    count = len(paths) + len(texts)
+def _search_images(
+    searcher: Searcher, paths: list[Path], args, count: int
+) -> tuple[list[Result], list[int]]:
+    """Answer the query images, printing each one's answers (unless --json) and saving its
+    picture (--save) as it comes: ``(results, positions in paths of the unreadable)``."""
+    results: list[Result] = []
     failed: list[int] = []
-    results = []
+    if not paths:
+        return results, failed
+    for result in searcher.search_files(
+        paths,
+        args.retrieve,
+        batch_size=args.batch_size,
+        on_error=lambda i, _message: failed.append(i),
+    ):
+        results.append(result)
+        if not args.json:
+            print(result.table() + "\n")
+        if args.save:
+            query = paths[result.position]
+            out = _picture_file(args.save, count, query.stem)
+            picture = answers.picture(
+                query, result.query_class, result.answers, searcher.gallery, out
+            )
+            print(f"picture: {picture}", file=sys.stderr)
+    return results, failed
 
-    def out_path(stem: str) -> Path:
-        if count == 1:
-            return args.save
-        return args.save.with_name(f"{args.save.stem}_{stem}{args.save.suffix}")
 
-    if paths:
-        for result in searcher.search_files(
-            paths,
-            args.retrieve,
-            batch_size=args.batch_size,
-            on_error=lambda i, _message: failed.append(i),
-        ):
-            results.append(result)
-            if not args.json:
-                print(result.table() + "\n")
-            if args.save:
-                query = paths[result.position]
-                out = out_path(query.stem)
-                saved = answers.picture(query, result.query_class, result.answers, gallery, out)
-                print(f"picture: {saved}", file=sys.stderr)
+def _search_texts(searcher: Searcher, texts: list[str], args, count: int) -> list[Result]:
+    """Answer the --text queries, warning of unknown words, printing each one's answers (unless
+    --json) and saving its picture (--save)."""
+    results: list[Result] = []
     for result in searcher.search_text(texts, args.retrieve) if texts else []:
         text, unknown = result.query, result.unknown_words
         if unknown:
@@ -110,42 +139,45 @@ def main(argv: list[str]) -> int:
             print(result.table() + "\n")
         if args.save:
             stem = f"text{result.position + 1}-{slug(text)}" if len(texts) > 1 else slug(text)
-            saved = answers.text_picture(text, None, result.answers, gallery, out_path(stem))
-            print(f"picture: {saved}", file=sys.stderr)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "gallery": str(gallery.path),
-                    "r": args.retrieve,
-                    "results": [result.as_json() for result in results],
-                    "unreadable": [str(paths[i]) for i in sorted(failed)],
-                },
-                indent=2,
-            )
+            out = _picture_file(args.save, count, stem)
+            picture = answers.text_picture(text, None, result.answers, searcher.gallery, out)
+            print(f"picture: {picture}", file=sys.stderr)
+    return results
+
+
+def _picture_file(save: Path, count: int, stem: str) -> Path:
+    """--save itself for one query; for several, one file each: <save stem>_<stem><suffix>."""
+    if count == 1:
+        return save
+    return save.with_name(f"{save.stem}_{stem}{save.suffix}")
+
+
+def _print_json(gallery: Gallery, r: int, results: list[Result], unreadable: list[Path]) -> None:
+    """--json: every query's answers and the query images that could not be read."""
+    print(
+        json.dumps(
+            {
+                "gallery": str(gallery.path),
+                "r": r,
+                "results": [result.as_json() for result in results],
+                "unreadable": [str(path) for path in unreadable],
+            },
+            indent=2,
         )
-    if not results:
-        raise UserError(f"none of the {len(paths)} query images could be read (see above)")
-    return 1 if failed else 0
+    )
 
 
 def _texts(texts: list[str]) -> list[str]:
     """The --text queries, blanks refused."""
-    from tfcbir import UserError
-
     cleaned = [" ".join(text.split()) for text in texts]
     if any(not text for text in cleaned):
         raise UserError('--text: an empty query; give words, e.g. --text "a red handbag"')
     return cleaned
 
 
-def _query_paths(
-    items: list[Path], lists: list[Path], is_image_name, allow_none: bool = False
-) -> list[Path]:
+def _query_paths(items: list[Path], lists: list[Path], allow_none: bool = False) -> list[Path]:
     """Files as given, folders' images (recursively, sorted), and the paths in list files;
     none at all is an error unless ``allow_none`` (there are text queries)."""
-    from tfcbir import UserError
-
     paths: list[Path] = []
     for list_file in lists:
         if not list_file.is_file():

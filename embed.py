@@ -16,23 +16,58 @@ import argparse
 import sys
 from pathlib import Path
 
-from tfcbir.cli import import_tensorflow, run
+import config
+from retrieval import sets
+from retrieval.embedder import embed_images, expected_model_id, load_embedder
+from retrieval.faiss_index import build_index
+from retrieval.gallery import GalleryIdentity, read_gallery
+from retrieval.sets import SET_NAMES
+from retrieval.shards import (
+    check_shards,
+    embed_shard,
+    list_hash,
+    parse_shard,
+    shard_path,
+    shard_range,
+)
+from tfcbir import UserError
+from tfcbir.cli import add_checkpoint_argument, add_config_argument, import_tensorflow, run
 
 
 def main(argv: list[str]) -> int:
-    from retrieval.sets import SET_NAMES
+    args = _parser().parse_args(argv)
+    import_tensorflow()
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    if shard and args.merge:
+        raise UserError("--shard embeds one part and --merge joins the parts; give one of them")
+    cfg = config.load(args.config)
+    if args.output is not None and args.split is None:
+        raise UserError("-o/--output names one gallery file; give --split too")
+    made = None if args.split in ("query", "gallery") else sets.splits(cfg)
+    names = _set_names(cfg, args.split, made)
+    index = args.index or cfg["index"]["type"]
+    if args.merge:
+        return _merge(args, cfg, names, made, index)
+    embedder = load_embedder(cfg, args.checkpoint)
+    for name in names:
+        path = _embed_set(embedder, args, cfg, name, made, shard)
+        print(file=sys.stderr)
+        if shard is None:
+            _build_index(cfg, path, index)
+        print(path)
+    return 0
 
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
+    add_config_argument(parser)
     parser.add_argument(
         "--split",
         choices=SET_NAMES,
         help="the set to embed (default: the sets eval.protocol uses)",
     )
     parser.add_argument("-o", "--output", type=Path, help="gallery file (with one --split only)")
-    parser.add_argument(
-        "--checkpoint", type=Path, help="weights to use instead of the run's best.weights.h5"
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--index",
         help="exact, or a FAISS factory string such as IVF4096,Flat "
@@ -50,90 +85,51 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="join the checked shards of each set into <set>.h5 (the shards are kept)",
     )
-    args = parser.parse_args(argv)
-    import_tensorflow()
+    return parser
 
-    import config
-    from retrieval import sets
-    from retrieval.shards import parse_shard
-    from tfcbir import UserError
 
-    shard = parse_shard(args.shard) if args.shard is not None else None
-    if shard and args.merge:
-        raise UserError("--shard embeds one part and --merge joins the parts; give one of them")
-    cfg = config.load(args.config)
-    if args.output is not None and args.split is None:
-        raise UserError("-o/--output names one gallery file; give --split too")
-    made = None if args.split in ("query", "gallery") else sets.splits(cfg)
-    if args.split:
-        names = [args.split]
-    else:
-        protocol = sets.protocol(cfg, made)
-        names = list(dict.fromkeys([protocol.gallery, protocol.queries]))
-    index = args.index or cfg["index"]["type"]
-    if args.merge:
-        return _merge(args, cfg, names, made, index)
+def _set_names(cfg: dict, split: str | None, made) -> list[str]:
+    """The sets to embed: ``split``, or the gallery and query sets of the evaluation protocol."""
+    if split:
+        return [split]
+    protocol = sets.protocol(cfg, made)
+    return list(dict.fromkeys([protocol.gallery, protocol.queries]))
 
-    from retrieval.embedder import embed_images, load_embedder
-    from retrieval.shards import embed_shard, shard_path, shard_range
 
-    embedder = load_embedder(cfg, args.checkpoint)
-    for name in names:
-        images = sets.images(cfg, name, made)
-        out = args.output or sets.gallery_file(cfg, name)
-        if shard is None:
-            print(f"embedding {len(images)} {name} images -> {out}", file=sys.stderr)
-            path = embed_images(
-                embedder, images, out, split=name, batch_size=args.batch_size, progress=_progress
-            )
-        else:
-            start, stop = shard_range(len(images), *shard)
-            items = f"items {start} to {stop - 1}" if stop > start else "no items"
-            print(
-                f"embedding shard {shard[0]}/{shard[1]} of the {len(images)} {name} images "
-                f"({items}) -> {shard_path(out, *shard)}",
-                file=sys.stderr,
-            )
-            path = embed_shard(
-                embedder,
-                images,
-                out,
-                shard,
-                split=name,
-                batch_size=args.batch_size,
-                progress=_progress,
-            )
-        print(file=sys.stderr)
-        if shard is None:
-            _build_index(cfg, path, index)
-        print(path)
-    return 0
+def _embed_set(embedder, args, cfg: dict, name: str, made, shard) -> Path:
+    """Embed set ``name`` (only part ``shard`` = (i, n) of it when given); the file written."""
+    images = sets.images(cfg, name, made)
+    out = args.output or sets.gallery_file(cfg, name)
+    if shard is None:
+        print(f"embedding {len(images)} {name} images -> {out}", file=sys.stderr)
+        return embed_images(
+            embedder, images, out, split=name, batch_size=args.batch_size, progress=_progress
+        )
+    start, stop = shard_range(len(images), *shard)
+    items = f"items {start} to {stop - 1}" if stop > start else "no items"
+    print(
+        f"embedding shard {shard[0]}/{shard[1]} of the {len(images)} {name} images "
+        f"({items}) -> {shard_path(out, *shard)}",
+        file=sys.stderr,
+    )
+    return embed_shard(
+        embedder, images, out, shard, split=name, batch_size=args.batch_size, progress=_progress
+    )
 
 
 def _merge(args, cfg: dict, names: list[str], made, index: str) -> int:
     """--merge: check the shards of every set first, then write each merged gallery."""
-    import config
-    from retrieval import sets
-    from retrieval.embedder import expected_model_id
-    from retrieval.gallery import GalleryIdentity
-    from retrieval.shards import check_shards, list_hash
-
     model_id = expected_model_id(cfg, args.checkpoint)
     checked = []
     for name in names:
         images = sets.images(cfg, name, made)
-        command = f"python embed.py -c {args.config} --split {name}"
-        if args.output is not None:
-            command += f" -o {args.output}"
-        if args.checkpoint is not None:
-            command += f" --checkpoint {args.checkpoint}"
         checked.append(
             check_shards(
                 args.output or sets.gallery_file(cfg, name),
                 images,
                 split=name,
                 expect=GalleryIdentity(model_id, config.model_hash(cfg), list_hash(images)),
-                command=command,
+                command=_embed_command(args, name),
             )
         )
     for shards in checked:
@@ -151,12 +147,19 @@ def _merge(args, cfg: dict, names: list[str], made, index: str) -> int:
     return 0
 
 
+def _embed_command(args, name: str) -> str:
+    """The embed.py command that makes set ``name``'s shards (a missing shard's fix)."""
+    command = f"python embed.py -c {args.config} --split {name}"
+    if args.output is not None:
+        command += f" -o {args.output}"
+    if args.checkpoint is not None:
+        command += f" --checkpoint {args.checkpoint}"
+    return command
+
+
 def _build_index(cfg: dict, path: Path, index: str) -> None:
     if index == "exact":
         return
-    from retrieval.faiss_index import build_index
-    from retrieval.gallery import read_gallery
-
     built = build_index(
         read_gallery(path), index, search_parameters=cfg["index"]["search_parameters"]
     )

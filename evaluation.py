@@ -13,14 +13,35 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from tfcbir.cli import run
+import config
+from retrieval import evaluate, text_queries
+from retrieval.embedder import load_text_encoder
+from tfcbir.cli import add_checkpoint_argument, add_config_argument, import_tensorflow, run
 
 
 def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.text_queries:
+        return _text_queries(args, config.load(args.config))
+    cfg = config.load(args.config)
+    result = evaluate.evaluate_run(
+        cfg,
+        queries=args.queries,
+        r=args.retrieve,
+        seed=args.seed,
+        ap_denominator=args.ap_denominator,
+        config_path=args.config,
+        checkpoint=args.checkpoint,
+        nmi=not args.no_nmi,
+    )
+    print(json.dumps(result, indent=None) if args.json else evaluate.report(result))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
+    add_config_argument(parser)
     parser.add_argument(
         "-t",
         "--queries",
@@ -38,12 +59,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the query sample and of NMI's k-means"
     )
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="the weights the galleries were embedded with (embed.py --checkpoint); "
-        "default: the run's best.weights.h5",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--no-nmi",
@@ -62,41 +78,16 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="score text queries (class prompts, captions) of a model with a text tower",
     )
-    args = parser.parse_args(argv)
-
-    import config
-
-    if args.text_queries:
-        return _text_queries(args, config.load(args.config))
-    from retrieval.evaluate import evaluate_run, report
-
-    cfg = config.load(args.config)
-    result = evaluate_run(
-        cfg,
-        queries=args.queries,
-        r=args.retrieve,
-        seed=args.seed,
-        ap_denominator=args.ap_denominator,
-        config_path=args.config,
-        checkpoint=args.checkpoint,
-        nmi=not args.no_nmi,
-    )
-    print(json.dumps(result, indent=None) if args.json else report(result))
-    return 0
+    return parser
 
 
 def _text_queries(args, cfg: dict) -> int:
-    from tfcbir.cli import import_tensorflow
-
     import_tensorflow()  # the text tower embeds the prompts and captions
-    from retrieval.embedder import load_text_encoder
-    from retrieval.text_queries import evaluate_text, report
-
     encoder = load_text_encoder(cfg, args.checkpoint)
-    result = evaluate_text(
+    result = text_queries.evaluate_text(
         cfg, encoder, r=args.retrieve, config_path=args.config, checkpoint=args.checkpoint
     )
-    print(json.dumps(result, indent=None) if args.json else report(result))
+    print(json.dumps(result, indent=None) if args.json else text_queries.report(result))
     return 0
 
 

@@ -11,35 +11,28 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import socket
 
-from tfcbir.cli import add_search_arguments, import_tensorflow, run
+import config
+from retrieval.searcher import Searcher
+from retrieval.sets import SET_NAMES
+from tfcbir import UserError
+from tfcbir.cli import (
+    add_config_argument,
+    add_gallery_argument,
+    add_search_arguments,
+    import_tensorflow,
+    run,
+)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
-    )
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    add_search_arguments(parser)
-    parser.add_argument(
-        "--max-upload-mb", type=float, default=20, help="largest upload accepted, in MB"
-    )
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=40_000_000,
-        help="largest image accepted, in pixels (checked before decoding)",
-    )
-    args = parser.parse_args(argv)
-    from tfcbir import UserError
-
+    args = _parser().parse_args(argv)
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: give a port from 1 to 65535")
     if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0) or args.max_pixels <= 0:
         raise UserError("--max-upload-mb and --max-pixels must be positive (and finite)")
-    try:
+    try:  # the optional serving packages (requirements-serve.txt)
         import uvicorn
 
         from serving.app import MB, create_app
@@ -49,10 +42,6 @@ def main(argv: list[str]) -> int:
         ) from None
     _check_address(args.host, args.port)  # before minutes of loading
     import_tensorflow()
-
-    import config
-    from retrieval.searcher import Searcher
-
     cfg = config.load(args.config)
     searcher = Searcher.open(
         cfg,
@@ -77,12 +66,29 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_argument(parser)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    add_gallery_argument(parser, SET_NAMES)
+    add_search_arguments(parser)
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=20, help="largest upload accepted, in MB"
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=40_000_000,
+        help="largest image accepted, in pixels (checked before decoding)",
+    )
+    return parser
+
+
 def _check_address(host: str, port: int) -> None:
     """UserError unless (host, port) can be listened on (uvicorn itself would only log it)."""
-    import socket
-
-    from tfcbir import UserError
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -12,13 +12,15 @@ import argparse
 import json
 import sys
 
+import config
 from tfcbir import UserError
-from tfcbir.cli import import_tensorflow, run
+from tfcbir.cli import add_config_argument, import_tensorflow, run
+from training.check import check, report
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
+    add_config_argument(parser)
     parser.add_argument(
         "--restart",
         action="store_true",
@@ -37,9 +39,7 @@ def main(argv: list[str]) -> int:
     if args.check:
         return _check(args)
     import_tensorflow()
-
-    import config
-    from training.trainer import train
+    from training.trainer import train  # TensorFlow and Keras
 
     result = train(config.load(args.config), restart=args.restart)
     if result.interrupted:
@@ -58,9 +58,6 @@ def main(argv: list[str]) -> int:
 
 
 def _check(args) -> int:
-    import config
-    from training.check import check, report
-
     result = check(config.load(args.config), progress=_progress())
     print(json.dumps(result, indent=2) if args.json else report(result))
     return 1 if result["unreadable"] else 0

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -392,3 +395,37 @@ def test_a_model_chosen_on_the_test_split_is_reported(private, capsys):
     assert code == 0, err
     assert "chose its model on the test split" in out and "optimistic" in out
     assert evaluated(cfg, capsys=capsys)["model_selected_on"] == "test"
+
+
+SCRIPTS = ["train", "embed", "evaluation", "test", "cbir", "serve", "analysis"]
+TF_SETTINGS = ("KERAS_BACKEND", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
+
+
+def test_importing_a_script_changes_nothing_and_run_quiets_tensorflow():
+    """Importing tfcbir.cli or a script sets no environment variable and imports no TensorFlow;
+    run() sets TensorFlow's variables (oneDNN on) before a script's main can import it."""
+    script = (
+        "import importlib.util, json, os, sys\n"
+        "import tfcbir.cli\n"
+        f"for name in {SCRIPTS!r}:\n"
+        "    spec = importlib.util.spec_from_file_location('cli_' + name, name + '.py')\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "env = lambda: {k: os.environ.get(k) for k in " + repr(TF_SETTINGS) + "}\n"
+        "before = env(), 'tensorflow' in sys.modules or 'keras' in sys.modules\n"
+        "seen = []\n"
+        "def main(argv):\n"
+        "    seen.append((env(), 'tensorflow' in sys.modules))\n"
+        "try:\n"
+        "    tfcbir.cli.run(main, [])\n"
+        "except SystemExit:\n"
+        "    print(json.dumps([before, seen[0]]))\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in TF_SETTINGS}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=clean, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    before, during = json.loads(done.stdout)
+    assert before == [dict.fromkeys(TF_SETTINGS), False]
+    settings = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    assert during == [{**settings, "TF_ENABLE_ONEDNN_OPTS": "1"}, False]

@@ -1,16 +1,21 @@
-"""What every CLI script shares: quiet TensorFlow, logging, and the one place UserError is caught.
+"""What every CLI script shares: quiet TensorFlow, logging, the flags several scripts take, and
+the one place UserError is caught.
 
-A script's ``main(argv)`` does its work; ``run(main)`` turns a UserError into one line on stderr
-and exit code 2, Ctrl-C into exit code 130, and leaves every other exception's traceback alone
-(it is a bug).
+A script's ``main(argv)`` does its work; ``run(main)`` sets TensorFlow's environment (before
+``main`` can import it), turns a UserError into one line on stderr and exit code 2, Ctrl-C into
+exit code 130, and leaves every other exception's traceback alone (it is a bug). Importing this
+module changes nothing: a benchmark or a test that imports TensorFlow itself calls
+:func:`quiet_tensorflow` first.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from tfcbir import UserError
 
@@ -22,9 +27,6 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
-
-quiet_tensorflow()  # every CLI imports this module first
 
 
 def import_tensorflow() -> None:
@@ -64,29 +66,42 @@ def setup_logging(verbose: bool = False) -> None:
     logger.propagate = False
 
 
-def add_search_arguments(parser, *, gallery: bool = True) -> None:
-    """The flags of the commands that search a run's gallery: --gallery (the set), --index and
-    --checkpoint (the weights the gallery was embedded with)."""
-    from pathlib import Path
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """-c/--config, the run's training config: every script takes it."""
+    parser.add_argument("-c", "--config", required=True, help="training config (.json or .yaml)")
 
-    from retrieval.sets import SET_NAMES
 
-    if gallery:
-        parser.add_argument(
-            "--gallery",
-            choices=SET_NAMES,
-            help="the embedded set to search (default: the protocol's gallery)",
-        )
-    parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint: the weights a script uses instead of the run's best ones."""
     parser.add_argument(
         "--checkpoint",
         type=Path,
-        help="weights to use instead of the run's best.weights.h5 (embed.py --checkpoint)",
+        help="weights to use instead of the run's best.weights.h5; a gallery embedded with "
+        "embed.py --checkpoint is read with the same --checkpoint",
     )
 
 
+def add_gallery_argument(parser: argparse.ArgumentParser, set_names: Sequence[str]) -> None:
+    """--gallery, one of ``set_names`` (retrieval.sets.SET_NAMES): the embedded set to search."""
+    parser.add_argument(
+        "--gallery",
+        choices=set_names,
+        help="the embedded set to search (default: the protocol's gallery)",
+    )
+
+
+def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the commands that search a run's gallery: --index and --checkpoint (the
+    weights the gallery was embedded with); :func:`add_gallery_argument` adds --gallery."""
+    parser.add_argument("--index", help="exact or the FAISS factory string embed.py built")
+    add_checkpoint_argument(parser)
+
+
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
-    """Call ``main`` and exit with its code; a UserError becomes ``error: ...`` and exit 2."""
+    """Call ``main`` and exit with its code; a UserError becomes ``error: ...`` and exit 2.
+
+    TensorFlow's environment is set first: a script imports TensorFlow only inside ``main``."""
+    quiet_tensorflow()
     setup_logging()
     try:
         code = main(sys.argv[1:] if argv is None else argv)
