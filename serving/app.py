@@ -35,7 +35,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
 from datasets.images import DEFAULT_MAX_PIXELS, ImageError, ImageTooLarge, load_image
@@ -71,8 +71,16 @@ def create_app(
     app = FastAPI(title="tfcbir search", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    gallery = searcher.gallery
-    upload_limit = _megabytes(max_upload_bytes)
+    _add_error_handlers(app)
+    _add_page_routes(app, searcher, max_upload_bytes)
+    _add_search_routes(app, searcher, max_upload_bytes, max_pixels)
+    _add_gallery_route(app, searcher)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal answered ``{"error": "<one line>"}``: BadRequest, FastAPI's parameter
+    validation (400) and Starlette's HTTP errors (404 for an unknown route, ...)."""
 
     @app.exception_handler(BadRequest)
     async def bad_request(_request, error: BadRequest):
@@ -88,6 +96,11 @@ def create_app(
     @app.exception_handler(HTTPException)
     async def http_error(_request, error: HTTPException):
         return _error(error.status_code, str(error.detail))
+
+
+def _add_page_routes(app: FastAPI, searcher: Searcher, max_upload_bytes: int) -> None:
+    """``GET /`` (the page), ``GET /healthz`` and ``GET /api/info`` (what the page needs)."""
+    gallery = searcher.gallery
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -110,6 +123,12 @@ def create_app(
             "model_step": gallery.model_step,
         }
 
+
+def _add_search_routes(
+    app: FastAPI, searcher: Searcher, max_upload_bytes: int, max_pixels: int
+) -> None:
+    """``POST /api/search`` (an uploaded image or a text) and ``GET /api/similar/{i}``."""
+
     @app.post("/api/search")
     async def search(request: Request, k: int = DEFAULT_K) -> dict:
         _check_k(searcher, k)
@@ -118,43 +137,14 @@ def create_app(
         except HTTPException as error:  # a malformed or oversized form part
             raise BadRequest(f"the form cannot be read: {error.detail}") from None
         try:
-            unknown = sorted(set(form.keys()) - {"image", "text"})
-            if unknown:
-                raise BadRequest(
-                    f"unknown form field {unknown[0]!r}; send a file field 'image' or a "
-                    "field 'text'"
-                )
-            image, text = form.get("image"), form.get("text")
-            if image is not None and text is not None:
-                raise BadRequest("both 'image' and 'text' were sent; send one query, not two")
-            if image is None and text is None:
-                raise BadRequest("no query: send a file field 'image' or a form field 'text'")
+            image, text = _query_fields(form)
             if text is not None:
                 return await run_in_threadpool(_search_text, searcher, text, k)
-            if not isinstance(image, UploadFile):
-                raise BadRequest("'image' must be a file upload (multipart), not a text field")
             data = await image.read(max_upload_bytes + 1)
             name = Path(image.filename or "upload").name
         finally:
             await form.close()  # an upload spooled to a temporary file: deleted
-        if len(data) > max_upload_bytes:
-            raise BadRequest(
-                f"{name} is over the {upload_limit} upload limit; send a smaller image", 413
-            )
-        if not data:
-            raise BadRequest(f"{name}: the 'image' field is empty; send an image file")
-        try:
-            results = await run_in_threadpool(
-                searcher.search_bytes, [data], k, names=[name], max_pixels=max_pixels
-            )
-        except ImageError as error:
-            fix = (
-                "send a smaller image"
-                if isinstance(error, ImageTooLarge)
-                else "send a JPEG, PNG, GIF, BMP, TIFF or WebP image"
-            )
-            raise BadRequest(f"{name}: {error.problem.split('; ')[0]}; {fix}") from None
-        return search_json(results[0], k)
+        return await _search_image(searcher, data, name, k, max_upload_bytes, max_pixels)
 
     @app.get("/api/similar/{index}")
     def similar(index: int, k: int = DEFAULT_K) -> dict:
@@ -164,6 +154,11 @@ def create_app(
         except GalleryIndexError as error:
             raise BadRequest(_index_message(error)) from None
         return search_json(result, k)
+
+
+def _add_gallery_route(app: FastAPI, searcher: Searcher) -> None:
+    """``GET /api/gallery/{i}[?size=160]``: a gallery item's file, or a cached JPEG thumbnail."""
+    gallery = searcher.gallery
 
     @lru_cache(maxsize=THUMBNAILS_CACHED)
     def thumbnail(index: int, size: int) -> bytes:
@@ -202,7 +197,48 @@ def create_app(
             ) from None
         return Response(data, media_type="image/jpeg", headers=headers)
 
-    return app
+
+def _query_fields(form: FormData) -> tuple[UploadFile | None, object]:
+    """A search form's ``(image, text)``: exactly one of them sent (the other None), an image
+    as a file upload; the text is checked by :func:`_search_text`."""
+    unknown = sorted(set(form.keys()) - {"image", "text"})
+    if unknown:
+        raise BadRequest(
+            f"unknown form field {unknown[0]!r}; send a file field 'image' or a field 'text'"
+        )
+    image, text = form.get("image"), form.get("text")
+    if image is not None and text is not None:
+        raise BadRequest("both 'image' and 'text' were sent; send one query, not two")
+    if image is None and text is None:
+        raise BadRequest("no query: send a file field 'image' or a form field 'text'")
+    if text is None and not isinstance(image, UploadFile):
+        raise BadRequest("'image' must be a file upload (multipart), not a text field")
+    return image, text
+
+
+async def _search_image(
+    searcher: Searcher, data: bytes, name: str, k: int, max_upload_bytes: int, max_pixels: int
+) -> dict:
+    """An uploaded image's answers; too large, empty or not an image: BadRequest."""
+    if len(data) > max_upload_bytes:
+        raise BadRequest(
+            f"{name} is over the {_megabytes(max_upload_bytes)} upload limit; send a smaller image",
+            413,
+        )
+    if not data:
+        raise BadRequest(f"{name}: the 'image' field is empty; send an image file")
+    try:
+        results = await run_in_threadpool(
+            searcher.search_bytes, [data], k, names=[name], max_pixels=max_pixels
+        )
+    except ImageError as error:
+        fix = (
+            "send a smaller image"
+            if isinstance(error, ImageTooLarge)
+            else "send a JPEG, PNG, GIF, BMP, TIFF or WebP image"
+        )
+        raise BadRequest(f"{name}: {error.problem.split('; ')[0]}; {fix}") from None
+    return search_json(results[0], k)
 
 
 def search_json(result: Result, k: int) -> dict:
