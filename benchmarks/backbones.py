@@ -29,8 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tfcbir.cli import import_tensorflow, quiet_tensorflow  # noqa: E402
 
-quiet_tensorflow()
-
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -133,6 +131,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batches", type=int, default=5, help="timed batches per model")
     args = parser.parse_args()
+    quiet_tensorflow()
     import_tensorflow()
     import tensorflow as tf
 

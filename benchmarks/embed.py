@@ -109,7 +109,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tfcbir.cli  # noqa: F401  (TensorFlow's settings as embed.py has them)
+    from tfcbir.cli import quiet_tensorflow
+
+    quiet_tensorflow()  # TensorFlow's settings as embed.py has them
     from datasets.images import load_and_fit
     from datasets.lists import ImageList
     from datasets.pipeline import default_workers, iter_eval_batches

@@ -151,8 +151,9 @@ def main(argv=None) -> None:
     parser.add_argument("--k", type=int, default=10, help="answers per query")
     args = parser.parse_args(argv)
 
-    from tfcbir.cli import import_tensorflow, setup_logging
+    from tfcbir.cli import import_tensorflow, quiet_tensorflow, setup_logging
 
+    quiet_tensorflow()  # TensorFlow's settings as serve.py has them
     setup_logging()
     import_tensorflow()
     import httpx
