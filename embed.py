@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from runs.folder import RunFolder
 from tfcbir.cli import import_tensorflow, run
 
 
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> int:
     embedder = load_embedder(cfg, args.checkpoint)
     for name in names:
         images = sets.images(cfg, name, made)
-        out = args.output or sets.gallery_file(cfg, name)
+        out = args.output or RunFolder.of(cfg).gallery(name)
         if shard is None:
             print(f"embedding {len(images)} {name} images -> {out}", file=sys.stderr)
             path = embed_images(
@@ -114,9 +115,9 @@ def _merge(args, cfg: dict, names: list[str], made, index: str) -> int:
     """--merge: check the shards of every set first, then write each merged gallery."""
     import config
     from retrieval import sets
-    from retrieval.embedder import expected_model_id
     from retrieval.gallery import GalleryIdentity
     from retrieval.shards import check_shards, list_hash
+    from runs.weights import expected_model_id
 
     model_id = expected_model_id(cfg, args.checkpoint)
     checked = []
@@ -129,7 +130,7 @@ def _merge(args, cfg: dict, names: list[str], made, index: str) -> int:
             command += f" --checkpoint {args.checkpoint}"
         checked.append(
             check_shards(
-                args.output or sets.gallery_file(cfg, name),
+                args.output or RunFolder.of(cfg).gallery(name),
                 images,
                 split=name,
                 expect=GalleryIdentity(model_id, config.model_hash(cfg), list_hash(images)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from runs.folder import RunFolder
 from tfcbir.cli import add_search_arguments, import_tensorflow, run
 
 
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> int:
     class_name = candidates.classes[int(candidates.labels[pick])]
     ranked = found[0].answers
     print(answers.table(relative, class_name, ranked))
-    out = args.save or config.run_dir(cfg) / "queries" / f"test-{Path(relative).stem}.png"
+    out = args.save or RunFolder.of(cfg).queries / f"test-{Path(relative).stem}.png"
     print(f"picture: {answers.picture(path, class_name, ranked, searcher.gallery, out)}")
     return 0
 
@@ -106,7 +107,7 @@ def _text_query(args) -> int:
     print(result.table())
     if result.unknown_words:
         print(f"unknown words (read as unknown): {', '.join(result.unknown_words)}")
-    out = args.save or config.run_dir(cfg) / "queries" / f"text-{slug(text)}.png"
+    out = args.save or RunFolder.of(cfg).queries / f"text-{slug(text)}.png"
     picture = answers.text_picture(text, result.query_class, result.answers, searcher.gallery, out)
     print(f"picture: {picture}")
     return 0

@@ -29,10 +29,10 @@ from report.per_class import DEFAULT_QUERIES, ClassRetrieval, class_retrieval
 from retrieval import sets
 from retrieval.evaluate import open_gallery
 from retrieval.gallery import Gallery
+from runs.folder import RunFolder
 from tfcbir import UserError
 from tfcbir.files import atomic_output, write_json
-from training.progress import Progress
-from training.run import RunFolder
+from tfcbir.progress import Progress
 
 log = logging.getLogger("tfcbir")
 
@@ -79,7 +79,7 @@ def default_folder(config: dict, split: str, other: str | None = None) -> Path:
     """``<run>/analysis/<split>``, or ``<split>-vs-<other>`` for a comparison (other: the
     compared run's name, or "baseline")."""
     name = split if other is None else f"{split}-vs-{_slug(other)}"
-    return cfg.run_dir(config) / "analysis" / name
+    return RunFolder.of(config).analysis(name)
 
 
 def default_split(config: dict) -> str:
@@ -124,7 +124,7 @@ def analyze(
         if out is not None
         else default_folder(config, split, "baseline" if baseline else other)
     )
-    run = RunFolder(cfg.run_dir(config))
+    run = RunFolder.of(config)
     spaces = [_trained_space(config, gallery, run, "trained")]
     if compare is not None:
         spaces.append(_compared_space(compare, compare_path, gallery, split))
@@ -163,7 +163,7 @@ def _compared_space(other: dict, other_path: str | None, gallery: Gallery, split
             f"other images than {gallery.path} ({reason}); compare runs on the same data set "
             "and split"
         )
-    return _trained_space(other, found, RunFolder(cfg.run_dir(other)), "compared")
+    return _trained_space(other, found, RunFolder.of(other), "compared")
 
 
 def _items_differ(a: Gallery, b: Gallery) -> str:

@@ -233,7 +233,7 @@ def confusion_figure(
 
 def curves_figure(metrics: dict[str, np.ndarray], *, title: str):
     """Training loss, learning rate and validation Recall@1 against step, from metrics.csv's
-    columns (:meth:`training.run.RunFolder.read_metrics`)."""
+    columns (:meth:`runs.folder.RunFolder.read_metrics`)."""
     figure, panels = plt.subplots(1, 3, figsize=(13, 3.6))
     step = metrics["step"]
     for axes, (column, name) in zip(
