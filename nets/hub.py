@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import keras
 
 from nets.catalog import hub_directory, hub_preset, missing_preset_message
+from nets.layers import ClassToken
 from tfcbir import UserError
 
 FAMILIES = ("clip", "siglip", "dinov2", "dinov3", "vit")
@@ -244,8 +245,6 @@ def image_tower(hub_backbone, name: str = "backbone") -> Tower:
     """The image tower of a loaded keras-hub backbone (see the module docstring for what each
     family pools). Its layers are the preset's own (shared, not copied): for CLIP and SigLIP the
     text tower built from the same ``hub_backbone`` embeds into the same space."""
-    from nets.layers import ClassToken
-
     kind = family(hub_backbone)
     height, width = native_image_size(hub_backbone)
     images = keras.Input(shape=(height, width, 3), name="images")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import config as cfg
+import nets
 from datasets.pipeline import iter_eval_batches
 from datasets.tokenizer import WordTokenizer
 from retrieval.gallery import GalleryIdentity, GalleryWriter, items_hash, read_gallery
@@ -129,8 +130,6 @@ def load_embedder(
     """The embedding model of ``config``'s run with its best weights, or those of ``checkpoint``
     (a ``best.weights.h5``-style file or a training checkpoint ``ckpt-<step>.h5``); ``source``:
     the run's weights if the caller resolved them (:func:`runs.weights.model_source`)."""
-    import nets  # builds Keras models
-
     source = source or model_source(config, checkpoint)
     image_size = tuple(config["data"]["image_size"])
     if source.zero_shot:
@@ -224,8 +223,6 @@ def load_text_encoder(
 ) -> TextEncoder:
     """The text tower of ``config``'s run, with the best weights (or those of ``checkpoint``,
     as :func:`load_embedder`). UserError for a model without a text tower."""
-    import nets  # builds Keras models
-
     if not has_text_tower(config):
         raise no_text_tower_error(config)
     source = source or model_source(config, checkpoint)
