@@ -474,13 +474,20 @@ def reference() -> list[tuple[str, str, str, str]]:
 
 
 def reference_markdown() -> str:
-    """The README's config reference table (between its ``reference`` markers)."""
+    """The config reference table of docs/config.md (between its ``reference`` markers)."""
     lines = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for key, default, allowed, doc in reference():
         if key == "loss.name":  # the loss's own keys are documented under Losses
             allowed = "one of " + ", ".join(losses.LOSSES.names())
-        lines.append(f"| `{key}` | `{default}` | {allowed} | {doc} |")
+        lines.append(f"| `{key}` | `{default}` | {markdown_text(allowed)} | {markdown_text(doc)} |")
     return "\n".join(lines)
+
+
+def markdown_text(text: str) -> str:
+    """``text`` with ``<`` outside code spans written ``&lt;``, so that Markdown shows
+    ``<data_dir>`` instead of taking it for an HTML tag."""
+    parts = text.split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
 
 
 def _json(value) -> str:
