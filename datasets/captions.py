@@ -27,6 +27,7 @@ import numpy as np
 
 from datasets.lists import ImageList, csv_rows, existing_files
 from tfcbir import UserError
+from tfcbir.text import shorten
 
 log = logging.getLogger("tfcbir")
 
@@ -152,9 +153,7 @@ def load_caption_table(root: str | os.PathLike, file: str | None) -> dict[str, l
     present = existing_files(root, list(table))
     missing = [relative for relative, ok in zip(table, present) if not ok]
     if missing:
-        shown = ", ".join(missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
+        shown = shorten(missing, 5)
         log.warning(
             "%s: %d of the %d images it captions do not exist under %s and are left out: %s",
             path,

@@ -30,6 +30,7 @@ import numpy as np
 
 from datasets.images import IMAGE_EXTENSIONS, is_image_name
 from tfcbir import UserError
+from tfcbir.text import shorten
 
 log = logging.getLogger("tfcbir")
 
@@ -365,7 +366,7 @@ def _scan(folder: Path) -> dict[str, list[str]]:
         else:
             empty.append(name)
     if empty:
-        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        shown = shorten(empty, 10)
         log.warning("%s: %d class folder(s) without images ignored: %s", folder, len(empty), shown)
     return found
 
@@ -535,9 +536,7 @@ def _existing(
             f"{root / missing[0]}); paths must be relative to {root}"
         )
     if missing:
-        shown = ", ".join(missing[:10]) + (
-            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        )
+        shown = shorten(missing, 10)
         log.warning(
             "%s: %d of %d listed images do not exist and are left out: %s",
             file,

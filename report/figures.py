@@ -21,8 +21,9 @@ matplotlib.use("Agg")  # before pyplot: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
+from PIL import Image, ImageDraw, ImageOps  # noqa: E402
 
+from retrieval.visualize import default_font  # noqa: E402
 from tfcbir.files import atomic_output  # noqa: E402
 
 PALETTE = [matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab20").colors]
@@ -59,13 +60,6 @@ def save_image(image: Image.Image, path: str | os.PathLike) -> Path:
     with atomic_output(path) as tmp:
         image.save(tmp, format="PNG")
     return path
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
-        return ImageFont.load_default()
 
 
 def _short(name: str, length: int = 28) -> str:
@@ -153,7 +147,7 @@ def thumbnail_map(
     picture = Image.new("RGB", (side, side + top), (255, 255, 255))
     draw = ImageDraw.Draw(picture)
     if title:
-        draw.text((10, 8), title, fill=(0, 0, 0), font=_font(TITLE_SIZE))
+        draw.text((10, 8), title, fill=(0, 0, 0), font=default_font(TITLE_SIZE))
     if len(coords) == 0:
         return picture
     cell = thumb + 2 * frame

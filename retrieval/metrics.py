@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from datasets.pipeline import default_workers
 from retrieval.search import (
     DEFAULT_MEMORY_MB,
     EXCLUDED,
@@ -59,6 +58,7 @@ from retrieval.search import (
     tie_equal_rows,
 )
 from tfcbir import UserError
+from tfcbir.cpus import available_cpus
 
 #: The evaluation protocols: where queries and gallery come from (the CLIs build the sets).
 PROTOCOLS = {
@@ -324,7 +324,7 @@ def query_results(
 
 def default_threads() -> int:
     """Threads for the metrics: the CPUs this process may use (at most 8)."""
-    return min(8, default_workers())
+    return min(8, available_cpus())
 
 
 def _labels(labels: np.ndarray, n: int, what: str) -> np.ndarray:
