@@ -39,13 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.lists import ARCHIVE_LAYOUTS, ImageList, existing_files, open_text
+from datasets.image_list import ImageList, existing_files, open_text
 from tfcbir import UserError
 from tfcbir.text import shorten
 
 log = logging.getLogger("tfcbir")
 
-FORMATS = ARCHIVE_LAYOUTS  # defined in datasets.lists, which reads no archive itself
+FORMATS = ("cub200", "cars196", "sop", "inshop")  # datasets.lists.ARCHIVE_LAYOUTS
 
 #: Display names, and the full archives' sizes (classes, images) per set, for reports.
 NAMES = {

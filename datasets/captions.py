@@ -10,7 +10,7 @@ Two sources, usable together:
   template, ``{class}`` replaced by :func:`class_phrase` of its folder name
   (``golden_retriever`` -> ``golden retriever``). Images without a row in the file get these.
 
-:func:`image_captions` gives the captions of an :class:`~datasets.lists.ImageList`;
+:func:`image_captions` gives the captions of an :class:`~datasets.image_list.ImageList`;
 :func:`pair_groups` says which pairs of a batch must not be each other's negatives. Plain
 arguments only: this module never reads the config.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.lists import ImageList, csv_rows, existing_files
+from datasets.image_list import ImageList, csv_rows, existing_files
 from tfcbir import UserError
 from tfcbir.text import shorten
 
@@ -142,7 +142,7 @@ def only_captioned(images: ImageList, captions: Captions) -> tuple[ImageList, Ca
 def load_caption_table(root: str | os.PathLike, file: str | None) -> dict[str, list[str]] | None:
     """The captions file ``file`` (relative to ``root``, or absolute) read, or None when there is
     none; rows naming images that do not exist under ``root`` are dropped with one warning (each
-    folder they name is listed once: :func:`datasets.lists.existing_files`)."""
+    folder they name is listed once: :func:`datasets.image_list.existing_files`)."""
     if not file:
         return None
     root = Path(root)

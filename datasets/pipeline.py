@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from datasets.image_list import ImageList
 from datasets.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -32,7 +33,6 @@ from datasets.images import (
     load_image,
     random_crop_flip,
 )
-from datasets.lists import ImageList
 from datasets.sampler import PKSampler, draw_without_repeats
 from tfcbir import UserError
 from tfcbir.cpus import available_cpus
