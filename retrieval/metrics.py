@@ -17,8 +17,9 @@ items (those of its class, the query itself excluded), ranked by :mod:`retrieval
 A query with G = 0 (its class has no other gallery item) has no defined AP or recall; as in
 Musgrave et al. it is left out of every retrieval average and counted in ``n_excluded``.
 
-NMI clusters the query embeddings with k-means (as many clusters as query classes) and compares
-the clusters with the classes: mutual information over the arithmetic mean of the two entropies.
+NMI clusters the query embeddings with k-means (as many clusters as query classes,
+:func:`retrieval.clustering.kmeans`) and compares the clusters with the classes: mutual
+information over the arithmetic mean of the two entropies.
 
 NMI clusters the query embeddings given to :func:`evaluate`; ``evaluation.py`` clusters the whole
 query set instead (:func:`clustering_nmi`), so that NMI does not depend on the query sample.
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from retrieval.clustering import kmeans, normalized_mutual_information
 from retrieval.search import (
     DEFAULT_MEMORY_MB,
     EXCLUDED,
@@ -194,7 +196,7 @@ def evaluate(
     first_rank = results.first_rank[evaluated]
     clusters_nmi = None
     if nmi:
-        clusters_nmi = clustering_nmi(queries, query_labels, seed=seed, memory_mb=memory_mb)
+        clusters_nmi = clustering_nmi(queries, query_labels, seed=seed)
     return Metrics(
         mean_average_precision=float(results.average_precision[evaluated].mean()),
         precision_at_1=float((first_rank == 1).mean()),
@@ -540,124 +542,11 @@ def _fill(
 
 
 def clustering_nmi(
-    embeddings: np.ndarray,
-    labels: np.ndarray,
-    *,
-    seed: int = 0,
-    max_iter: int = 20,
-    memory_mb: float = DEFAULT_MEMORY_MB,
+    embeddings: np.ndarray, labels: np.ndarray, *, seed: int = 0, max_iter: int = 20
 ) -> float:
     """NMI between the classes (N,) and a k-means clustering of the embeddings (N, D) into as
-    many clusters as there are classes."""
+    many clusters as there are classes (:func:`retrieval.clustering.kmeans`, seeded by ``seed``,
+    at most ``max_iter`` iterations)."""
     n_classes = len(np.unique(labels))
-    clusters = kmeans(embeddings, n_classes, seed=seed, max_iter=max_iter, memory_mb=memory_mb)
-    return normalized_mutual_information(labels, clusters)
-
-
-def normalized_mutual_information(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
-    """NMI with arithmetic-mean normalisation (scikit-learn's default), from the contingency table.
-
-    ``MI / ((H(true) + H(pred)) / 2)``; 1.0 when both labelings are a single cluster, 0.0 when
-    the mutual information is 0.
-    """
-    _, true = np.unique(np.asarray(labels_true), return_inverse=True)
-    _, pred = np.unique(np.asarray(labels_pred), return_inverse=True)
-    true, pred = true.ravel(), pred.ravel()
-    if len(true) != len(pred):
-        raise ValueError(f"{len(true)} true labels but {len(pred)} predicted")
-    n_true, n_pred = true.max(initial=-1) + 1, pred.max(initial=-1) + 1
-    if n_true == n_pred and n_true <= 1:
-        return 1.0
-    n = len(true)
-    # The non-zero cells of the contingency table, without building the dense table.
-    cells, joint = np.unique(true * n_pred + pred, return_counts=True)
-    true_counts = np.bincount(true, minlength=n_true)
-    pred_counts = np.bincount(pred, minlength=n_pred)
-    outer = true_counts[cells // n_pred].astype(np.float64) * pred_counts[cells % n_pred]
-    mutual_information = max(0.0, float(np.sum(joint / n * (np.log(joint * n / outer)))))
-    if mutual_information == 0.0:
-        return 0.0
-    normalizer = (_entropy(true_counts, n) + _entropy(pred_counts, n)) / 2
-    return float(mutual_information / max(normalizer, np.finfo(np.float64).eps))
-
-
-def _entropy(counts: np.ndarray, n: int) -> float:
-    p = counts[counts > 0] / n
-    return float(-np.sum(p * np.log(p)))
-
-
-# k-means++ seeding costs k sequential passes over the data; above this many (point, cluster)
-# pairs, seed with k distinct random points instead (what FAISS's k-means does).
-KMEANS_PLUSPLUS_MAX_PAIRS = 2**24
-
-
-def kmeans(
-    points: np.ndarray,
-    k: int,
-    *,
-    seed: int = 0,
-    max_iter: int = 20,
-    memory_mb: float = DEFAULT_MEMORY_MB,
-) -> np.ndarray:
-    """Lloyd's k-means of points (N, D) into k clusters; returns cluster ids (N,) int64.
-
-    Seeded and deterministic: k-means++ seeding for small problems, k distinct random points
-    for large ones; nearest centres by blocked float32 matrix products (ties to the lower
-    centre); an empty cluster keeps its centre; stops when no assignment changes.
-    """
-    points = check_embeddings(points, "embeddings")
-    n_points = len(points)
-    k = max(1, min(int(k), n_points))
-    rng = np.random.default_rng(seed)
-    if n_points * k <= KMEANS_PLUSPLUS_MAX_PAIRS:
-        centers = _kmeans_plusplus(points, k, rng)
-    else:
-        centers = points[np.sort(rng.choice(n_points, size=k, replace=False))]
-    assignment = None
-    for _ in range(max_iter):
-        nearest = _nearest_centers(points, centers, memory_mb)
-        if assignment is not None and np.array_equal(nearest, assignment):
-            break
-        assignment = nearest
-        centers = _cluster_means(points, assignment, centers)
-    return assignment
-
-
-def _kmeans_plusplus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): each centre drawn with probability
-    proportional to the squared distance to the nearest centre so far."""
-    sq_norms = np.einsum("nd,nd->n", points, points, dtype=np.float64)
-    chosen = [int(rng.integers(len(points)))]
-    nearest_sq = np.full(len(points), np.inf)
-    for _ in range(1, k):
-        center = points[chosen[-1]]
-        distance = sq_norms - 2.0 * (points @ center) + float(center @ center)
-        np.minimum(nearest_sq, np.maximum(distance, 0.0), out=nearest_sq)
-        total = nearest_sq.sum()
-        if total <= 0:  # every point sits on a centre: any new centre is as good
-            chosen.append(int(rng.integers(len(points))))
-            continue
-        cumulative = np.cumsum(nearest_sq)
-        pick = int(np.searchsorted(cumulative, rng.random() * total, side="right"))
-        chosen.append(min(pick, len(points) - 1))
-    return points[chosen].copy()
-
-
-def _nearest_centers(points: np.ndarray, centers: np.ndarray, memory_mb: float) -> np.ndarray:
-    center_sq = np.einsum("kd,kd->k", centers, centers)
-    step = block_rows(len(centers), 8, memory_mb)
-    nearest = np.empty(len(points), dtype=np.int64)
-    for start in range(0, len(points), step):
-        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every centre.
-        distance = center_sq[None, :] - 2.0 * (points[start : start + step] @ centers.T)
-        nearest[start : start + step] = np.argmin(distance, axis=1)
-    return nearest
-
-
-def _cluster_means(points: np.ndarray, assignment: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    order = np.argsort(assignment, kind="stable")
-    clusters, starts, counts = np.unique(assignment[order], return_index=True, return_counts=True)
-    sums = np.add.reduceat(points[order].astype(np.float64), starts, axis=0)
-    centers = centers.copy()
-    centers[clusters] = (sums / counts[:, None]).astype(np.float32)
-    return centers
+    found = kmeans(embeddings, n_classes, seed=seed, max_iter=max_iter)
+    return normalized_mutual_information(labels, found.clusters)
