@@ -118,6 +118,31 @@ def load_splits(root: str | os.PathLike, split: dict, seed: int, format: str = "
     test_fraction = float(split.get("test_fraction", 0.2))
     train_classes = float(split.get("train_classes", 0.5))
     order = split.get("order", "random")
+    _check_split_options(root, by, order, format)
+    layout, folder = _layout(root, format)
+    if by == "auto":
+        by = {"split_folders": "folders", "csv": "csv", "class_folders": "images"}.get(
+            layout, "protocol"
+        )
+    _check_split_fits(by, layout, root)
+    if layout in ARCHIVE_LAYOUTS:
+        return _archive_splits(layout, folder, by)
+    if layout == "split_folders":
+        train, test = _read_split_folders(root)
+        if by == "none":
+            return Splits(_concat(train, test), None, "none", layout)
+        return Splits(train, test, "folders", layout)
+    if layout == "csv":
+        train, test, missing = _read_csv_lists(root)
+        if by == "none":
+            return Splits(_concat(train, test), None, "none", layout, missing=missing)
+        return Splits(train, test, "csv", layout, missing=missing)
+    return _class_folder_splits(root, by, test_fraction, train_classes, order, seed)
+
+
+def _check_split_options(root: Path, by: str, order: str, format: str) -> None:
+    """UserError for a ``by``, ``order`` or ``format`` that is not one of the choices, or a root
+    that is not a folder."""
     if by not in ("auto", *SPLIT_KINDS):
         raise UserError(f"data.split.by: {by!r} is not one of auto, {', '.join(SPLIT_KINDS)}")
     if order not in CLASS_ORDERS:
@@ -131,42 +156,32 @@ def load_splits(root: str | os.PathLike, split: dict, seed: int, format: str = "
             "(or train/ and test/, x_train.csv, or a benchmark archive)"
         )
 
-    layout, folder = _layout(root, format)
-    if by == "auto":
-        by = {"split_folders": "folders", "csv": "csv", "class_folders": "images"}.get(
-            layout, "protocol"
-        )
-    _check_split_fits(by, layout, root)
 
-    if layout in ARCHIVE_LAYOUTS:
-        archive = archives.read(layout, folder)
-        if by == "none":
-            images = _concat(archive.train, archive.test)
-            return Splits(images, None, "none", layout, missing=archive.missing)
-        archive.check_protocol()
-        return Splits(
-            archive.train,
-            archive.test,
-            "protocol",
-            layout,
-            archive.query,
-            archive.gallery,
-            archive.missing,
-        )
-    if layout == "split_folders":
-        train, test = _read_split_folders(root)
-        if by == "none":
-            return Splits(_concat(train, test), None, "none", layout)
-        return Splits(train, test, "folders", layout)
-    if layout == "csv":
-        train, test, missing = _read_csv_lists(root)
-        if by == "none":
-            return Splits(_concat(train, test), None, "none", layout, missing=missing)
-        return Splits(train, test, "csv", layout, missing=missing)
+def _archive_splits(layout: str, folder: Path, by: str) -> Splits:
+    """A benchmark archive's protocol split (``by`` protocol), or all its images (``by`` none)."""
+    archive = archives.read(layout, folder)
+    if by == "none":
+        images = _concat(archive.train, archive.test)
+        return Splits(images, None, "none", layout, missing=archive.missing)
+    archive.check_protocol()
+    return Splits(
+        archive.train,
+        archive.test,
+        "protocol",
+        layout,
+        archive.query,
+        archive.gallery,
+        archive.missing,
+    )
 
+
+def _class_folder_splits(
+    root: Path, by: str, test_fraction: float, train_classes: float, order: str, seed: int
+) -> Splits:
+    """The images of ``root/<class>/`` split ``by`` images (stratified), classes, or none."""
     images = scan_class_folders(root)
     if by == "none":
-        return Splits(images, None, "none", layout)
+        return Splits(images, None, "none", "class_folders")
     rng = np.random.default_rng([seed, _SPLIT_STREAM])
     if by == "images":
         test_mask = _stratified_test_mask(images.labels, len(images.classes), test_fraction, rng)
@@ -178,7 +193,7 @@ def load_splits(root: str | os.PathLike, split: dict, seed: int, format: str = "
             )
     else:
         test_mask = _class_disjoint_test_mask(images, train_classes, order, rng, root)
-    return Splits(images.subset(~test_mask), images.subset(test_mask), by, layout)
+    return Splits(images.subset(~test_mask), images.subset(test_mask), by, "class_folders")
 
 
 def _check_split_fits(by: str, layout: str, root: Path) -> None:

@@ -78,7 +78,16 @@ def map_figure(
     """A scatter of 2-D points (n, 2) coloured by class (labels (n,) into ``classes``)."""
     figure, axes = plt.subplots(figsize=(9.5, 7.5))
     labels = np.asarray(labels)
-    present, counts = np.unique(labels, return_counts=True)
+    _scatter_classes(axes, coords, labels)
+    _class_legend(axes, labels, classes, legend_max)
+    axes.set_title(title + (f"\n{note}" if note else ""), fontsize=11)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    return figure
+
+
+def _scatter_classes(axes, coords: np.ndarray, labels: np.ndarray) -> None:
+    """The points (n, 2) in their class's colour and marker, one scatter per marker."""
     size = float(np.clip(6000 / max(len(labels), 1), 4, 40))
     for marker_group in range(len(MARKERS)):
         shown = (labels // len(PALETTE)) % len(MARKERS) == marker_group
@@ -94,7 +103,12 @@ def map_figure(
             alpha=0.8,
             linewidths=0,
         )
-    # The legend: the most frequent classes on the map (all of them when few).
+
+
+def _class_legend(axes, labels: np.ndarray, classes: Sequence[str], legend_max: int) -> None:
+    """A legend of the ``legend_max`` most frequent classes on the map (all of them when few),
+    beside the axes; its title says when some classes are left out."""
+    present, counts = np.unique(labels, return_counts=True)
     listed = present[np.lexsort((present, -counts))][:legend_max]
     handles = []
     for label in sorted(listed):
@@ -124,10 +138,6 @@ def map_figure(
         title_fontsize=9,
         frameon=False,
     )
-    axes.set_title(title + (f"\n{note}" if note else ""), fontsize=11)
-    axes.set_xticks([])
-    axes.set_yticks([])
-    return figure
 
 
 def thumbnail_map(

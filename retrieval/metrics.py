@@ -188,11 +188,7 @@ def evaluate(
     evaluated = results.evaluated
     n_queries, n_evaluated = len(evaluated), int(evaluated.sum())
     if n_evaluated == 0:
-        raise UserError(
-            f"none of the {n_queries} queries has an item of its class in the gallery, so "
-            "retrieval metrics are undefined; for class-disjoint splits set eval.protocol "
-            "to leave_one_out"
-        )
+        raise _no_relevant_item_error(n_queries)
     first_rank = results.first_rank[evaluated]
     clusters_nmi = None
     if nmi:
@@ -209,6 +205,14 @@ def evaluate(
         r=r,
         ap_denominator=ap_denominator,
         per_query=results,
+    )
+
+
+def _no_relevant_item_error(n_queries: int) -> UserError:
+    return UserError(
+        f"none of the {n_queries} queries has an item of its class in the gallery, so "
+        "retrieval metrics are undefined; for class-disjoint splits set eval.protocol "
+        "to leave_one_out"
     )
 
 
@@ -241,6 +245,64 @@ def query_results(
     threads: int | None = None,
 ) -> QueryResults:
     """Per-query G, first relevant rank, AP@r, MAP@R and R-precision; see :func:`evaluate`."""
+    queries, query_labels, gallery, gallery_labels = _checked_inputs(
+        queries, query_labels, gallery, gallery_labels, r, ap_denominator
+    )
+    n_queries, n_gallery = len(queries), len(gallery)
+    exclude = exclusion_mask(exclude, n_queries, n_gallery)
+    classes = _ClassMembers(gallery_labels)
+    starts, n_members = classes.lookup(query_labels)
+    # G: members of the query's class minus those excluded for it (the query itself).
+    excluded_relevant = (exclude >= 0) & (
+        gallery_labels[np.maximum(exclude, 0)] == query_labels[:, None]
+    )
+    n_relevant = n_members - excluded_relevant.sum(axis=1)
+    results = QueryResults(
+        n_relevant=n_relevant,
+        first_rank=np.zeros(n_queries, dtype=np.int64),
+        average_precision=np.full(n_queries, np.nan),
+        map_at_r=np.full(n_queries, np.nan),
+        r_precision=np.full(n_queries, np.nan),
+    )
+    sq_norms = None if normalized else np.einsum("nd,nd->n", gallery, gallery)
+    tied_rows, tied_heads = equal_rows(gallery)  # equal vectors get one score: they tie
+    # Blocks run on `threads` threads at once (NumPy's comparisons use one core each), each
+    # with its share of the memory budget.
+    threads = max(1, default_threads() if threads is None else int(threads))
+    blocks = _query_blocks(n_members, n_relevant, n_gallery, memory_mb / threads)
+
+    def rank_block(rows: np.ndarray, buffer: np.ndarray) -> None:
+        scores = similarity(
+            queries[rows],
+            gallery,
+            normalized=normalized,
+            gallery_sq_norms=sq_norms,
+            out=buffer[: len(rows)],
+        )
+        tie_equal_rows(scores, tied_rows, tied_heads)
+        members = classes.gather(starts[rows], n_members[rows])
+        if members.shape[1] <= COUNT_MAX_RELEVANT:
+            ranks = _counted_ranks(scores, members, exclude[rows], n_relevant[rows], r)
+        else:
+            ranks = _sorted_ranks(scores, members, exclude[rows], n_relevant[rows])
+        # Blocks hold distinct queries: each thread writes rows of its own.
+        _fill(results, rows, ranks, n_relevant[rows], r, n_gallery, ap_denominator)
+
+    _run_blocks(rank_block, blocks, threads, n_gallery)
+    return results
+
+
+def _checked_inputs(
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    r: int | None,
+    ap_denominator: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Queries (Q, D) and gallery (N, D) as float32, labels (Q,) and (N,) as int64, checked
+    against each other; ValueError for shapes, dimensions, ``r`` or ``ap_denominator`` that do
+    not fit."""
     queries = check_embeddings(queries, "query embeddings")
     gallery = check_embeddings(gallery, "gallery embeddings")
     query_labels = _labels(query_labels, len(queries), "query labels")
@@ -253,75 +315,53 @@ def query_results(
         raise ValueError(f"ap_denominator must be one of {AP_DENOMINATORS}; got {ap_denominator!r}")
     if r is not None and r < 1:
         raise ValueError(f"r must be >= 1 or None; got {r}")
-    n_queries, n_gallery = len(queries), len(gallery)
-    exclude = exclusion_mask(exclude, n_queries, n_gallery)
-    classes = _ClassMembers(gallery_labels)
-    starts, n_members = classes.lookup(query_labels)
-    # G: members of the query's class minus those excluded for it (the query itself).
-    excluded_relevant = (exclude >= 0) & (
-        gallery_labels[np.maximum(exclude, 0)] == query_labels[:, None]
-    )
-    n_relevant = n_members - excluded_relevant.sum(axis=1)
+    return queries, query_labels, gallery, gallery_labels
 
-    results = QueryResults(
-        n_relevant=n_relevant,
-        first_rank=np.zeros(n_queries, dtype=np.int64),
-        average_precision=np.full(n_queries, np.nan),
-        map_at_r=np.full(n_queries, np.nan),
-        r_precision=np.full(n_queries, np.nan),
-    )
-    sq_norms = None if normalized else np.einsum("nd,nd->n", gallery, gallery)
-    tied_rows, tied_heads = equal_rows(gallery)  # equal vectors get one score: they tie
-    # Blocks of queries with similar class sizes: the per-block (B, C) arrays stay narrow.
+
+def _query_blocks(
+    n_members: np.ndarray, n_relevant: np.ndarray, n_gallery: int, memory_mb: float
+) -> list[np.ndarray]:
+    """The queries with a relevant item, in blocks of rows (B,) that fit ``memory_mb`` each.
+
+    Blocks group queries of similar class sizes (C, the members of the query's class), so the
+    per-block (B, C) arrays stay narrow."""
     order = np.argsort(n_members, kind="stable")
     order = order[n_relevant[order] > 0]
-    # Blocks run on `threads` threads at once (NumPy's comparisons use one core each), each
-    # with its share of the memory budget and a score buffer of its own, reused block after
-    # block (fresh (B, N) arrays would page-fault every time). Widths only grow along `order`,
-    # so no block needs more rows than the narrowest row allows.
-    threads = max(1, default_threads() if threads is None else int(threads))
-    budget = memory_mb / threads
     blocks = []
     position = 0
     while position < len(order):
-        size = _block_size(n_gallery, n_members, order, position, budget)
+        size = _block_size(n_gallery, n_members, order, position, memory_mb)
         blocks.append(order[position : position + size])
         position += size
+    return blocks
+
+
+def _run_blocks(rank_block, blocks: list[np.ndarray], threads: int, n_gallery: int) -> None:
+    """``rank_block(rows, buffer)`` for every block, on up to ``threads`` threads.
+
+    Each thread has a (B, N) float32 score buffer of its own, B the largest block's rows, reused
+    block after block (fresh (B, N) arrays would page-fault every time).
+    """
     threads = min(threads, len(blocks))
     most_rows = max((len(rows) for rows in blocks), default=0)
     buffers: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(threads):
         buffers.put(np.empty((most_rows, n_gallery), dtype=np.float32))
 
-    def rank_block(rows: np.ndarray) -> None:
+    def rank_with_a_buffer(rows: np.ndarray) -> None:
         buffer = buffers.get()
         try:
-            scores = similarity(
-                queries[rows],
-                gallery,
-                normalized=normalized,
-                gallery_sq_norms=sq_norms,
-                out=buffer[: len(rows)],
-            )
-            tie_equal_rows(scores, tied_rows, tied_heads)
-            members = classes.gather(starts[rows], n_members[rows])
-            if members.shape[1] <= COUNT_MAX_RELEVANT:
-                ranks = _counted_ranks(scores, members, exclude[rows], n_relevant[rows], r)
-            else:
-                ranks = _sorted_ranks(scores, members, exclude[rows], n_relevant[rows])
-            # Blocks hold distinct queries: each thread writes rows of its own.
-            _fill(results, rows, ranks, n_relevant[rows], r, n_gallery, ap_denominator)
+            rank_block(rows, buffer)
         finally:
             buffers.put(buffer)
 
     if threads <= 1:
         for rows in blocks:
-            rank_block(rows)
+            rank_with_a_buffer(rows)
     else:
         with ThreadPoolExecutor(threads) as pool:
-            for done in pool.map(rank_block, blocks):
+            for done in pool.map(rank_with_a_buffer, blocks):
                 del done
-    return results
 
 
 def default_threads() -> int:
