@@ -14,7 +14,7 @@ import nets
 from datasets.captions import CAPTIONS_FILE, GROUP_BY, check_template
 from datasets.lists import CLASS_ORDERS, LAYOUTS, SPLIT_KINDS, VALIDATION_SOURCES
 from tfcbir import UserError
-from tfcbir.params import REQUIRED, Param, check_value, fmt, validate
+from tfcbir.params import REQUIRED, Param, check_value, did_you_mean, fmt, validate
 
 SPLIT_MODES = ["auto", *SPLIT_KINDS]
 DATA_FORMATS = ["auto", *LAYOUTS]
@@ -367,12 +367,10 @@ def _validate_section(values, spec: dict, path: str) -> dict:
         raise UserError(f"{path}: {fmt(values)} is not a mapping; give keys {', '.join(spec)}")
     unknown = [k for k in values if k not in spec]
     if unknown:
-        from tfcbir.params import _did_you_mean
-
         where = f"{path}.{unknown[0]}" if path else unknown[0]
         raise UserError(
             f"{where}: unknown key; allowed keys are {', '.join(spec)}"
-            + _did_you_mean(unknown[0], list(spec))
+            + did_you_mean(unknown[0], list(spec))
         )
     out = validate({k: v for k, v in values.items() if k in flat}, flat, path)
     for key, sub in sections.items():

@@ -21,8 +21,9 @@ matplotlib.use("Agg")  # before pyplot: files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
+from PIL import Image, ImageDraw, ImageOps  # noqa: E402
 
+from retrieval.visualize import default_font  # noqa: E402
 from tfcbir.files import atomic_output  # noqa: E402
 
 PALETTE = [matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab20").colors]
@@ -61,13 +62,6 @@ def save_image(image: Image.Image, path: str | os.PathLike) -> Path:
     return path
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def _short(name: str, length: int = 28) -> str:
     return name if len(name) <= length else name[: length - 3] + "..."
 
@@ -84,7 +78,16 @@ def map_figure(
     """A scatter of 2-D points (n, 2) coloured by class (labels (n,) into ``classes``)."""
     figure, axes = plt.subplots(figsize=(9.5, 7.5))
     labels = np.asarray(labels)
-    present, counts = np.unique(labels, return_counts=True)
+    _scatter_classes(axes, coords, labels)
+    _class_legend(axes, labels, classes, legend_max)
+    axes.set_title(title + (f"\n{note}" if note else ""), fontsize=11)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    return figure
+
+
+def _scatter_classes(axes, coords: np.ndarray, labels: np.ndarray) -> None:
+    """The points (n, 2) in their class's colour and marker, one scatter per marker."""
     size = float(np.clip(6000 / max(len(labels), 1), 4, 40))
     for marker_group in range(len(MARKERS)):
         shown = (labels // len(PALETTE)) % len(MARKERS) == marker_group
@@ -100,7 +103,12 @@ def map_figure(
             alpha=0.8,
             linewidths=0,
         )
-    # The legend: the most frequent classes on the map (all of them when few).
+
+
+def _class_legend(axes, labels: np.ndarray, classes: Sequence[str], legend_max: int) -> None:
+    """A legend of the ``legend_max`` most frequent classes on the map (all of them when few),
+    beside the axes; its title says when some classes are left out."""
+    present, counts = np.unique(labels, return_counts=True)
     listed = present[np.lexsort((present, -counts))][:legend_max]
     handles = []
     for label in sorted(listed):
@@ -130,10 +138,6 @@ def map_figure(
         title_fontsize=9,
         frameon=False,
     )
-    axes.set_title(title + (f"\n{note}" if note else ""), fontsize=11)
-    axes.set_xticks([])
-    axes.set_yticks([])
-    return figure
 
 
 def thumbnail_map(
@@ -153,7 +157,7 @@ def thumbnail_map(
     picture = Image.new("RGB", (side, side + top), (255, 255, 255))
     draw = ImageDraw.Draw(picture)
     if title:
-        draw.text((10, 8), title, fill=(0, 0, 0), font=_font(TITLE_SIZE))
+        draw.text((10, 8), title, fill=(0, 0, 0), font=default_font(TITLE_SIZE))
     if len(coords) == 0:
         return picture
     cell = thumb + 2 * frame

@@ -13,6 +13,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 import config
+import retrieval.clustering
 from report import clustering, maps
 from report.build import Limits, analyze
 from report.clustering import Clustering, purity
@@ -128,7 +129,7 @@ def test_kmeans_clusters_every_point_and_is_seeded():
 
 def test_kmeans_of_very_many_clusters_starts_from_random_points(monkeypatch):
     points, labels = blobs(n_per_class=100)
-    monkeypatch.setattr(clustering, "KMEANS_PLUSPLUS_MAX_PAIRS", 100)
+    monkeypatch.setattr(retrieval.clustering, "KMEANS_PLUSPLUS_MAX_PAIRS", 100)
     found = clustering.kmeans(points, 4, np.arange(400), seed=0)
     assert found.parameters["init"] == "random points"
     assert found.parameters["iterations"] <= clustering.KMEANS_MAX_ITER
