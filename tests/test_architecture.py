@@ -104,3 +104,16 @@ def test_functions_are_short():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines})")
     assert not long, "functions over 80 lines: " + ", ".join(long)
+
+
+def test_every_retrieval_module_has_a_floor():
+    """retrieval/ holds two floors (the core and the run services): a new module must be placed
+    on one in the contract, or the layers would not check it."""
+    import tomllib
+
+    contracts = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    layers = next(c for c in contracts["contracts"] if c["type"] == "layers")["layers"]
+    placed = {name.strip() for layer in layers for name in layer.replace("|", ":").split(":")}
+    for path in sorted((REPO / "retrieval").glob("*.py")):
+        if path.stem != "__init__":
+            assert f"retrieval.{path.stem}" in placed, f"{path.name} is on no floor"
