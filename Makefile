@@ -1,17 +1,17 @@
-# The commands of the README: `make demo`, `make demo-text` and `make test`. They create .venv on
-# first use.
+# The commands of the README: `make demo`, `make demo-text`, `make test` and `make docs`. They
+# create .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-text test lint format
+.PHONY: venv demo demo-text test lint format docs
 
 REQUIREMENTS := $(wildcard requirements*.txt)
 
 # keras-hub and tensorflow-text go in last with --no-deps: tensorflow-text's wheels require the
-# full `tensorflow` package, which pip would otherwise install over tensorflow-cpu (see README,
-# "Foundation backbones: keras-hub").
+# full `tensorflow` package, which pip would otherwise install over tensorflow-cpu (see
+# docs/models.md, "Installing keras-hub beside tensorflow-cpu").
 $(STAMP): $(REQUIREMENTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -53,3 +53,7 @@ lint: venv
 format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The docs site (docs/, mkdocs.yml) in site/; strict: a broken link or anchor fails the build.
+docs: venv
+	$(BIN)/python -m mkdocs build --strict --site-dir site

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import config
 from retrieval import sets
-from retrieval.embedder import embed_images, expected_model_id, load_embedder
+from retrieval.embedder import embed_images, load_embedder
 from retrieval.faiss_index import build_index
 from retrieval.gallery import GalleryIdentity, read_gallery
 from retrieval.sets import SET_NAMES
@@ -30,6 +30,8 @@ from retrieval.shards import (
     shard_path,
     shard_range,
 )
+from runs.folder import RunFolder
+from runs.weights import expected_model_id
 from tfcbir import UserError
 from tfcbir.cli import add_checkpoint_argument, add_config_argument, import_tensorflow, run
 
@@ -99,7 +101,7 @@ def _set_names(cfg: dict, split: str | None, made) -> list[str]:
 def _embed_set(embedder, args, cfg: dict, name: str, made, shard) -> Path:
     """Embed set ``name`` (only part ``shard`` = (i, n) of it when given); the file written."""
     images = sets.images(cfg, name, made)
-    out = args.output or sets.gallery_file(cfg, name)
+    out = args.output or RunFolder.of(cfg).gallery(name)
     if shard is None:
         print(f"embedding {len(images)} {name} images -> {out}", file=sys.stderr)
         return embed_images(
@@ -125,7 +127,7 @@ def _merge(args, cfg: dict, names: list[str], made, index: str) -> int:
         images = sets.images(cfg, name, made)
         checked.append(
             check_shards(
-                args.output or sets.gallery_file(cfg, name),
+                args.output or RunFolder.of(cfg).gallery(name),
                 images,
                 split=name,
                 expect=GalleryIdentity(model_id, config.model_hash(cfg), list_hash(images)),

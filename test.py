@@ -20,6 +20,7 @@ from retrieval import answers, sets
 from retrieval.answers import Answer
 from retrieval.searcher import Searcher
 from retrieval.text_queries import class_prompts_of, slug
+from runs.folder import RunFolder
 from tfcbir import UserError
 from tfcbir.cli import add_config_argument, add_search_arguments, import_tensorflow, run
 
@@ -61,7 +62,7 @@ def _image_query(args) -> int:
     relative = candidates.paths[pick]
     class_name = candidates.classes[int(candidates.labels[pick])]
     print(answers.table(relative, class_name, ranked))
-    out = args.save or config.run_dir(cfg) / "queries" / f"test-{Path(relative).stem}.png"
+    out = args.save or RunFolder.of(cfg).queries / f"test-{Path(relative).stem}.png"
     print(f"picture: {answers.picture(path, class_name, ranked, searcher.gallery, out)}")
     return 0
 
@@ -110,7 +111,7 @@ def _text_query(args) -> int:
     print(result.table())
     if result.unknown_words:
         print(f"unknown words (read as unknown): {', '.join(result.unknown_words)}")
-    out = args.save or config.run_dir(cfg) / "queries" / f"text-{slug(text)}.png"
+    out = args.save or RunFolder.of(cfg).queries / f"text-{slug(text)}.png"
     picture = answers.text_picture(text, result.query_class, result.answers, searcher.gallery, out)
     print(f"picture: {picture}")
     return 0

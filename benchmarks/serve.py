@@ -51,7 +51,7 @@ def make_run(folder: Path) -> Path:
     import nets
     from datasets.demo import generate
     from embed import main as embed
-    from training.run import RunFolder
+    from runs.folder import RunFolder
 
     os.environ["TFCBIR_DATA_DIR"] = str(folder)
     raw = json.loads((ROOT / "trainings" / "demo.json").read_text())
@@ -62,7 +62,7 @@ def make_run(folder: Path) -> Path:
     model = nets.build_embedding_model(
         cfg["model"], tuple(cfg["data"]["image_size"]), pretrained=False
     )
-    run = RunFolder(config.run_dir(cfg))
+    run = RunFolder.of(cfg)
     run.best_weights.parent.mkdir(parents=True, exist_ok=True)
     model.save_weights(run.best_weights)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -14,7 +14,7 @@ import nets
 from datasets.captions import CAPTIONS_FILE, GROUP_BY, check_template
 from datasets.lists import CLASS_ORDERS, LAYOUTS, SPLIT_KINDS, VALIDATION_SOURCES
 from tfcbir import UserError
-from tfcbir.params import REQUIRED, Param, check_value, fmt, validate
+from tfcbir.params import REQUIRED, Param, check_value, did_you_mean, fmt, validate
 
 SPLIT_MODES = ["auto", *SPLIT_KINDS]
 DATA_FORMATS = ["auto", *LAYOUTS]
@@ -367,12 +367,10 @@ def _validate_section(values, spec: dict, path: str) -> dict:
         raise UserError(f"{path}: {fmt(values)} is not a mapping; give keys {', '.join(spec)}")
     unknown = [k for k in values if k not in spec]
     if unknown:
-        from tfcbir.params import _did_you_mean
-
         where = f"{path}.{unknown[0]}" if path else unknown[0]
         raise UserError(
             f"{where}: unknown key; allowed keys are {', '.join(spec)}"
-            + _did_you_mean(unknown[0], list(spec))
+            + did_you_mean(unknown[0], list(spec))
         )
     out = validate({k: v for k, v in values.items() if k in flat}, flat, path)
     for key, sub in sections.items():
@@ -474,13 +472,20 @@ def reference() -> list[tuple[str, str, str, str]]:
 
 
 def reference_markdown() -> str:
-    """The README's config reference table (between its ``reference`` markers)."""
+    """The config reference table of docs/config.md (between its ``reference`` markers)."""
     lines = ["| key | default | allowed | meaning |", "| --- | --- | --- | --- |"]
     for key, default, allowed, doc in reference():
         if key == "loss.name":  # the loss's own keys are documented under Losses
             allowed = "one of " + ", ".join(losses.LOSSES.names())
-        lines.append(f"| `{key}` | `{default}` | {allowed} | {doc} |")
+        lines.append(f"| `{key}` | `{default}` | {markdown_text(allowed)} | {markdown_text(doc)} |")
     return "\n".join(lines)
+
+
+def markdown_text(text: str) -> str:
+    """``text`` with ``<`` outside code spans written ``&lt;``, so that Markdown shows
+    ``<data_dir>`` instead of taking it for an HTML tag."""
+    parts = text.split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
 
 
 def _json(value) -> str:

@@ -1,6 +1,7 @@
 """Images on disk -> arrays: the data layer of tfcbir.
 
 - :mod:`datasets.images`: decode one file into upright RGB uint8 (``load_image``), crops.
+- :mod:`datasets.image_list`: ``ImageList`` (paths, labels, classes) and the list-file readers.
 - :mod:`datasets.lists`: a data root's image lists and train/test splits (``load_splits``).
 - :mod:`datasets.archives`: the CUB-200-2011, Cars196, SOP and In-shop archives as distributed,
   split by their papers' protocol.

@@ -39,12 +39,13 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.lists import ARCHIVE_LAYOUTS, ImageList, existing_files, open_text
+from datasets.image_list import ImageList, existing_files, open_text
 from tfcbir import UserError
+from tfcbir.text import shorten
 
 log = logging.getLogger("tfcbir")
 
-FORMATS = ARCHIVE_LAYOUTS  # defined in datasets.lists, which reads no archive itself
+FORMATS = ("cub200", "cars196", "sop", "inshop")  # datasets.lists.ARCHIVE_LAYOUTS
 
 #: Display names, and the full archives' sizes (classes, images) per set, for reports.
 NAMES = {
@@ -384,9 +385,7 @@ def _drop_missing(lists: list[ImageList], root: Path) -> list[tuple[ImageList, l
         out.append((images.subset(mask) if gone else images, gone))
     gone_all = [path for _, gone in out for path in gone]
     if gone_all:
-        shown = ", ".join(gone_all[:10]) + (
-            f" and {len(gone_all) - 10} more" if len(gone_all) > 10 else ""
-        )
+        shown = shorten(gone_all, 10)
         log.warning(
             "%s: %d of %d listed images do not exist and are left out: %s",
             root,

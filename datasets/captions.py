@@ -10,7 +10,7 @@ Two sources, usable together:
   template, ``{class}`` replaced by :func:`class_phrase` of its folder name
   (``golden_retriever`` -> ``golden retriever``). Images without a row in the file get these.
 
-:func:`image_captions` gives the captions of an :class:`~datasets.lists.ImageList`;
+:func:`image_captions` gives the captions of an :class:`~datasets.image_list.ImageList`;
 :func:`pair_groups` says which pairs of a batch must not be each other's negatives. Plain
 arguments only: this module never reads the config.
 """
@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.lists import ImageList, csv_rows, existing_files
+from datasets.image_list import ImageList, csv_rows, existing_files
 from tfcbir import UserError
+from tfcbir.text import shorten
 
 log = logging.getLogger("tfcbir")
 
@@ -141,7 +142,7 @@ def only_captioned(images: ImageList, captions: Captions) -> tuple[ImageList, Ca
 def load_caption_table(root: str | os.PathLike, file: str | None) -> dict[str, list[str]] | None:
     """The captions file ``file`` (relative to ``root``, or absolute) read, or None when there is
     none; rows naming images that do not exist under ``root`` are dropped with one warning (each
-    folder they name is listed once: :func:`datasets.lists.existing_files`)."""
+    folder they name is listed once: :func:`datasets.image_list.existing_files`)."""
     if not file:
         return None
     root = Path(root)
@@ -152,9 +153,7 @@ def load_caption_table(root: str | os.PathLike, file: str | None) -> dict[str, l
     present = existing_files(root, list(table))
     missing = [relative for relative, ok in zip(table, present) if not ok]
     if missing:
-        shown = ", ".join(missing[:5]) + (
-            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        )
+        shown = shorten(missing, 5)
         log.warning(
             "%s: %d of the %d images it captions do not exist under %s and are left out: %s",
             path,

@@ -91,20 +91,35 @@ def load_image(
     Raises ImageError (missing, empty, not an image, truncated/corrupt), ImageTooLarge (a
     subclass: more than ``max_pixels`` pixels).
     """
+    source, path = _source(path, name)
+    with _open(source, path, max_pixels) as image:
+        rgb = _decode(image, path, size, max_pixels)
+    if size is not None and (rgb.height, rgb.width) != tuple(size):
+        rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _source(path: str | os.PathLike | bytes, name: str | None) -> tuple[io.BytesIO | str, str]:
+    """What PIL opens (a file path, or the bytes as a file) and the name errors give it;
+    ImageError for no data, an empty file or one that cannot be read."""
     if isinstance(path, bytes | bytearray | memoryview):
         source, path = io.BytesIO(path), name or "<image data>"
         if not source.getbuffer().nbytes:
             raise ImageError(path, "no image data (0 bytes)")
-    else:
-        source = path = os.fspath(path)
-        try:
-            if os.path.getsize(path) == 0:
-                raise ImageError(path, "the file is empty; delete it or replace it with the image")
-        except OSError:
-            raise ImageError(path, "the file does not exist or cannot be read") from None
-
+        return source, path
+    path = os.fspath(path)
     try:
-        opened = Image.open(source)
+        if os.path.getsize(path) == 0:
+            raise ImageError(path, "the file is empty; delete it or replace it with the image")
+    except OSError:
+        raise ImageError(path, "the file does not exist or cannot be read") from None
+    return path, path
+
+
+def _open(source: io.BytesIO | str, path: str, max_pixels: int) -> Image.Image:
+    """The image opened (its header read, nothing decoded); ImageError for what PIL refuses."""
+    try:
+        return Image.open(source)
     except Image.DecompressionBombError:
         raise ImageTooLarge(path, _too_large_text(None, max_pixels)) from None
     except Image.UnidentifiedImageError:
@@ -114,26 +129,28 @@ def load_image(
             path, f"cannot open the image: truncated or corrupt header ({_describe(error)})"
         ) from None
 
-    with opened as image:
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageTooLarge(path, _too_large_text((height, width), max_pixels))
-        if size is not None and isinstance(image, JpegImagePlugin.JpegImageFile):  # also MPO
-            _draft_jpeg(image, size)
-        try:
-            # The single decode. Everything below works on decoded pixels.
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
-            rgb = _to_rgb(image, path)
-        except ImageError:
-            raise
-        except Exception as error:  # truncated data, bad compression streams, ...
-            raise ImageError(
-                path, f"truncated or corrupt image data ({_describe(error)}); re-create the file"
-            ) from None
-    if size is not None and (rgb.height, rgb.width) != tuple(size):
-        rgb = rgb.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
+
+def _decode(
+    image: Image.Image, path: str, size: tuple[int, int] | None, max_pixels: int
+) -> Image.Image:
+    """An opened image decoded once, upright and in 8-bit RGB (JPEGs at a reduced scale when
+    ``size`` allows); ImageTooLarge beyond ``max_pixels``, ImageError for corrupt data."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(path, _too_large_text((height, width), max_pixels))
+    if size is not None and isinstance(image, JpegImagePlugin.JpegImageFile):  # also MPO
+        _draft_jpeg(image, size)
+    try:
+        # The single decode. Everything below works on decoded pixels.
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        return _to_rgb(image, path)
+    except ImageError:
+        raise
+    except Exception as error:  # truncated data, bad compression streams, ...
+        raise ImageError(
+            path, f"truncated or corrupt image data ({_describe(error)}); re-create the file"
+        ) from None
 
 
 def _too_large_text(hw: tuple[int, int] | None, max_pixels: int) -> str:

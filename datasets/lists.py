@@ -10,86 +10,39 @@ A data root is laid out in one of these ways (its *layout*, detected or forced b
 - ``cub200``, ``cars196``, ``sop``, ``inshop``: a metric-learning benchmark's archive as
   distributed, split by its papers' protocol (:mod:`datasets.archives`).
 
-:func:`load_splits` turns a root and the config's ``data.split`` section into a :class:`Splits`.
+:func:`load_splits` turns a root and the config's ``data.split`` section into a :class:`Splits`
+of :class:`~datasets.image_list.ImageList` (defined below this module, with the list-file readers,
+so that :mod:`datasets.archives` reads its lists without this module and this module imports it).
 Everything is deterministic: folders and files are sorted, and the random splits use NumPy
 generators seeded with the run's seed.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from datasets import archives
+from datasets.image_list import ImageList, csv_rows, existing_files
 from datasets.images import IMAGE_EXTENSIONS, is_image_name
 from tfcbir import UserError
+from tfcbir.text import shorten
 
 log = logging.getLogger("tfcbir")
 
 SPLIT_KINDS = ("images", "classes", "folders", "csv", "protocol", "none")
 CLASS_ORDERS = ("random", "sorted")
 TRAIN_CSV, TEST_CSV = "x_train.csv", "x_test.csv"
-ARCHIVE_LAYOUTS = ("cub200", "cars196", "sop", "inshop")  # also datasets.archives.FORMATS
+ARCHIVE_LAYOUTS = archives.FORMATS
 LAYOUTS = ("class_folders", "split_folders", "csv", *ARCHIVE_LAYOUTS)
 
 # The split's own random stream, kept apart from the sampler's [seed, round] streams.
 _SPLIT_STREAM = 0x5911
-
-
-@dataclass
-class ImageList:
-    """Images of a data set: ``paths[i]`` (posix, relative to ``root``) has class ``labels[i]``.
-
-    ``labels`` ``(N,)`` int32 index ``classes``, the names of ALL the data set's classes (also
-    those without an image in this list, e.g. the test classes of a class-disjoint split), so
-    train and test lists share one label space.
-    """
-
-    root: Path
-    paths: list[str]
-    labels: np.ndarray
-    classes: list[str]
-
-    def __post_init__(self):
-        self.root = Path(self.root)
-        self.paths = list(self.paths)
-        self.labels = np.asarray(self.labels, dtype=np.int32).reshape(-1)
-        if len(self.paths) != len(self.labels):
-            raise ValueError(f"{len(self.paths)} paths but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def subset(self, indices) -> ImageList:
-        """The images at ``indices`` (integer array or boolean mask), same root and classes."""
-        indices = np.asarray(indices)
-        if indices.dtype == bool:
-            indices = np.flatnonzero(indices)
-        indices = indices.astype(np.int64).reshape(-1)
-        return ImageList(
-            self.root, [self.paths[i] for i in indices], self.labels[indices], list(self.classes)
-        )
-
-    def compact(self) -> ImageList:
-        """The same images with ``classes`` cut down to the classes present, labels renumbered
-        0..C-1 in the same order: what a loss that learns one vector per class trains on."""
-        present, labels = np.unique(self.labels, return_inverse=True)
-        return ImageList(self.root, self.paths, labels, [self.classes[i] for i in present])
-
-    def absolute_paths(self) -> list[str]:
-        root = str(self.root)
-        return [os.path.join(root, p) for p in self.paths]
-
-    def class_counts(self) -> np.ndarray:
-        """``(C,)`` int64: number of images of each class of ``classes`` (zero for absent ones)."""
-        return np.bincount(self.labels, minlength=len(self.classes)).astype(np.int64)
 
 
 @dataclass
@@ -165,6 +118,31 @@ def load_splits(root: str | os.PathLike, split: dict, seed: int, format: str = "
     test_fraction = float(split.get("test_fraction", 0.2))
     train_classes = float(split.get("train_classes", 0.5))
     order = split.get("order", "random")
+    _check_split_options(root, by, order, format)
+    layout, folder = _layout(root, format)
+    if by == "auto":
+        by = {"split_folders": "folders", "csv": "csv", "class_folders": "images"}.get(
+            layout, "protocol"
+        )
+    _check_split_fits(by, layout, root)
+    if layout in ARCHIVE_LAYOUTS:
+        return _archive_splits(layout, folder, by)
+    if layout == "split_folders":
+        train, test = _read_split_folders(root)
+        if by == "none":
+            return Splits(_concat(train, test), None, "none", layout)
+        return Splits(train, test, "folders", layout)
+    if layout == "csv":
+        train, test, missing = _read_csv_lists(root)
+        if by == "none":
+            return Splits(_concat(train, test), None, "none", layout, missing=missing)
+        return Splits(train, test, "csv", layout, missing=missing)
+    return _class_folder_splits(root, by, test_fraction, train_classes, order, seed)
+
+
+def _check_split_options(root: Path, by: str, order: str, format: str) -> None:
+    """UserError for a ``by``, ``order`` or ``format`` that is not one of the choices, or a root
+    that is not a folder."""
     if by not in ("auto", *SPLIT_KINDS):
         raise UserError(f"data.split.by: {by!r} is not one of auto, {', '.join(SPLIT_KINDS)}")
     if order not in CLASS_ORDERS:
@@ -178,44 +156,32 @@ def load_splits(root: str | os.PathLike, split: dict, seed: int, format: str = "
             "(or train/ and test/, x_train.csv, or a benchmark archive)"
         )
 
-    layout, folder = _layout(root, format)
-    if by == "auto":
-        by = {"split_folders": "folders", "csv": "csv", "class_folders": "images"}.get(
-            layout, "protocol"
-        )
-    _check_split_fits(by, layout, root)
 
-    if layout in ARCHIVE_LAYOUTS:
-        from datasets import archives  # it builds on this module's ImageList
+def _archive_splits(layout: str, folder: Path, by: str) -> Splits:
+    """A benchmark archive's protocol split (``by`` protocol), or all its images (``by`` none)."""
+    archive = archives.read(layout, folder)
+    if by == "none":
+        images = _concat(archive.train, archive.test)
+        return Splits(images, None, "none", layout, missing=archive.missing)
+    archive.check_protocol()
+    return Splits(
+        archive.train,
+        archive.test,
+        "protocol",
+        layout,
+        archive.query,
+        archive.gallery,
+        archive.missing,
+    )
 
-        archive = archives.read(layout, folder)
-        if by == "none":
-            images = _concat(archive.train, archive.test)
-            return Splits(images, None, "none", layout, missing=archive.missing)
-        archive.check_protocol()
-        return Splits(
-            archive.train,
-            archive.test,
-            "protocol",
-            layout,
-            archive.query,
-            archive.gallery,
-            archive.missing,
-        )
-    if layout == "split_folders":
-        train, test = _read_split_folders(root)
-        if by == "none":
-            return Splits(_concat(train, test), None, "none", layout)
-        return Splits(train, test, "folders", layout)
-    if layout == "csv":
-        train, test, missing = _read_csv_lists(root)
-        if by == "none":
-            return Splits(_concat(train, test), None, "none", layout, missing=missing)
-        return Splits(train, test, "csv", layout, missing=missing)
 
+def _class_folder_splits(
+    root: Path, by: str, test_fraction: float, train_classes: float, order: str, seed: int
+) -> Splits:
+    """The images of ``root/<class>/`` split ``by`` images (stratified), classes, or none."""
     images = scan_class_folders(root)
     if by == "none":
-        return Splits(images, None, "none", layout)
+        return Splits(images, None, "none", "class_folders")
     rng = np.random.default_rng([seed, _SPLIT_STREAM])
     if by == "images":
         test_mask = _stratified_test_mask(images.labels, len(images.classes), test_fraction, rng)
@@ -227,7 +193,7 @@ def load_splits(root: str | os.PathLike, split: dict, seed: int, format: str = "
             )
     else:
         test_mask = _class_disjoint_test_mask(images, train_classes, order, rng, root)
-    return Splits(images.subset(~test_mask), images.subset(test_mask), by, layout)
+    return Splits(images.subset(~test_mask), images.subset(test_mask), by, "class_folders")
 
 
 def _check_split_fits(by: str, layout: str, root: Path) -> None:
@@ -262,8 +228,6 @@ def _check_split_fits(by: str, layout: str, root: Path) -> None:
 def _layout(root: Path, format: str = "auto") -> tuple[str, Path]:
     """``(layout, folder)``: one of :data:`LAYOUTS`, and the folder holding its files (root,
     or a benchmark archive's own top folder inside it)."""
-    from datasets import archives
-
     if format in ARCHIVE_LAYOUTS:
         return format, archives.locate(format, root)
     has_train, has_test = (root / "train").is_dir(), (root / "test").is_dir()
@@ -365,7 +329,7 @@ def _scan(folder: Path) -> dict[str, list[str]]:
         else:
             empty.append(name)
     if empty:
-        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        shown = shorten(empty, 10)
         log.warning("%s: %d class folder(s) without images ignored: %s", folder, len(empty), shown)
     return found
 
@@ -440,41 +404,6 @@ def read_csv_list(path: str | os.PathLike) -> list[tuple[str, str]]:
     return rows
 
 
-def open_text(path: str | os.PathLike) -> io.StringIO:
-    """The UTF-8 text file ``path``, read whole, as a file to iterate line by line.
-
-    A leading byte-order mark (Excel writes one) is dropped; line ends are kept as written, as
-    :mod:`csv` wants them (``newline=""``: lines end at LF, CR or CR LF). Raises UserError (one
-    line, naming the file and line) when the file is not UTF-8, e.g. a list saved as Latin-1 or
-    Windows-1252; OSError for a missing or unreadable file.
-    """
-    data = Path(path).read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:  # error.object: the bytes after a byte-order mark
-        line = error.object.count(b"\n", 0, error.start) + 1
-        raise UserError(
-            f"{os.fspath(path)}:{line}: not UTF-8 text (byte 0x{error.object[error.start]:02x}); "
-            "save it as UTF-8"
-        ) from None
-    return io.StringIO(text, newline="")
-
-
-def csv_rows(path: str | os.PathLike) -> Iterator[list[str]]:
-    """The rows of the CSV file ``path`` (UTF-8, read by :func:`open_text`), one list of fields
-    per record; blank lines give ``[]``. Raises UserError (one line, naming the file and line)
-    for text the :mod:`csv` reader refuses, e.g. a field over its size limit (an unclosed quote
-    swallowing the rest of a large file)."""
-    reader = csv.reader(open_text(path))
-    try:
-        yield from reader
-    except csv.Error as error:
-        raise UserError(
-            f"{os.fspath(path)}:{reader.line_num}: not readable as CSV ({error}); check its "
-            "quotes and save it as UTF-8 text"
-        ) from None
-
-
 def _looks_like_header(root: Path, relative: str) -> bool:
     return not is_image_name(relative) and not (root / relative).is_file()
 
@@ -535,9 +464,7 @@ def _existing(
             f"{root / missing[0]}); paths must be relative to {root}"
         )
     if missing:
-        shown = ", ".join(missing[:10]) + (
-            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-        )
+        shown = shorten(missing, 10)
         log.warning(
             "%s: %d of %d listed images do not exist and are left out: %s",
             file,
@@ -546,32 +473,6 @@ def _existing(
             shown,
         )
     return kept, missing
-
-
-def existing_files(root: str | os.PathLike, paths: list[str]) -> np.ndarray:
-    """``(N,)`` bool: whether ``root/paths[i]`` is a file (absolute paths are taken as they are).
-
-    Each folder the paths name is listed once (``os.scandir``) instead of one stat per file, so
-    lists of a hundred thousand images are checked quickly; names compare exactly, as the file
-    system does on Linux.
-    """
-    root = os.fspath(root).rstrip("/") + "/"
-    by_folder: dict[str, list[int]] = {}
-    names = []
-    for i, path in enumerate(paths):
-        folder, _, name = (path if path.startswith("/") else root + path).rpartition("/")
-        by_folder.setdefault(folder, []).append(i)
-        names.append(name)
-    present = np.zeros(len(paths), dtype=bool)
-    for folder, indices in by_folder.items():
-        try:
-            with os.scandir(folder) as entries:
-                files = {entry.name for entry in entries if entry.is_file()}
-        except OSError:  # missing, not a folder, unreadable: none of its files is usable
-            continue
-        for i in indices:
-            present[i] = names[i] in files
-    return present
 
 
 def _relative_to_root(relative: str, root: Path) -> str:

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from datasets.image_list import ImageList
 from datasets.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -32,9 +33,10 @@ from datasets.images import (
     load_image,
     random_crop_flip,
 )
-from datasets.lists import ImageList
 from datasets.sampler import PKSampler, draw_without_repeats
 from tfcbir import UserError
+from tfcbir.cpus import available_cpus
+from tfcbir.text import shorten
 
 log = logging.getLogger("tfcbir")
 
@@ -47,11 +49,7 @@ _CHUNK = 16  # images per caching task: fewer futures for sets of millions of im
 
 def default_workers() -> int:
     """Decoding threads: the CPUs this process may use (at most 32)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(32, cpus))
+    return min(32, available_cpus())
 
 
 def _ordered(
@@ -312,13 +310,10 @@ class TrainData:
         after = np.unique(self.images.labels[readable_indices])
         lost = np.setdiff1d(before, after)
         if len(lost):
-            names = ", ".join(self.images.classes[i] for i in lost[:20])
-            more = f" and {len(lost) - 20} more" if len(lost) > 20 else ""
             log.warning(
-                "%d class(es) have no readable training image and are not sampled: %s%s",
+                "%d class(es) have no readable training image and are not sampled: %s",
                 len(lost),
-                names,
-                more,
+                shorten([self.images.classes[i] for i in lost], 20),
             )
 
     # -- streaming ----------------------------------------------------------------------------

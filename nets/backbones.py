@@ -23,6 +23,7 @@ import numpy as np
 from nets.catalog import BACKBONES, WEIGHT_SUFFIXES, imagenet_file
 from tfcbir import UserError
 from tfcbir.registry import resolve
+from tfcbir.text import one_line
 
 
 def _keras_application(application, input_shape) -> keras.Model:
@@ -141,7 +142,7 @@ def _download_imagenet(name: str) -> str:
     except Exception as error:
         raise UserError(
             f"model.weights: could not download ImageNet weights for {name} "
-            f"({_one_line(error)}); download {file_name} ({url}) elsewhere and set "
+            f"({one_line(error)}); download {file_name} ({url}) elsewhere and set "
             f'model.weights to its path, or use "none"'
         ) from error
 
@@ -172,7 +173,7 @@ def load_backbone_weights(backbone: keras.Model, name: str, path: str) -> None:
     if failed is not None:
         raise UserError(
             f"model.weights: {path!r} does not fit backbone {name} "
-            f"({_one_line(failed)}); give weights saved from a {name} backbone, "
+            f"({one_line(failed)}); give weights saved from a {name} backbone, "
             f'"imagenet" or "none"'
         ) from failed
     for warning in caught:
@@ -180,9 +181,3 @@ def load_backbone_weights(backbone: keras.Model, name: str, path: str) -> None:
     after_load = BACKBONES.get(name).meta.get("after_load") if name in BACKBONES else None
     if after_load is not None:
         resolve(after_load)(backbone)
-
-
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    """An exception's message on one line, shortened, for a one-line UserError."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

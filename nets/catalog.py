@@ -26,7 +26,7 @@ import os
 from typing import NamedTuple
 
 from tfcbir import UserError
-from tfcbir.params import Param
+from tfcbir.params import Param, did_you_mean
 from tfcbir.registry import Registry
 
 BACKBONES = Registry("backbone")
@@ -288,11 +288,9 @@ def missing_preset_message(backbone: str, key: str = "model.backbone") -> str:
 def _check_backbone(value: str) -> str | None:
     if value in BACKBONES or (is_hub(value) and hub_preset(value).strip()):
         return None
-    from tfcbir.params import _did_you_mean
-
     return (
         f"is not one of {', '.join(BACKBONES.names())}, or hub:<keras-hub preset or "
-        "preset directory>" + _did_you_mean(value, BACKBONES.names())
+        "preset directory>" + did_you_mean(value, BACKBONES.names())
     )
 
 

@@ -41,7 +41,9 @@ from dataclasses import dataclass
 import keras
 
 from nets.catalog import hub_directory, hub_preset, missing_preset_message
+from nets.layers import ClassToken
 from tfcbir import UserError
+from tfcbir.text import one_line
 
 FAMILIES = ("clip", "siglip", "dinov2", "dinov3", "vit")
 # Families whose position embeddings adapt to the image size (interpolated or rotary).
@@ -59,7 +61,7 @@ SAVE_HINT = (
 )
 
 
-def _keras_hub(key: str = "model.backbone"):
+def import_keras_hub(key: str = "model.backbone"):
     """The keras_hub module; UserError naming ``key`` when it is not installed."""
     try:
         import keras_hub
@@ -70,11 +72,6 @@ def _keras_hub(key: str = "model.backbone"):
             "requirements-hub-nodeps.txt (README: Foundation backbones)"
         ) from error
     return keras_hub
-
-
-def _one_line(error: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def preset_source(backbone: str, key: str = "model.backbone", families=FAMILIES) -> str:
@@ -94,7 +91,7 @@ def preset_source(backbone: str, key: str = "model.backbone", families=FAMILIES)
         return folder
     if "://" in preset:
         return preset
-    if preset not in _keras_hub(key).models.Backbone.presets:
+    if preset not in import_keras_hub(key).models.Backbone.presets:
         close = difflib.get_close_matches(preset, image_presets(families), n=1)
         hint = f" (did you mean hub:{close[0]}?)" if close else ""
         example = "hub:clip_vit_base_patch32" + (
@@ -110,7 +107,7 @@ def preset_source(backbone: str, key: str = "model.backbone", families=FAMILIES)
 
 def image_presets(families=FAMILIES) -> list[str]:
     """keras-hub's built-in presets of ``families`` (they need internet once)."""
-    models = _keras_hub().models
+    models = import_keras_hub().models
     names: list[str] = []
     for name in families:
         names += list(getattr(models, _CLASSES[name]).presets)
@@ -138,14 +135,14 @@ def load_backbone(backbone: str, *, load_weights: bool = True, image_size=None):
 
 
 def _from_preset(backbone: str, source: str, load_weights: bool, **kwargs):
-    keras_hub = _keras_hub()
+    keras_hub = import_keras_hub()
     try:
         loaded = keras_hub.models.Backbone.from_preset(source, load_weights=load_weights, **kwargs)
     except Exception as error:  # downloads and files fail in many ways; all are the user's
         where = "read" if os.path.isdir(source) else "download"
         raise UserError(
             f"model.backbone: {backbone}: could not {where} the keras-hub preset "
-            f"({_one_line(error)}); {SAVE_HINT}"
+            f"({one_line(error)}); {SAVE_HINT}"
         ) from error
     family(loaded, backbone)  # a supported family, or UserError
     return loaded
@@ -153,7 +150,7 @@ def _from_preset(backbone: str, source: str, load_weights: bool, **kwargs):
 
 def family(hub_backbone, backbone: str = "") -> str:
     """The :data:`FAMILIES` name of a loaded keras-hub backbone; UserError if unsupported."""
-    models = _keras_hub().models
+    models = import_keras_hub().models
     for name, class_name in _CLASSES.items():
         if isinstance(hub_backbone, getattr(models, class_name)):
             return name
@@ -210,13 +207,13 @@ def preprocessing(backbone: str) -> dict:
 
     UserError if the preset has no image converter (a directory saved without one)."""
     source = preset_source(backbone)
-    keras_hub = _keras_hub()
+    keras_hub = import_keras_hub()
     try:
         converter = keras_hub.layers.ImageConverter.from_preset(source)
     except Exception as error:
         raise UserError(
             f"model.backbone: {backbone}: could not load the preset's image converter "
-            f"({_one_line(error)}); save it beside the backbone: keras_hub.layers."
+            f"({one_line(error)}); save it beside the backbone: keras_hub.layers."
             f"ImageConverter.from_preset(<name>).save_to_preset(<folder>)"
         ) from error
     scale = 1.0 if converter.scale is None else converter.scale
@@ -244,8 +241,6 @@ def image_tower(hub_backbone, name: str = "backbone") -> Tower:
     """The image tower of a loaded keras-hub backbone (see the module docstring for what each
     family pools). Its layers are the preset's own (shared, not copied): for CLIP and SigLIP the
     text tower built from the same ``hub_backbone`` embeds into the same space."""
-    from nets.layers import ClassToken
-
     kind = family(hub_backbone)
     height, width = native_image_size(hub_backbone)
     images = keras.Input(shape=(height, width, 3), name="images")

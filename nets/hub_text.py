@@ -26,8 +26,9 @@ import os
 import keras
 import numpy as np
 
-from nets.hub import _keras_hub, _one_line, preset_source
+from nets.hub import import_keras_hub, preset_source
 from tfcbir import UserError
+from tfcbir.text import one_line
 
 FAMILIES = {
     "clip": ("CLIPBackbone", "CLIPPreprocessor"),
@@ -45,7 +46,7 @@ def source(preset: str) -> str:
 def load_backbone(preset: str, *, pretrained: bool, backbone=None):
     """The preset's keras-hub backbone (weights loaded when ``pretrained``; ``backbone``: one
     already loaded, shared with the image tower) and its family."""
-    keras_hub = _keras_hub(KEY)
+    keras_hub = import_keras_hub(KEY)
     if backbone is None:
         where = source(preset)
         try:
@@ -54,7 +55,7 @@ def load_backbone(preset: str, *, pretrained: bool, backbone=None):
             action = "read" if os.path.isdir(where) else "download"
             raise UserError(
                 f"{KEY}: hub:{preset}: could not {action} the keras-hub preset "
-                f"({_one_line(error)}); save it with save_to_preset where there is internet and "
+                f"({one_line(error)}); save it with save_to_preset where there is internet and "
                 "give its folder (README: Foundation backbones)"
             ) from error
     for family, (backbone_class, _) in FAMILIES.items():
@@ -89,13 +90,13 @@ class HubTokenizer:
 def load_tokenizer(preset: str, family: str, max_length: int | None) -> HubTokenizer:
     """The preset's preprocessor (its tokenizer, without its image converter) as a
     :class:`HubTokenizer` of ``max_length`` tokens (None: the preset's own length)."""
-    keras_hub = _keras_hub(KEY)
+    keras_hub = import_keras_hub(KEY)
     preprocessor_class = getattr(keras_hub.models, FAMILIES[family][1])
     try:
         preprocessor = preprocessor_class.from_preset(source(preset), image_converter=None)
     except Exception as error:
         raise UserError(
-            f"{KEY}: hub:{preset}: could not load the preset's tokenizer ({_one_line(error)}); "
+            f"{KEY}: hub:{preset}: could not load the preset's tokenizer ({one_line(error)}); "
             "save it beside the backbone: keras_hub.models.<...>Preprocessor.from_preset(<name>)"
             ".save_to_preset(<folder>)"
         ) from error

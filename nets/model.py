@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 
+from nets import hub
 from nets.backbones import build_backbone, load_backbone_weights
 from nets.catalog import BACKBONES, HEADS, PARAMS, is_hub
 from nets.freeze import application_blocks, freeze
@@ -58,8 +59,6 @@ def build_embedding_model(
 def _hub_backbone(name, image_size, weights, params, hub_backbone):
     """The image tower of ``hub:<preset>`` with ``weights`` and freezing applied, and its
     ImagePreprocessing arguments."""
-    from nets import hub
-
     if hub_backbone is None:
         pretrained = weights in ("imagenet", "pretrained")
         hub_backbone = hub.load_backbone(name, load_weights=pretrained, image_size=image_size)

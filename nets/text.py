@@ -21,6 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from nets import hub
 from nets.catalog import (
     PRETRAINED_WEIGHTS,
     TEXT_PARAMS,
@@ -29,6 +30,7 @@ from nets.catalog import (
     same_preset,
     text_tower_kind,
 )
+from nets.hub_text import build_hub_text_tower
 from tfcbir import UserError
 from tfcbir.params import validate
 
@@ -219,8 +221,6 @@ def build_text_tower(
             embedding_dim=embedding_dim,
         )
     else:
-        from nets.hub_text import build_hub_text_tower
-
         model, tokenizer = build_hub_text_tower(
             hub_preset(params["tower"]),
             embedding_dim,
@@ -245,6 +245,4 @@ def shared_hub_backbone(model: dict, image_size: tuple[int, int], *, pretrained:
         return None
     if model["weights"] not in PRETRAINED_WEIGHTS:
         return None  # a random or file-loaded image tower beside the preset's text tower
-    from nets import hub
-
     return hub.load_backbone(backbone, load_weights=pretrained, image_size=tuple(image_size))

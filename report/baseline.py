@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 import config as cfg
+import nets
+from retrieval.embedder import Embedder
 from retrieval.gallery import Gallery, GalleryIdentity, items_hash, read_gallery, write_gallery
 from tfcbir import UserError
 from tfcbir.files import hash_file
@@ -93,9 +95,6 @@ def image_root(config: dict, gallery: Gallery) -> Path:
 
 def _embed(config: dict, gallery: Gallery, batch_size: int, progress) -> np.ndarray:
     import keras
-
-    import nets
-    from retrieval.embedder import Embedder
 
     data = config["data"]
     keras.utils.set_random_seed(config["seed"])  # as train.py seeds the start of a run

@@ -29,10 +29,10 @@ from report.per_class import DEFAULT_QUERIES, ClassRetrieval, class_retrieval
 from retrieval import sets
 from retrieval.evaluate import open_gallery
 from retrieval.gallery import Gallery
+from runs.folder import RunFolder
 from tfcbir import UserError
 from tfcbir.files import atomic_output, write_json
-from training.progress import Progress
-from training.run import RunFolder
+from tfcbir.progress import Progress
 
 log = logging.getLogger("tfcbir")
 
@@ -79,7 +79,7 @@ def default_folder(config: dict, split: str, other: str | None = None) -> Path:
     """``<run>/analysis/<split>``, or ``<split>-vs-<other>`` for a comparison (other: the
     compared run's name, or "baseline")."""
     name = split if other is None else f"{split}-vs-{_slug(other)}"
-    return cfg.run_dir(config) / "analysis" / name
+    return RunFolder.of(config).analysis(name)
 
 
 def default_split(config: dict) -> str:
@@ -124,7 +124,7 @@ def analyze(
         if out is not None
         else default_folder(config, split, "baseline" if baseline else other)
     )
-    run = RunFolder(cfg.run_dir(config))
+    run = RunFolder.of(config)
     spaces = [_trained_space(config, gallery, run, "trained")]
     if compare is not None:
         spaces.append(_compared_space(compare, compare_path, gallery, split))
@@ -163,7 +163,7 @@ def _compared_space(other: dict, other_path: str | None, gallery: Gallery, split
             f"other images than {gallery.path} ({reason}); compare runs on the same data set "
             "and split"
         )
-    return _trained_space(other, found, RunFolder(cfg.run_dir(other)), "compared")
+    return _trained_space(other, found, RunFolder.of(other), "compared")
 
 
 def _items_differ(a: Gallery, b: Gallery) -> str:
@@ -422,8 +422,28 @@ class Report:
         coordinates: dict[str, np.ndarray],
         images,
     ) -> dict[str, str]:
+        """The pictures of one space, saved in the report folder: ``{what: file name}`` (maps,
+        thumbnails, per-class bars, confusion matrix and its CSV, training curves)."""
+        files = self._map_pictures(space, coordinates)
+        if images is not None:
+            files["thumbnails"] = self._thumbnail_picture(space, coordinates, images)
+        if stats is not None:
+            files.update(self._class_pictures(space, stats))
+        metrics = space.run.read_metrics() if space.run is not None else None
+        if metrics is not None and len(metrics["step"]):
+            name = f"{space.slug}-curves.png"
+            figures.save_figure(
+                figures.curves_figure(metrics, title=f"Training of {space.title}"),
+                self.folder / name,
+            )
+            files["curves"] = name
+        elif space.run is not None:
+            self.notes.append(f"{space.slug}: no metrics.csv in {space.run.path}: no curves.")
+        return files
+
+    def _map_pictures(self, space: Space, coordinates: dict[str, np.ndarray]) -> dict[str, str]:
+        """One map per method, of the map sample: ``{"map <method>": file name}``."""
         files: dict[str, str] = {}
-        classes = self.class_names
         n, shown = len(self.gallery), len(self.map_sample)
         sample_note = f"a seeded sample of {shown:,} of {n:,} images" if shown < n else ""
         for method, coords in coordinates.items():
@@ -439,55 +459,48 @@ class Report:
                 self.folder / name,
             )
             files[f"map {method}"] = name
-        if images is not None:
-            first = coordinates[self.methods[0]]
-            where = np.searchsorted(self.map_sample, self.thumbnails)
-            name = f"{space.slug}-thumbnails.png"
-            picture = figures.thumbnail_map(
-                first[where],
-                images,
-                self.labels[self.thumbnails],
-                title=f"{self.methods[0]} map of {space.title}: {len(images):,} images, framed "
-                "in their class colour",
-            )
-            figures.save_image(picture, self.folder / name)
-            files["thumbnails"] = name
-        if stats is not None:
-            name = f"{space.slug}-per-class.png"
-            figures.save_figure(
-                figures.per_class_figure(
-                    classes,
-                    stats.recall_at_1,
-                    stats.map_at_r,
-                    stats.worst_first(),
-                    title=f"Per-class retrieval of {space.title}",
-                ),
-                self.folder / name,
-            )
-            files["per_class"] = name
-            name = f"{space.slug}-confusion.png"
-            figures.save_figure(
-                figures.confusion_figure(
-                    stats.confusion,
-                    classes,
-                    title=f"Nearest-neighbour classes of {space.title}",
-                ),
-                self.folder / name,
-            )
-            files["confusion"] = name
-            name = f"{space.slug}-confusion.csv"
-            _write_confusion(self.folder / name, stats.confusion, classes)
-            files["confusion_csv"] = name
-        metrics = space.run.read_metrics() if space.run is not None else None
-        if metrics is not None and len(metrics["step"]):
-            name = f"{space.slug}-curves.png"
-            figures.save_figure(
-                figures.curves_figure(metrics, title=f"Training of {space.title}"),
-                self.folder / name,
-            )
-            files["curves"] = name
-        elif space.run is not None:
-            self.notes.append(f"{space.slug}: no metrics.csv in {space.run.path}: no curves.")
+        return files
+
+    def _thumbnail_picture(self, space: Space, coordinates: dict[str, np.ndarray], images) -> str:
+        """The first method's map drawn with the thumbnails' images; its file name."""
+        first = coordinates[self.methods[0]]
+        where = np.searchsorted(self.map_sample, self.thumbnails)
+        name = f"{space.slug}-thumbnails.png"
+        picture = figures.thumbnail_map(
+            first[where],
+            images,
+            self.labels[self.thumbnails],
+            title=f"{self.methods[0]} map of {space.title}: {len(images):,} images, framed "
+            "in their class colour",
+        )
+        figures.save_image(picture, self.folder / name)
+        return name
+
+    def _class_pictures(self, space: Space, stats: ClassRetrieval) -> dict[str, str]:
+        """Per-class bars, the confusion matrix and its CSV: ``{what: file name}``."""
+        classes = self.class_names
+        files = {"per_class": f"{space.slug}-per-class.png"}
+        figures.save_figure(
+            figures.per_class_figure(
+                classes,
+                stats.recall_at_1,
+                stats.map_at_r,
+                stats.worst_first(),
+                title=f"Per-class retrieval of {space.title}",
+            ),
+            self.folder / files["per_class"],
+        )
+        files["confusion"] = f"{space.slug}-confusion.png"
+        figures.save_figure(
+            figures.confusion_figure(
+                stats.confusion,
+                classes,
+                title=f"Nearest-neighbour classes of {space.title}",
+            ),
+            self.folder / files["confusion"],
+        )
+        files["confusion_csv"] = f"{space.slug}-confusion.csv"
+        _write_confusion(self.folder / files["confusion_csv"], stats.confusion, classes)
         return files
 
 

@@ -34,12 +34,11 @@ scikit-learn's functions count it when given the labels as they are; its share i
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrieval.metrics import KMEANS_PLUSPLUS_MAX_PAIRS
+import retrieval.clustering
 from retrieval.search import unit_rows
 
 METHODS = ("k-means", "agglomerative", "DBSCAN", "HDBSCAN")
@@ -51,9 +50,7 @@ MIN_SAMPLES = 5
 EPS_QUANTILE = 0.5
 #: HDBSCAN: the smallest group it calls a cluster (scikit-learn's default).
 MIN_CLUSTER_SIZE = 5
-#: k-means: Lloyd iterations at most; k-means++ (k sequential passes over its start points) only
-#: up to KMEANS_PLUSPLUS_MAX_PAIRS (start point, centre) pairs (retrieval.metrics' limit), k
-#: distinct random points beyond (as retrieval.metrics.kmeans and FAISS do).
+#: k-means: Lloyd iterations at most (the start: see :func:`retrieval.clustering.kmeans`).
 KMEANS_MAX_ITER = 100
 
 
@@ -119,7 +116,7 @@ def score(
     labels: (N,) the classes of the whole set; points: (N, D) as clustered; sample: indices into
     the set of the points the silhouette uses (those of them that were clustered).
     """
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+    from sklearn.metrics import adjusted_rand_score
 
     truth = labels[clustering.indices]
     clusters = clustering.clusters
@@ -128,7 +125,7 @@ def score(
         "points": int(len(clusters)),
         "clusters": int(len(np.unique(clusters[clusters >= 0]))),
         "noise": float(np.mean(clusters < 0)),
-        "NMI": float(normalized_mutual_info_score(truth, clusters)),
+        "NMI": retrieval.clustering.normalized_mutual_information(truth, clusters),
         "ARI": float(adjusted_rand_score(truth, clusters)),
         "purity": purity(truth, clusters),
         "silhouette": silhouette(
@@ -180,31 +177,19 @@ def run_method(
 def kmeans(points: np.ndarray, n_clusters: int, sample: np.ndarray, seed: int) -> Clustering:
     """k-means of every point (N, D) into ``n_clusters`` (at most :data:`KMEANS_MAX_ITER`
     iterations), started by k-means++ on the points of ``sample``, or, when that would take more
-    than :data:`KMEANS_PLUSPLUS_MAX_PAIRS` (point, centre) pairs, by k distinct random points."""
-    from sklearn.cluster import KMeans, kmeans_plusplus
-
+    than :data:`~retrieval.clustering.KMEANS_PLUSPLUS_MAX_PAIRS` (point, centre) pairs, by k
+    distinct random points (:func:`retrieval.clustering.kmeans`)."""
     k = max(1, min(n_clusters, len(points)))
-    start = points[sample] if len(sample) >= k else points
-    if len(start) * k <= KMEANS_PLUSPLUS_MAX_PAIRS:
-        centres, _ = kmeans_plusplus(start, k, random_state=seed)
-        init = "k-means++"
-    else:
-        rng = np.random.default_rng(seed)
-        centres = start[np.sort(rng.choice(len(start), size=k, replace=False))]
-        init = "random points"
-    model = KMeans(
-        n_clusters=k, init=centres, n_init=1, max_iter=KMEANS_MAX_ITER, random_state=seed
+    found = retrieval.clustering.kmeans(
+        points, k, seed=seed, max_iter=KMEANS_MAX_ITER, start=sample
     )
-    with warnings.catch_warnings():  # duplicate points can leave fewer distinct clusters than k
-        warnings.simplefilter("ignore")
-        clusters = model.fit_predict(points)
     parameters = {
         "n_clusters": k,
-        "init": init,
-        "init_points": len(start),
-        "iterations": int(model.n_iter_),
+        "init": found.init,
+        "init_points": found.init_points,
+        "iterations": found.iterations,
     }
-    return Clustering("k-means", np.arange(len(points)), clusters, parameters)
+    return Clustering("k-means", np.arange(len(points)), found.clusters, parameters)
 
 
 def dbscan_eps(points: np.ndarray, min_samples: int, quantile: float) -> float:

@@ -1,6 +1,7 @@
 """The report's pictures: maps, per-class bars, the confusion matrix and training curves (PNG).
 
-Plots are drawn with matplotlib's Agg backend (no display needed); the thumbnail map is composed
+Plots are matplotlib ``Figure`` objects saved straight to PNG (no pyplot, so no global backend and
+no display needed); the thumbnail map is composed
 with Pillow. Every file is written atomically (:func:`tfcbir.files.atomic_output`).
 
 Classes are told apart by colour and marker: :data:`PALETTE` (20 colours) times :data:`MARKERS`
@@ -15,17 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from PIL import Image, ImageDraw, ImageOps
 
-matplotlib.use("Agg")  # before pyplot: files only, never a window
+from retrieval.visualize import default_font
+from tfcbir.files import atomic_output
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
-
-from tfcbir.files import atomic_output  # noqa: E402
-
-PALETTE = [matplotlib.colors.to_hex(c) for c in plt.get_cmap("tab20").colors]
+PALETTE = [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
 # tab20 pairs a strong and a light shade; strong ones first, so few classes get distinct hues.
 PALETTE = PALETTE[0::2] + PALETTE[1::2]
 MARKERS = ["o", "s", "^", "D", "v"]
@@ -44,13 +43,10 @@ def class_style(label: int) -> tuple[str, str]:
 
 
 def save_figure(figure, path: str | os.PathLike) -> Path:
-    """Write a matplotlib figure as PNG atomically and close it; returns ``path``."""
+    """Write a matplotlib figure as PNG atomically; returns ``path``."""
     path = Path(path)
-    try:
-        with atomic_output(path) as tmp:
-            figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-    finally:
-        plt.close(figure)
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
     return path
 
 
@@ -59,13 +55,6 @@ def save_image(image: Image.Image, path: str | os.PathLike) -> Path:
     with atomic_output(path) as tmp:
         image.save(tmp, format="PNG")
     return path
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font
-        return ImageFont.load_default()
 
 
 def _short(name: str, length: int = 28) -> str:
@@ -82,9 +71,19 @@ def map_figure(
     legend_max: int = LEGEND_MAX,
 ):
     """A scatter of 2-D points (n, 2) coloured by class (labels (n,) into ``classes``)."""
-    figure, axes = plt.subplots(figsize=(9.5, 7.5))
+    figure = Figure(figsize=(9.5, 7.5))
+    axes = figure.subplots()
     labels = np.asarray(labels)
-    present, counts = np.unique(labels, return_counts=True)
+    _scatter_classes(axes, coords, labels)
+    _class_legend(axes, labels, classes, legend_max)
+    axes.set_title(title + (f"\n{note}" if note else ""), fontsize=11)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    return figure
+
+
+def _scatter_classes(axes, coords: np.ndarray, labels: np.ndarray) -> None:
+    """The points (n, 2) in their class's colour and marker, one scatter per marker."""
     size = float(np.clip(6000 / max(len(labels), 1), 4, 40))
     for marker_group in range(len(MARKERS)):
         shown = (labels // len(PALETTE)) % len(MARKERS) == marker_group
@@ -100,7 +99,12 @@ def map_figure(
             alpha=0.8,
             linewidths=0,
         )
-    # The legend: the most frequent classes on the map (all of them when few).
+
+
+def _class_legend(axes, labels: np.ndarray, classes: Sequence[str], legend_max: int) -> None:
+    """A legend of the ``legend_max`` most frequent classes on the map (all of them when few),
+    beside the axes; its title says when some classes are left out."""
+    present, counts = np.unique(labels, return_counts=True)
     listed = present[np.lexsort((present, -counts))][:legend_max]
     handles = []
     for label in sorted(listed):
@@ -130,10 +134,6 @@ def map_figure(
         title_fontsize=9,
         frameon=False,
     )
-    axes.set_title(title + (f"\n{note}" if note else ""), fontsize=11)
-    axes.set_xticks([])
-    axes.set_yticks([])
-    return figure
 
 
 def thumbnail_map(
@@ -153,7 +153,7 @@ def thumbnail_map(
     picture = Image.new("RGB", (side, side + top), (255, 255, 255))
     draw = ImageDraw.Draw(picture)
     if title:
-        draw.text((10, 8), title, fill=(0, 0, 0), font=_font(TITLE_SIZE))
+        draw.text((10, 8), title, fill=(0, 0, 0), font=default_font(TITLE_SIZE))
     if len(coords) == 0:
         return picture
     cell = thumb + 2 * frame
@@ -184,7 +184,8 @@ def per_class_figure(
     at most ``bars_max`` classes, the title says how many are shown."""
     shown = np.asarray(order)[:bars_max]
     n = len(shown)
-    figure, axes = plt.subplots(figsize=(9, max(2.5, 0.28 * n + 1.5)))
+    figure = Figure(figsize=(9, max(2.5, 0.28 * n + 1.5)))
+    axes = figure.subplots()
     y = np.arange(n)
     height = 0.4
     axes.barh(y - height / 2, recall_at_1[shown], height, label="Recall@1", color="#1f77b4")
@@ -213,7 +214,8 @@ def confusion_figure(
     rows = confusion.sum(axis=1, keepdims=True)
     share = np.divide(confusion, rows, out=np.zeros(confusion.shape), where=rows > 0)
     side = float(np.clip(0.28 * n + 3, 5, 11))
-    figure, axes = plt.subplots(figsize=(side + 1.2, side))
+    figure = Figure(figsize=(side + 1.2, side))
+    axes = figure.subplots()
     shown = axes.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04, label="share of the row's queries")
     if n <= labelled_max:
@@ -233,8 +235,9 @@ def confusion_figure(
 
 def curves_figure(metrics: dict[str, np.ndarray], *, title: str):
     """Training loss, learning rate and validation Recall@1 against step, from metrics.csv's
-    columns (:meth:`training.run.RunFolder.read_metrics`)."""
-    figure, panels = plt.subplots(1, 3, figsize=(13, 3.6))
+    columns (:meth:`runs.folder.RunFolder.read_metrics`)."""
+    figure = Figure(figsize=(13, 3.6))
+    panels = figure.subplots(1, 3)
     step = metrics["step"]
     for axes, (column, name) in zip(
         panels,

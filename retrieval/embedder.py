@@ -1,18 +1,15 @@
 """A run's trained model as an image -> embedding function (the one module here using TF).
 
-``load_embedder(config)`` builds the embedding model from the config, loads the run's best
-weights (or a given checkpoint) and knows the identity that galleries record
-(:class:`retrieval.gallery.GalleryIdentity`): the weights file's hash and step, the config's
-model hash, and the hash of the items embedded. A dual encoder's model identity covers both
-towers (the hash of both weights files), so a gallery is only ever searched with the text tower
-trained with its image tower; ``load_text_encoder(config)`` is that text tower, text -> embedding.
+``load_embedder(config)`` builds the embedding model from the config, loads the weights the run
+layer resolved (:func:`runs.weights.model_source`: the run's best, a given checkpoint, or a
+preset as it is) and knows the identity that galleries record
+(:class:`retrieval.gallery.GalleryIdentity`): the weights' ``model_id`` and step, the config's
+model hash, and the hash of the items embedded. ``load_text_encoder(config)`` is a dual
+encoder's text tower, text -> embedding.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,11 +18,14 @@ from pathlib import Path
 import numpy as np
 
 import config as cfg
+import nets
 from datasets.pipeline import iter_eval_batches
-from retrieval.gallery import GalleryIdentity, items_hash
+from datasets.tokenizer import WordTokenizer
+from retrieval.gallery import GalleryIdentity, GalleryWriter, items_hash, read_gallery
 from retrieval.search import unit_rows
+from runs import checkpoint as ckpt
+from runs.weights import ModelSource, has_text_tower, model_source, read_checkpoint
 from tfcbir import UserError
-from tfcbir.files import hash_file
 
 log = logging.getLogger("tfcbir")
 
@@ -124,138 +124,34 @@ def towers(config: dict) -> dict:
     }
 
 
-def has_text_tower(config: dict) -> bool:
-    return config["model"]["text"]["tower"] != "none"
-
-
-def is_zero_shot(config: dict, checkpoint: str | Path | None = None) -> bool:
-    """Whether the run is searched with its pretrained preset as it is: no weights were asked
-    for, the run has no trained ones, and its model needs none (``nets.pretrained_model``: a
-    ``hub:`` image tower with its preset's weights, a head without weights, the same preset's
-    text tower)."""
-    import nets
-    from training.run import RunFolder
-
-    if checkpoint is not None or not nets.pretrained_model(config["model"]):
-        return False
-    return not RunFolder(cfg.run_dir(config)).best_weights.exists()
-
-
-def pretrained_model_id(config: dict) -> str:
-    """The ``model_id`` of a zero-shot model: ``pretrained-`` and a hash of its preset's
-    identity, the preset's name and the keras-hub version for a named preset (its weights are a
-    fixed version of keras-hub's registry), or every file's contents for a local folder."""
-    import nets
-
-    towers = dict.fromkeys([config["model"]["backbone"], config["model"]["text"]["tower"]])
-    parts = [_preset_identity(tower) for tower in towers if nets.is_hub(tower)]
-    joined = json.dumps(parts, sort_keys=True)
-    return "pretrained-" + hashlib.sha256(joined.encode()).hexdigest()[:16]
-
-
-def _preset_identity(tower: str) -> dict:
-    import nets
-    from nets.catalog import hub_directory
-
-    preset = nets.hub_preset(tower).strip()
-    folder = hub_directory(preset)
-    if folder is None:
-        try:
-            version = importlib.metadata.version("keras-hub")
-        except importlib.metadata.PackageNotFoundError:
-            version = "absent"
-        return {"preset": preset, "keras_hub": version}
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"model.backbone: {tower}: no such preset directory")
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return {str(p.relative_to(folder)): hash_file(p) for p in files}
-
-
-def text_weights_for(weights: Path) -> Path:
-    """The text tower's file beside an image tower's ``X.weights.h5``: ``X.text.weights.h5``."""
-    return weights.with_name(weights.name[: -len(".weights.h5")] + ".text.weights.h5")
-
-
-def weights_files(config: dict, checkpoint: str | Path | None = None) -> tuple[Path, Path | None]:
-    """The files holding the run's model: the image tower's weights (or a training checkpoint,
-    which holds both towers) and, for a dual encoder saved as weights files, the text tower's
-    (else None). Default: the run's best weights. UserError when a file is missing."""
-    from training.run import RunFolder
-
-    run = RunFolder(cfg.run_dir(config))
-    if checkpoint is None:
-        weights = run.best_weights
-        if not weights.exists():
-            import nets
-
-            zero_shot = (
-                "; or search with the preset as it is (zero-shot: model.weights: pretrained, "
-                "model.head: identity_normalize, and a text tower of the same preset)"
-                if nets.is_hub(config["model"]["backbone"])
-                else ""
-            )
-            raise UserError(
-                f"{run.path} has no trained model yet; train it first: "
-                f"python train.py -c <config> (run {config['name']}){zero_shot}"
-            )
-    else:
-        weights = Path(checkpoint)
-        if not weights.is_file():
-            raise UserError(
-                f"--checkpoint {weights}: no such file; give a .weights.h5 file or "
-                f"a checkpoint from {run.checkpoints}"
-            )
-    if not has_text_tower(config) or not weights.name.endswith(".weights.h5"):
-        return weights, None
-    text = text_weights_for(weights)
-    if not text.is_file():
-        raise UserError(
-            f"{text}: the text tower's weights are missing beside {weights.name}; train the run "
-            "(train.py writes both), or give a training checkpoint ckpt-<step>.h5"
-        )
-    return weights, text
-
-
-def model_id(weights: Path, text_weights: Path | None) -> str:
-    """The identity galleries record: the hash of the weights file, or, for a dual encoder
-    saved as two files, the hash of both hashes."""
-    if text_weights is None:
-        return hash_file(weights)
-    joined = f"{hash_file(weights)}+{hash_file(text_weights)}"
-    return hashlib.sha256(joined.encode()).hexdigest()[:16]
-
-
-def load_embedder(config: dict, checkpoint: str | Path | None = None) -> Embedder:
+def load_embedder(
+    config: dict, checkpoint: str | Path | None = None, source: ModelSource | None = None
+) -> Embedder:
     """The embedding model of ``config``'s run with its best weights, or those of ``checkpoint``
-    (a ``best.weights.h5``-style file or a training checkpoint ``ckpt-<step>.h5``)."""
-    import nets
-    from training import checkpoint as ckpt
-    from training.run import RunFolder
-
-    run = RunFolder(cfg.run_dir(config))
-    data = config["data"]
-    if is_zero_shot(config, checkpoint):
+    (a ``best.weights.h5``-style file or a training checkpoint ``ckpt-<step>.h5``); ``source``:
+    the run's weights if the caller resolved them (:func:`runs.weights.model_source`)."""
+    source = source or model_source(config, checkpoint)
+    image_size = tuple(config["data"]["image_size"])
+    if source.zero_shot:
         log.info(
             "%s has no trained model: using %s as it is (zero-shot)",
-            run.path,
+            source.run.path,
             config["model"]["backbone"],
         )
-        model = nets.build_embedding_model(config["model"], tuple(data["image_size"]))
+        model = nets.build_embedding_model(config["model"], image_size)
         return Embedder.of_config(
-            config, model, model_id=pretrained_model_id(config), model_step=0, weights=None
+            config, model, model_id=source.model_id, model_step=0, weights=None
         )
-    weights, text_weights = weights_files(config, checkpoint)
-    step = int((run.best() or {}).get("step", 0)) if checkpoint is None else 0
-    model = nets.build_embedding_model(config["model"], tuple(data["image_size"]), pretrained=False)
-    if weights.name.endswith(".weights.h5"):
-        _load_weights_file(model, weights, "model")
-    else:
-        saved = _read_checkpoint(weights)
-        ckpt.restore(model.weights, saved.groups.get("model", []), "model", weights)
+    model = nets.build_embedding_model(config["model"], image_size, pretrained=False)
+    step = source.step
+    if source.is_checkpoint:
+        saved = read_checkpoint(source.weights)
+        ckpt.restore(model.weights, saved.groups.get("model", []), "model", source.weights)
         step = saved.step
+    else:
+        _load_weights_file(model, source.weights, "model")
     return Embedder.of_config(
-        config, model, model_id=model_id(weights, text_weights), model_step=step, weights=weights
+        config, model, model_id=source.model_id, model_step=step, weights=source.weights
     )
 
 
@@ -268,15 +164,6 @@ def _load_weights_file(model, path: Path, what: str) -> None:
             f"{path}: these weights do not fit the {what} of the config "
             f"({type(error).__name__}); was it trained with another config?"
         ) from None
-
-
-def _read_checkpoint(path: Path):
-    from training import checkpoint as ckpt
-
-    try:
-        return ckpt.read(path)
-    except (OSError, KeyError, ValueError) as error:
-        raise UserError(f"{path}: not a tfcbir checkpoint ({error})") from None
 
 
 @dataclass
@@ -331,75 +218,34 @@ def no_text_tower_error(config: dict) -> UserError:
     )
 
 
-def load_text_encoder(config: dict, checkpoint: str | Path | None = None) -> TextEncoder:
+def load_text_encoder(
+    config: dict, checkpoint: str | Path | None = None, source: ModelSource | None = None
+) -> TextEncoder:
     """The text tower of ``config``'s run, with the best weights (or those of ``checkpoint``,
     as :func:`load_embedder`). UserError for a model without a text tower."""
-    import nets
-    from datasets.tokenizer import WordTokenizer
-    from training import checkpoint as ckpt
-    from training.run import RunFolder
-
     if not has_text_tower(config):
         raise no_text_tower_error(config)
-    run = RunFolder(cfg.run_dir(config))
+    source = source or model_source(config, checkpoint)
     text_cfg = config["model"]["text"]
-    if is_zero_shot(config, checkpoint):
-        tower = nets.build_text_tower(text_cfg, nets.text_embedding_dim(config["model"]))
-        return TextEncoder(
-            tower=tower,
-            model_id=pretrained_model_id(config),
-            model_step=0,
-            config_hash=cfg.model_hash(config),
-            towers=towers(config),
-        )
-    weights, text_weights = weights_files(config, checkpoint)
+    dim = nets.text_embedding_dim(config["model"])
+    identity = {"config_hash": cfg.model_hash(config), "towers": towers(config)}
+    if source.zero_shot:
+        tower = nets.build_text_tower(text_cfg, dim)
+        return TextEncoder(tower=tower, model_id=source.model_id, model_step=0, **identity)
     tokenizer = None
     if nets.text_tower_kind(text_cfg["tower"]) == "scratch":
-        tokenizer = WordTokenizer.load(run.text_tokenizer)
-    tower = nets.build_text_tower(
-        text_cfg, nets.text_embedding_dim(config["model"]), tokenizer=tokenizer, pretrained=False
-    )
-    step = int((run.best() or {}).get("step", 0)) if checkpoint is None else 0
-    if text_weights is not None:
-        _load_weights_file(tower.model, text_weights, "text tower")
-    else:
-        saved = _read_checkpoint(weights)
-        ckpt.restore(tower.model.weights, saved.groups.get("text_model", []), "text tower", weights)
+        tokenizer = WordTokenizer.load(source.run.text_tokenizer)
+    tower = nets.build_text_tower(text_cfg, dim, tokenizer=tokenizer, pretrained=False)
+    step = source.step
+    if source.is_checkpoint:
+        saved = read_checkpoint(source.weights)
+        ckpt.restore(
+            tower.model.weights, saved.groups.get("text_model", []), "text tower", source.weights
+        )
         step = saved.step
-    return TextEncoder(
-        tower=tower,
-        model_id=model_id(weights, text_weights),
-        model_step=step,
-        config_hash=cfg.model_hash(config),
-        towers=towers(config),
-    )
-
-
-def expected_model_id(config: dict, checkpoint: str | Path | None = None) -> str:
-    """The ``model_id`` that :func:`load_embedder` gives (without building the model): of
-    ``checkpoint``, else of the run's best weights, else, for a model complete without training,
-    of its pretrained preset (:func:`pretrained_model_id`). A run without any of them is refused
-    (UserError): no gallery can be checked against a model that does not exist."""
-    from training.run import RunFolder
-
-    if is_zero_shot(config, checkpoint):
-        return pretrained_model_id(config)
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise UserError(
-                f"--checkpoint {checkpoint}: no such file; give the weights the galleries were "
-                "embedded with"
-            )
     else:
-        run = RunFolder(cfg.run_dir(config))
-        if not run.best_weights.is_file():
-            raise UserError(
-                f"{run.path} has no trained model ({run.best_weights.name}), so its galleries "
-                f"cannot be checked; train it first: python train.py -c <config> (run "
-                f"{config['name']}), or give the weights the galleries were embedded with: "
-                "--checkpoint <file>"
-            )
-    return model_id(*weights_files(config, checkpoint))
+        _load_weights_file(tower.model, source.text_weights, "text tower")
+    return TextEncoder(tower=tower, model_id=source.model_id, model_step=step, **identity)
 
 
 def embed_images(
@@ -422,8 +268,6 @@ def embed_images(
     folder keeps the gallery). A partial one left by an interrupted run is resumed where it
     stopped. A list none of whose images can be read is refused unless ``allow_empty``.
     """
-    from retrieval.gallery import GalleryWriter, read_gallery
-
     required = dict(extra or {})
     identity = embedder.gallery_identity(images)
     if out.exists():

@@ -9,9 +9,10 @@ import numpy as np
 import config as cfg
 from datasets.lists import Splits
 from retrieval import sets
-from retrieval.embedder import expected_model_id
 from retrieval.gallery import Gallery, GalleryIdentity, items_hash, read_gallery
 from retrieval.metrics import clustering_nmi, evaluate, map_key
+from runs.folder import RunFolder
+from runs.weights import expected_model_id
 from tfcbir import UserError
 from tfcbir.files import write_json
 
@@ -66,7 +67,7 @@ def open_gallery(
     if checkpoint is not None:
         command += f" --checkpoint {checkpoint}"
     return read_gallery(
-        sets.gallery_file(config, name),
+        RunFolder.of(config).gallery(name),
         expect=expected_identity(config, name, model_id=model_id, checkpoint=checkpoint, made=made),
         config_path=config_path,
         advice=f"re-embed it: {command}",
@@ -102,17 +103,7 @@ def evaluate_run(
         raise UserError(f"-r {r}: give a number of answers >= 1")
     made = sets.splits(config) if sets.needs_splits(config, "query", "gallery") else None
     protocol = sets.protocol(config, made)
-    gallery = open_gallery(config, protocol.gallery, config_path, checkpoint=checkpoint, made=made)
-    query_set = (
-        gallery
-        if protocol.leave_one_out
-        else open_gallery(config, protocol.queries, config_path, checkpoint=checkpoint, made=made)
-    )
-    if query_set.classes != gallery.classes:
-        raise UserError(
-            f"{query_set.path} and {gallery.path} name different classes; re-embed "
-            f"both: python embed.py -c {config_path or '<config>'}"
-        )
+    query_set, gallery = _open_protocol(config, protocol, config_path, checkpoint, made)
     available = len(query_set) - (1 if protocol.leave_one_out else 0)
     if r > available:
         raise UserError(
@@ -122,14 +113,13 @@ def evaluate_run(
     picked = np.arange(len(query_set))
     if queries and queries < len(query_set):
         picked = np.sort(np.random.default_rng(seed).choice(len(query_set), queries, replace=False))
-    exclude = picked if protocol.leave_one_out else None
     metrics = evaluate(
         query_set.embeddings[picked],
         query_set.labels[picked],
         gallery.embeddings,
         gallery.labels,
         normalized=gallery.normalized,
-        exclude=exclude,
+        exclude=picked if protocol.leave_one_out else None,
         r=r,
         ap_denominator=ap_denominator,
         nmi=False,
@@ -156,26 +146,38 @@ def evaluate_run(
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
     )
-    out = (
-        cfg.run_dir(config)
-        / "evaluation"
-        / (
-            f"{protocol.name}-t{queries}-r{r}-seed{seed}"
-            + ("" if ap_denominator == "min_r_g" else f"-{ap_denominator}")
-            + ".json"
-        )
-    )
+    name = f"{protocol.name}-t{queries}-r{r}-seed{seed}"
+    if ap_denominator != "min_r_g":
+        name += f"-{ap_denominator}"
+    out = RunFolder.of(config).evaluation / f"{name}.json"
     write_json(out, result)
     result["saved"] = str(out)
     return result
 
 
+def _open_protocol(
+    config: dict, protocol: sets.Protocol, config_path, checkpoint, made: Splits | None
+) -> tuple[Gallery, Gallery]:
+    """The protocol's (query set, gallery), one gallery for leave-one-out; both must name the
+    same classes."""
+    gallery = open_gallery(config, protocol.gallery, config_path, checkpoint=checkpoint, made=made)
+    if protocol.leave_one_out:
+        return gallery, gallery
+    query_set = open_gallery(
+        config, protocol.queries, config_path, checkpoint=checkpoint, made=made
+    )
+    if query_set.classes != gallery.classes:
+        raise UserError(
+            f"{query_set.path} and {gallery.path} name different classes; re-embed "
+            f"both: python embed.py -c {config_path or '<config>'}"
+        )
+    return query_set, gallery
+
+
 def model_selected_on(config: dict) -> str | None:
     """Where the run chose its model (its recorded ``train.validation.source``): holdout, test
     (the test metrics are then optimistic) or none; None when the run folder records none."""
-    from training.run import RunFolder
-
-    saved = RunFolder(cfg.run_dir(config)).saved_config() or {}
+    saved = RunFolder.of(config).saved_config() or {}
     return saved.get("train", {}).get("validation", {}).get("source")
 
 

@@ -215,45 +215,69 @@ def read_gallery(
             f"{path}: no gallery there; embed the split first: "
             f"python embed.py -c {config} --split {path.stem}"
         )
+    stored = _read_stored(path, config, advice)
+    split = stored["attrs"]["split"] or path.stem
+    advice = advice or f"re-embed it: python embed.py -c {config} --split {split}"
+    _check_stored(path, stored, advice)
+    gallery = _gallery_of(path, stored, split)
+    if expect is not None:
+        _check_identity(gallery, expect, advice)
+    return gallery
+
+
+def _read_stored(path: Path, config: str | os.PathLike, advice: str | None) -> dict:
+    """The attributes and datasets of a gallery file of this tfcbir's format: ``attrs``,
+    ``embeddings`` (N, D), ``labels`` (N,), ``paths``, ``classes``, ``dropped`` (M,). UserError for
+    a file h5py cannot read or one of another format."""
     try:
         with h5py.File(path, "r") as f:
             version = hdf5_value(f.attrs.get("format_version"))
             if version == FORMAT_VERSION:
-                attrs = {key: hdf5_value(f.attrs[key]) for key in _ATTRIBUTES}
-                embeddings = f["embeddings"][...]
-                labels = f["labels"][...].astype(np.int64)
-                paths = list(f["paths"].asstr()[...])
-                classes = list(f["classes"].asstr()[...])
-                dropped = f["dropped"][...].astype(np.int64) if "dropped" in f else np.zeros(0, int)
-            else:
-                split = hdf5_value(f.attrs.get("split")) or path.stem
+                return {
+                    "attrs": {key: hdf5_value(f.attrs[key]) for key in _ATTRIBUTES},
+                    "embeddings": f["embeddings"][...],
+                    "labels": f["labels"][...].astype(np.int64),
+                    "paths": list(f["paths"].asstr()[...]),
+                    "classes": list(f["classes"].asstr()[...]),
+                    "dropped": (
+                        f["dropped"][...].astype(np.int64) if "dropped" in f else np.zeros(0, int)
+                    ),
+                }
+            split = hdf5_value(f.attrs.get("split")) or path.stem
     except (OSError, KeyError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(
             f"{path}: not a readable tfcbir gallery ({reason}); delete it and "
             f"{advice or f're-embed: python embed.py -c {config} --split {path.stem}'}"
         ) from None
-    if version != FORMAT_VERSION:
-        advice = advice or f"re-embed it: python embed.py -c {config} --split {split}"
-        raise UserError(
-            f"{path}: gallery format {version}, this tfcbir reads format {FORMAT_VERSION}; {advice}"
-        )
-    split = attrs["split"] or path.stem
     advice = advice or f"re-embed it: python embed.py -c {config} --split {split}"
-    n = len(labels)
-    if embeddings.shape != (n, attrs["dim"]) or len(paths) != n:
+    raise UserError(
+        f"{path}: gallery format {version}, this tfcbir reads format {FORMAT_VERSION}; {advice}"
+    )
+
+
+def _check_stored(path: Path, stored: dict, advice: str) -> None:
+    """UserError for datasets of different lengths or embeddings that are not finite."""
+    n = len(stored["labels"])
+    embeddings = stored["embeddings"]
+    if embeddings.shape != (n, stored["attrs"]["dim"]) or len(stored["paths"]) != n:
         raise UserError(f"{path}: the gallery is damaged (datasets of different lengths); {advice}")
     if not np.isfinite(embeddings).all():
         raise UserError(
             f"{path}: the embeddings contain NaN or infinite values (did training "
             f"diverge?); check the model, then {advice}"
         )
-    gallery = Gallery(
+
+
+def _gallery_of(path: Path, stored: dict, split: str) -> Gallery:
+    """The :class:`Gallery` of what :func:`_read_stored` read."""
+    attrs = stored["attrs"]
+    return Gallery(
         path=path,
-        embeddings=np.ascontiguousarray(embeddings, dtype=np.float32),
-        labels=labels,
-        paths=paths,
-        classes=classes,
+        embeddings=np.ascontiguousarray(stored["embeddings"], dtype=np.float32),
+        labels=stored["labels"],
+        paths=stored["paths"],
+        classes=stored["classes"],
         normalized=bool(attrs["normalized"]),
         model_id=attrs["model_id"],
         model_step=int(attrs["model_step"]),
@@ -265,11 +289,8 @@ def read_gallery(
         split=split,
         gallery_id=attrs["gallery_id"],
         extra=json.loads(attrs["extra"]),
-        dropped=dropped.astype(np.int64),
+        dropped=stored["dropped"].astype(np.int64),
     )
-    if expect is not None:
-        _check_identity(gallery, expect, advice)
-    return gallery
 
 
 def _check_identity(gallery: Gallery, expect: GalleryIdentity, advice: str) -> None:

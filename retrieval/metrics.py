@@ -17,8 +17,9 @@ items (those of its class, the query itself excluded), ranked by :mod:`retrieval
 A query with G = 0 (its class has no other gallery item) has no defined AP or recall; as in
 Musgrave et al. it is left out of every retrieval average and counted in ``n_excluded``.
 
-NMI clusters the query embeddings with k-means (as many clusters as query classes) and compares
-the clusters with the classes: mutual information over the arithmetic mean of the two entropies.
+NMI clusters the query embeddings with k-means (as many clusters as query classes,
+:func:`retrieval.clustering.kmeans`) and compares the clusters with the classes: mutual
+information over the arithmetic mean of the two entropies.
 
 NMI clusters the query embeddings given to :func:`evaluate`; ``evaluation.py`` clusters the whole
 query set instead (:func:`clustering_nmi`), so that NMI does not depend on the query sample.
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from datasets.pipeline import default_workers
+from retrieval.clustering import kmeans, normalized_mutual_information
 from retrieval.search import (
     DEFAULT_MEMORY_MB,
     EXCLUDED,
@@ -59,6 +60,7 @@ from retrieval.search import (
     tie_equal_rows,
 )
 from tfcbir import UserError
+from tfcbir.cpus import available_cpus
 
 #: The evaluation protocols: where queries and gallery come from (the CLIs build the sets).
 PROTOCOLS = {
@@ -186,15 +188,11 @@ def evaluate(
     evaluated = results.evaluated
     n_queries, n_evaluated = len(evaluated), int(evaluated.sum())
     if n_evaluated == 0:
-        raise UserError(
-            f"none of the {n_queries} queries has an item of its class in the gallery, so "
-            "retrieval metrics are undefined; for class-disjoint splits set eval.protocol "
-            "to leave_one_out"
-        )
+        raise _no_relevant_item_error(n_queries)
     first_rank = results.first_rank[evaluated]
     clusters_nmi = None
     if nmi:
-        clusters_nmi = clustering_nmi(queries, query_labels, seed=seed, memory_mb=memory_mb)
+        clusters_nmi = clustering_nmi(queries, query_labels, seed=seed)
     return Metrics(
         mean_average_precision=float(results.average_precision[evaluated].mean()),
         precision_at_1=float((first_rank == 1).mean()),
@@ -207,6 +205,14 @@ def evaluate(
         r=r,
         ap_denominator=ap_denominator,
         per_query=results,
+    )
+
+
+def _no_relevant_item_error(n_queries: int) -> UserError:
+    return UserError(
+        f"none of the {n_queries} queries has an item of its class in the gallery, so "
+        "retrieval metrics are undefined; for class-disjoint splits set eval.protocol "
+        "to leave_one_out"
     )
 
 
@@ -239,6 +245,64 @@ def query_results(
     threads: int | None = None,
 ) -> QueryResults:
     """Per-query G, first relevant rank, AP@r, MAP@R and R-precision; see :func:`evaluate`."""
+    queries, query_labels, gallery, gallery_labels = _checked_inputs(
+        queries, query_labels, gallery, gallery_labels, r, ap_denominator
+    )
+    n_queries, n_gallery = len(queries), len(gallery)
+    exclude = exclusion_mask(exclude, n_queries, n_gallery)
+    classes = _ClassMembers(gallery_labels)
+    starts, n_members = classes.lookup(query_labels)
+    # G: members of the query's class minus those excluded for it (the query itself).
+    excluded_relevant = (exclude >= 0) & (
+        gallery_labels[np.maximum(exclude, 0)] == query_labels[:, None]
+    )
+    n_relevant = n_members - excluded_relevant.sum(axis=1)
+    results = QueryResults(
+        n_relevant=n_relevant,
+        first_rank=np.zeros(n_queries, dtype=np.int64),
+        average_precision=np.full(n_queries, np.nan),
+        map_at_r=np.full(n_queries, np.nan),
+        r_precision=np.full(n_queries, np.nan),
+    )
+    sq_norms = None if normalized else np.einsum("nd,nd->n", gallery, gallery)
+    tied_rows, tied_heads = equal_rows(gallery)  # equal vectors get one score: they tie
+    # Blocks run on `threads` threads at once (NumPy's comparisons use one core each), each
+    # with its share of the memory budget.
+    threads = max(1, default_threads() if threads is None else int(threads))
+    blocks = _query_blocks(n_members, n_relevant, n_gallery, memory_mb / threads)
+
+    def rank_block(rows: np.ndarray, buffer: np.ndarray) -> None:
+        scores = similarity(
+            queries[rows],
+            gallery,
+            normalized=normalized,
+            gallery_sq_norms=sq_norms,
+            out=buffer[: len(rows)],
+        )
+        tie_equal_rows(scores, tied_rows, tied_heads)
+        members = classes.gather(starts[rows], n_members[rows])
+        if members.shape[1] <= COUNT_MAX_RELEVANT:
+            ranks = _counted_ranks(scores, members, exclude[rows], n_relevant[rows], r)
+        else:
+            ranks = _sorted_ranks(scores, members, exclude[rows], n_relevant[rows])
+        # Blocks hold distinct queries: each thread writes rows of its own.
+        _fill(results, rows, ranks, n_relevant[rows], r, n_gallery, ap_denominator)
+
+    _run_blocks(rank_block, blocks, threads, n_gallery)
+    return results
+
+
+def _checked_inputs(
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    r: int | None,
+    ap_denominator: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Queries (Q, D) and gallery (N, D) as float32, labels (Q,) and (N,) as int64, checked
+    against each other; ValueError for shapes, dimensions, ``r`` or ``ap_denominator`` that do
+    not fit."""
     queries = check_embeddings(queries, "query embeddings")
     gallery = check_embeddings(gallery, "gallery embeddings")
     query_labels = _labels(query_labels, len(queries), "query labels")
@@ -251,80 +315,58 @@ def query_results(
         raise ValueError(f"ap_denominator must be one of {AP_DENOMINATORS}; got {ap_denominator!r}")
     if r is not None and r < 1:
         raise ValueError(f"r must be >= 1 or None; got {r}")
-    n_queries, n_gallery = len(queries), len(gallery)
-    exclude = exclusion_mask(exclude, n_queries, n_gallery)
-    classes = _ClassMembers(gallery_labels)
-    starts, n_members = classes.lookup(query_labels)
-    # G: members of the query's class minus those excluded for it (the query itself).
-    excluded_relevant = (exclude >= 0) & (
-        gallery_labels[np.maximum(exclude, 0)] == query_labels[:, None]
-    )
-    n_relevant = n_members - excluded_relevant.sum(axis=1)
+    return queries, query_labels, gallery, gallery_labels
 
-    results = QueryResults(
-        n_relevant=n_relevant,
-        first_rank=np.zeros(n_queries, dtype=np.int64),
-        average_precision=np.full(n_queries, np.nan),
-        map_at_r=np.full(n_queries, np.nan),
-        r_precision=np.full(n_queries, np.nan),
-    )
-    sq_norms = None if normalized else np.einsum("nd,nd->n", gallery, gallery)
-    tied_rows, tied_heads = equal_rows(gallery)  # equal vectors get one score: they tie
-    # Blocks of queries with similar class sizes: the per-block (B, C) arrays stay narrow.
+
+def _query_blocks(
+    n_members: np.ndarray, n_relevant: np.ndarray, n_gallery: int, memory_mb: float
+) -> list[np.ndarray]:
+    """The queries with a relevant item, in blocks of rows (B,) that fit ``memory_mb`` each.
+
+    Blocks group queries of similar class sizes (C, the members of the query's class), so the
+    per-block (B, C) arrays stay narrow."""
     order = np.argsort(n_members, kind="stable")
     order = order[n_relevant[order] > 0]
-    # Blocks run on `threads` threads at once (NumPy's comparisons use one core each), each
-    # with its share of the memory budget and a score buffer of its own, reused block after
-    # block (fresh (B, N) arrays would page-fault every time). Widths only grow along `order`,
-    # so no block needs more rows than the narrowest row allows.
-    threads = max(1, default_threads() if threads is None else int(threads))
-    budget = memory_mb / threads
     blocks = []
     position = 0
     while position < len(order):
-        size = _block_size(n_gallery, n_members, order, position, budget)
+        size = _block_size(n_gallery, n_members, order, position, memory_mb)
         blocks.append(order[position : position + size])
         position += size
+    return blocks
+
+
+def _run_blocks(rank_block, blocks: list[np.ndarray], threads: int, n_gallery: int) -> None:
+    """``rank_block(rows, buffer)`` for every block, on up to ``threads`` threads.
+
+    Each thread has a (B, N) float32 score buffer of its own, B the largest block's rows, reused
+    block after block (fresh (B, N) arrays would page-fault every time).
+    """
     threads = min(threads, len(blocks))
     most_rows = max((len(rows) for rows in blocks), default=0)
     buffers: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(threads):
         buffers.put(np.empty((most_rows, n_gallery), dtype=np.float32))
 
-    def rank_block(rows: np.ndarray) -> None:
+    def rank_with_a_buffer(rows: np.ndarray) -> None:
         buffer = buffers.get()
         try:
-            scores = similarity(
-                queries[rows],
-                gallery,
-                normalized=normalized,
-                gallery_sq_norms=sq_norms,
-                out=buffer[: len(rows)],
-            )
-            tie_equal_rows(scores, tied_rows, tied_heads)
-            members = classes.gather(starts[rows], n_members[rows])
-            if members.shape[1] <= COUNT_MAX_RELEVANT:
-                ranks = _counted_ranks(scores, members, exclude[rows], n_relevant[rows], r)
-            else:
-                ranks = _sorted_ranks(scores, members, exclude[rows], n_relevant[rows])
-            # Blocks hold distinct queries: each thread writes rows of its own.
-            _fill(results, rows, ranks, n_relevant[rows], r, n_gallery, ap_denominator)
+            rank_block(rows, buffer)
         finally:
             buffers.put(buffer)
 
     if threads <= 1:
         for rows in blocks:
-            rank_block(rows)
+            rank_with_a_buffer(rows)
     else:
         with ThreadPoolExecutor(threads) as pool:
-            for done in pool.map(rank_block, blocks):
+            for done in pool.map(rank_with_a_buffer, blocks):
                 del done
-    return results
 
 
 def default_threads() -> int:
     """Threads for the metrics: the CPUs this process may use (at most 8)."""
-    return min(8, default_workers())
+    return min(8, available_cpus())
 
 
 def _labels(labels: np.ndarray, n: int, what: str) -> np.ndarray:
@@ -540,124 +582,11 @@ def _fill(
 
 
 def clustering_nmi(
-    embeddings: np.ndarray,
-    labels: np.ndarray,
-    *,
-    seed: int = 0,
-    max_iter: int = 20,
-    memory_mb: float = DEFAULT_MEMORY_MB,
+    embeddings: np.ndarray, labels: np.ndarray, *, seed: int = 0, max_iter: int = 20
 ) -> float:
     """NMI between the classes (N,) and a k-means clustering of the embeddings (N, D) into as
-    many clusters as there are classes."""
+    many clusters as there are classes (:func:`retrieval.clustering.kmeans`, seeded by ``seed``,
+    at most ``max_iter`` iterations)."""
     n_classes = len(np.unique(labels))
-    clusters = kmeans(embeddings, n_classes, seed=seed, max_iter=max_iter, memory_mb=memory_mb)
-    return normalized_mutual_information(labels, clusters)
-
-
-def normalized_mutual_information(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
-    """NMI with arithmetic-mean normalisation (scikit-learn's default), from the contingency table.
-
-    ``MI / ((H(true) + H(pred)) / 2)``; 1.0 when both labelings are a single cluster, 0.0 when
-    the mutual information is 0.
-    """
-    _, true = np.unique(np.asarray(labels_true), return_inverse=True)
-    _, pred = np.unique(np.asarray(labels_pred), return_inverse=True)
-    true, pred = true.ravel(), pred.ravel()
-    if len(true) != len(pred):
-        raise ValueError(f"{len(true)} true labels but {len(pred)} predicted")
-    n_true, n_pred = true.max(initial=-1) + 1, pred.max(initial=-1) + 1
-    if n_true == n_pred and n_true <= 1:
-        return 1.0
-    n = len(true)
-    # The non-zero cells of the contingency table, without building the dense table.
-    cells, joint = np.unique(true * n_pred + pred, return_counts=True)
-    true_counts = np.bincount(true, minlength=n_true)
-    pred_counts = np.bincount(pred, minlength=n_pred)
-    outer = true_counts[cells // n_pred].astype(np.float64) * pred_counts[cells % n_pred]
-    mutual_information = max(0.0, float(np.sum(joint / n * (np.log(joint * n / outer)))))
-    if mutual_information == 0.0:
-        return 0.0
-    normalizer = (_entropy(true_counts, n) + _entropy(pred_counts, n)) / 2
-    return float(mutual_information / max(normalizer, np.finfo(np.float64).eps))
-
-
-def _entropy(counts: np.ndarray, n: int) -> float:
-    p = counts[counts > 0] / n
-    return float(-np.sum(p * np.log(p)))
-
-
-# k-means++ seeding costs k sequential passes over the data; above this many (point, cluster)
-# pairs, seed with k distinct random points instead (what FAISS's k-means does).
-KMEANS_PLUSPLUS_MAX_PAIRS = 2**24
-
-
-def kmeans(
-    points: np.ndarray,
-    k: int,
-    *,
-    seed: int = 0,
-    max_iter: int = 20,
-    memory_mb: float = DEFAULT_MEMORY_MB,
-) -> np.ndarray:
-    """Lloyd's k-means of points (N, D) into k clusters; returns cluster ids (N,) int64.
-
-    Seeded and deterministic: k-means++ seeding for small problems, k distinct random points
-    for large ones; nearest centres by blocked float32 matrix products (ties to the lower
-    centre); an empty cluster keeps its centre; stops when no assignment changes.
-    """
-    points = check_embeddings(points, "embeddings")
-    n_points = len(points)
-    k = max(1, min(int(k), n_points))
-    rng = np.random.default_rng(seed)
-    if n_points * k <= KMEANS_PLUSPLUS_MAX_PAIRS:
-        centers = _kmeans_plusplus(points, k, rng)
-    else:
-        centers = points[np.sort(rng.choice(n_points, size=k, replace=False))]
-    assignment = None
-    for _ in range(max_iter):
-        nearest = _nearest_centers(points, centers, memory_mb)
-        if assignment is not None and np.array_equal(nearest, assignment):
-            break
-        assignment = nearest
-        centers = _cluster_means(points, assignment, centers)
-    return assignment
-
-
-def _kmeans_plusplus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007): each centre drawn with probability
-    proportional to the squared distance to the nearest centre so far."""
-    sq_norms = np.einsum("nd,nd->n", points, points, dtype=np.float64)
-    chosen = [int(rng.integers(len(points)))]
-    nearest_sq = np.full(len(points), np.inf)
-    for _ in range(1, k):
-        center = points[chosen[-1]]
-        distance = sq_norms - 2.0 * (points @ center) + float(center @ center)
-        np.minimum(nearest_sq, np.maximum(distance, 0.0), out=nearest_sq)
-        total = nearest_sq.sum()
-        if total <= 0:  # every point sits on a centre: any new centre is as good
-            chosen.append(int(rng.integers(len(points))))
-            continue
-        cumulative = np.cumsum(nearest_sq)
-        pick = int(np.searchsorted(cumulative, rng.random() * total, side="right"))
-        chosen.append(min(pick, len(points) - 1))
-    return points[chosen].copy()
-
-
-def _nearest_centers(points: np.ndarray, centers: np.ndarray, memory_mb: float) -> np.ndarray:
-    center_sq = np.einsum("kd,kd->k", centers, centers)
-    step = block_rows(len(centers), 8, memory_mb)
-    nearest = np.empty(len(points), dtype=np.int64)
-    for start in range(0, len(points), step):
-        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 is the same for every centre.
-        distance = center_sq[None, :] - 2.0 * (points[start : start + step] @ centers.T)
-        nearest[start : start + step] = np.argmin(distance, axis=1)
-    return nearest
-
-
-def _cluster_means(points: np.ndarray, assignment: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    order = np.argsort(assignment, kind="stable")
-    clusters, starts, counts = np.unique(assignment[order], return_index=True, return_counts=True)
-    sums = np.add.reduceat(points[order].astype(np.float64), starts, axis=0)
-    centers = centers.copy()
-    centers[clusters] = (sums / counts[:, None]).astype(np.float32)
-    return centers
+    found = kmeans(embeddings, n_classes, seed=seed, max_iter=max_iter)
+    return normalized_mutual_information(labels, found.clusters)

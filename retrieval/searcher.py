@@ -32,7 +32,12 @@ import numpy as np
 from datasets.images import DEFAULT_MAX_PIXELS, fit_image, load_and_fit
 from retrieval import answers, sets
 from retrieval.answers import Answer
+from retrieval.embedder import load_embedder, load_text_encoder, no_text_tower_error
+from retrieval.evaluate import open_gallery
+from retrieval.faiss_index import open_index
 from retrieval.gallery import Gallery
+from retrieval.text_queries import open_text_gallery
+from runs.weights import has_text_tower, model_source
 from tfcbir import UserError
 
 
@@ -121,18 +126,16 @@ class Searcher:
         images: load the image model (else only gallery and text queries can be answered);
         text: load the text tower too (UserError for a model without one); default: when the
         model has one."""
-        from retrieval.embedder import has_text_tower, load_embedder, load_text_encoder
-        from retrieval.evaluate import open_gallery
-        from retrieval.faiss_index import open_index
-        from retrieval.text_queries import open_text_gallery
-
         made = sets.splits(config) if sets.needs_splits(config, gallery or "gallery") else None
         protocol = sets.protocol(config, made)  # the data set's split read once, passed on
         name = gallery or protocol.gallery
         if text is None:
             text = has_text_tower(config)
-        text_encoder = load_text_encoder(config, checkpoint) if text else None
-        embedder = load_embedder(config, checkpoint) if images else None
+        if text and not has_text_tower(config):
+            raise no_text_tower_error(config)
+        source = model_source(config, checkpoint) if text or images else None  # resolved once
+        text_encoder = load_text_encoder(config, checkpoint, source) if text else None
+        embedder = load_embedder(config, checkpoint, source) if images else None
         # The weights' hash checks the gallery (that of their files when no model is loaded);
         # with a text tower, the towers it records and its dimension too.
         if text_encoder is not None:
@@ -348,8 +351,6 @@ class Searcher:
     def _no_text_error(self) -> UserError:
         """Why text queries cannot be answered: the model has no text tower, or this Searcher
         was opened without the one it has (``Searcher.open(..., text=False)``)."""
-        from retrieval.embedder import has_text_tower, no_text_tower_error
-
         if has_text_tower(self.config):
             return UserError(
                 f"this search was opened without the text tower of run {self.config['name']} "

@@ -9,7 +9,8 @@
   set's own (the In-shop archive's ``list_eval_partition.txt``).
 ``auto`` is query_gallery when the data set has its own query and gallery lists (In-shop),
 leave_one_out when test and training classes are disjoint, else train_gallery.
-Each set of images is embedded once into ``<run>/embeddings/<set>.h5``.
+Each set of images is embedded once into ``<run>/embeddings/<set>.h5``
+(:meth:`runs.folder.RunFolder.gallery`).
 """
 
 from __future__ import annotations
@@ -144,7 +145,3 @@ def _listed(config: dict, name: str) -> ImageList:
         np.array([index[label] for label, _ in rows], np.int32),
         classes,
     )
-
-
-def gallery_file(config: dict, name: str) -> Path:
-    return cfg.run_dir(config) / "embeddings" / f"{name}.h5"

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.lists import ImageList
+from retrieval.embedder import embed_images
 from retrieval.gallery import (
     Gallery,
     GalleryIdentity,
@@ -91,8 +92,6 @@ def embed_shard(
     Resumable like a whole gallery. A finished shard file is kept when a merge would accept it
     (same model, config and items); any other one is embedded again.
     """
-    from retrieval.embedder import embed_images
-
     index, count = shard
     start, stop = shard_range(len(images), index, count)
     part = images.subset(np.arange(start, stop))

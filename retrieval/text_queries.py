@@ -24,10 +24,13 @@ import numpy as np
 
 import config as cfg
 from datasets.captions import class_prompts, image_captions, load_caption_table
+from datasets.lists import ImageList
 from retrieval import sets
+from retrieval.evaluate import open_gallery
 from retrieval.gallery import Gallery
 from retrieval.metrics import evaluate, map_key
 from retrieval.search import unit_rows
+from runs.folder import RunFolder
 from tfcbir import UserError
 from tfcbir.files import write_json
 
@@ -44,8 +47,6 @@ def open_text_gallery(
     architecture, a local preset folder by its contents); the tower names the gallery records
     are information only. checkpoint: the weights in use when not the run's best (named in the
     advice to re-embed); made: the data set's split if the caller has read it."""
-    from retrieval.evaluate import open_gallery
-
     gallery = open_gallery(config, name, config_path, encoder.model_id, checkpoint, made)
     if gallery.dim != encoder.dim:
         raise UserError(
@@ -113,7 +114,7 @@ def evaluate_text(
         result["captions"] = captions
     result["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     if save:
-        out = cfg.run_dir(config) / "evaluation" / f"text-{name}-r{r}.json"
+        out = RunFolder.of(config).evaluation / f"text-{name}-r{r}.json"
         write_json(out, result)
         result["saved"] = str(out)
     return result
@@ -151,8 +152,6 @@ def _prompt_scores(config: dict, encoder, gallery: Gallery, r: int) -> dict:
 def _caption_scores(config: dict, encoder, gallery: Gallery) -> dict | None:
     """Caption-to-image and image-to-caption Recall@k over the gallery images that have rows
     in the captions file (templates are not captions); None when none has."""
-    from datasets.lists import ImageList
-
     table = load_caption_table(cfg.data_root(config), config["data"]["captions"]["file"])
     if not table:
         return None

@@ -93,7 +93,7 @@ def result_grid(
     results: (image, class_name, score, is_match) per answer; is_match None draws a grey frame.
     query_label: the query's class name, written under it. title: a line above everything.
     """
-    font = _font()
+    font = default_font()
     layout = GridLayout(
         n_results=len(results),
         columns=columns,
@@ -118,7 +118,7 @@ def result_grid(
 def text_tile(text: str, side: int = 256) -> np.ndarray:
     """A ``(side, side, 3)`` uint8 picture of a text query: the words, wrapped and centred in
     quotes on a light square, to stand in the query's place in a result grid."""
-    font = _font(size=max(12, side // 11))
+    font = default_font(size=max(12, side // 11))
     tile = Image.new("RGB", (side, side), MOUNT)
     draw = ImageDraw.Draw(tile)
     margin = side // 12
@@ -154,7 +154,9 @@ def save_grid(path: str | os.PathLike, image: Image.Image) -> Path:
     return path
 
 
-def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def default_font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at ``size`` pixels (the fixed bitmap font where Pillow cannot scale
+    it): the labels of every picture, with no font file to ship or find."""
     try:
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the fixed bitmap font

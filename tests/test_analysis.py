@@ -13,16 +13,17 @@ import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 
 import config
+import retrieval.clustering
 from report import clustering, maps
 from report.build import Limits, analyze
 from report.clustering import Clustering, purity
 from report.per_class import class_retrieval
 from retrieval import sets
 from retrieval.gallery import GalleryIdentity, items_hash, read_gallery, write_gallery
+from runs.folder import CSV_FIELDS, RunFolder
 from tests.conftest import REPO, tiny_config, write_config
 from tfcbir.cli import run
 from tfcbir.files import hash_file
-from training.run import CSV_FIELDS, RunFolder
 
 
 def blobs(n_per_class=60, n_classes=4, dim=16, spread=0.3, seed=0):
@@ -128,7 +129,7 @@ def test_kmeans_clusters_every_point_and_is_seeded():
 
 def test_kmeans_of_very_many_clusters_starts_from_random_points(monkeypatch):
     points, labels = blobs(n_per_class=100)
-    monkeypatch.setattr(clustering, "KMEANS_PLUSPLUS_MAX_PAIRS", 100)
+    monkeypatch.setattr(retrieval.clustering, "KMEANS_PLUSPLUS_MAX_PAIRS", 100)
     found = clustering.kmeans(points, 4, np.arange(400), seed=0)
     assert found.parameters["init"] == "random points"
     assert found.parameters["iterations"] <= clustering.KMEANS_MAX_ITER
@@ -315,7 +316,7 @@ def fake_run(root, name, raw, spread, seed=0, split="test", checkpoint=None):
     centres = rng.normal(size=(len(images.classes), 16))
     embeddings = centres[images.labels] + spread * rng.normal(size=(len(images), 16))
     write_gallery(
-        sets.gallery_file(resolved, split),
+        RunFolder.of(resolved).gallery(split),
         embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True),
         images.labels,
         images.paths,
@@ -400,7 +401,7 @@ def test_a_class_disjoint_test_set_reports_its_own_classes(data_dir):
     raw = tiny_config(data__split={"by": "classes", "train_classes": 0.5})
     path = fake_run(data_dir, "disjoint", raw, spread=0.05)
     cfg = config.load(path)
-    gallery = read_gallery(sets.gallery_file(cfg, "test"))
+    gallery = read_gallery(RunFolder.of(cfg).gallery("test"))
     assert len(gallery.classes) == 6 and len(np.unique(gallery.labels)) == 3
     result = analyze(cfg, limits=Limits(thumbnails=0), show_progress=False)
     (model,) = result["models"]
@@ -500,7 +501,7 @@ def test_trained_demo_run_with_baseline_and_compare(data_dir, capsys):
     train(cfg)
     embedder = load_embedder(cfg)
     gallery_file = embed_images(
-        embedder, sets.images(cfg, "test"), sets.gallery_file(cfg, "test"), split="test"
+        embedder, sets.images(cfg, "test"), RunFolder.of(cfg).gallery("test"), split="test"
     )
     gallery = read_gallery(gallery_file)
     embeddings_folder = gallery_file.parent

@@ -281,18 +281,22 @@ def test_data_dir_from_environment_or_configuration(tmp_path, monkeypatch):
     assert config.data_root(resolved) == tmp_path.resolve() / "datasets" / "demo_shapes"
 
 
-def test_readme_documents_every_key_and_loss():
+def test_docs_document_every_key_and_loss():
+    from config.reference import PAGE, with_reference
     from config.schema import reference_markdown
 
-    readme = (REPO / "README.md").read_text()
-    # Regenerate with: python -c "from config.schema import reference_markdown as r; print(r())"
-    assert reference_markdown() in readme
+    page = PAGE.read_text(encoding="utf-8")
+    assert PAGE == REPO / "docs" / "config.md"
+    # Regenerate with: python -m config.reference
+    assert reference_markdown() in page
+    assert with_reference(page) == page
     import losses
 
+    losses_page = (REPO / "docs" / "losses.md").read_text(encoding="utf-8")
     for name in losses.LOSSES.names():
-        assert f"### {name}" in readme, name
+        assert f"## {name}\n" in losses_page, name
         for param in losses.LOSSES.get(name).params:
-            assert f"| {param} |" in readme, f"{name}.{param}"
+            assert f"| {param} |" in losses_page, f"{name}.{param}"
 
 
 def test_validating_a_config_needs_no_tensorflow(tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from datasets import archives
-from datasets.lists import LAYOUTS, existing_files, load_splits
+from datasets.image_list import existing_files
+from datasets.lists import LAYOUTS, load_splits
 from retrieval import sets
 from tests.conftest import tiny_config
 from tests.helpers_archives import make_cars, make_cub, make_inshop, make_sop

@@ -561,7 +561,7 @@ def test_a_hub_preset_resumes_exactly_and_embeds_like_the_trained_model(data_dir
     head) a run resumed from its checkpoint ends where a straight run does, bit for bit up to
     float noise; the best weights embed images as the trained model does."""
     from retrieval.embedder import load_embedder
-    from training import checkpoint
+    from runs import checkpoint
     from training.trainer import train
 
     first = train(_hub_run(presets, "proxy_anchor", 2, "hub_resumed"))

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import config
+from runs import checkpoint
 from tests.conftest import REPO, tiny_config, write_config
 from tfcbir import UserError
-from training import checkpoint
 from training.optim import WarmupDecay
 from training.trainer import train
 

@@ -14,10 +14,10 @@ from datasets.captions import read_captions_file
 from datasets.lists import scan_class_folders
 from datasets.pipeline import TrainData
 from datasets.tokenizer import SPECIALS, WordTokenizer
+from runs import checkpoint
 from tests.conftest import tiny_config
 from tests.helpers_images import make_class_tree
 from tfcbir import UserError
-from training import checkpoint
 from training.dual import PairBatches, caption_pairs
 from training.trainer import train
 

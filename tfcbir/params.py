@@ -131,7 +131,7 @@ def check_value(value, param: Param, path: str):
     if allowed and value not in allowed:
         raise UserError(
             f"{path}: {fmt(value)} is not one of {', '.join(map(str, allowed))}"
-            + _did_you_mean(value, allowed)
+            + did_you_mean(value, allowed)
         )
     numbers = value if isinstance(value, list) else [value]
     for i, number in enumerate(numbers):
@@ -159,7 +159,9 @@ def check_value(value, param: Param, path: str):
     return value
 
 
-def _did_you_mean(value, allowed) -> str:
+def did_you_mean(value, allowed) -> str:
+    """`` (did you mean 'x'?)`` naming the allowed value closest to ``value``, or "" when none is
+    close (or ``value`` is not text): the tail of an error message about an unknown name."""
     if not isinstance(value, str):
         return ""
     close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1)
@@ -180,7 +182,7 @@ def validate(values: dict | None, spec: dict[str, Param], path: str) -> dict:
         key = unknown[0]
         raise UserError(
             f"{_join(path, key)}: unknown key; allowed keys are {', '.join(spec)}"
-            + _did_you_mean(key, list(spec))
+            + did_you_mean(key, list(spec))
         )
     out = {}
     for key, param in spec.items():

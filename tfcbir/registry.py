@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tfcbir import UserError
-from tfcbir.params import Param, _did_you_mean, fmt
+from tfcbir.params import Param, did_you_mean, fmt
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,6 @@ class Registry:
             where = f"{path}: " if path else ""
             raise UserError(
                 f"{where}{fmt(name)} is not one of {', '.join(self._entries)}"
-                + _did_you_mean(name, self.names())
+                + did_you_mean(name, self.names())
             )
         return self._entries[name]

@@ -28,12 +28,13 @@ import losses
 import nets
 from datasets.lists import Splits, ValidationSplit, load_splits
 from datasets.pipeline import TrainData
+from runs import checkpoint
+from runs.folder import DUAL_CSV_FIELDS, RunFolder
 from tfcbir import UserError
 from tfcbir.files import atomic_output
-from training import checkpoint, distribute, dual, validation
+from tfcbir.progress import Progress
+from training import distribute, dual, validation
 from training.optim import VariableGroup, build_optimizer, create_loss_variables, trainable_groups
-from training.progress import Progress
-from training.run import DUAL_CSV_FIELDS, RunFolder
 from training.validation import choose_validation
 
 log = logging.getLogger("tfcbir")
@@ -57,7 +58,7 @@ def train(config: dict, *, restart: bool = False) -> Result:
     splits = load_splits(cfg.data_root(config), data["split"], config["seed"], data["format"])
     chosen = choose_validation(config, splits)
     config = with_validation_source(config, chosen.source)
-    shared = RunFolder(cfg.run_dir(config))
+    shared = RunFolder.of(config)
     # Of several workers one writes the run; the others resume from it and write elsewhere.
     chief = distribute.is_chief(strategy)
     run = shared if chief else RunFolder(Path(tempfile.mkdtemp(prefix="tfcbir-worker-")))

@@ -9,7 +9,10 @@ best.json          step and score of those weights
 metrics.csv        step, loss, learning rate, steps/s, validation Recall@1 (and, for a dual
                    encoder, the epoch, the image-text loss's logit scale and its parts)
 logs/              TensorBoard event files
-embeddings/, evaluation/, queries/   written by embed.py, evaluation.py and test.py
+embeddings/        <set>.h5 galleries (and <set>.<index>.faiss), written by embed.py
+evaluation/        evaluation.py's JSON results
+queries/           test.py's and cbir.py's pictures
+analysis/          analysis.py's reports
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+import config as cfg
 from config.schema import RESUMABLE_CHANGES, resolve
 from tfcbir import UserError
 from tfcbir.files import write_json
@@ -34,6 +38,8 @@ DUAL_CSV_FIELDS = [*CSV_FIELDS, "epoch", "logit_scale", "pair_loss", "image_loss
 
 
 class RunFolder:
+    """Every path of a run's folder; :meth:`of` finds the folder of a config."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.config_file = self.path / "config.json"
@@ -47,6 +53,20 @@ class RunFolder:
         self.embeddings = self.path / "embeddings"
         self.evaluation = self.path / "evaluation"
         self.queries = self.path / "queries"
+        self.analyses = self.path / "analysis"
+
+    @classmethod
+    def of(cls, config: dict) -> RunFolder:
+        """The folder of ``config``'s run: ``<data_dir>/trainings/<name>``."""
+        return cls(cfg.run_dir(config))
+
+    def gallery(self, set_name: str) -> Path:
+        """The gallery of the set ``set_name`` (train, test, all, query, gallery)."""
+        return self.embeddings / f"{set_name}.h5"
+
+    def analysis(self, name: str) -> Path:
+        """The folder of the analysis report ``name``."""
+        return self.analyses / name
 
     def saved_config(self) -> dict | None:
         if not self.config_file.exists():
