@@ -334,16 +334,17 @@ def column_kind(values: np.ndarray) -> str:
         return "text"
     if values.dtype.kind == "O":
         present = [v for v in values.tolist() if not _is_missing(v)]
-        for kind, types in (("text", str), ("boolean", bool)):
+        for kind, types in (("text", str), ("boolean", (bool, np.bool_))):
             if all(isinstance(v, types) for v in present):
                 return kind
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        numbers = (int, float, np.integer, np.floating)
+        if all(isinstance(v, numbers) and not isinstance(v, bool) for v in present):
             return "number"
     raise ValueError(f"a column of {values.dtype} values mixes or holds unsupported types")
 
 
 def _is_missing(value) -> bool:
-    return value is None or (isinstance(value, float) and value != value)
+    return value is None or (isinstance(value, (float, np.floating)) and value != value)
 
 
 @dataclass(frozen=True)
@@ -385,7 +386,6 @@ class Columns:
         lengths = {len(values) for values in self.raw.values()}
         if len(lengths) > 1:
             raise ValueError(f"columns of different lengths {sorted(lengths)}")
-        self.size = lengths.pop() if lengths else 0
         self._prepared: dict[str, Column] = {}
 
     def __contains__(self, name: str) -> bool:

@@ -257,6 +257,11 @@ def test_columns_kinds_and_callers_mistakes():
     assert column_kind(np.array([True, False])) == "boolean"
     assert column_kind(np.array(["2024-01-01"], dtype="datetime64[D]")) == "date"
     assert matches("n > 1", {"n": np.array([1, None, 2.5], dtype=object)}) == [2]
+    numpy_scalars = np.array([np.int64(3), np.float32(np.nan), np.float64(0.5)], dtype=object)
+    assert column_kind(numpy_scalars) == "number"
+    assert matches("n < 4", {"n": numpy_scalars}) == [0, 2]
+    flags = np.array([np.True_, None, np.False_], dtype=object)
+    assert column_kind(flags) == "boolean" and matches("f != true", {"f": flags}) == [2]
     with pytest.raises(ValueError, match="mixes"):
         column_kind(np.array(["a", 1], dtype=object))
     with pytest.raises(ValueError, match="different lengths"):
