@@ -5,8 +5,12 @@
 encoders (``clip``, ``siglip``: :func:`is_image_text`) are called as ``loss(image_embeddings,
 text_embeddings, groups)``; :func:`get_dual` adds the weighted image loss their ``image_loss``
 names. Importing this package costs no TensorFlow: the registry (names, parameters, batch needs,
-geometry) is plain data, and a loss's implementation, one file per loss, is imported when
-:func:`get` builds it.
+geometry) is plain data, and a loss's implementation is imported when :func:`get` builds it.
+
+Losses are built from parts: a distance (:mod:`losses.distances`, the ``metric`` key), a miner
+(:mod:`losses.miners`, the ``miner`` key) and a formula; the registered names are presets of
+them (``{"name": "batch_all_triplet", "miner": "multi_similarity", "metric": "cosine"}``
+composes the triplet formula with another miner and distance).
 
 The README's "Losses" section gives the formulas, defaults and sources.
 """
@@ -15,13 +19,15 @@ from __future__ import annotations
 
 import importlib
 
-from losses.catalog import LOSSES, METRICS, metric_param
+from losses.catalog import DISTANCES, LOSSES, METRICS, MINERS, metric_param
 from tfcbir import UserError
 from tfcbir.params import Param, check_value, fmt, validate
 
 __all__ = [
     "LOSSES",
     "METRICS",
+    "DISTANCES",
+    "MINERS",
     "DEFAULT",
     "get",
     "get_dual",
@@ -49,6 +55,8 @@ def get(params: dict, *, num_classes: int | None = None):
     name = params.pop("name", DEFAULT)
     entry = LOSSES.get(name, "loss.name")
     values = validate(params, entry.params, "loss")
+    if "check" in entry.meta:  # a rule across the loss's own keys (soft_margin and miner)
+        entry.meta["check"](values, "loss")
     if is_image_text({"name": name}):
         values.pop("image_loss")  # get_dual builds it
     if not entry.meta["uses_proxies"]:
@@ -118,8 +126,12 @@ def resolve_image_loss(value, path: str = "loss.image_loss") -> dict | None:
     weight = check_value(
         value.get("weight", IMAGE_LOSS_WEIGHT.default), IMAGE_LOSS_WEIGHT, f"{path}.weight"
     )
-    rest = {k: v for k, v in value.items() if k not in ("name", "weight")}
-    return {"name": name, "weight": weight, **validate(rest, entry.params, path)}
+    rest = validate(
+        {k: v for k, v in value.items() if k not in ("name", "weight")}, entry.params, path
+    )
+    if "check" in entry.meta:
+        entry.meta["check"](rest, path)
+    return {"name": name, "weight": weight, **rest}
 
 
 def check_batch(params: dict, P: int, K: int, path: str = "loss") -> None:
