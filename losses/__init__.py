@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT",
     "get",
     "get_dual",
+    "resolve",
     "check_batch",
     "geometry",
     "image_loss_names",
@@ -44,6 +45,21 @@ __all__ = [
 DEFAULT = "semi_hard_triplet"
 
 
+def resolve(params: dict, path: str = "loss") -> dict:
+    """The loss ``params`` describes, validated: ``{"name", <its parameters>}``, the missing ones
+    at the catalog's defaults, the rules across its keys checked (``soft_margin`` and ``miner``),
+    an image-text loss's ``image_loss`` resolved. UserError naming ``path.key``."""
+    params = dict(params or {})
+    name = params.pop("name", DEFAULT)
+    entry = LOSSES.get(name, f"{path}.name")
+    values = validate(params, entry.params, path)
+    if "image_loss" in values and is_image_text({"name": name}):
+        values["image_loss"] = resolve_image_loss(values["image_loss"], f"{path}.image_loss")
+    if "check" in entry.meta:  # a rule across the loss's own keys
+        entry.meta["check"](values, path)
+    return {"name": name, **values}
+
+
 def get(params: dict, *, num_classes: int | None = None):
     """The loss ``params`` describes: ``{"name": ..., <its parameters>}`` (missing ones default).
 
@@ -51,12 +67,9 @@ def get(params: dict, *, num_classes: int | None = None):
     Raises UserError for an unknown name, a bad parameter (``loss.margin: -1 is below the
     minimum 0``) or a missing ``num_classes``.
     """
-    params = dict(params or {})
-    name = params.pop("name", DEFAULT)
-    entry = LOSSES.get(name, "loss.name")
-    values = validate(params, entry.params, "loss")
-    if "check" in entry.meta:  # a rule across the loss's own keys (soft_margin and miner)
-        entry.meta["check"](values, "loss")
+    values = resolve(params)
+    name = values.pop("name")
+    entry = LOSSES.get(name)
     if is_image_text({"name": name}):
         values.pop("image_loss")  # get_dual builds it
     if not entry.meta["uses_proxies"]:
@@ -117,7 +130,7 @@ def resolve_image_loss(value, path: str = "loss.image_loss") -> dict | None:
     if "name" not in value:
         raise UserError(f"{path}.name: missing; give one of {', '.join(image_loss_names())}")
     name = value["name"]
-    entry = LOSSES.get(name, f"{path}.name")
+    LOSSES.get(name, f"{path}.name")  # an unknown name: the error names path.name
     if is_image_text({"name": name}):
         raise UserError(
             f"{path}.name: {name} is an image-text loss; give an image loss, one of "
@@ -126,12 +139,8 @@ def resolve_image_loss(value, path: str = "loss.image_loss") -> dict | None:
     weight = check_value(
         value.get("weight", IMAGE_LOSS_WEIGHT.default), IMAGE_LOSS_WEIGHT, f"{path}.weight"
     )
-    rest = validate(
-        {k: v for k, v in value.items() if k not in ("name", "weight")}, entry.params, path
-    )
-    if "check" in entry.meta:
-        entry.meta["check"](rest, path)
-    return {"name": name, "weight": weight, **rest}
+    rest = {k: v for k, v in value.items() if k not in ("name", "weight")}
+    return {"name": name, "weight": weight, **resolve({"name": name, **rest}, path)}
 
 
 def check_batch(params: dict, P: int, K: int, path: str = "loss") -> None:
