@@ -138,7 +138,8 @@ class CatalogParams:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        cls.registry_name = registered_name(LOSSES, cls)
+        # A subclass the catalog does not list (a user's variant) keeps its parent's entry.
+        cls.registry_name = registered_name(LOSSES, cls) or cls.registry_name
 
     @classmethod
     def param_spec(cls) -> dict:

@@ -342,6 +342,14 @@ def test_classes_take_their_names_and_defaults_from_the_catalog(name):
             assert config[key] == param.default, key
 
 
+def test_a_variant_of_a_preset_keeps_its_entry():
+    class Variant(SemiHardTripletLoss):
+        pass
+
+    assert Variant.registry_name == "semi_hard_triplet"
+    assert Variant(margin=0.5).get_config()["margin"] == 0.5
+
+
 def test_positional_parameters_follow_the_catalog_order():
     loss = SemiHardTripletLoss(0.3, "cosine")
     assert (loss.margin, loss.metric, loss.miner) == (0.3, "cosine", "semi_hard")
