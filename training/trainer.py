@@ -117,9 +117,7 @@ def _train(
     for line in task.describe():
         log.info(line)
     loop = TrainingLoop(config, run, task, groups, optimizer, validation, step, best)
-    return loop.run(
-        lambda batch: train_step(*distribute.split_per_replica(strategy, *batch)), batches
-    )
+    return loop.run(train_step, batches, strategy)
 
 
 def _resume(found: checkpoint.Checkpoint | None, groups: dict[str, list], run: RunFolder):
@@ -157,9 +155,9 @@ class TrainingLoop:
         self.task, self.groups, self.optimizer = task, groups, optimizer
         self.validation, self.step, self.best = validation, step, best
 
-    def run(self, train_step: Callable[[tuple], list[float]], batches) -> Result:
-        """Run ``train_step`` on each of ``batches``; Ctrl-C or SIGTERM save a checkpoint and
-        end the run (``interrupted``)."""
+    def run(self, train_step: Callable[..., list[float]], batches, strategy) -> Result:
+        """Run ``train_step`` on each of ``batches``, split over the ``strategy``'s replicas;
+        Ctrl-C or SIGTERM save a checkpoint and end the run (``interrupted``)."""
         run = self.run_folder
         self.writer = tf.summary.create_file_writer(str(run.logs))
         self.csv_handle, self.csv_writer = run.open_metrics(self.step, self.task.csv_fields)
@@ -171,7 +169,7 @@ class TrainingLoop:
         self.window_t, self.window_step = self.t_start, self.step
         try:
             for batch in batches:
-                values = train_step(batch)
+                values = train_step(*distribute.split_per_replica(strategy, *batch))
                 self.step += 1
                 last_loss = values[0]
                 self._after_step(values)
