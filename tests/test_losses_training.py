@@ -21,7 +21,7 @@ from datasets.demo import generate
 from datasets.lists import load_splits
 from tests.conftest import tiny_config
 from training.trainer import train
-from training.validation import _Decoded
+from training.validation import DecodedImages
 
 STEPS = 160
 # Batches of every class (P = 6) with K = 5: with P = 4, K = 4 semi-hard mining found too few
@@ -48,7 +48,7 @@ def training_map_at_r(resolved: dict, model) -> float:
     from retrieval.metrics import evaluate_leave_one_out
 
     splits = load_splits(config.data_root(resolved), resolved["data"]["split"], resolved["seed"])
-    images = _Decoded(splits.train, resolved["data"])
+    images = DecodedImages(splits.train, resolved["data"])
     normalized = config.normalized_embeddings(resolved)
     embeddings = images.embed(model, normalized)
     metrics = evaluate_leave_one_out(embeddings, images.labels, normalized=normalized, nmi=False)
