@@ -2,7 +2,7 @@
 
 The schema is data: nested dicts of :class:`tfcbir.params.Param`. ``loss`` is special: its keys
 are the chosen loss's own parameters, declared where the loss is registered (``losses/``), so a
-new loss needs no change here. :func:`reference` renders the whole schema as the README's table.
+new loss needs no change here. :func:`reference` renders the whole schema as docs/config.md's table.
 """
 
 from __future__ import annotations

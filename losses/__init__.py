@@ -12,7 +12,7 @@ Losses are built from parts: a distance (:mod:`losses.distances`, the ``metric``
 them (``{"name": "batch_all_triplet", "miner": "multi_similarity", "metric": "cosine"}``
 composes the triplet formula with another miner and distance).
 
-The README's "Losses" section gives the formulas, defaults and sources.
+docs/losses.md gives the formulas, defaults and sources.
 """
 
 from __future__ import annotations
