@@ -2,7 +2,7 @@
 
 The schema is data: nested dicts of :class:`tfcbir.params.Param`. ``loss`` is special: its keys
 are the chosen loss's own parameters, declared where the loss is registered (``losses/``), so a
-new loss needs no change here. :func:`reference` renders the whole schema as the README's table.
+new loss needs no change here. :func:`reference` renders the whole schema as docs/config.md's table.
 """
 
 from __future__ import annotations
@@ -349,13 +349,7 @@ def resolve_loss(loss_raw) -> dict:
     name = check_value(
         loss_raw.get("name", SCHEMA["loss"]["name"].default), SCHEMA["loss"]["name"], "loss.name"
     )
-    entry = losses.LOSSES.get(name, "loss.name")
-    params = validate({k: v for k, v in loss_raw.items() if k != "name"}, entry.params, "loss")
-    if "image_loss" in params and losses.is_image_text({"name": name}):
-        params["image_loss"] = losses.resolve_image_loss(params["image_loss"])
-    if "check" in entry.meta:  # a rule across the loss's own keys
-        entry.meta["check"](params, "loss")
-    return {"name": name, **params}
+    return losses.resolve({**loss_raw, "name": name})
 
 
 def _validate_section(values, spec: dict, path: str) -> dict:

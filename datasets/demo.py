@@ -248,7 +248,15 @@ def captions(shown: dict) -> list[str]:
     colour = colour_name(shown["colour"])
     size = size_word(shown["radius"])
     where = position_words(shown["centre"])
-    return [f"a {size} {colour} {shown['shape']} {where}", f"a {colour} {shown['shape']}"]
+    return [
+        f"a {size} {colour} {shown['shape']} {where}",
+        f"{indefinite_article(colour)} {colour} {shown['shape']}",
+    ]
+
+
+def indefinite_article(word: str) -> str:
+    """``an`` before a vowel sound (``an orange``), else ``a`` (``a red``)."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _check(classes: int, per_class: int, size: int, seed: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 
 import numpy as np
@@ -120,8 +121,11 @@ def _open(source: io.BytesIO | str, path: str, max_pixels: int) -> Image.Image:
     """The image opened (its header read, nothing decoded); ImageError for what PIL refuses."""
     try:
         return Image.open(source)
-    except Image.DecompressionBombError:
-        raise ImageTooLarge(path, _too_large_text(None, max_pixels)) from None
+    except Image.DecompressionBombError as error:
+        # PIL refuses before it returns the image, so its message is the only word on the size.
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = int(found.group(1)) if found else None
+        raise ImageTooLarge(path, _too_large_text(None, max_pixels, pixels)) from None
     except Image.UnidentifiedImageError:
         raise ImageError(path, "not an image file PIL can read; delete or replace it") from None
     except Exception as error:  # PIL raises many types for malformed headers
@@ -153,10 +157,13 @@ def _decode(
         ) from None
 
 
-def _too_large_text(hw: tuple[int, int] | None, max_pixels: int) -> str:
-    shape = f"{hw[1]}x{hw[0]} pixels" if hw else "the image"
+def _too_large_text(hw: tuple[int, int] | None, max_pixels: int, pixels: int | None = None) -> str:
+    if hw:
+        shape = f"{hw[1]}x{hw[0]} pixels"
+    else:
+        shape = f"the image ({pixels:,} pixels)" if pixels else "the image"
     return (
-        f"{shape} is more than the {max_pixels} pixels that can be decoded safely; "
+        f"{shape} is more than the {max_pixels:,} pixels that can be decoded safely; "
         "shrink the image or remove it"
     )
 

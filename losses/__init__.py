@@ -5,26 +5,33 @@
 encoders (``clip``, ``siglip``: :func:`is_image_text`) are called as ``loss(image_embeddings,
 text_embeddings, groups)``; :func:`get_dual` adds the weighted image loss their ``image_loss``
 names. Importing this package costs no TensorFlow: the registry (names, parameters, batch needs,
-geometry) is plain data, and a loss's implementation, one file per loss, is imported when
-:func:`get` builds it.
+geometry) is plain data, and a loss's implementation is imported when :func:`get` builds it.
 
-The README's "Losses" section gives the formulas, defaults and sources.
+Losses are built from parts: a distance (:mod:`losses.distances`, the ``metric`` key), a miner
+(:mod:`losses.miners`, the ``miner`` key) and a formula; the registered names are presets of
+them (``{"name": "batch_all_triplet", "miner": "multi_similarity", "metric": "cosine"}``
+composes the triplet formula with another miner and distance).
+
+docs/losses.md gives the formulas, defaults and sources.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from losses.catalog import LOSSES, METRICS, metric_param
+from losses.catalog import DISTANCES, LOSSES, METRICS, MINERS, metric_param
 from tfcbir import UserError
 from tfcbir.params import Param, check_value, fmt, validate
 
 __all__ = [
     "LOSSES",
     "METRICS",
+    "DISTANCES",
+    "MINERS",
     "DEFAULT",
     "get",
     "get_dual",
+    "resolve",
     "check_batch",
     "geometry",
     "image_loss_names",
@@ -38,6 +45,21 @@ __all__ = [
 DEFAULT = "semi_hard_triplet"
 
 
+def resolve(params: dict, path: str = "loss") -> dict:
+    """The loss ``params`` describes, validated: ``{"name", <its parameters>}``, the missing ones
+    at the catalog's defaults, the rules across its keys checked (``soft_margin`` and ``miner``),
+    an image-text loss's ``image_loss`` resolved. UserError naming ``path.key``."""
+    params = dict(params or {})
+    name = params.pop("name", DEFAULT)
+    entry = LOSSES.get(name, f"{path}.name")
+    values = validate(params, entry.params, path)
+    if "image_loss" in values and is_image_text({"name": name}):
+        values["image_loss"] = resolve_image_loss(values["image_loss"], f"{path}.image_loss")
+    if "check" in entry.meta:  # a rule across the loss's own keys
+        entry.meta["check"](values, path)
+    return {"name": name, **values}
+
+
 def get(params: dict, *, num_classes: int | None = None):
     """The loss ``params`` describes: ``{"name": ..., <its parameters>}`` (missing ones default).
 
@@ -45,10 +67,9 @@ def get(params: dict, *, num_classes: int | None = None):
     Raises UserError for an unknown name, a bad parameter (``loss.margin: -1 is below the
     minimum 0``) or a missing ``num_classes``.
     """
-    params = dict(params or {})
-    name = params.pop("name", DEFAULT)
-    entry = LOSSES.get(name, "loss.name")
-    values = validate(params, entry.params, "loss")
+    values = resolve(params)
+    name = values.pop("name")
+    entry = LOSSES.get(name)
     if is_image_text({"name": name}):
         values.pop("image_loss")  # get_dual builds it
     if not entry.meta["uses_proxies"]:
@@ -109,7 +130,7 @@ def resolve_image_loss(value, path: str = "loss.image_loss") -> dict | None:
     if "name" not in value:
         raise UserError(f"{path}.name: missing; give one of {', '.join(image_loss_names())}")
     name = value["name"]
-    entry = LOSSES.get(name, f"{path}.name")
+    LOSSES.get(name, f"{path}.name")  # an unknown name: the error names path.name
     if is_image_text({"name": name}):
         raise UserError(
             f"{path}.name: {name} is an image-text loss; give an image loss, one of "
@@ -119,7 +140,7 @@ def resolve_image_loss(value, path: str = "loss.image_loss") -> dict | None:
         value.get("weight", IMAGE_LOSS_WEIGHT.default), IMAGE_LOSS_WEIGHT, f"{path}.weight"
     )
     rest = {k: v for k, v in value.items() if k not in ("name", "weight")}
-    return {"name": name, "weight": weight, **validate(rest, entry.params, path)}
+    return {"name": name, "weight": weight, **resolve({"name": name, **rest}, path)}
 
 
 def check_batch(params: dict, P: int, K: int, path: str = "loss") -> None:

@@ -29,22 +29,16 @@ import keras
 import tensorflow as tf
 
 from losses.base import MetricLoss, class_masks, fill, l2_penalty, masked_mean
+from losses.distances import DotProductSimilarity
 
 
 @keras.saving.register_keras_serializable(package="tfcbir")
 class AngularLoss(MetricLoss):
     """Angular loss over every same-class pair, all other-class samples as negatives."""
 
-    registry_name = "angular"
-
-    def __init__(self, alpha: float = 45.0, l2_reg: float = 0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.alpha = float(alpha)
-        self.l2_reg = float(l2_reg)
-
     def call(self, labels, embeddings):
         tan2 = math.tan(math.radians(self.alpha)) ** 2
-        gram = tf.matmul(embeddings, embeddings, transpose_b=True)  # (B, B)
+        gram = DotProductSimilarity().pairwise(embeddings)  # (B, B)
         positives, negatives = class_masks(labels)
         u = 4.0 * tan2 * gram
         neg_inf = fill(-float("inf"), u)
@@ -61,6 +55,3 @@ class AngularLoss(MetricLoss):
         per_pair = tf.nn.softplus(log_sum - 2.0 * (1.0 + tan2) * gram)
         per_pair = tf.where(usable, per_pair, tf.zeros_like(per_pair))
         return masked_mean(per_pair, positives) + l2_penalty(embeddings, self.l2_reg)
-
-    def get_config(self):
-        return {**super().get_config(), "alpha": self.alpha, "l2_reg": self.l2_reg}

@@ -23,20 +23,14 @@ import keras
 import tensorflow as tf
 
 from losses.base import ClassVectorLoss
-from losses.distances import cosine_similarities
+from losses.distances import CosineSimilarity
 
 
 @keras.saving.register_keras_serializable(package="tfcbir")
 class ArcFaceLoss(ClassVectorLoss):
     """ArcFace loss; a layer whose class weights train with the model."""
 
-    registry_name = "arcface"
     vector_name = "class_weights"
-
-    def __init__(self, num_classes: int, scale: float = 64.0, margin: float = 0.5, **kwargs):
-        super().__init__(num_classes, **kwargs)
-        self.scale = float(scale)
-        self.margin = float(margin)
 
     @property
     def class_weights(self):
@@ -46,7 +40,8 @@ class ArcFaceLoss(ClassVectorLoss):
         return keras.initializers.RandomNormal(stddev=0.01)
 
     def compute(self, labels, embeddings, class_weights):
-        cosine = tf.clip_by_value(cosine_similarities(embeddings, class_weights), -1.0, 1.0)
+        similarities = CosineSimilarity().pairwise(embeddings, class_weights)  # (B, C)
+        cosine = tf.clip_by_value(similarities, -1.0, 1.0)
         # sin(theta) >= 0 for theta in [0, pi]; the floor keeps sqrt's gradient finite at 0.
         sine = tf.sqrt(tf.maximum(1.0 - tf.square(cosine), 1e-12))
         with_margin = cosine * math.cos(self.margin) - sine * math.sin(self.margin)
@@ -60,6 +55,3 @@ class ArcFaceLoss(ClassVectorLoss):
         logits = self.scale * tf.where(target, with_margin, cosine)
         per_sample = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
         return tf.reduce_mean(per_sample)
-
-    def get_config(self):
-        return {**super().get_config(), "scale": self.scale, "margin": self.margin}

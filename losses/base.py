@@ -1,11 +1,16 @@
-"""What the losses share: two base classes and a few masked reductions.
+"""What the losses share: their base classes and a few masked reductions.
 
-Two kinds of loss:
+Three kinds of loss:
 
 - :class:`MetricLoss` (a ``keras.losses.Loss``): a function of the batch only.
 - :class:`ClassVectorLoss` (a ``keras.layers.Layer``): learns one vector per class (proxies, class
   weights) that the trainer optimises with the model and saves in checkpoints. It creates them on
   its first call, from the embedding dimension.
+- :class:`ImageTextLoss` (a ``keras.layers.Layer``): the dual encoders' losses.
+
+Every loss class takes the parameters its catalog entry declares (:mod:`losses.catalog`), in
+that order, with the entry's defaults (:class:`CatalogParams`): the catalog is the one place of a
+default, and of the class's registry name.
 
 Both are called as ``loss(labels, embeddings)``: labels (B,) integers (floats are accepted, as
 Keras may send them), embeddings (B, D) of any float type, computed in float32 (float64 stays
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
+
+from losses.catalog import LOSSES, bind_params, registered_name
 
 
 def prepare(labels, embeddings, dtype=None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -115,31 +122,91 @@ def sorted_negatives(distances, negatives) -> tuple[tf.Tensor, tf.Tensor]:
     return -descending, count
 
 
-class MetricLoss(keras.losses.Loss):
+class CatalogParams:
+    """The parameters of the catalog entry that names the class: ``registry_name`` (the entry's
+    name) and one attribute per parameter (``self.margin``), given in the entry's order or by
+    name, the others at the entry's defaults (:meth:`split_params`, then :meth:`set_params` once
+    Keras' ``__init__`` has run). ``param_config`` gives them back for ``get_config``.
+
+    ``param_attributes`` renames a parameter's attribute (a name the class uses for a weight);
+    ``skipped_params`` are entry keys that are not the class's (built by :func:`losses.get_dual`).
+    """
+
+    registry_name = ""
+    param_attributes: dict[str, str] = {}
+    skipped_params: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # A subclass the catalog does not list (a user's variant) keeps its parent's entry.
+        cls.registry_name = registered_name(LOSSES, cls) or cls.registry_name
+
+    @classmethod
+    def param_spec(cls) -> dict:
+        """The entry's parameters this class takes, in order."""
+        if not cls.registry_name:
+            raise TypeError(
+                f"{cls.__name__} is not in the loss catalog: build one of its registered "
+                "subclasses (losses.get)"
+            )
+        spec = LOSSES.get(cls.registry_name).params
+        return {k: p for k, p in spec.items() if k not in cls.skipped_params}
+
+    def split_params(self, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+        """(the parameters from ``args`` and ``kwargs``, defaults filled; the other kwargs)."""
+        return bind_params(self.param_spec(), args, kwargs, type(self).__name__)
+
+    def set_params(self, values: dict) -> None:
+        for key, value in values.items():
+            setattr(self, self.param_attributes.get(key, key), value)
+
+    def param_config(self) -> dict:
+        return {k: getattr(self, self.param_attributes.get(k, k)) for k in self.param_spec()}
+
+
+class MetricLoss(CatalogParams, keras.losses.Loss):
     """Base of the losses without weights: ``loss(labels (B,), embeddings (B, D))`` -> scalar.
 
     ``__call__`` skips Keras' per-sample machinery: it would cast the integer labels to float
     and reduce per-sample values, while these losses compare labels and return one value per
-    batch. Subclasses implement ``call(labels, embeddings)`` and ``get_config``.
+    batch. Subclasses implement ``call(labels, embeddings)``; the parameters are the catalog's.
+
+    ``ref_labels`` (R,) and ``ref_embeddings`` (R, D): references other than the batch (a
+    cross-batch memory), for the losses with ``takes_references``; None compares the batch with
+    itself.
     """
 
-    registry_name = ""
+    takes_references = False
 
-    def __init__(self, name=None, **kwargs):
-        super().__init__(name=name or self.registry_name, **kwargs)
+    def __init__(self, *args, name=None, **kwargs):
+        values, rest = self.split_params(args, kwargs)
+        super().__init__(name=name or self.registry_name or None, **rest)
+        self.set_params(values)
 
-    def __call__(self, y_true, y_pred, sample_weight=None):
+    def __call__(self, y_true, y_pred, sample_weight=None, ref_labels=None, ref_embeddings=None):
         if sample_weight is not None:
             raise ValueError(f"{self.name} is a batch loss; it takes no sample_weight")
         with tf.name_scope(self.name):
             labels, embeddings = prepare(y_true, y_pred)
-            return self.call(labels, embeddings)
+            if ref_labels is None and ref_embeddings is None:
+                return self.call(labels, embeddings)
+            if not self.takes_references or ref_labels is None or ref_embeddings is None:
+                raise ValueError(
+                    f"{self.name} takes both ref_labels and ref_embeddings, or neither"
+                    if self.takes_references
+                    else f"{self.name} compares the batch with itself only (no references)"
+                )
+            ref_labels, ref_embeddings = prepare(ref_labels, ref_embeddings, embeddings.dtype)
+            return self.call(labels, embeddings, ref_labels, ref_embeddings)
 
     def call(self, labels, embeddings):
         raise NotImplementedError
 
+    def get_config(self):
+        return {**super().get_config(), **self.param_config()}
 
-class ClassVectorLoss(keras.layers.Layer):
+
+class ClassVectorLoss(CatalogParams, keras.layers.Layer):
     """Base of the losses that learn one vector per class: ``loss(labels, embeddings)``.
 
     The (num_classes, D) variable is created on the first call (or by ``build``) from the
@@ -149,12 +216,13 @@ class ClassVectorLoss(keras.layers.Layer):
     global mixed-precision policy (pass ``dtype="float64"`` for float64).
     """
 
-    registry_name = ""
     vector_name = "class_vectors"
     lr_multiplier = 1.0
 
-    def __init__(self, num_classes: int, name=None, dtype="float32", **kwargs):
-        super().__init__(name=name or self.registry_name, dtype=dtype, **kwargs)
+    def __init__(self, num_classes: int, *args, name=None, dtype="float32", **kwargs):
+        values, rest = self.split_params(args, kwargs)
+        super().__init__(name=name or self.registry_name or None, dtype=dtype, **rest)
+        self.set_params(values)
         self.num_classes = int(num_classes)
         self.class_vectors = None
 
@@ -189,7 +257,7 @@ class ClassVectorLoss(keras.layers.Layer):
         raise NotImplementedError
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes}
+        return {**super().get_config(), "num_classes": self.num_classes, **self.param_config()}
 
 
 def constant(value: float):
@@ -202,7 +270,7 @@ def constant(value: float):
     return initializer
 
 
-class ImageTextLoss(keras.layers.Layer):
+class ImageTextLoss(CatalogParams, keras.layers.Layer):
     """Base of the dual-encoder losses: ``loss(image_embeddings, text_embeddings, groups)``.
 
     Pair i is image i with its caption i: image_embeddings and text_embeddings (B, D), any float
@@ -214,11 +282,13 @@ class ImageTextLoss(keras.layers.Layer):
     for float64); returns a scalar.
     """
 
-    registry_name = ""
     lr_multiplier = 1.0
+    skipped_params = ("image_loss",)  # losses.get_dual builds it
 
-    def __init__(self, name=None, dtype="float32", **kwargs):
-        super().__init__(name=name or self.registry_name, dtype=dtype, **kwargs)
+    def __init__(self, *args, name=None, dtype="float32", **kwargs):
+        values, rest = self.split_params(args, kwargs)
+        super().__init__(name=name or self.registry_name or None, dtype=dtype, **rest)
+        self.set_params(values)
 
     def call(self, image_embeddings, text_embeddings, groups):
         # Unit rows, x / max(|x|, 1e-12) as torch.nn.functional.normalize (a zero row stays
@@ -244,3 +314,6 @@ class ImageTextLoss(keras.layers.Layer):
     def compute(self, similarities, left_out):
         """similarities (B, B) cosines of image i and text j; left_out (B, B) bool -> scalar."""
         raise NotImplementedError
+
+    def get_config(self):
+        return {**super().get_config(), **self.param_config()}

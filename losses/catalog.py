@@ -1,7 +1,14 @@
 """The loss registry: every loss's name, parameters and facts, importable without TensorFlow.
 
-Each entry names its implementation (``"losses.<file>:<Class>"``, one loss per file, imported on
-first use), so validating a config needs no TensorFlow. Its facts:
+A loss is built from parts, as pytorch-metric-learning builds them: a **distance**
+(:data:`DISTANCES`, chosen by the ``metric`` key), a **miner** (:data:`MINERS`, the ``miner`` key:
+which pairs or triplets of the batch the loss sees) and the loss's formula. The registered names
+are presets: a formula with its default distance and miner (``semi_hard_triplet``,
+``batch_hard_triplet`` and ``batch_all_triplet`` are one triplet formula with three miners).
+
+Each entry names its implementation (``"losses.<file>:<Class>"``, imported on first use), so
+validating a config needs no TensorFlow. The entry's ``params`` are the one place of each
+parameter's default: the classes read theirs from here (:func:`bind_params`). Its facts:
 
 - ``min_K``: the fewest images per class a batch must hold (pair and triplet losses need 2);
 - ``min_P``: the fewest classes per batch (pair and triplet losses need negatives: 2);
@@ -22,23 +29,145 @@ from tfcbir import UserError
 from tfcbir.params import Param
 from tfcbir.registry import Registry
 
-LOSSES = Registry("loss")
+# --- distances -----------------------------------------------------------------------------------
 
-#: The distances of the distance-based losses (``losses.distances.pairwise_distances``).
-METRICS = ("euclidean", "squared_euclidean", "cosine")
+DISTANCES = Registry("distance")
+DISTANCES.register(
+    "euclidean", "losses.distances:EuclideanDistance", doc="||a - b|| (tensorflow-addons' L2)."
+)
+DISTANCES.register(
+    "squared_euclidean",
+    "losses.distances:SquaredEuclideanDistance",
+    doc="||a - b||^2 (addons' squared-L2).",
+)
+DISTANCES.register(
+    "cosine",
+    "losses.distances:CosineDistance",
+    doc="1 - cosine similarity (addons' angular distance).",
+)
+
+#: The distances a distance-based loss's ``metric`` may name.
+METRICS = tuple(DISTANCES.names())
 
 
 def metric_param(default: str = "euclidean") -> Param:
-    """The ``metric`` key of the distance-based losses."""
+    """The ``metric`` key of the distance-based losses: the distance object they compare with."""
     return Param(str, default, "Distance between embeddings.", choices=METRICS)
+
+
+# --- miners --------------------------------------------------------------------------------------
+# gives: "triplets" (one negative per kept anchor-positive pair: the triplet formula averages over
+# them), "pairs" (kept positive and negative pairs; as triplets, every kept positive of an anchor
+# with every kept negative of it, averaged over those with a positive loss), or both.
+
+MINERS = Registry("miner")
+MINERS.register(
+    "semi_hard",
+    "losses.miners:SemiHardMiner",
+    doc="Each positive pair's closest negative beyond the positive (FaceNet; addons' semi-hard).",
+    gives=("triplets",),
+)
+MINERS.register(
+    "batch_hard",
+    "losses.miners:BatchHardMiner",
+    doc="Each anchor's farthest positive and closest negative (Hermans et al.).",
+    gives=("triplets", "pairs"),
+)
+MINERS.register(
+    "all",
+    "losses.miners:AllMiner",
+    doc="Every positive and every negative pair (no mining).",
+    gives=("pairs",),
+)
+MINERS.register(
+    "multi_similarity",
+    "losses.miners:MultiSimilarityMiner",
+    params={
+        "epsilon": Param(
+            float,
+            0.1,
+            "Mining margin (multi_similarity miner): pairs this far inside the hardest pair of "
+            "the other kind are dropped.",
+            min=0,
+        ),
+    },
+    doc="Pairs near the anchor's hardest pair of the other kind (Wang et al. 2019).",
+    gives=("pairs",),
+)
+
+TRIPLET_MINERS = ("semi_hard", "batch_hard", "all", "multi_similarity")
+PAIR_MINERS = ("all", "batch_hard", "multi_similarity")
+
+
+def miner_params(default: str, choices: tuple[str, ...]) -> dict[str, Param]:
+    """The ``miner`` key (its default and the miners the formula takes) and the parameters of
+    those miners (``epsilon``), declared once with the miner."""
+    params = {
+        "miner": Param(str, default, "Which pairs or triplets the loss sees.", choices=choices)
+    }
+    for name in choices:
+        params.update(MINERS.get(name).params)
+    return params
+
+
+def _one_negative_for_soft_margin(params: dict, path: str) -> None:
+    """The soft margin is summed triplet by triplet: only a miner that picks one negative per
+    positive pair keeps that O(B^2)."""
+    if params["soft_margin"] and "triplets" not in MINERS.get(params["miner"]).meta["gives"]:
+        picks = ", ".join(n for n in MINERS.names() if "triplets" in MINERS.get(n).meta["gives"])
+        raise UserError(
+            f"{path}.soft_margin: true needs a miner that picks one negative per positive pair "
+            f"({picks}); {path}.miner is {params['miner']}"
+        )
+
+
+# --- losses --------------------------------------------------------------------------------------
+
+LOSSES = Registry("loss")
+
+
+def registered_name(registry: Registry, cls: type) -> str:
+    """The name under which ``registry`` lists the class ``cls`` ("" if none): a class's name is
+    its registry key, written once, in the catalog."""
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    for name in registry.names():
+        if registry.get(name).target == target:
+            return name
+    return ""
+
+
+def bind_params(spec: dict[str, Param], args: tuple, kwargs: dict, owner: str) -> tuple[dict, dict]:
+    """A class's parameters from its catalog ``spec``: ``args`` in the spec's order and the
+    ``kwargs`` the spec names, the rest at the spec's defaults, converted to the spec's types
+    (``margin=1`` is 1.0). Returns (values, the kwargs the spec does not name)."""
+    if len(args) > len(spec):
+        raise TypeError(
+            f"{owner} takes at most {len(spec)} positional parameters ({', '.join(spec)})"
+        )
+    values = dict(zip(spec, args))
+    rest = {}
+    for key, value in kwargs.items():
+        if key not in spec:
+            rest[key] = value
+        elif key in values:
+            raise TypeError(f"{owner} got {key} twice")
+        else:
+            values[key] = value
+    for key, param in spec.items():
+        value = values.get(key, param.default)
+        if param.type in (float, int, bool) and value is not None:
+            value = param.type(value)
+        values[key] = value
+    return {key: values[key] for key in spec}, rest
 
 
 LOSSES.register(
     "semi_hard_triplet",
-    "losses.semi_hard_triplet:SemiHardTripletLoss",
+    "losses.triplet:SemiHardTripletLoss",
     params={
         "margin": Param(float, 1.0, "Margin between positive and negative distances.", min=0),
         "metric": metric_param(),
+        **miner_params("semi_hard", TRIPLET_MINERS),
     },
     doc="Triplet loss with semi-hard negatives (FaceNet); tfa.losses.TripletSemiHardLoss.",
     min_K=2,
@@ -73,13 +202,15 @@ LOSSES.register(
 
 LOSSES.register(
     "batch_hard_triplet",
-    "losses.batch_hard_triplet:BatchHardTripletLoss",
+    "losses.triplet:BatchHardTripletLoss",
     params={
         "margin": Param(float, 0.3, "Margin (ignored with soft_margin).", min=0),
         "soft_margin": Param(bool, False, "Use log(1 + exp(x)) instead of max(margin + x, 0)."),
         "metric": metric_param(),
+        **miner_params("batch_hard", TRIPLET_MINERS),
     },
     doc="Triplet loss on each anchor's hardest positive and hardest negative (Hermans et al.).",
+    check=_one_negative_for_soft_margin,
     min_K=2,
     min_P=2,
     uses_proxies=False,
@@ -88,10 +219,11 @@ LOSSES.register(
 
 LOSSES.register(
     "batch_all_triplet",
-    "losses.batch_all_triplet:BatchAllTripletLoss",
+    "losses.triplet:BatchAllTripletLoss",
     params={
         "margin": Param(float, 0.2, "Margin between positive and negative distances.", min=0),
         "metric": metric_param(),
+        **miner_params("all", TRIPLET_MINERS),
     },
     doc="Triplet loss over all triplets of the batch, averaged over the non-zero ones.",
     min_K=2,
@@ -107,6 +239,7 @@ LOSSES.register(
         "pos_margin": Param(float, 0.0, "Same-class pairs closer than this cost nothing.", min=0),
         "neg_margin": Param(float, 1.0, "Other-class pairs farther than this cost nothing.", min=0),
         "metric": metric_param(),
+        **miner_params("all", PAIR_MINERS),
     },
     doc="Contrastive loss on all pairs (pytorch-metric-learning's conventions).",
     min_K=2,
@@ -154,12 +287,7 @@ LOSSES.register(
         "alpha": Param(float, 2.0, "Scale of the positive term.", min=0, min_exclusive=True),
         "beta": Param(float, 50.0, "Scale of the negative term.", min=0, min_exclusive=True),
         "base": Param(float, 0.5, "Similarity margin lambda.", min=-1, max=1),
-        "epsilon": Param(
-            float,
-            0.1,
-            "Mining margin: pairs this far inside the hardest pair of the other kind are dropped.",
-            min=0,
-        ),
+        **miner_params("multi_similarity", ("multi_similarity", "all", "batch_hard")),
     },
     doc="Multi-similarity loss with its hard-pair mining (Wang et al. 2019).",
     min_K=2,

@@ -41,19 +41,8 @@ class ClampLogScale(keras.constraints.Constraint):
 class ClipLoss(ImageTextLoss):
     """Symmetric image-text cross-entropy with a learned, clamped logit scale."""
 
-    registry_name = "clip"
-
-    def __init__(
-        self,
-        temperature: float = 0.07,
-        max_logit_scale: float = 100.0,
-        learn_temperature: bool = True,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.temperature = float(temperature)
-        self.max_logit_scale = float(max_logit_scale)
-        self.learn_temperature = bool(learn_temperature)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # temperature, max_logit_scale, learn_temperature
         self.log_logit_scale = self.add_weight(
             shape=(),
             initializer=constant(math.log(1.0 / self.temperature)),
@@ -74,11 +63,3 @@ class ClipLoss(ImageTextLoss):
         image_to_text = masked_logsumexp(logits, allowed, axis=1) - matched
         text_to_image = masked_logsumexp(logits, allowed, axis=0) - matched
         return 0.5 * (tf.reduce_mean(image_to_text) + tf.reduce_mean(text_to_image))
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "temperature": self.temperature,
-            "max_logit_scale": self.max_logit_scale,
-            "learn_temperature": self.learn_temperature,
-        }

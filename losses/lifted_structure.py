@@ -18,25 +18,20 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from losses.base import MetricLoss, class_masks, fill, masked_logsumexp, masked_mean
-from losses.distances import pairwise_distances
+from losses.base import fill, masked_logsumexp, masked_mean
+from losses.pairwise import PairwiseLoss
 
 
 @keras.saving.register_keras_serializable(package="tfcbir")
-class LiftedStructureLoss(MetricLoss):
+class LiftedStructureLoss(PairwiseLoss):
     """Lifted structured loss over all positive pairs of the batch."""
 
-    registry_name = "lifted_structure"
+    # J(i, j) sums over the negatives of both i and j: j must be an anchor too.
+    takes_references = False
 
-    def __init__(self, margin: float = 1.0, metric: str = "euclidean", **kwargs):
-        super().__init__(**kwargs)
-        self.margin = float(margin)
-        self.metric = metric
-
-    def call(self, labels, embeddings):
-        distances = pairwise_distances(embeddings, self.metric)  # (B, B)
-        positives, negatives = class_masks(labels)
-        row = masked_logsumexp(self.margin - distances, negatives, axis=1)  # (B,), -inf if none
+    def compute(self, batch):
+        distances = batch.distances  # (B, B)
+        row = masked_logsumexp(self.margin - distances, batch.negatives, axis=1)  # -inf if none
         # log(exp(row_i) + exp(row_j)) for every pair, stable and safe when both are -inf.
         peak = tf.maximum(row[:, None], row[None, :])
         has_negative = tf.math.is_finite(peak)
@@ -49,7 +44,4 @@ class LiftedStructureLoss(MetricLoss):
             neg_inf,
         )
         per_pair = tf.square(tf.nn.relu(log_both + distances))
-        return 0.5 * masked_mean(per_pair, positives)
-
-    def get_config(self):
-        return {**super().get_config(), "margin": self.margin, "metric": self.metric}
+        return 0.5 * masked_mean(per_pair, batch.positives)

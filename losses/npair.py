@@ -16,26 +16,17 @@ than the other classes' positives only. 0 without a pair; pairs without negative
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
 
 from losses.base import MetricLoss, class_masks, l2_penalty, pair_softmax_loss
+from losses.distances import DotProductSimilarity
 
 
 @keras.saving.register_keras_serializable(package="tfcbir")
 class NPairLoss(MetricLoss):
     """Multi-class N-pair loss over every same-class pair of the batch."""
 
-    registry_name = "npair"
-
-    def __init__(self, l2_reg: float = 0.002, **kwargs):
-        super().__init__(**kwargs)
-        self.l2_reg = float(l2_reg)
-
     def call(self, labels, embeddings):
-        similarities = tf.matmul(embeddings, embeddings, transpose_b=True)  # (B, B)
+        similarities = DotProductSimilarity().pairwise(embeddings)  # (B, B)
         positives, negatives = class_masks(labels)
         loss = pair_softmax_loss(similarities, positives, negatives)
         return loss + l2_penalty(embeddings, self.l2_reg)
-
-    def get_config(self):
-        return {**super().get_config(), "l2_reg": self.l2_reg}

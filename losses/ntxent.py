@@ -14,23 +14,14 @@ from __future__ import annotations
 import keras
 
 from losses.base import MetricLoss, class_masks, pair_softmax_loss
-from losses.distances import cosine_similarities
+from losses.distances import CosineSimilarity
 
 
 @keras.saving.register_keras_serializable(package="tfcbir")
 class NTXentLoss(MetricLoss):
     """NT-Xent with every same-class pair as a positive."""
 
-    registry_name = "ntxent"
-
-    def __init__(self, temperature: float = 0.07, **kwargs):
-        super().__init__(**kwargs)
-        self.temperature = float(temperature)
-
     def call(self, labels, embeddings):
-        logits = cosine_similarities(embeddings, embeddings) / self.temperature  # (B, B)
+        logits = CosineSimilarity().pairwise(embeddings) / self.temperature  # (B, B)
         positives, negatives = class_masks(labels)
         return pair_softmax_loss(logits, positives, negatives)
-
-    def get_config(self):
-        return {**super().get_config(), "temperature": self.temperature}

@@ -20,28 +20,14 @@ import keras
 import tensorflow as tf
 
 from losses.base import ClassVectorLoss, masked_logsumexp
-from losses.distances import cosine_similarities
+from losses.distances import CosineSimilarity
 
 
 @keras.saving.register_keras_serializable(package="tfcbir")
 class ProxyAnchorLoss(ClassVectorLoss):
     """Proxy-anchor loss; a layer whose proxies train with the model."""
 
-    registry_name = "proxy_anchor"
     vector_name = "proxies"
-
-    def __init__(
-        self,
-        num_classes: int,
-        alpha: float = 32.0,
-        margin: float = 0.1,
-        proxy_lr_multiplier: float = 100.0,
-        **kwargs,
-    ):
-        super().__init__(num_classes, **kwargs)
-        self.alpha = float(alpha)
-        self.margin = float(margin)
-        self.proxy_lr_multiplier = float(proxy_lr_multiplier)
 
     @property
     def lr_multiplier(self) -> float:
@@ -55,7 +41,7 @@ class ProxyAnchorLoss(ClassVectorLoss):
         return keras.initializers.RandomNormal(stddev=math.sqrt(2.0 / self.num_classes))
 
     def compute(self, labels, embeddings, proxies):
-        similarities = cosine_similarities(embeddings, proxies)  # (B, C)
+        similarities = CosineSimilarity().pairwise(embeddings, proxies)  # (B, C)
         members = tf.one_hot(labels, self.num_classes, on_value=True, off_value=False)  # (B, C)
         positive = masked_logsumexp(
             -self.alpha * (similarities - self.margin), members, axis=0, add_one=True
@@ -68,11 +54,3 @@ class ProxyAnchorLoss(ClassVectorLoss):
             tf.math.divide_no_nan(tf.reduce_sum(positive), present)
             + tf.reduce_sum(negative) / self.num_classes
         )
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "alpha": self.alpha,
-            "margin": self.margin,
-            "proxy_lr_multiplier": self.proxy_lr_multiplier,
-        }

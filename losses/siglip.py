@@ -27,12 +27,11 @@ from losses.base import ImageTextLoss, constant
 class SigLipLoss(ImageTextLoss):
     """Pairwise sigmoid image-text loss with a learned temperature and bias."""
 
-    registry_name = "siglip"
+    # The parameters are the weights' initial values: logit_scale and bias name the weights.
+    param_attributes = {"logit_scale": "initial_logit_scale", "bias": "initial_bias"}
 
-    def __init__(self, logit_scale: float = 10.0, bias: float = -10.0, **kwargs):
-        super().__init__(**kwargs)
-        self.initial_logit_scale = float(logit_scale)
-        self.initial_bias = float(bias)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.log_logit_scale = self.add_weight(
             shape=(),
             initializer=constant(math.log(self.initial_logit_scale)),
@@ -53,10 +52,3 @@ class SigLipLoss(ImageTextLoss):
         terms = tf.nn.softplus(-signs * logits)  # -log sigmoid(z * l)
         terms = tf.where(left_out, tf.zeros_like(terms), terms)
         return tf.reduce_sum(terms) / tf.cast(tf.shape(logits)[0], dtype)
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "logit_scale": self.initial_logit_scale,
-            "bias": self.initial_bias,
-        }

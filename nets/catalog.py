@@ -281,7 +281,7 @@ def backbone_identity(backbone: str, key: str = "model.backbone") -> str:
 def missing_preset_message(backbone: str, key: str = "model.backbone") -> str:
     return (
         f"{key}: {backbone}: no such preset directory; save the preset with keras-hub "
-        "on a machine with internet and copy the folder here (README: Foundation backbones)"
+        "on a machine with internet and copy the folder here (docs/models.md: Foundation backbones)"
     )
 
 

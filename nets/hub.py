@@ -57,7 +57,7 @@ _CLASSES = {
 }
 SAVE_HINT = (
     "save the preset with keras-hub on a machine with internet and give its folder as "
-    "hub:<folder> (README: Foundation backbones)"
+    "hub:<folder> (docs/models.md: Foundation backbones)"
 )
 
 
@@ -69,7 +69,7 @@ def import_keras_hub(key: str = "model.backbone"):
         raise UserError(
             f"{key}: hub: presets need keras-hub, which is not installed; run `make venv`, or "
             "pip install -r requirements-hub.txt, then pip install --no-deps -r "
-            "requirements-hub-nodeps.txt (README: Foundation backbones)"
+            "requirements-hub-nodeps.txt (docs/models.md: Foundation backbones)"
         ) from error
     return keras_hub
 

@@ -56,7 +56,7 @@ def load_backbone(preset: str, *, pretrained: bool, backbone=None):
             raise UserError(
                 f"{KEY}: hub:{preset}: could not {action} the keras-hub preset "
                 f"({one_line(error)}); save it with save_to_preset where there is internet and "
-                "give its folder (README: Foundation backbones)"
+                "give its folder (docs/models.md: Foundation backbones)"
             ) from error
     for family, (backbone_class, _) in FAMILIES.items():
         if isinstance(backbone, getattr(keras_hub.models, backbone_class)):

@@ -4,8 +4,7 @@
 gallery or one made by other weights is refused), analyses each model's embeddings of the same
 images (the run's; with ``compare``, another run's; with ``baseline``, the untrained model's),
 and writes ``index.html``, ``report.json`` and the PNG files into the report folder
-(:func:`default_folder`). What each part means: the package docstring and the README's
-"Analysis report".
+(:func:`default_folder`). What each part means: the package docstring and docs/analysis.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -24,9 +23,13 @@ from PIL import Image, ImageDraw, ImageOps
 from retrieval.visualize import default_font
 from tfcbir.files import atomic_output
 
-PALETTE = [matplotlib.colors.to_hex(c) for c in matplotlib.colormaps["tab20"].colors]
-# tab20 pairs a strong and a light shade; strong ones first, so few classes get distinct hues.
-PALETTE = PALETTE[0::2] + PALETTE[1::2]
+# 20 colours chosen to be told apart (Sasha Trubetskoy's list of distinct colours), the most
+# distinct first: tab20's light shades looked like their strong pairs beside them on a map.
+PALETTE = [
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#ffe119",
+    "#800000", "#469990", "#9a6324", "#000075", "#808000", "#bfef45", "#fabed4", "#dcbeff",
+    "#aaffc3", "#ffd8b1", "#a9a9a9", "#fffac8",
+]  # fmt: skip
 MARKERS = ["o", "s", "^", "D", "v"]
 DPI = 110
 LEGEND_MAX = 20

@@ -12,5 +12,5 @@ the evaluation CLIs start fast.
   serve.py share: a run's model, gallery and index loaded once, answering batches of queries
   (it loads the model through :mod:`retrieval.embedder`, the one module here using TensorFlow).
 
-Definitions: the README's "Retrieval" section.
+Definitions: docs/retrieval.md.
 """

@@ -47,7 +47,7 @@ def test_mirrored_step_equals_the_single_device_step():
         import losses
         from training import distribute
         from training.optim import VariableGroup, build_optimizer
-        from training.trainer import _make_train_step
+        from training.image import make_step
 
         train_cfg = {
             "optimizer": {"name": "sgd", "lr": 0.5, "momentum": 0.0, "weight_decay": None,
@@ -72,7 +72,7 @@ def test_mirrored_step_equals_the_single_device_step():
                           VariableGroup("bias", [dense.bias])]
                 optimizer = build_optimizer(train_cfg, groups)
             updated["initial"] = [np.asarray(w).tolist() for w in model.weights]
-            step = _make_train_step(model, loss_fn, optimizer, groups, strategy, False)
+            step = make_step(model, loss_fn, optimizer, groups, strategy, False)
             x, y = distribute.split_per_replica(strategy, tf.constant(images),
                                                 tf.constant(labels))
             loss = float(step(x, y))

@@ -352,8 +352,8 @@ def _train_steps(model, groups_of, train_cfg, loss, steps, images, labels):
     import tensorflow as tf
 
     import losses
+    from training.image import make_step
     from training.optim import build_optimizer
-    from training.trainer import _make_train_step
 
     loss_fn = losses.get(loss, num_classes=int(labels.max()) + 1)
     loss_variables = []
@@ -362,7 +362,7 @@ def _train_steps(model, groups_of, train_cfg, loss, steps, images, labels):
         loss_variables = list(loss_fn.trainable_variables)
     groups = groups_of(model, loss_fn, loss_variables, train_cfg)
     optimizer = build_optimizer(train_cfg, groups)
-    step = _make_train_step(model, loss_fn, optimizer, groups, tf.distribute.get_strategy(), False)
+    step = make_step(model, loss_fn, optimizer, groups, tf.distribute.get_strategy(), False)
     return [float(step(tf.constant(images), tf.constant(labels))) for _ in range(steps)]
 
 

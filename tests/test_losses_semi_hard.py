@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import losses
-from losses.semi_hard_triplet import SemiHardTripletLoss
+from losses.triplet import SemiHardTripletLoss
 
 ADDONS_METRIC = {"euclidean": "L2", "squared_euclidean": "squared-L2", "cosine": "angular"}
 

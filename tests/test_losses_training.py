@@ -17,54 +17,26 @@ import pytest
 import config
 import losses
 import nets
+from benchmarks.learning_margin import BAR, SHAPES, check_config, training_map_at_r
 from datasets.demo import generate
-from datasets.lists import load_splits
-from tests.conftest import tiny_config
 from training.trainer import train
-from training.validation import _Decoded
-
-STEPS = 160
-# Batches of every class (P = 6) with K = 5: with P = 4, K = 4 semi-hard mining found too few
-# semi-hard negatives to learn reliably in 160 steps.
-BATCH = {"P": 6, "K": 5}
-# Measured by benchmarks/learning_margin.py (seeds 0-2, oneDNN on and off: 66 runs): untrained
-# MAP@R 0.044-0.060; after 160 steps each loss's lowest was 0.31 (npair) to 0.66 (contrastive),
-# most above 0.42. The bar sits at half the lowest trained value, 2.5 times the untrained ones.
-BAR = 0.15
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """6 shape classes x 30 images at 32 px, and a data_dir holding them."""
     root = tmp_path_factory.mktemp("losses") / "data"
-    generate(root / "datasets" / "shapes", classes=6, per_class=30, size=32, seed=1)
+    generate(root / "datasets" / "shapes", **SHAPES)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TFCBIR_DATA_DIR", str(root))
         yield root
 
 
-def training_map_at_r(resolved: dict, model) -> float:
-    """MAP@R of the training images searched among themselves, as the run searches."""
-    from retrieval.metrics import evaluate_leave_one_out
-
-    splits = load_splits(config.data_root(resolved), resolved["data"]["split"], resolved["seed"])
-    images = _Decoded(splits.train, resolved["data"])
-    normalized = config.normalized_embeddings(resolved)
-    embeddings = images.embed(model, normalized)
-    metrics = evaluate_leave_one_out(embeddings, images.labels, normalized=normalized, nmi=False)
-    return metrics.map_at_r
-
-
 @pytest.mark.parametrize("name", losses.image_loss_names())
 def test_each_loss_trains_the_model(shapes, name):
-    raw = tiny_config(
-        train__steps=STEPS,
-        train__validate_every=0,
-        train__checkpoint_every=STEPS,
-        train__batch=BATCH,
-        loss={"name": name},
-    )
-    resolved = config.resolve({**raw, "name": f"loss_{name}"})
+    # The protocol, its steps and its bar are benchmarks/learning_margin.py's, which measured the
+    # margin of this check across seeds and oneDNN settings.
+    resolved = config.resolve({**check_config(name), "name": f"loss_{name}"})
     keras.utils.set_random_seed(resolved["seed"])
     untrained = nets.build_embedding_model(resolved["model"], (32, 32))
     before = training_map_at_r(resolved, untrained)

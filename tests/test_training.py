@@ -250,6 +250,35 @@ def test_mixed_precision_path_trains_with_loss_scaling(data_dir, monkeypatch):
     assert any(np.ndim(v) == 0 and float(v) == 2.0**15 for v in saved.groups["optimizer"])
 
 
+def test_train_sets_back_the_precision_policy_it_found(data_dir, monkeypatch):
+    """A mixed-precision run sets mixed_float16 for itself and then the global policy it found
+    (not float32 whatever it found), after a finished run and after an error alike."""
+    import keras
+    import tensorflow as tf
+
+    real = tf.config.list_physical_devices
+    monkeypatch.setattr(
+        tf.config,
+        "list_physical_devices",
+        lambda kind=None: ["GPU:0"] if kind == "GPU" else real(kind),
+    )
+    raw = tiny_config(train__steps=2, train__validate_every=0, train__mixed_precision=True)
+    keras.mixed_precision.set_global_policy("float64")
+    try:
+        result = train(config.resolve({**raw, "name": "policy"}))
+        assert keras.mixed_precision.global_policy().name == "float64"
+        saved = checkpoint.latest(result.run.checkpoints)
+        # It trained in mixed precision: the loss-scaling optimiser's scale is saved.
+        assert any(np.ndim(v) == 0 and float(v) == 2.0**15 for v in saved.groups["optimizer"])
+        # A run that fails after the policy was set: its newest checkpoint does not fit.
+        checkpoint.save(result.run.checkpoints, 3, {"model": [np.zeros(3)]}, {}, keep=10)
+        with pytest.raises(UserError, match="does not fit the model"):
+            train(config.resolve({**raw, "name": "policy"}))
+        assert keras.mixed_precision.global_policy().name == "float64"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def test_mixed_precision_scales_the_loss_and_unscales_the_gradients():
     """One SGD step in mixed_float16 with dynamic loss scaling moves the weights as the float32
     step does: the loss is multiplied by the scale (2^15) before the float16 backward pass, and
@@ -260,8 +289,8 @@ def test_mixed_precision_scales_the_loss_and_unscales_the_gradients():
 
     import losses
     import nets
+    from training.image import make_step
     from training.optim import VariableGroup, build_optimizer
-    from training.trainer import _make_train_step
 
     train_cfg = config.resolve(tiny_config())["train"]
     train_cfg["optimizer"] = {**train_cfg["optimizer"], "name": "sgd", "momentum": 0.0, "lr": 0.05}
@@ -280,9 +309,7 @@ def test_mixed_precision_scales_the_loss_and_unscales_the_gradients():
             groups = [VariableGroup("model", list(model.trainable_variables))]
             optimizer = build_optimizer(train_cfg, groups, mixed=mixed)
             loss_fn = losses.get({"name": "contrastive"})
-            step = _make_train_step(
-                model, loss_fn, optimizer, groups, tf.distribute.get_strategy(), mixed
-            )
+            step = make_step(model, loss_fn, optimizer, groups, tf.distribute.get_strategy(), mixed)
             loss = float(step(images, labels))
             kernel = model.get_layer("head_projection").kernel
             return loss, keras.ops.convert_to_numpy(kernel) - initial[-2], optimizer
@@ -412,14 +439,14 @@ def test_leave_one_out_validation_samples_whole_classes(tmp_path):
 
 def test_validation_images_all_unreadable_is_one_line(tmp_path):
     from datasets.lists import ImageList
-    from training.validation import _Decoded
+    from training.validation import DecodedImages
 
     for name in ("a.jpg", "b.png"):
         (tmp_path / name).write_bytes(b"not an image")
     images = ImageList(tmp_path, ["a.jpg", "b.png"], [0, 1], ["x", "y"])
     data = config.resolve(tiny_config())["data"]
     with pytest.raises(UserError) as error:
-        _Decoded(images, data)
+        DecodedImages(images, data)
     message = str(error.value)
     assert "none of the 2 validation images can be read" in message
     assert str(tmp_path / "a.jpg") in message and "train.validate_every: 0" in message

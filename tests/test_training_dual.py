@@ -313,11 +313,11 @@ def caption_recall_at_10(resolved, model, text_model, tokenizer) -> float:
     from datasets.lists import load_splits
     from retrieval.metrics import evaluate
     from retrieval.search import unit_rows
-    from training.validation import _Decoded
+    from training.validation import DecodedImages
 
     splits = load_splits(config.data_root(resolved), resolved["data"]["split"], resolved["seed"])
     pairs = caption_pairs(resolved, splits.train).tokenize(tokenizer)
-    images = _Decoded(pairs.images, resolved["data"]).embed(model, normalized=True)
+    images = DecodedImages(pairs.images, resolved["data"]).embed(model, normalized=True)
     texts = unit_rows(np.asarray(text_model(pairs.token_ids, training=False)))
     metrics = evaluate(
         texts,

@@ -51,7 +51,7 @@ class Param:
         return list(choices) if choices is not None else []
 
     def describe(self) -> str:
-        """Allowed values in words, for error messages and the README's reference."""
+        """Allowed values in words, for error messages and the config reference (docs/config.md)."""
         if self.allowed_text is not None:
             return self.allowed_text() if callable(self.allowed_text) else self.allowed_text
         if self.allowed():

@@ -56,16 +56,9 @@ def check(
     queries = sets.images(config, protocol.queries, made)
     gallery = sets.images(config, protocol.gallery, made)
 
-    lists = [made.train, made.test, queries, gallery]
-    paths = [p for images in lists if images is not None for p in images.absolute_paths()]
-    paths = list(dict.fromkeys(paths))  # test, query and gallery overlap
-    data = config["data"]
-    size = data["resize"] or data["image_size"]
-    failures = find_unreadable(paths, size=tuple(size), workers=workers, progress=progress)
-    root = made.train.root
-    unreadable = [{"path": os.path.join(root, p), "problem": MISSING} for p in made.missing]
-    unreadable += [{"path": paths[i], "problem": error.problem} for i, error in failures]
-
+    paths, unreadable = _unreadable(
+        config, made, [made.train, made.test, queries, gallery], workers, progress
+    )
     query_gallery = protocol.name == "query_gallery"
     result = {
         "data_root": str(cfg.data_root(config)),
@@ -94,6 +87,20 @@ def check(
     }
     result["notes"] = _notes(result, made)
     return result
+
+
+def _unreadable(config: dict, made, lists: list, workers, progress) -> tuple[list, list]:
+    """The distinct files of ``lists`` (absolute paths, in order) and the report's
+    ``unreadable``: the listed files that do not exist, then those that cannot be decoded."""
+    paths = [p for images in lists if images is not None for p in images.absolute_paths()]
+    paths = list(dict.fromkeys(paths))  # test, query and gallery overlap
+    data = config["data"]
+    size = data["resize"] or data["image_size"]
+    failures = find_unreadable(paths, size=tuple(size), workers=workers, progress=progress)
+    root = made.train.root
+    unreadable = [{"path": os.path.join(root, p), "problem": MISSING} for p in made.missing]
+    unreadable += [{"path": paths[i], "problem": error.problem} for i, error in failures]
+    return paths, unreadable
 
 
 def _counts(images: ImageList | None) -> dict | None:

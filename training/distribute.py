@@ -30,7 +30,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
         except ValueError:
             raise UserError(
                 "train.distribute: multi_worker needs TF_CONFIG, the cluster as JSON (see the "
-                "README's Scaling up)"
+                "docs/training.md: several GPUs or machines)"
             ) from None
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")

@@ -15,7 +15,9 @@ image-text loss (``clip``, ``siglip``) on image-caption pairs:
 - :func:`build`: the text tower, the loss (an image-text loss, maybe with an image loss) and
   what trains at which rate;
 - :func:`make_step`: the training step (both towers, or a frozen text tower);
-- :class:`TextValidator`: text-to-image Recall@1 of held-out images' captions.
+- :class:`TextValidator`: text-to-image Recall@1 of held-out images' captions;
+- :class:`DualEncoderTask`: all of it as the training loop asks for it
+  (:class:`training.task.TrainingTask`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import logging
 import numpy as np
 import tensorflow as tf
 
+import losses
+import nets
+from config import data_root
 from datasets.captions import (
     Captions,
     image_captions,
@@ -33,16 +38,19 @@ from datasets.captions import (
     pair_groups,
     resolve_group_by,
 )
-from datasets.lists import ImageList
+from datasets.lists import ImageList, Splits, ValidationSplit
 from datasets.pipeline import TrainData
 from datasets.tokenizer import WordTokenizer
 from nets.catalog import SCRATCH_MAX_LENGTH, text_tower_kind
 from retrieval.metrics import evaluate
 from retrieval.search import unit_rows
+from runs.folder import DUAL_CSV_FIELDS, RunFolder
 from tfcbir import UserError
+from tfcbir.files import atomic_output
 from training import distribute
 from training.optim import VariableGroup, create_loss_variables, trainable_groups
-from training.validation import _Decoded
+from training.task import make_train_data, random_states
+from training.validation import DecodedImages
 
 log = logging.getLogger("tfcbir")
 
@@ -81,8 +89,6 @@ class CaptionPairs:
 
 def caption_table(config: dict) -> dict[str, list[str]] | None:
     """The run's captions file (``data.captions.file``) read, or None when there is none."""
-    from config import data_root
-
     return load_caption_table(data_root(config), config["data"]["captions"]["file"])
 
 
@@ -109,8 +115,6 @@ def caption_pairs(
 
 def check_captions(pairs: CaptionPairs, images: ImageList, config: dict) -> None:
     """Refuse training without captions; say how many images have none."""
-    from config import data_root
-
     if len(pairs) == 0:
         file = data_root(config) / config["data"]["captions"]["file"]
         raise UserError(
@@ -215,9 +219,6 @@ def build(config: dict, model, tokenizer, num_classes: int, pretrained: bool, hu
     hub_backbone: the keras-hub preset the image tower was built from, when the text tower is
     the same preset's (:func:`nets.shared_hub_backbone`).
     """
-    import losses
-    import nets
-
     model_cfg = config["model"]
     text_tower = nets.build_text_tower(
         model_cfg["text"],
@@ -308,7 +309,7 @@ class TextValidator:
         captions.image = renumber[captions.image]
         self.sample = CaptionPairs(images, captions, pairs.group_by).tokenize(tokenizer)
         self.token_ids = self.sample.token_ids
-        self.images = _Decoded(images, data)
+        self.images = DecodedImages(images, data)
         # One group per caption over the whole sample; an image's group is its captions'.
         self.query_groups = self.sample.groups(captions.image, np.arange(len(captions)))
         image_groups = np.empty(len(images), np.int64)
@@ -347,3 +348,123 @@ def _sample_positions(n: int, max_images: int, seed: int) -> np.ndarray:
     if n <= max_images:
         return np.arange(n)
     return np.random.default_rng([seed, 11]).permutation(n)[:max_images]
+
+
+class DualEncoderTask:
+    """The dual encoder's part of training (:class:`training.task.TrainingTask`): the captioned
+    training images in pair batches, the image tower (``model``) and the text tower, an
+    image-text loss (maybe with an image loss), text-to-image validation, both towers' weights.
+
+    Its checkpoints add the group ``text_model`` (the text tower's weights) after the image
+    tower's; its metrics.csv adds the columns of ``DUAL_CSV_FIELDS``."""
+
+    csv_fields = DUAL_CSV_FIELDS
+
+    def __init__(self, config: dict, chosen: ValidationSplit, run: RunFolder, resuming: bool):
+        self.config = config
+        P, K = config["train"]["batch"]["P"], config["train"]["batch"]["K"]
+        images = chosen.train.compact()
+        # Only captioned images train a dual encoder.
+        self.table = caption_table(config)
+        self.pairs = caption_pairs(config, images, self.table)
+        check_captions(self.pairs, images, config)
+        self.images = self.pairs.images
+        if len(np.unique(self.images.labels)) == 1:  # no classes: plain shuffled batches
+            P, K = 1, P * K
+        self.data = make_train_data(config, self.images, P, K)
+        self.tokenizer = run_tokenizer(config, run, self.pairs, resuming=resuming)
+
+    def build(self, pretrained: bool) -> None:
+        config = self.config
+        model_cfg, image_size = config["model"], config["data"]["image_size"]
+        # A CLIP or SigLIP preset's two towers are loaded once and share it.
+        hub_backbone = nets.shared_hub_backbone(model_cfg, image_size, pretrained=pretrained)
+        self.model = nets.build_embedding_model(
+            model_cfg, tuple(image_size), pretrained=pretrained, hub_backbone=hub_backbone
+        )
+        self.text_tower, self.loss, self.loss_variables, self.variable_groups = build(
+            config,
+            self.model,
+            self.tokenizer,
+            len(self.images.classes),
+            pretrained,
+            hub_backbone,
+        )
+        self.pairs.tokenize(self.text_tower.tokenizer)
+
+    def variables(self) -> dict[str, list]:
+        text_model = self.text_tower.model
+        return {
+            "loss": self.loss_variables,
+            "rng": random_states(self.model) + random_states(text_model),
+            "text_model": text_model.weights,
+        }
+
+    def validation(self, chosen: ValidationSplit, splits: Splits):
+        """Text-to-image Recall@1 of the held-out images' captions (from the captions file the
+        training pairs came from, grouped as the training pairs are); None when none has a
+        caption."""
+        pairs = caption_pairs(self.config, chosen.validation, self.table, self.pairs.group_by)
+        if len(pairs) == 0:
+            log.warning(
+                "train.validation: none of the %d held-out images has a caption; training "
+                "without validation, the last weights are the model",
+                len(chosen.validation),
+            )
+            return None
+        validator = TextValidator(
+            pairs,
+            self.config["data"],
+            self.config["train"]["validation"]["max_images"],
+            self.config["seed"],
+            tokenizer=self.text_tower.tokenizer,
+        )
+        return lambda: validator.recall_at_1(self.model, self.text_tower.model)
+
+    def describe(self) -> list[str]:
+        return [
+            f"text tower {self.text_tower.tower}; {len(self.pairs)} training pairs' images, "
+            f"captions grouped by {self.pairs.group_by}"
+        ]
+
+    def make_step(self, optimizer, strategy, mixed: bool):
+        step = make_step(
+            self.model,
+            self.text_tower.model,
+            self.loss,
+            optimizer,
+            self.variable_groups,
+            strategy,
+            mixed,
+        )
+        return lambda *batch: [float(value) for value in step(*batch)]
+
+    def batches(self, start_step: int, stop_step: int) -> tf.data.Dataset:
+        return PairBatches(self.data, self.pairs, self.config["seed"]).dataset(
+            start_step, stop_step
+        )
+
+    def log_row(self, step: int, values: list[float], writer) -> dict[str, str]:
+        """The epoch (of the training pairs), the logit scale and the loss's two terms."""
+        _, pair, image = values
+        scale = self.loss.pair.logit_scale
+        epoch = step * self.data.batch_size / max(self.data.num_images, 1)
+        with writer.as_default(step=step):
+            tf.summary.scalar("logit_scale", scale)
+            tf.summary.scalar("pair_loss", pair)
+            if self.loss.image is not None:
+                tf.summary.scalar("image_loss", image)
+        return {
+            "epoch": f"{epoch:.4g}",
+            "logit_scale": f"{scale:.6g}",
+            "pair_loss": f"{pair:.6g}",
+            "image_loss": f"{image:.6g}" if self.loss.image is not None else "",
+        }
+
+    def save_weights(self, run: RunFolder) -> None:
+        """best.text.weights.h5, then best.weights.h5 (the image tower's file is the last to
+        change; both are replaced atomically)."""
+        with atomic_output(run.best_text_weights) as tmp:
+            self.text_tower.model.save_weights(tmp)
+        with atomic_output(run.best_weights) as tmp:
+            self.model.save_weights(tmp)

@@ -1,13 +1,15 @@
-"""The training loop: P x K batches -> embedding model + loss -> checkpoints, logs, best model.
+"""The training loop: batches -> a model kind's step -> checkpoints, logs, the best model.
 
 ``train(config)`` starts a run or resumes it from its newest checkpoint. Data order and
 augmentation are pure functions of (seed, step) and the learning rate a function of the
 optimiser's step, so a resumed run computes what the uninterrupted one would have.
 
-With an image-text loss (``clip``, ``siglip``) the run trains a dual encoder: the same loop over
-image-caption batches, with the text tower beside the embedding model (:mod:`training.dual`);
-its weights go into the checkpoints (group ``text_model``) and ``best.text.weights.h5``, and
-the model is selected on text-to-image Recall@1 of held-out images' captions.
+The loop knows no model kind: what is trained is a task (:class:`training.task.TrainingTask`),
+:class:`training.image.ImageTask` for an image loss, :class:`training.dual.DualEncoderTask` for
+an image-text loss (``clip``, ``siglip``): a dual encoder, whose text tower's weights go into
+the checkpoints (group ``text_model``) and ``best.text.weights.h5``, selected on text-to-image
+Recall@1 of held-out images' captions. The loop owns checkpoints and resume, validation and the
+best weights, metrics.csv and TensorBoard, the progress bar and the distribution strategy.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,16 +28,16 @@ import tensorflow as tf
 
 import config as cfg
 import losses
-import nets
 from datasets.lists import Splits, ValidationSplit, load_splits
-from datasets.pipeline import TrainData
 from runs import checkpoint
-from runs.folder import DUAL_CSV_FIELDS, RunFolder
+from runs.folder import RunFolder
 from tfcbir import UserError
-from tfcbir.files import atomic_output
 from tfcbir.progress import Progress
-from training import distribute, dual, validation
-from training.optim import VariableGroup, build_optimizer, create_loss_variables, trainable_groups
+from training import distribute
+from training.dual import DualEncoderTask
+from training.image import ImageTask
+from training.optim import VariableGroup, build_optimizer
+from training.task import TrainingTask
 from training.validation import choose_validation
 
 log = logging.getLogger("tfcbir")
@@ -50,7 +53,8 @@ class Result:
 
 
 def train(config: dict, *, restart: bool = False) -> Result:
-    """Train (or resume) the run of a resolved config; returns where it ended."""
+    """Train (or resume) the run of a resolved config; returns where it ended. The global
+    mixed-precision policy it may set is set back to the one it found, also on error."""
     train_cfg = config["train"]
     strategy = distribute.make_strategy(train_cfg["distribute"])
     distribute.check_batch_split(train_cfg["batch"]["P"], strategy.num_replicas_in_sync)
@@ -64,13 +68,13 @@ def train(config: dict, *, restart: bool = False) -> Result:
     run = shared if chief else RunFolder(Path(tempfile.mkdtemp(prefix="tfcbir-worker-")))
     run.prepare(config, restart)
     tf.keras.utils.set_random_seed(config["seed"])
-    mixed = _mixed_precision(train_cfg["mixed_precision"])
+    policy = keras.mixed_precision.global_policy()
     try:
+        mixed = _mixed_precision(train_cfg["mixed_precision"])
         found = None if restart else checkpoint.latest(shared.checkpoints)
         return _train(config, run, found, strategy, mixed, splits, chosen, validate=chief)
     finally:
-        if mixed:
-            keras.mixed_precision.set_global_policy("float32")
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def with_validation_source(config: dict, source: str) -> dict:
@@ -81,294 +85,184 @@ def with_validation_source(config: dict, source: str) -> dict:
     return {**config, "train": {**train_cfg, "validation": validation}}
 
 
+def task_kind(config: dict) -> type[TrainingTask]:
+    """The task class of the config's model kind: a dual encoder for an image-text loss, else
+    an image embedder."""
+    return DualEncoderTask if losses.is_image_text(config["loss"]) else ImageTask
+
+
 def _train(
     config: dict,
     run: RunFolder,
-    found,
+    found: checkpoint.Checkpoint | None,
     strategy,
     mixed: bool,
     splits: Splits,
     chosen: ValidationSplit,
     validate: bool,
 ) -> Result:
-    data, model_cfg, train_cfg = config["data"], config["model"], config["train"]
-    P, K = train_cfg["batch"]["P"], train_cfg["batch"]["K"]
-    is_dual = losses.is_image_text(config["loss"])
-
-    # Labels renumbered over the training classes only: a per-class loss gets one vector per
-    # class it trains on (test classes of a class-disjoint split get none).
-    train_images, val_images = chosen.train.compact(), chosen.validation
-    pairs = table = None
-    if is_dual:  # only captioned images train a dual encoder
-        table = dual.caption_table(config)
-        pairs = dual.caption_pairs(config, train_images, table)
-        dual.check_captions(pairs, train_images, config)
-        train_images = pairs.images
-        if len(np.unique(train_images.labels)) == 1:  # no classes: plain shuffled batches
-            P, K = 1, P * K
-    train_data = TrainData(
-        train_images,
-        P=P,
-        K=K,
-        seed=config["seed"],
-        image_size=tuple(data["image_size"]),
-        resize=tuple(data["resize"]) if data["resize"] else None,
-        flip=data["augment"]["flip"],
-        crop=data["augment"]["crop"],
-        cache_max_bytes=int(data["cache_gb"] * (1 << 30)),
-    )
-    text_tower = None
-    if is_dual:
-        tokenizer = dual.run_tokenizer(config, run, pairs, resuming=found is not None)
-
+    train_cfg = config["train"]
+    task = task_kind(config)(config, chosen, run, resuming=found is not None)
     with strategy.scope():
-        # A CLIP or SigLIP preset's two towers are loaded once and share it.
-        hub_backbone = (
-            nets.shared_hub_backbone(model_cfg, data["image_size"], pretrained=found is None)
-            if is_dual
-            else None
-        )
-        model = nets.build_embedding_model(
-            model_cfg,
-            tuple(data["image_size"]),
-            pretrained=found is None,
-            hub_backbone=hub_backbone,
-        )
-        if is_dual:
-            text_tower, loss_fn, loss_variables, variable_groups = dual.build(
-                config, model, tokenizer, len(train_images.classes), found is None, hub_backbone
+        task.build(pretrained=found is None)
+        optimizer = build_optimizer(train_cfg, task.variable_groups, mixed=mixed)
+    groups = {"model": task.model.weights, "optimizer": optimizer.variables, **task.variables()}
+    step, best = _resume(found, groups, run)
+    validation = None
+    if validate and chosen.validation is not None and train_cfg["validate_every"] > 0:
+        validation = task.validation(chosen, splits)
+    _summary(config, run, splits, chosen, task, step, strategy)
+    log.info(_trainable_line(task.variable_groups))
+    train_step = task.make_step(optimizer, strategy, mixed)
+    batches = task.batches(step, train_cfg["steps"])
+    for line in task.describe():
+        log.info(line)
+    loop = TrainingLoop(config, run, task, groups, optimizer, validation, step, best)
+    return loop.run(train_step, batches, strategy)
+
+
+def _resume(found: checkpoint.Checkpoint | None, groups: dict[str, list], run: RunFolder):
+    """Restore ``groups`` from the checkpoint ``found``: ``(step, best)`` to go on from, or
+    ``(0, None)`` without one."""
+    if found is None:
+        return 0, None
+    for name, variables in groups.items():
+        if name == "rng" and name not in found.groups:
+            continue  # saved before random states were: dropout masks differ from here on
+        checkpoint.restore(variables, found.groups.get(name, []), name, found.path)
+    log.info("resuming %s from step %d (%s)", run.path, found.step, found.path.name)
+    return found.step, found.meta.get("best")
+
+
+class TrainingLoop:
+    """The steps of a run from ``step`` to ``train.steps``, and after each what is due: a row of
+    metrics.csv (and TensorBoard scalars), validation and the best weights, a checkpoint.
+
+    groups: the checkpoint's variables by group; validation: a function measuring the current
+    weights' Recall@1 (None: the newest weights are the model, saved with each checkpoint)."""
+
+    def __init__(
+        self,
+        config: dict,
+        run: RunFolder,
+        task: TrainingTask,
+        groups: dict[str, list],
+        optimizer,
+        validation: Callable[[], float] | None,
+        step: int,
+        best: dict | None,
+    ):
+        self.config, self.train_cfg, self.run_folder = config, config["train"], run
+        self.task, self.groups, self.optimizer = task, groups, optimizer
+        self.validation, self.step, self.best = validation, step, best
+
+    def run(self, train_step: Callable[..., list[float]], batches, strategy) -> Result:
+        """Run ``train_step`` on each of ``batches``, split over the ``strategy``'s replicas;
+        Ctrl-C or SIGTERM save a checkpoint and end the run (``interrupted``)."""
+        run = self.run_folder
+        self.writer = tf.summary.create_file_writer(str(run.logs))
+        self.csv_handle, self.csv_writer = run.open_metrics(self.step, self.task.csv_fields)
+        self.progress = Progress(self.train_cfg["steps"], start=self.step)
+        signal_handler = _raise_on_sigterm()
+        last_loss = None  # None: the run had already finished
+        interrupted = False
+        self.t_start = time.monotonic()
+        self.window_t, self.window_step = self.t_start, self.step
+        try:
+            for batch in batches:
+                values = train_step(*distribute.split_per_replica(strategy, *batch))
+                self.step += 1
+                last_loss = values[0]
+                self._after_step(values)
+        except KeyboardInterrupt:
+            interrupted = True
+            self.progress.note(f"interrupted at step {self.step}; saving a checkpoint")
+            self._save_checkpoint()
+        finally:
+            self.progress.close()
+            self.csv_handle.close()
+            self.writer.close()
+            signal.signal(signal.SIGTERM, signal_handler)
+        if interrupted:
+            log.warning(
+                "run the same command to resume %s from step %d", self.config["name"], self.step
             )
-            pairs.tokenize(text_tower.tokenizer)
-        else:
-            loss_fn = losses.get(config["loss"], num_classes=len(train_images.classes))
-            loss_variables = create_loss_variables(loss_fn, model, data["image_size"])
-            variable_groups = trainable_groups(model, loss_fn, loss_variables, train_cfg)
-        optimizer = build_optimizer(train_cfg, variable_groups, mixed=mixed)
+        return Result(run, self.step, last_loss, self.best, interrupted)
 
-    groups = {
-        "model": model.weights,
-        "optimizer": optimizer.variables,
-        "loss": loss_variables,
-        "rng": _random_states(model),
-    }
-    if text_tower is not None:
-        groups["text_model"] = text_tower.model.weights
-        groups["rng"] += _random_states(text_tower.model)
-    step, best = 0, None
-    if found is not None:
-        for name, variables in groups.items():
-            if name == "rng" and name not in found.groups:
-                continue  # saved before random states were: dropout masks differ from here on
-            checkpoint.restore(variables, found.groups.get(name, []), name, found.path)
-        step, best = found.step, found.meta.get("best")
-        log.info("resuming %s from step %d (%s)", run.path, step, found.path.name)
+    def _due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.train_cfg["steps"]
 
-    validator = None
-    if validate and val_images is not None and train_cfg["validate_every"] > 0:
-        if is_dual:
-            validator = _text_validator(config, val_images, text_tower, table, pairs.group_by)
-        else:
-            validator = validation.Validator(
-                val_images,
-                data,
-                train_cfg["validation"]["max_images"],
-                config["seed"],
-                normalized=cfg.normalized_embeddings(config),
-                # Mirror evaluation: class-disjoint splits leave one out, others search training.
-                gallery=None if splits.class_disjoint else chosen.train,
+    def _after_step(self, values: list[float]) -> None:
+        """values: the step's ``[loss, *parts]``."""
+        step, loss_value = self.step, values[0]
+        if not np.isfinite(loss_value):
+            raise UserError(
+                f"the loss became {loss_value} at step {step}; lower "
+                "train.optimizer.lr or check the data"
             )
+        row = self._log_row(values) if self._due(self.train_cfg["log_every"]) else None
+        if self.validation is not None and self._due(self.train_cfg["validate_every"]):
+            row = row or {"step": step, "loss": f"{loss_value:.6g}"}
+            row["val_recall@1"] = f"{self._validate():.6g}"
+        if row is not None:
+            self.csv_writer.writerow(row)
+            self.csv_handle.flush()
+        if self._due(self.train_cfg["checkpoint_every"]):
+            if self.validation is None:  # no validation: the newest weights are the model
+                self._save_best({"step": step, "val_recall@1": None})
+            self._save_checkpoint()
+        self.progress.update(step, loss=loss_value)
 
-    _summary(config, run, splits, chosen, train_images, train_data, model, step, strategy)
-    log.info(_trainable_line(variable_groups))
-    if is_dual:
-        train_step = dual.make_step(
-            model, text_tower.model, loss_fn, optimizer, variable_groups, strategy, mixed
+    def _log_row(self, values: list[float]) -> dict[str, str]:
+        """A logged step's row of metrics.csv; its scalars written to TensorBoard."""
+        step, loss_value = self.step, values[0]
+        now = time.monotonic()
+        rate = (step - self.window_step) / max(now - self.window_t, 1e-9)
+        self.window_t, self.window_step = now, step
+        lr = float(self.optimizer.learning_rate)
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("loss", loss_value)
+            tf.summary.scalar("learning_rate", lr)
+            tf.summary.scalar("steps_per_second", rate)
+        row = {
+            "step": step,
+            "loss": f"{loss_value:.6g}",
+            "lr": f"{lr:.6g}",
+            "steps_per_s": f"{rate:.4g}",
+            "val_recall@1": "",
+            "elapsed_s": f"{now - self.t_start:.1f}",
+        }
+        row.update(self.task.log_row(step, values, self.writer))
+        return row
+
+    def _validate(self) -> float:
+        """The current weights' validation Recall@1; the best weights kept when it improved."""
+        step, recall = self.step, self.validation()
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("val_recall@1", recall)
+        improved = self.best is None or recall > self.best["val_recall@1"]
+        self.progress.note(
+            f"step {step}: validation Recall@1 {recall:.4f}"
+            + (" (best so far)" if improved else "")
         )
-        batches = dual.PairBatches(train_data, pairs, config["seed"]).dataset(
-            step, train_cfg["steps"]
+        if improved:
+            self._save_best({"step": step, "val_recall@1": recall})
+        return recall
+
+    def _save_best(self, best: dict) -> None:
+        self.best = best
+        self.task.save_weights(self.run_folder)
+        self.run_folder.write_best(best)
+
+    def _save_checkpoint(self) -> None:
+        meta = {"best": self.best, "config_hash": cfg.config_hash(self.config)}
+        checkpoint.save(
+            self.run_folder.checkpoints,
+            self.step,
+            self.groups,
+            meta,
+            self.train_cfg["keep_checkpoints"],
         )
-        log.info(
-            "text tower %s; %d training pairs' images, captions grouped by %s",
-            text_tower.tower,
-            len(pairs),
-            pairs.group_by,
-        )
-    else:
-        train_step = _make_train_step(model, loss_fn, optimizer, variable_groups, strategy, mixed)
-        batches = train_data.dataset(step, train_cfg["steps"])
-    writer = tf.summary.create_file_writer(str(run.logs))
-    csv_handle, csv_writer = (
-        run.open_metrics(step, DUAL_CSV_FIELDS) if is_dual else run.open_metrics(step)
-    )
-    progress = Progress(train_cfg["steps"], start=step)
-    signal_handler = _raise_on_sigterm()
-    last_loss = None  # None: the run had already finished
-    interrupted = False
-    t_start = time.monotonic()
-    window_t, window_step = t_start, step
-
-    def save_checkpoint(at: int):
-        meta = {"best": best, "config_hash": cfg.config_hash(config)}
-        checkpoint.save(run.checkpoints, at, groups, meta, train_cfg["keep_checkpoints"])
-
-    try:
-        for batch in batches:
-            parts = None
-            if is_dual:
-                loss_value, *parts = (float(v) for v in train_step(*_split(strategy, batch)))
-            else:
-                loss_value = float(train_step(*_split(strategy, batch)))
-            step += 1
-            last_loss = loss_value
-            if not np.isfinite(loss_value):
-                raise UserError(
-                    f"the loss became {loss_value} at step {step}; lower "
-                    "train.optimizer.lr or check the data"
-                )
-            row = None
-            if step % train_cfg["log_every"] == 0 or step == train_cfg["steps"]:
-                now = time.monotonic()
-                rate = (step - window_step) / max(now - window_t, 1e-9)
-                window_t, window_step = now, step
-                lr = float(optimizer.learning_rate)
-                with writer.as_default(step=step):
-                    tf.summary.scalar("loss", loss_value)
-                    tf.summary.scalar("learning_rate", lr)
-                    tf.summary.scalar("steps_per_second", rate)
-                row = {
-                    "step": step,
-                    "loss": f"{loss_value:.6g}",
-                    "lr": f"{lr:.6g}",
-                    "steps_per_s": f"{rate:.4g}",
-                    "val_recall@1": "",
-                    "elapsed_s": f"{now - t_start:.1f}",
-                }
-                if is_dual:
-                    row.update(_dual_row(step, parts, loss_fn, train_data, writer))
-            if validator is not None and (
-                step % train_cfg["validate_every"] == 0 or step == train_cfg["steps"]
-            ):
-                if is_dual:
-                    recall = validator.recall_at_1(model, text_tower.model)
-                else:
-                    recall = validator.recall_at_1(model)
-                with writer.as_default(step=step):
-                    tf.summary.scalar("val_recall@1", recall)
-                improved = best is None or recall > best["val_recall@1"]
-                progress.note(
-                    f"step {step}: validation Recall@1 {recall:.4f}"
-                    + (" (best so far)" if improved else "")
-                )
-                if improved:
-                    best = {"step": step, "val_recall@1": recall}
-                    _save_weights(model, run, text_tower)
-                    run.write_best(best)
-                row = row or {"step": step, "loss": f"{loss_value:.6g}"}
-                row["val_recall@1"] = f"{recall:.6g}"
-            if row is not None:
-                csv_writer.writerow(row)
-                csv_handle.flush()
-            if validator is None and (
-                step % train_cfg["checkpoint_every"] == 0 or step == train_cfg["steps"]
-            ):
-                best = {"step": step, "val_recall@1": None}
-                # No validation: the newest weights are the model.
-                _save_weights(model, run, text_tower)
-                run.write_best(best)
-            if step % train_cfg["checkpoint_every"] == 0 or step == train_cfg["steps"]:
-                save_checkpoint(step)
-            progress.update(step, loss=loss_value)
-    except KeyboardInterrupt:
-        interrupted = True
-        progress.note(f"interrupted at step {step}; saving a checkpoint")
-        save_checkpoint(step)
-    finally:
-        progress.close()
-        csv_handle.close()
-        writer.close()
-        signal.signal(signal.SIGTERM, signal_handler)
-    if interrupted:
-        log.warning("run the same command to resume %s from step %d", config["name"], step)
-    return Result(run, step, last_loss, best, interrupted)
-
-
-def _split(strategy, batch) -> tuple:
-    return distribute.split_per_replica(strategy, *batch)
-
-
-def _text_validator(config: dict, val_images, text_tower, table, group_by: str):
-    """Text-to-image Recall@1 of the held-out images' captions (from the captions ``table`` the
-    training pairs came from, grouped by the training pairs' ``group_by``); None when none has a
-    caption."""
-    pairs = dual.caption_pairs(config, val_images, table, group_by)
-    if len(pairs) == 0:
-        log.warning(
-            "train.validation: none of the %d held-out images has a caption; training without "
-            "validation, the last weights are the model",
-            len(val_images),
-        )
-        return None
-    validation_cfg = config["train"]["validation"]
-    return dual.TextValidator(
-        pairs,
-        config["data"],
-        validation_cfg["max_images"],
-        config["seed"],
-        tokenizer=text_tower.tokenizer,
-    )
-
-
-def _dual_row(step: int, parts, loss_fn, train_data, writer) -> dict:
-    """A dual encoder's extra CSV columns (and TensorBoard scalars)."""
-    pair, image = parts
-    scale = loss_fn.pair.logit_scale
-    epoch = step * train_data.batch_size / max(train_data.num_images, 1)
-    with writer.as_default(step=step):
-        tf.summary.scalar("logit_scale", scale)
-        tf.summary.scalar("pair_loss", pair)
-        if loss_fn.image is not None:
-            tf.summary.scalar("image_loss", image)
-    return {
-        "epoch": f"{epoch:.4g}",
-        "logit_scale": f"{scale:.6g}",
-        "pair_loss": f"{pair:.6g}",
-        "image_loss": f"{image:.6g}" if loss_fn.image is not None else "",
-    }
-
-
-def _random_states(model) -> list:
-    """The model's random-number states (dropout's seed generators), which are variables but
-    not weights: checkpointed so that a resumed run draws the dropout masks the uninterrupted
-    run would have."""
-    weights = {id(w) for w in model.weights}
-    return [v for v in model.variables if id(v) not in weights]
-
-
-def _make_train_step(model, loss_fn, optimizer, groups: list[VariableGroup], strategy, mixed: bool):
-    """One training step on a (per-replica) batch: the loss of the whole batch, its gradients
-    for the groups' variables, one optimiser update (each group at its learning rate)."""
-    variables = [variable for group in groups for variable in group.variables]
-    replicas = strategy.num_replicas_in_sync
-
-    def replica_step(images, labels):
-        with tf.GradientTape() as tape:
-            embeddings = tf.cast(model(images, training=True), tf.float32)
-            # The loss sees the whole batch; the optimisers sum the replicas' gradients.
-            loss = loss_fn(distribute.gather(labels), distribute.gather(embeddings))
-            total = loss + tf.add_n(model.losses) if model.losses else loss
-            total = total / replicas
-            if mixed:
-                total = optimizer.scale_loss(total)
-        grads = tape.gradient(total, variables)
-        optimizer.apply_gradients(zip(grads, variables))
-        return loss
-
-    @tf.function
-    def train_step(images, labels):
-        losses_per_replica = strategy.run(replica_step, args=(images, labels))
-        return strategy.reduce("MEAN", losses_per_replica, axis=None)
-
-    return train_step
 
 
 def _mixed_precision(wanted: bool) -> bool:
@@ -380,16 +274,6 @@ def _mixed_precision(wanted: bool) -> bool:
         return False
     keras.mixed_precision.set_global_policy("mixed_float16")
     return True
-
-
-def _save_weights(model, run: RunFolder, text_tower=None) -> None:
-    """best.weights.h5 (and a dual encoder's best.text.weights.h5, written first: the image
-    tower's file is the last to change, and both are replaced atomically)."""
-    if text_tower is not None:
-        with atomic_output(run.best_text_weights) as tmp:
-            text_tower.model.save_weights(tmp)
-    with atomic_output(run.best_weights) as tmp:
-        model.save_weights(tmp)
 
 
 def _raise_on_sigterm():
@@ -418,8 +302,9 @@ def _validation_line(chosen: ValidationSplit, splits: Splits) -> str:
     return f"validation: {len(images)} images of {classes} classes, {where}"
 
 
-def _summary(config, run, splits, chosen, train_images, train_data, model, step, strategy) -> None:
-    skipped = len(getattr(train_data, "skipped", []))
+def _summary(config, run, splits, chosen, task: TrainingTask, step: int, strategy) -> None:
+    train_images, model = task.images, task.model
+    skipped = len(getattr(task.data, "skipped", []))
     parts = [
         f"run {config['name']} in {run.path}",
         f"data {cfg.data_root(config)} ({splits.layout}, {splits.kind} split): "

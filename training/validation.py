@@ -57,9 +57,11 @@ class Validator:
     ):
         self.normalized = normalized
         leave_one_out = gallery is None
-        self.queries = _Decoded(_sample(queries, max_images, seed, by_class=leave_one_out), data)
+        self.queries = DecodedImages(
+            _sample(queries, max_images, seed, by_class=leave_one_out), data
+        )
         self.gallery = (
-            None if gallery is None else _Decoded(_sample(gallery, max_images, seed), data)
+            None if gallery is None else DecodedImages(_sample(gallery, max_images, seed), data)
         )
         labels = self.queries.labels
         if self.gallery is None and not (np.bincount(labels) >= 2).any():
@@ -110,7 +112,7 @@ def _sample(images: ImageList, max_images: int, seed: int, by_class: bool = Fals
     return images.subset(np.isin(images.labels, taken))
 
 
-class _Decoded:
+class DecodedImages:
     """A list's images decoded once at the evaluation size (centre crop), and their labels.
 
     An unreadable file is left out (with a warning naming it): ``indices`` (N,) int64 are the

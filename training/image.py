@@ -1,0 +1,108 @@
+"""An embedding model trained with an image loss on P x K batches (:class:`ImageTask`).
+
+Labels are renumbered over the training classes only: a per-class loss gets one vector per class
+it trains on (test classes of a class-disjoint split get none). The model is selected on the
+validation images' Recall@1 (:class:`training.validation.Validator`), its best weights go to
+``best.weights.h5``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tensorflow as tf
+
+import config as cfg
+import losses
+import nets
+from datasets.lists import Splits, ValidationSplit
+from runs.folder import CSV_FIELDS, RunFolder
+from tfcbir.files import atomic_output
+from training import distribute, validation
+from training.optim import VariableGroup, create_loss_variables, trainable_groups
+from training.task import make_train_data, random_states
+
+
+class ImageTask:
+    """The image embedder's part of training (:class:`training.task.TrainingTask`)."""
+
+    csv_fields = CSV_FIELDS
+
+    def __init__(self, config: dict, chosen: ValidationSplit, run: RunFolder, resuming: bool):
+        self.config = config
+        batch = config["train"]["batch"]
+        self.images = chosen.train.compact()
+        self.data = make_train_data(config, self.images, batch["P"], batch["K"])
+
+    def build(self, pretrained: bool) -> None:
+        config = self.config
+        image_size = config["data"]["image_size"]
+        self.model = nets.build_embedding_model(
+            config["model"], tuple(image_size), pretrained=pretrained
+        )
+        self.loss = losses.get(config["loss"], num_classes=len(self.images.classes))
+        self.loss_variables = create_loss_variables(self.loss, self.model, image_size)
+        self.variable_groups = trainable_groups(
+            self.model, self.loss, self.loss_variables, config["train"]
+        )
+
+    def variables(self) -> dict[str, list]:
+        return {"loss": self.loss_variables, "rng": random_states(self.model)}
+
+    def validation(self, chosen: ValidationSplit, splits: Splits):
+        config = self.config
+        validator = validation.Validator(
+            chosen.validation,
+            config["data"],
+            config["train"]["validation"]["max_images"],
+            config["seed"],
+            normalized=cfg.normalized_embeddings(config),
+            # Mirror evaluation: class-disjoint splits leave one out, others search training.
+            gallery=None if splits.class_disjoint else chosen.train,
+        )
+        return functools.partial(validator.recall_at_1, self.model)
+
+    def describe(self) -> list[str]:
+        return []
+
+    def make_step(self, optimizer, strategy, mixed: bool):
+        step = make_step(self.model, self.loss, optimizer, self.variable_groups, strategy, mixed)
+        return lambda images, labels: [float(step(images, labels))]
+
+    def batches(self, start_step: int, stop_step: int) -> tf.data.Dataset:
+        return self.data.dataset(start_step, stop_step)
+
+    def log_row(self, step: int, values: list[float], writer) -> dict[str, str]:
+        return {}
+
+    def save_weights(self, run: RunFolder) -> None:
+        with atomic_output(run.best_weights) as tmp:
+            self.model.save_weights(tmp)
+
+
+def make_step(model, loss_fn, optimizer, groups: list[VariableGroup], strategy, mixed: bool):
+    """One training step ``step(images, labels)`` -> the loss (the replicas' mean) on a
+    (per-replica) batch: the loss of the whole batch, its gradients for the groups' variables,
+    one optimiser update (each group at its learning rate)."""
+    variables = [variable for group in groups for variable in group.variables]
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            embeddings = tf.cast(model(images, training=True), tf.float32)
+            # The loss sees the whole batch; the optimisers sum the replicas' gradients.
+            loss = loss_fn(distribute.gather(labels), distribute.gather(embeddings))
+            total = loss + tf.add_n(model.losses) if model.losses else loss
+            total = total / replicas
+            if mixed:
+                total = optimizer.scale_loss(total)
+        grads = tape.gradient(total, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss
+
+    @tf.function
+    def train_step(images, labels):
+        losses_per_replica = strategy.run(replica_step, args=(images, labels))
+        return strategy.reduce("MEAN", losses_per_replica, axis=None)
+
+    return train_step
