@@ -113,7 +113,47 @@ def evaluate_run(
     picked = np.arange(len(query_set))
     if queries and queries < len(query_set):
         picked = np.sort(np.random.default_rng(seed).choice(len(query_set), queries, replace=False))
-    metrics = evaluate(
+    values = _scores(query_set, gallery, picked, protocol, r=r, ap_denominator=ap_denominator)
+    if nmi:
+        values["NMI"] = clustering_nmi(query_set.embeddings, query_set.labels, seed=seed)
+    result = {key: values[key] for key in report_keys(r) if key in values}
+    result.update(
+        mAP=values["mAP"],
+        queries=int(len(picked)),
+        excluded_queries=values["excluded_queries"],
+        r=r,
+        protocol=protocol.name,
+        on_training_images=protocol.queries == "train",
+        model_selected_on=model_selected_on(config),
+        ap_denominator=ap_denominator,
+        seed=seed,
+        gallery=str(gallery.path),
+        gallery_size=len(gallery),
+        query_set_size=len(query_set),
+        model_step=gallery.model_step,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    name = f"{protocol.name}-t{queries}-r{r}-seed{seed}"
+    if ap_denominator != "min_r_g":
+        name += f"-{ap_denominator}"
+    out = RunFolder.of(config).evaluation / f"{name}.json"
+    write_json(out, result)
+    result["saved"] = str(out)
+    return result
+
+
+def _scores(
+    query_set: Gallery,
+    gallery: Gallery,
+    picked: np.ndarray,
+    protocol: sets.Protocol,
+    *,
+    r: int,
+    ap_denominator: str,
+) -> dict:
+    """The metrics of the ``picked`` queries (their indices in ``query_set``) against
+    ``gallery``, each left out of its own answers for leave-one-out; NMI is not computed."""
+    return evaluate(
         query_set.embeddings[picked],
         query_set.labels[picked],
         gallery.embeddings,
@@ -123,36 +163,7 @@ def evaluate_run(
         r=r,
         ap_denominator=ap_denominator,
         nmi=False,
-    )
-    values = metrics.as_dict()
-    if nmi:
-        values["NMI"] = clustering_nmi(query_set.embeddings, query_set.labels, seed=seed)
-    result = {key: values[key] for key in report_keys(r) if key in values}
-    result.update(
-        {
-            "mAP": values["mAP"],
-            "queries": int(len(picked)),
-            "excluded_queries": values["excluded_queries"],
-            "r": r,
-            "protocol": protocol.name,
-            "on_training_images": protocol.queries == "train",
-            "model_selected_on": model_selected_on(config),
-            "ap_denominator": ap_denominator,
-            "seed": seed,
-            "gallery": str(gallery.path),
-            "gallery_size": len(gallery),
-            "query_set_size": len(query_set),
-            "model_step": gallery.model_step,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-    )
-    name = f"{protocol.name}-t{queries}-r{r}-seed{seed}"
-    if ap_denominator != "min_r_g":
-        name += f"-{ap_denominator}"
-    out = RunFolder.of(config).evaluation / f"{name}.json"
-    write_json(out, result)
-    result["saved"] = str(out)
-    return result
+    ).as_dict()
 
 
 def _open_protocol(
