@@ -367,19 +367,18 @@ def update_gallery(
         )
     embeddings = np.zeros((len(images), old.dim), np.float32)
     kept = np.flatnonzero(plan.sources >= 0)
-    embeddings[kept] = old.embeddings[plan.sources[kept]]
+    embeddings[kept] = old.embeddings[plan.sources[kept]]  # no pixels read for these
     embeddings[todo] = embedded
     keep = np.ones(len(images), bool)
     keep[failed] = False
     identity = embedder.gallery_identity(images)
-    new_rows = np.cumsum(keep) - 1  # an item's row once the unreadable ones are left out
-    unchanged = (
+    written = not (
         len(todo) == 0
         and not len(old.dropped)
         and not identity.differences(old.identity)
         and files.same(old.files)
     )
-    if not unchanged:
+    if written:
         write_gallery(
             out,
             embeddings[keep],
@@ -394,22 +393,7 @@ def update_gallery(
             dropped=failed,
             files=files.subset(keep),
         )
-    return UpdateReport(
-        path=Path(out),
-        written=not unchanged,
-        added=plan.added,
-        changed=plan.changed,
-        removed=plan.removed,
-        unchanged=plan.unchanged,
-        unknown=plan.unknown,
-        relabelled=plan.relabelled,
-        unreadable=len(failed),
-        old_gallery_id=old.gallery_id,
-        old_size=len(old),
-        new_size=int(keep.sum()),
-        kept_old=plan.sources[kept],
-        kept_new=new_rows[kept],
-    )
+    return UpdateReport.of_plan(plan, old, keep, path=Path(out), written=written)
 
 
 def _gallery_to_update(embedder: Embedder, out: Path, split: str, config_path) -> Gallery:

@@ -315,16 +315,42 @@ class UpdateReport:
     kept_old: np.ndarray
     kept_new: np.ndarray
 
+    @classmethod
+    def of_plan(
+        cls, plan: UpdatePlan, old: Gallery, keep: np.ndarray, *, path: Path, written: bool
+    ) -> UpdateReport:
+        """The report of ``plan`` carried out on ``old``; keep (N,) bool: the new list's items
+        in the new gallery (False: unreadable, left out)."""
+        kept = np.flatnonzero(plan.sources >= 0)
+        new_rows = np.cumsum(keep) - 1  # an item's row once the unreadable ones are left out
+        return cls(
+            path=path,
+            written=written,
+            added=plan.added,
+            changed=plan.changed,
+            removed=plan.removed,
+            unchanged=plan.unchanged,
+            unknown=plan.unknown,
+            relabelled=plan.relabelled,
+            unreadable=int((~keep).sum()),
+            old_gallery_id=old.gallery_id,
+            old_size=len(old),
+            new_size=int(keep.sum()),
+            kept_old=plan.sources[kept],
+            kept_new=new_rows[kept],
+        )
+
     def summary(self) -> str:
         """One line: the counts, e.g. ``2 added, 1 changed, 1 removed, 96 unchanged``."""
+        changed = f"{self.changed} changed"
+        if self.unknown:  # see plan_update
+            changed += f" ({self.unknown} of them not recorded: no file stats or hashes)"
         parts = [
             f"{self.added} added",
-            f"{self.changed} changed",
+            changed,
             f"{self.removed} removed",
             f"{self.unchanged} unchanged",
         ]
-        if self.unknown:
-            parts.append(f"{self.unknown} without recorded file stats embedded again")
         if self.relabelled:
             parts.append(f"{self.relabelled} relabelled")
         if self.unreadable:
