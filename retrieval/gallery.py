@@ -135,6 +135,19 @@ class FileStats:
         sha256 = None if self.sha256 is None else self.sha256[rows]
         return FileStats(self.sizes[rows], self.mtimes[rows], sha256)
 
+    @staticmethod
+    def concatenate(parts: Sequence[FileStats | None]) -> FileStats | None:
+        """The stats of parts' items one after the other (e.g. of shards); None when a part
+        has none; hashes only when every part has them."""
+        if not parts or any(part is None for part in parts):
+            return None
+        hashed = all(part.sha256 is not None for part in parts)
+        return FileStats(
+            np.concatenate([part.sizes for part in parts]),
+            np.concatenate([part.mtimes for part in parts]),
+            np.concatenate([part.sha256 for part in parts]) if hashed else None,
+        )
+
     def same(self, other: FileStats | None) -> bool:
         """Whether ``other`` records exactly these stats (and hashes)."""
         return (

@@ -260,3 +260,36 @@ def test_the_faiss_index_follows(model, data, tmp_path, factory, in_place):
     np.testing.assert_array_equal(found[1], expected[1])
     np.testing.assert_allclose(found[0], expected[0], atol=1e-5)
     assert "up to date" in update_index(updated, report, factory)[1]
+
+
+def test_a_merged_gallery_keeps_the_file_stats_of_its_shards(model, data, tmp_path):
+    from retrieval.shards import check_shards, embed_shard
+
+    embedder = Counting(make_embedder(model))
+    images, out = image_list(data), tmp_path / "test.h5"
+    for index in range(3):
+        embed_shard(embedder, images, out, (index, 3), split="test")
+    checked = check_shards(
+        out, images, split="test", expect=embedder.gallery_identity(images), command="embed"
+    )
+    merged = read_gallery(checked.merge())
+    scratch = full(embedder, data, tmp_path)
+    np.testing.assert_array_equal(merged.files.sizes, scratch.files.sizes)
+    np.testing.assert_array_equal(merged.files.mtimes, scratch.files.mtimes)
+    embedder.files.clear()
+    assert update(embedder, data, out).changed == 0 and embedder.files == []
+
+
+def test_a_relabelled_list_keeps_the_embeddings(model, data, tmp_path):
+    embedder = Counting(make_embedder(model))
+    out = tmp_path / "test.h5"
+    images = image_list(data)
+    embed_images(embedder, images, out, split="test")
+    labels = images.labels.copy()
+    labels[:3] = 1  # three circles listed as squares (a CSV list corrected), same files
+    relabelled = ImageList(images.root, images.paths, labels, images.classes)
+    embedder.files.clear()
+    report = update_gallery(embedder, relabelled, out, split="test")
+    assert embedder.files == [] and report.relabelled == 3 and report.written
+    scratch = read_gallery(embed_images(embedder, relabelled, tmp_path / "s.h5", split="test"))
+    assert_same_gallery(read_gallery(out), scratch)
