@@ -293,3 +293,16 @@ def test_a_relabelled_list_keeps_the_embeddings(model, data, tmp_path):
     assert embedder.files == [] and report.relabelled == 3 and report.written
     scratch = read_gallery(embed_images(embedder, relabelled, tmp_path / "s.h5", split="test"))
     assert_same_gallery(read_gallery(out), scratch)
+
+
+def test_unreadable_images_are_left_out_as_a_full_embedding_does(model, data, tmp_path):
+    embedder = Counting(make_embedder(model))
+    out = tmp_path / "test.h5"
+    (data / "cross" / "002.png").write_text("not an image")
+    assert list(read_gallery(embed_images(embedder, image_list(data), out, split="test")).dropped)
+    draw(data / "circle" / "new.png", 10)  # shifts the unreadable image's position
+    embedder.files.clear()
+    report = update(embedder, data, out)
+    assert report.unreadable == 1 and report.added == 2  # the unreadable one is tried again
+    assert sorted(Path(p).name for p in embedder.files) == ["002.png", "new.png"]
+    assert_same_gallery(read_gallery(out), full(make_embedder(model), data, tmp_path))
