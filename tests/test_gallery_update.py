@@ -306,3 +306,55 @@ def test_unreadable_images_are_left_out_as_a_full_embedding_does(model, data, tm
     assert report.unreadable == 1 and report.added == 2  # the unreadable one is tried again
     assert sorted(Path(p).name for p in embedder.files) == ["002.png", "new.png"]
     assert_same_gallery(read_gallery(out), full(make_embedder(model), data, tmp_path))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_demo):
+    """A data_dir with the tiny demo set and a briefly trained, embedded run (made once)."""
+    import config
+    from embed import main as embed
+    from training.trainer import train
+
+    root = tmp_path_factory.mktemp("update") / "data"
+    shutil.copytree(tiny_demo, root / "datasets" / "shapes")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TFCBIR_DATA_DIR", str(root))
+        path = write_config(root, "update", tiny_config(train__steps=10, train__validate_every=5))
+        train(config.load(path))
+        assert embed(["-c", str(path)]) == 0
+    return root
+
+
+def test_an_updated_run_evaluates_as_a_full_embedding(trained_run, tmp_path, monkeypatch):
+    import config
+    from embed import main as embed
+    from retrieval import sets
+    from retrieval.embedder import load_embedder
+    from retrieval.evaluate import evaluate_run
+    from runs.folder import RunFolder
+
+    root = tmp_path / "data"
+    shutil.copytree(trained_run, root)
+    monkeypatch.setenv("TFCBIR_DATA_DIR", str(root))
+    cfg = config.load(root / "update.json")
+    shapes = root / "datasets" / "shapes"
+    (shapes / "star" / "004.png").unlink()
+    draw(shapes / "circle" / "100.png", 30)
+    embedder, made = load_embedder(cfg), sets.splits(cfg)
+    protocol = sets.protocol(cfg, made)
+    galleries = [RunFolder.of(cfg).gallery(name) for name in (protocol.gallery, protocol.queries)]
+    for out in dict.fromkeys(galleries):
+        update_gallery(embedder, sets.images(cfg, out.stem, made), out, split=out.stem)
+    updated = evaluate_run(cfg, queries=0, r=5)
+    ids = [read_gallery(out).gallery_id for out in galleries]
+    assert embed(["-c", str(root / "update.json")]) == 0
+    assert [read_gallery(out).gallery_id for out in galleries] == ids  # kept: up to date
+    for out in dict.fromkeys(galleries):
+        out.unlink()
+    assert embed(["-c", str(root / "update.json")]) == 0  # from scratch
+    scratch = evaluate_run(cfg, queries=0, r=5)
+    metrics = [key for key in scratch if isinstance(scratch[key], float)]
+    assert metrics and {k: updated[k] for k in metrics} == pytest.approx(
+        {k: scratch[k] for k in metrics}, abs=1e-6
+    )
+    assert updated["gallery_size"] == scratch["gallery_size"]
