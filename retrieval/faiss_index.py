@@ -349,8 +349,10 @@ def update_index(
     if found.get("gallery_id") == gallery.gallery_id and found.get("factory") == factory:
         return path, f"index {factory} {path} is up to date"
     reason = _why_rebuild(found, update, factory)
-    if reason is None:
-        index = faiss.deserialize_index(_index_data(path))
+    index = _read_index(faiss, path) if reason is None else None
+    if index is None and reason is None:
+        reason = "the index file could not be read"
+    if index is not None:
         if _renumbers_in_place(faiss, index):
             _apply_update(faiss, index, gallery, update)
             FaissIndex(
@@ -378,9 +380,13 @@ def _index_attrs(path: Path) -> dict:
         return {}
 
 
-def _index_data(path: Path) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        return f["index"][...]
+def _read_index(faiss, path: Path):
+    """The FAISS index saved in ``path``, or None when it cannot be read."""
+    try:
+        with h5py.File(path, "r") as f:
+            return faiss.deserialize_index(f["index"][...])
+    except (OSError, KeyError, RuntimeError):
+        return None
 
 
 def _why_rebuild(found: dict, update: UpdateReport, factory: str) -> str | None:
