@@ -21,7 +21,20 @@ import config as cfg
 import nets
 from datasets.pipeline import iter_eval_batches
 from datasets.tokenizer import WordTokenizer
-from retrieval.gallery import GalleryIdentity, GalleryWriter, items_hash, read_gallery
+from retrieval.gallery import (
+    FileStats,
+    Gallery,
+    GalleryIdentity,
+    GalleryWriter,
+    UpdateReport,
+    check_identity,
+    hash_files,
+    items_hash,
+    plan_update,
+    read_gallery,
+    stat_files,
+    write_gallery,
+)
 from retrieval.search import unit_rows
 from runs import checkpoint as ckpt
 from runs.weights import ModelSource, has_text_tower, model_source, read_checkpoint
@@ -266,7 +279,9 @@ def embed_images(
     is embedded again. The embedder's tower names are recorded in ``extra`` as information only:
     the identity already covers both towers (a local preset folder by its contents, so a moved
     folder keeps the gallery). A partial one left by an interrupted run is resumed where it
-    stopped. A list none of whose images can be read is refused unless ``allow_empty``.
+    stopped. A list none of whose images can be read is refused unless ``allow_empty``. Each
+    file's size and modification time are recorded (taken before it is read) for
+    :func:`update_gallery`.
     """
     required = dict(extra or {})
     identity = embedder.gallery_identity(images)
@@ -279,6 +294,7 @@ def embed_images(
         except UserError as error:
             reason = str(error).split("; ")[0].replace(f"{out} ", "it ")
         log.warning("%s is out of date (%s); embedding it again", out, reason)
+    absolute = images.absolute_paths()
     writer = GalleryWriter(
         out,
         paths=images.paths,
@@ -290,11 +306,11 @@ def embed_images(
         data_root=str(images.root),
         split=split,
         extra={**embedder.towers, **required},
+        files=stat_files(absolute),
     )
     failed: list[int] = []
     with writer:
         todo = writer.remaining()
-        absolute = images.absolute_paths()
         done = len(images) - len(todo)
         for indices, embeddings in embedder.embed_files(
             [absolute[i] for i in todo],
@@ -311,3 +327,127 @@ def embed_images(
                 f"check {images.root}"
             )
         return writer.finalize(drop_missing=bool(failed))
+
+
+def update_gallery(
+    embedder: Embedder,
+    images,
+    out: Path,
+    *,
+    split: str,
+    verify: bool = False,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+    config_path: str | Path | None = None,
+) -> UpdateReport:
+    """Bring the gallery ``out`` up to date with ``images`` (an ImageList as the data set has it
+    now), embedding only the added and changed images (:func:`retrieval.gallery.plan_update`;
+    ``verify``: by content hash, which reads every file) and dropping the removed ones.
+
+    The new gallery holds the items in the order of ``images`` and equals a full embedding of
+    them (:func:`embed_images`) but for ``created`` and ``gallery_id``; it replaces ``out``
+    atomically (an interruption leaves the old one), or ``out`` is left as it is when nothing
+    changed (``written`` False). Refused (UserError, one line): no gallery at ``out``, a shard,
+    or one embedded by another model or config: a new model needs a full embedding.
+    config_path only names the config in those messages. Returns what was done (see
+    :class:`retrieval.gallery.UpdateReport`); an index follows with
+    :func:`retrieval.faiss_index.update_index`.
+    """
+    old = _gallery_to_update(embedder, Path(out), split, config_path)
+    absolute = images.absolute_paths()
+    files = stat_files(absolute, hashes=verify)
+    plan = plan_update(old, images.paths, images.labels, images.classes, files, verify=verify)
+    todo = plan.to_embed
+    files = _hashes_kept(files, old, plan.sources, absolute)
+    embedded, failed = _embed_items(embedder, absolute, todo, batch_size, progress)
+    if len(images) and len(failed) == len(images):
+        raise UserError(
+            f"none of the {len(images)} images of the {split} set could be read; "
+            f"check {images.root}"
+        )
+    embeddings = np.zeros((len(images), old.dim), np.float32)
+    kept = np.flatnonzero(plan.sources >= 0)
+    embeddings[kept] = old.embeddings[plan.sources[kept]]  # no pixels read for these
+    embeddings[todo] = embedded
+    keep = np.ones(len(images), bool)
+    keep[failed] = False
+    identity = embedder.gallery_identity(images)
+    written = not (
+        len(todo) == 0
+        and not len(old.dropped)
+        and not identity.differences(old.identity)
+        and files.same(old.files)
+    )
+    if written:
+        write_gallery(
+            out,
+            embeddings[keep],
+            images.labels[keep],
+            [path for path, k in zip(images.paths, keep) if k],
+            images.classes,
+            normalized=embedder.normalized,
+            identity=identity,
+            data_root=str(images.root),
+            split=split,
+            extra={k: v for k, v in old.extra.items() if k != "merged_shards"} | embedder.towers,
+            dropped=failed,
+            files=files.subset(keep),
+        )
+    return UpdateReport.of_plan(plan, old, keep, path=Path(out), written=written)
+
+
+def _gallery_to_update(embedder: Embedder, out: Path, split: str, config_path) -> Gallery:
+    """The gallery ``out`` as it is, refused (one line) when missing, a shard, or embedded by
+    another model or config than ``embedder`` (today's refusal: re-embed it whole)."""
+    config = config_path or "<config>"
+    advice = f"re-embed it: python embed.py -c {config} --split {split}"
+    old = read_gallery(out, config_path=config_path, advice=None)
+    expect = GalleryIdentity(
+        embedder.model_id, embedder.config_hash, old.items_hash, embedder.model_step
+    )
+    check_identity(old, expect, advice)
+    if "shard" in old.extra:
+        raise UserError(
+            f"{out} is one shard of a sharded embedding; update the merged gallery instead "
+            f"(python embed.py -c {config} --split {split} --update)"
+        )
+    return old
+
+
+def _hashes_kept(files: FileStats, old: Gallery, sources: np.ndarray, absolute: list[str]):
+    """``files`` with a complete hash column when the old gallery had one (the kept items' old
+    hashes, the others' read now), so that a later ``verify`` needs no full embedding."""
+    if files.sha256 is not None or old.files is None or old.files.sha256 is None:
+        return files
+    sha256 = np.zeros((len(files), 32), np.uint8)
+    kept = np.flatnonzero(sources >= 0)
+    sha256[kept] = old.files.sha256[sources[kept]]
+    todo = np.flatnonzero(sources < 0)
+    sha256[todo] = hash_files([absolute[i] for i in todo])
+    return FileStats(files.sizes, files.mtimes, sha256)
+
+
+def _embed_items(
+    embedder: Embedder,
+    absolute: list[str],
+    todo: np.ndarray,
+    batch_size: int,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embed the files ``absolute[todo]``: their embeddings (T, D) (zeros for unreadable ones)
+    and the positions (ascending, from ``todo``) of the unreadable ones."""
+    embeddings = np.zeros((len(todo), embedder.dim), np.float32)
+    failed: list[int] = []
+    if not len(todo):
+        return embeddings, np.zeros(0, np.int64)
+    done = 0
+    for indices, batch in embedder.embed_files(
+        [absolute[i] for i in todo],
+        batch_size=batch_size,
+        on_error=lambda i, _message: failed.append(int(todo[i])),
+    ):
+        embeddings[indices] = batch
+        done += len(indices)
+        if progress is not None:
+            progress(done + len(failed), len(todo))
+    return embeddings, np.array(sorted(failed), np.int64)

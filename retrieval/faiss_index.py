@@ -12,6 +12,16 @@ index and what it was built from (the gallery's ``gallery_id``, the factory stri
 score type), written atomically. Loading refuses an index whose gallery has been re-embedded
 since, or that was built with another factory string.
 
+After a gallery update (:func:`retrieval.embedder.update_gallery`), :func:`update_index` makes
+its index follow. An index's IDs are always the gallery's rows. An IVF index (``IVF...,Flat``,
+``IVF...,PQ...``, on its own: not behind a transform or a refinement stage) and an ``IDMap``
+or ``IDMap2`` index take the change in place, keeping their training: the removed and changed
+items' IDs are removed (``remove_ids``), the kept items' IDs renumbered to their new rows, and
+the new embeddings added with their rows as IDs (``add_with_ids``), so the cost follows the
+change (plus one pass over the IDs). Any other index (``Flat``, whose IDs are positions;
+``HNSW``, which cannot remove; a transform or ``RFlat`` in front) is built again from the
+updated gallery. One log line says which.
+
 Run-time parameters (``search_parameters``, e.g. ``"nprobe=32"`` or ``"efSearch=128"``, set with
 ``faiss.ParameterSpace``) trade speed for recall. FAISS's own defaults (nprobe=1, efSearch=16)
 are too low for a million items, so an index gets :func:`default_parameters` first and the
@@ -41,7 +51,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from retrieval.gallery import Gallery, hdf5_value
+from retrieval.gallery import Gallery, UpdateReport, hdf5_value
 from retrieval.search import ExactIndex, SearchIndex, check_embeddings, exclusion_mask
 from tfcbir import UserError, __version__
 from tfcbir.files import atomic_output
@@ -184,7 +194,10 @@ class FaissIndex:
                     f"({_first_line(error)}); use fewer lists, e.g. "
                     f"IVF{max(1, int(np.sqrt(len(embeddings))))},Flat, or the exact index"
                 ) from None
-        index.add(embeddings)
+        if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):  # IDs: the gallery's rows
+            index.add_with_ids(embeddings, np.arange(len(embeddings), dtype=np.int64))
+        else:
+            index.add(embeddings)
         return cls(
             index, normalized=normalized, factory=factory, search_parameters=search_parameters
         )
@@ -320,3 +333,104 @@ def _first_line(error: Exception) -> str:
     """FAISS's message without its C++ location prefix ("Error in ... at file:line: ...")."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text.rsplit(": ", 1)[-1]
+
+
+def update_index(
+    gallery: Gallery, update: UpdateReport, factory: str, *, search_parameters: str = ""
+) -> tuple[Path, str]:
+    """Make the index beside ``gallery`` (the gallery :func:`retrieval.embedder.update_gallery`
+    wrote, as its ``update`` reports) follow the update: in place where the index type allows,
+    else built again (see the module docstring). Returns the index path and one line saying
+    what was done; an index that is missing, of another factory string or of another gallery
+    than the one updated is built again."""
+    faiss = import_faiss()
+    path = index_path(gallery.path)
+    found = _index_attrs(path)
+    if found.get("gallery_id") == gallery.gallery_id and found.get("factory") == factory:
+        return path, f"index {factory} {path} is up to date"
+    reason = _why_rebuild(found, update, factory)
+    index = _read_index(faiss, path) if reason is None else None
+    if index is None and reason is None:
+        reason = "the index file could not be read"
+    if index is not None:
+        if _renumbers_in_place(faiss, index):
+            _apply_update(faiss, index, gallery, update)
+            FaissIndex(
+                index,
+                normalized=gallery.normalized,
+                factory=factory,
+                search_parameters=search_parameters,
+            ).save(path, gallery)
+            return path, (
+                f"index {factory} {path} updated in place (IDs are gallery rows): "
+                f"{update.old_size - len(update.kept_old)} removed, "
+                f"{update.new_size - len(update.kept_new)} added"
+            )
+        reason = f"a {type(index).__name__} cannot remove and renumber items in place"
+    build_index(gallery, factory, search_parameters=search_parameters)
+    return path, f"index {factory} {path} rebuilt from the updated gallery ({reason})"
+
+
+def _index_attrs(path: Path) -> dict:
+    """The attributes of the index file ``path``; {} when it is missing or unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {key: hdf5_value(value) for key, value in f.attrs.items()}
+    except (OSError, KeyError):
+        return {}
+
+
+def _read_index(faiss, path: Path):
+    """The FAISS index saved in ``path``, or None when it cannot be read."""
+    try:
+        with h5py.File(path, "r") as f:
+            return faiss.deserialize_index(f["index"][...])
+    except (OSError, KeyError, RuntimeError):
+        return None
+
+
+def _why_rebuild(found: dict, update: UpdateReport, factory: str) -> str | None:
+    """Why the index found (its attributes) cannot follow the update; None when it can."""
+    if not found:
+        return "there was no readable index"
+    if found.get("factory") != factory:
+        return f"it was built as {found.get('factory')}"
+    if found.get("gallery_id") != update.old_gallery_id or found.get("n") != update.old_size:
+        return "it was not of the gallery before the update"
+    return None
+
+
+def _renumbers_in_place(faiss, index) -> bool:
+    """Whether ``index`` can remove IDs, renumber the rest and add with IDs: an IVF index whose
+    lists are in memory and that keeps no direct map, or an IDMap/IDMap2 around a flat index
+    (around anything else, the inner index's own positions would not follow a removal)."""
+    if isinstance(index, faiss.IndexIVF):
+        lists = faiss.downcast_InvertedLists(index.invlists)
+        return isinstance(lists, faiss.ArrayInvertedLists) and index.direct_map.no()
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        inner = faiss.downcast_index(index.index)
+        return isinstance(inner, faiss.IndexFlat)
+    return False
+
+
+def _apply_update(faiss, index, gallery: Gallery, update: UpdateReport) -> None:
+    """Remove the old rows not kept, renumber the kept ones to their new rows, add the new rows'
+    embeddings with their rows as IDs."""
+    renumber = np.full(update.old_size, -1, np.int64)
+    renumber[update.kept_old] = update.kept_new
+    index.remove_ids(np.flatnonzero(renumber < 0).astype(np.int64))
+    if isinstance(index, faiss.IndexIVF):
+        lists = faiss.downcast_InvertedLists(index.invlists)
+        for number in range(index.nlist):
+            size = lists.list_size(number)
+            if size:  # the list's IDs, as a writable view of FAISS's memory
+                ids = faiss.rev_swig_ptr(lists.get_ids(number), size)
+                ids[:] = renumber[ids]
+    else:
+        ids = faiss.vector_to_array(index.id_map)
+        faiss.copy_array_to_vector(renumber[ids], index.id_map)
+        if isinstance(index, faiss.IndexIDMap2):
+            index.construct_rev_map()
+    added = np.setdiff1d(np.arange(len(gallery)), update.kept_new)
+    if len(added):
+        index.add_with_ids(gallery.embeddings[added], added.astype(np.int64))

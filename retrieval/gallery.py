@@ -13,6 +13,12 @@ Layout of ``<run>/embeddings/<split>.h5`` (format 2):
   refused once the gallery is re-embedded) and ``extra`` (a JSON object).
 - optional dataset ``dropped`` (K,) int64: positions in the list of items that was embedded of
   the images left out because they could not be read (absent when none was).
+- optional datasets ``file_sizes`` (N,) int64 (bytes) and ``file_mtimes`` (N,) int64
+  (nanoseconds), each item's file as it was when it was embedded (-1: it could not be stat'ed),
+  and ``file_sha256`` (N, 32) uint8, its content hash (only when asked for: ``--verify``):
+  :class:`FileStats`, what an update (:func:`plan_update`) compares with the files on disk to
+  find the changed ones. Galleries written before these existed have none; an update then
+  counts every item as changed (see :func:`plan_update`).
 
 A gallery appears atomically: :func:`write_gallery` writes a temporary file and renames it, and
 :class:`GalleryWriter` embeds resumably into ``<out>.partial.h5`` (flushed per chunk, so an
@@ -22,6 +28,10 @@ What a gallery is of is one record, :class:`GalleryIdentity` (model, config, ite
 record it, readers compare it, and a gallery that does not match what a caller expects is refused
 rather than used stale. Format 1 (without ``items_hash``) is refused with the command that
 re-embeds.
+
+An update (:func:`plan_update`, done by :func:`retrieval.embedder.update_gallery`) compares a
+gallery's items with the list and files as they are now: added, changed, removed and unchanged
+items by relative path; only the added and changed ones are embedded again.
 """
 
 from __future__ import annotations
@@ -106,6 +116,79 @@ class GalleryIdentity:
 
 
 @dataclass(frozen=True)
+class FileStats:
+    """What tells whether each of N item files changed since it was embedded.
+
+    sizes (N,) int64 bytes and mtimes (N,) int64 nanoseconds, -1 for a file that could not be
+    stat'ed (missing); sha256 (N, 32) uint8 content hashes, or None when not recorded.
+    """
+
+    sizes: np.ndarray
+    mtimes: np.ndarray
+    sha256: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def subset(self, rows: np.ndarray) -> FileStats:
+        """The stats of items ``rows`` (integer indices or a boolean mask)."""
+        sha256 = None if self.sha256 is None else self.sha256[rows]
+        return FileStats(self.sizes[rows], self.mtimes[rows], sha256)
+
+    @staticmethod
+    def concatenate(parts: Sequence[FileStats | None]) -> FileStats | None:
+        """The stats of parts' items one after the other (e.g. of shards); None when a part
+        has none; hashes only when every part has them."""
+        if not parts or any(part is None for part in parts):
+            return None
+        hashed = all(part.sha256 is not None for part in parts)
+        return FileStats(
+            np.concatenate([part.sizes for part in parts]),
+            np.concatenate([part.mtimes for part in parts]),
+            np.concatenate([part.sha256 for part in parts]) if hashed else None,
+        )
+
+    def same(self, other: FileStats | None) -> bool:
+        """Whether ``other`` records exactly these stats (and hashes)."""
+        return (
+            other is not None
+            and np.array_equal(self.sizes, other.sizes)
+            and np.array_equal(self.mtimes, other.mtimes)
+            and (self.sha256 is None) == (other.sha256 is None)
+            and (self.sha256 is None or np.array_equal(self.sha256, other.sha256))
+        )
+
+
+def stat_files(paths: Sequence[str], *, hashes: bool = False) -> FileStats:
+    """The size and modification time (and with ``hashes`` the SHA-256) of each file (N,);
+    -1 (and a zero hash) for one that cannot be stat'ed or read."""
+    sizes = np.full(len(paths), -1, np.int64)
+    mtimes = np.full(len(paths), -1, np.int64)
+    for i, path in enumerate(paths):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue
+        sizes[i], mtimes[i] = stat.st_size, stat.st_mtime_ns
+    return FileStats(sizes, mtimes, hash_files(paths) if hashes else None)
+
+
+def hash_files(paths: Sequence[str]) -> np.ndarray:
+    """(N, 32) uint8: the SHA-256 of each file's content; zeros for one that cannot be read."""
+    digests = np.zeros((len(paths), 32), np.uint8)
+    for i, path in enumerate(paths):
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError:
+            continue
+        digests[i] = np.frombuffer(digest.digest(), np.uint8)
+    return digests
+
+
+@dataclass(frozen=True)
 class Gallery:
     """A gallery read from disk; see the module docstring for each field's meaning."""
 
@@ -126,6 +209,7 @@ class Gallery:
     gallery_id: str
     extra: dict = field(default_factory=dict)
     dropped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (K,) see above
+    files: FileStats | None = None  # (N,) each item file's stats when embedded; None: unknown
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -142,6 +226,149 @@ class Gallery:
         """The class name of each label (default: of every item)."""
         labels = self.labels if labels is None else labels
         return [self.classes[int(label)] for label in labels]
+
+
+@dataclass(frozen=True)
+class UpdatePlan:
+    """How a gallery becomes the gallery of a new item list of N items (the list as the data set
+    has it now), found by :func:`plan_update`.
+
+    sources (N,) int64: for each new item, the gallery row whose embedding it keeps (same path,
+    file unchanged), or -1 when it is embedded again: added (a path the gallery does not hold,
+    e.g. an image moved to another class folder, or one left out before as unreadable) or
+    changed (its file differs from the one embedded, or the gallery does not record enough to
+    tell: ``unknown`` of them).
+    """
+
+    sources: np.ndarray
+    added: int
+    changed: int
+    removed: int  # gallery rows whose path is no longer in the list
+    unknown: int  # of ``changed``: the gallery records no stats (or, with verify, no hash)
+    relabelled: int  # kept items whose class name is not the one the gallery records
+
+    @property
+    def to_embed(self) -> np.ndarray:
+        """Positions (ascending) in the new list of the items to embed."""
+        return np.flatnonzero(self.sources < 0)
+
+    @property
+    def unchanged(self) -> int:
+        return int((self.sources >= 0).sum())
+
+
+def plan_update(
+    gallery: Gallery,
+    paths: Sequence[str],
+    labels: Sequence[int] | np.ndarray,
+    classes: Sequence[str],
+    files: FileStats,
+    *,
+    verify: bool = False,
+) -> UpdatePlan:
+    """Compare a gallery with the item list now (paths, labels (N,), classes) and its files'
+    stats now (``files``, :func:`stat_files`; with hashes when ``verify``), by relative path.
+
+    A file is unchanged when its size and modification time are those recorded, or with
+    ``verify`` when its content hash is (a touched but identical file is kept; an edit that
+    keeps size and time is caught). Items of a gallery that records no stats (written before
+    they existed), or with ``verify`` no hashes, cannot be told unchanged: they are embedded
+    again, the honest choice (they count as ``unknown``). A changed class name alone (a
+    relabelled list) keeps the embedding: the pixels are the same.
+    """
+    row_of = {path: row for row, path in enumerate(gallery.paths)}
+    rows = np.array([row_of.get(str(path), -1) for path in paths], np.int64)
+    present = np.flatnonzero(rows >= 0)
+    old, known = gallery.files, False
+    same = np.zeros(len(present), bool)
+    if old is not None and (not verify or old.sha256 is not None):
+        known, now, then = True, files.subset(present), old.subset(rows[present])
+        if verify:
+            same = (now.sha256 == then.sha256).all(axis=1)
+        else:
+            same = (now.sizes == then.sizes) & (now.mtimes == then.mtimes)
+        same &= now.sizes >= 0
+    sources = np.full(len(rows), -1, np.int64)
+    sources[present[same]] = rows[present[same]]
+    kept = np.flatnonzero(sources >= 0)
+    old_names = np.asarray(gallery.classes, dtype=object)[gallery.labels[sources[kept]]]
+    new_names = np.asarray(list(classes), dtype=object)[np.asarray(labels, np.int64)[kept]]
+    return UpdatePlan(
+        sources=sources,
+        added=int(len(rows) - len(present)),
+        changed=int(len(present) - same.sum()),
+        removed=len(set(row_of) - {str(path) for path in paths}),
+        unknown=0 if known else len(present),
+        relabelled=int((old_names != new_names).sum()),
+    )
+
+
+@dataclass(frozen=True)
+class UpdateReport:
+    """What :func:`retrieval.embedder.update_gallery` did to the gallery ``path``.
+
+    ``kept_old`` and ``kept_new`` (M,) int64: the old and new gallery rows of the M items whose
+    embeddings were kept, what an index needs to follow (:func:`retrieval.faiss_index.update_index`);
+    every other old row is gone, every other new row was embedded. ``written`` False: nothing
+    changed, the file was left as it was.
+    """
+
+    path: Path
+    written: bool
+    added: int
+    changed: int
+    removed: int
+    unchanged: int
+    unknown: int
+    relabelled: int
+    unreadable: int  # items to embed that could not be read (left out, as a full embedding does)
+    old_gallery_id: str
+    old_size: int
+    new_size: int
+    kept_old: np.ndarray
+    kept_new: np.ndarray
+
+    @classmethod
+    def of_plan(
+        cls, plan: UpdatePlan, old: Gallery, keep: np.ndarray, *, path: Path, written: bool
+    ) -> UpdateReport:
+        """The report of ``plan`` carried out on ``old``; keep (N,) bool: the new list's items
+        in the new gallery (False: unreadable, left out)."""
+        kept = np.flatnonzero(plan.sources >= 0)
+        new_rows = np.cumsum(keep) - 1  # an item's row once the unreadable ones are left out
+        return cls(
+            path=path,
+            written=written,
+            added=plan.added,
+            changed=plan.changed,
+            removed=plan.removed,
+            unchanged=plan.unchanged,
+            unknown=plan.unknown,
+            relabelled=plan.relabelled,
+            unreadable=int((~keep).sum()),
+            old_gallery_id=old.gallery_id,
+            old_size=len(old),
+            new_size=int(keep.sum()),
+            kept_old=plan.sources[kept],
+            kept_new=new_rows[kept],
+        )
+
+    def summary(self) -> str:
+        """One line: the counts, e.g. ``2 added, 1 changed, 1 removed, 96 unchanged``."""
+        changed = f"{self.changed} changed"
+        if self.unknown:  # see plan_update
+            changed += f" ({self.unknown} of them not recorded: no file stats or hashes)"
+        parts = [
+            f"{self.added} added",
+            changed,
+            f"{self.removed} removed",
+            f"{self.unchanged} unchanged",
+        ]
+        if self.relabelled:
+            parts.append(f"{self.relabelled} relabelled")
+        if self.unreadable:
+            parts.append(f"{self.unreadable} unreadable left out")
+        return ", ".join(parts)
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -163,11 +390,13 @@ def write_gallery(
     split: str = "",
     extra: dict | None = None,
     dropped: Sequence[int] | np.ndarray | None = None,
+    files: FileStats | None = None,
 ) -> Path:
     """Write a whole gallery atomically (temporary file, then rename); returns ``path``.
 
     embeddings: (N, D); labels: (N,) in [0, len(classes)); paths: (N,) relative to data_root;
     dropped: (K,) positions of unreadable images left out (see the module docstring);
+    files: the (N,) item files' stats when they were embedded (None: not recorded);
     identity: what the gallery is of; its ``items_hash`` is of the list before ``dropped`` left
     it (without dropped items, ``items_hash(paths, labels, classes)``).
     """
@@ -192,6 +421,7 @@ def write_gallery(
         f["embeddings"][...] = embeddings
         if dropped is not None and len(dropped):
             f.create_dataset("dropped", data=np.asarray(dropped, dtype=np.int64))
+        _write_files(f, files, len(embeddings))
         f.attrs["created"] = _now()
     return path
 
@@ -221,7 +451,7 @@ def read_gallery(
     _check_stored(path, stored, advice)
     gallery = _gallery_of(path, stored, split)
     if expect is not None:
-        _check_identity(gallery, expect, advice)
+        check_identity(gallery, expect, advice)
     return gallery
 
 
@@ -242,6 +472,7 @@ def _read_stored(path: Path, config: str | os.PathLike, advice: str | None) -> d
                     "dropped": (
                         f["dropped"][...].astype(np.int64) if "dropped" in f else np.zeros(0, int)
                     ),
+                    "files": _read_files(f),
                 }
             split = hdf5_value(f.attrs.get("split")) or path.stem
     except (OSError, KeyError, ValueError) as error:
@@ -260,7 +491,12 @@ def _check_stored(path: Path, stored: dict, advice: str) -> None:
     """UserError for datasets of different lengths or embeddings that are not finite."""
     n = len(stored["labels"])
     embeddings = stored["embeddings"]
-    if embeddings.shape != (n, stored["attrs"]["dim"]) or len(stored["paths"]) != n:
+    files = stored["files"]
+    if (
+        embeddings.shape != (n, stored["attrs"]["dim"])
+        or len(stored["paths"]) != n
+        or (files is not None and len(files) != n)
+    ):
         raise UserError(f"{path}: the gallery is damaged (datasets of different lengths); {advice}")
     if not np.isfinite(embeddings).all():
         raise UserError(
@@ -290,11 +526,13 @@ def _gallery_of(path: Path, stored: dict, split: str) -> Gallery:
         gallery_id=attrs["gallery_id"],
         extra=json.loads(attrs["extra"]),
         dropped=stored["dropped"].astype(np.int64),
+        files=stored["files"],
     )
 
 
-def _check_identity(gallery: Gallery, expect: GalleryIdentity, advice: str) -> None:
-    """Refuse, naming the first difference, a gallery that is not of what ``expect`` says."""
+def check_identity(gallery: Gallery, expect: GalleryIdentity, advice: str) -> None:
+    """Refuse (one-line UserError ending in ``advice``), naming the first difference, a gallery
+    that is not of what ``expect`` says."""
     differ = expect.differences(gallery.identity)
     if not differ:
         return
@@ -321,7 +559,9 @@ class GalleryWriter:
     """Resumable embedding: chunks go into ``<out>.partial.h5``, which becomes ``<out>`` when done.
 
     The item list (paths, labels, classes) is fixed up front; ``identity`` (its ``items_hash`` of
-    these items) is recorded. An existing partial file is resumed when it has the same identity,
+    these items) is recorded, and ``files``, the item files' stats (:func:`stat_files`, taken
+    before they are read: a file changed after that is found changed by an update). An existing
+    partial file is resumed when it has the same identity,
     items and ``extra``; otherwise it is started over with a warning. Each :meth:`write` is flushed to disk before it returns, and
     items are marked done only after their embeddings are written, so a run killed between chunks
     resumes at :meth:`remaining`. Use as a context manager, or call :meth:`close`.
@@ -340,6 +580,7 @@ class GalleryWriter:
         data_root: str = "",
         split: str = "",
         extra: dict | None = None,
+        files: FileStats | None = None,
     ):
         self.path = Path(path)
         self.partial_path = partial_path(self.path)
@@ -372,6 +613,7 @@ class GalleryWriter:
                 split=split,
                 extra=extra,
             )
+            _write_files(self._file, files, len(labels))
             self._file.create_dataset("done", shape=(len(labels),), dtype=bool)
             self._file.flush()
         self._done = self._file["done"][...]
@@ -476,6 +718,7 @@ class GalleryWriter:
     def _finalize_without_missing(self) -> Path:
         f, keep = self._file, self._done
         attrs = {key: hdf5_value(f.attrs[key]) for key in _ATTRIBUTES}
+        files = _read_files(f)
         write_gallery(
             self.path,
             f["embeddings"][...][keep],
@@ -493,6 +736,7 @@ class GalleryWriter:
             split=attrs["split"],
             extra=json.loads(attrs["extra"]),
             dropped=np.flatnonzero(~keep),
+            files=None if files is None else files.subset(keep),
         )
         f.close()
         self.partial_path.unlink()
@@ -554,6 +798,28 @@ def _create(
             "gallery_id": uuid.uuid4().hex,
             "extra": json.dumps(extra or {}, sort_keys=True),
         }
+    )
+
+
+def _write_files(f: h5py.File, files: FileStats | None, n: int) -> None:
+    """Store the item files' stats (see the module docstring); nothing when ``files`` is None."""
+    if files is None:
+        return
+    if len(files) != n:
+        raise ValueError(f"{n} items but the stats of {len(files)} files")
+    f.create_dataset("file_sizes", data=np.asarray(files.sizes, np.int64))
+    f.create_dataset("file_mtimes", data=np.asarray(files.mtimes, np.int64))
+    if files.sha256 is not None:
+        f.create_dataset("file_sha256", data=np.asarray(files.sha256, np.uint8).reshape(n, 32))
+
+
+def _read_files(f: h5py.File) -> FileStats | None:
+    """The item files' stats a gallery records, or None (a gallery written before them)."""
+    if "file_sizes" not in f or "file_mtimes" not in f:
+        return None
+    sha256 = f["file_sha256"][...].astype(np.uint8) if "file_sha256" in f else None
+    return FileStats(
+        f["file_sizes"][...].astype(np.int64), f["file_mtimes"][...].astype(np.int64), sha256
     )
 
 

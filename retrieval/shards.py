@@ -30,6 +30,7 @@ import numpy as np
 from datasets.lists import ImageList
 from retrieval.embedder import embed_images
 from retrieval.gallery import (
+    FileStats,
     Gallery,
     GalleryIdentity,
     items_hash,
@@ -160,6 +161,7 @@ class CheckedShards:
                 "merged_shards": len(self.shards),
             },
             dropped=self.dropped,
+            files=FileStats.concatenate([s.files for s in self.shards]),
         )
 
 
