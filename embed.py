@@ -18,8 +18,8 @@ from pathlib import Path
 
 import config
 from retrieval import sets
-from retrieval.embedder import embed_images, load_embedder
-from retrieval.faiss_index import build_index
+from retrieval.embedder import embed_images, load_embedder, update_gallery
+from retrieval.faiss_index import build_index, update_index
 from retrieval.gallery import GalleryIdentity, read_gallery
 from retrieval.sets import SET_NAMES
 from retrieval.shards import (
@@ -45,6 +45,7 @@ def main(argv: list[str]) -> int:
     cfg = config.load(args.config)
     if args.output is not None and args.split is None:
         raise UserError("-o/--output names one gallery file; give --split too")
+    _check_update_flags(args, shard)
     made = None if args.split in ("query", "gallery") else sets.splits(cfg)
     names = _set_names(cfg, args.split, made)
     index = args.index or cfg["index"]["type"]
@@ -52,12 +53,58 @@ def main(argv: list[str]) -> int:
         return _merge(args, cfg, names, made, index)
     embedder = load_embedder(cfg, args.checkpoint)
     for name in names:
-        path = _embed_set(embedder, args, cfg, name, made, shard)
-        print(file=sys.stderr)
-        if shard is None:
-            _build_index(cfg, path, index)
+        if args.update:
+            path = _update_set(embedder, args, cfg, name, made, index)
+        else:
+            path = _embed_set(embedder, args, cfg, name, made, shard)
+            if shard is None:
+                _build_index(cfg, path, index)
         print(path)
     return 0
+
+
+def _check_update_flags(args, shard) -> None:
+    if args.verify and not args.update:
+        raise UserError("--verify checks the files' contents during an update; give --update too")
+    if args.update and (shard is not None or args.merge):
+        raise UserError(
+            "--update brings whole galleries up to date; embed shards without it (--shard, "
+            "--merge), then update the merged gallery"
+        )
+
+
+def _update_set(embedder, args, cfg: dict, name: str, made, index: str) -> Path:
+    """--update: embed set ``name``'s new and changed images into its gallery, drop the removed
+    ones (a set without a gallery yet is embedded whole); the index follows."""
+    images = sets.images(cfg, name, made)
+    out = args.output or RunFolder.of(cfg).gallery(name)
+    if not out.exists():
+        print(
+            f"{out} does not exist yet: embedding all {len(images)} {name} images", file=sys.stderr
+        )
+        path = embed_images(
+            embedder, images, out, split=name, batch_size=args.batch_size, progress=_progress
+        )
+        _build_index(cfg, path, index)
+        return path
+    report = update_gallery(
+        embedder,
+        images,
+        out,
+        split=name,
+        verify=args.verify,
+        batch_size=args.batch_size,
+        progress=_progress,
+        config_path=args.config,
+    )
+    print(f"updated {out}: {report.summary()}", file=sys.stderr)
+    if index != "exact":
+        gallery = read_gallery(out)
+        _, line = update_index(
+            gallery, report, index, search_parameters=cfg["index"]["search_parameters"]
+        )
+        print(line, file=sys.stderr)
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +133,17 @@ def _parser() -> argparse.ArgumentParser:
         "--merge",
         action="store_true",
         help="join the checked shards of each set into <set>.h5 (the shards are kept)",
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="bring existing galleries up to date with the data set: embed only new and changed "
+        "images (by size and modification time), drop removed ones",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="with --update: find changed images by their contents (reads every file)",
     )
     return parser
 
@@ -169,8 +227,9 @@ def _build_index(cfg: dict, path: Path, index: str) -> None:
 
 
 def _progress(done: int, total: int) -> None:
+    """``done/total images``, redrawn in place on a terminal; the last count ends the line."""
     if sys.stderr.isatty() or done == total:
-        end = "" if sys.stderr.isatty() else "\n"
+        end = "\n" if done == total else ""
         print(f"\r{done}/{total} images", end=end, file=sys.stderr, flush=True)
 
 

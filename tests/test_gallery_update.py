@@ -358,3 +358,41 @@ def test_an_updated_run_evaluates_as_a_full_embedding(trained_run, tmp_path, mon
         {k: scratch[k] for k in metrics}, abs=1e-6
     )
     assert updated["gallery_size"] == scratch["gallery_size"]
+
+
+def test_embed_update_on_the_command_line(trained_run, tmp_path, monkeypatch, capsys):
+    """embed.py --update: one line per set saying what changed, the same evaluation as a full
+    embedding; --verify without --update and --update with shards are refused in one line."""
+    import config
+    from embed import main as embed
+    from retrieval.evaluate import evaluate_run
+    from tfcbir.cli import run
+
+    root = tmp_path / "data"
+    shutil.copytree(trained_run, root)
+    monkeypatch.setenv("TFCBIR_DATA_DIR", str(root))
+    path = str(root / "update.json")
+    shapes = root / "datasets" / "shapes"
+    (shapes / "star" / "004.png").unlink()
+    draw(shapes / "circle" / "100.png", 30)
+    capsys.readouterr()
+    assert embed(["-c", path, "--update"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("updated ")]
+    assert len(lines) == 2 and all("unchanged" in line for line in lines)
+    updated = evaluate_run(config.load(path), queries=0, r=5)
+    for out in (root / "trainings" / "update" / "embeddings").glob("*.h5"):
+        out.unlink()
+    assert embed(["-c", path]) == 0
+    scratch = evaluate_run(config.load(path), queries=0, r=5)
+    assert updated["mAP@5"] == pytest.approx(scratch["mAP@5"], abs=1e-6)
+    assert updated["gallery_size"] == scratch["gallery_size"]
+    capsys.readouterr()
+    for argv, message in [
+        (["--verify"], "--verify checks the files' contents during an update; give --update too"),
+        (["--update", "--shard", "0/2"], "--update brings whole galleries up to date"),
+    ]:
+        with pytest.raises(SystemExit) as done:
+            run(embed, ["-c", path, *argv])
+        assert done.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err
