@@ -5,7 +5,9 @@ Queries are image files, folders of images, or list files (--list, one path a li
 embedded in batches and searched in the gallery of the config's eval.protocol (or --gallery).
 --text queries (a dual encoder's) are embedded by its text tower and searched in the same
 gallery. Prints each query's ranked answers, or one JSON document with --json; --save writes
-pictures. Exit code: 0 when every query was answered, 1 when some could not be read, 2 when none.
+pictures. --where filters the answers by the images' attributes (<data root>/metadata.csv and
+their class), e.g. --where "category == 'tote' and price < 100". Exit code: 0 when every query
+was answered, 1 when some could not be read, 2 when none.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main(argv: list[str]) -> int:
         text=bool(texts),
     )
     answers.check_r(args.retrieve, searcher.gallery)
+    searcher.where_mask(args.where)  # a bad expression is refused before any query is embedded
     count = len(paths) + len(texts)
     results, failed = _search_images(searcher, paths, args, count)
     results += _search_texts(searcher, texts, args, count)
@@ -83,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_gallery_argument(parser, SET_NAMES)
     add_search_arguments(parser)
+    parser.add_argument(
+        "--where",
+        metavar="EXPR",
+        help="answer only with images whose attributes match, e.g. \"category == 'tote' and "
+        "price < 100\" (columns: <data root>/metadata.csv's and class)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument(
         "--save",
@@ -107,6 +116,7 @@ def _search_images(
         args.retrieve,
         batch_size=args.batch_size,
         on_error=lambda i, _message: failed.append(i),
+        where=args.where,
     ):
         results.append(result)
         if not args.json:
@@ -125,7 +135,8 @@ def _search_texts(searcher: Searcher, texts: list[str], args, count: int) -> lis
     """Answer the --text queries, warning of unknown words, printing each one's answers (unless
     --json) and saving its picture (--save)."""
     results: list[Result] = []
-    for result in searcher.search_text(texts, args.retrieve) if texts else []:
+    found = searcher.search_text(texts, args.retrieve, where=args.where) if texts else []
+    for result in found:
         text, unknown = result.query, result.unknown_words
         if unknown:
             print(

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets.images import ImageError, load_image
+from retrieval.filters import filtered_topk
 from retrieval.gallery import Gallery
 from retrieval.visualize import result_grid, save_grid, text_tile
 from tfcbir import UserError
@@ -65,9 +66,15 @@ def rank(
     query_labels: list[int | None],
     r: int,
     exclude: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
 ) -> list[list[Answer]]:
-    """The r best answers (Q lists) of queries (Q, D) whose labels may be unknown (None)."""
-    scores, indices = index.search(queries, r, exclude)
+    """The r best answers (Q lists) of queries (Q, D) whose labels may be unknown (None).
+    mask: (N,) bool, the gallery items a filter keeps (:func:`retrieval.filters.filtered_topk`:
+    the r best of those, fewer only when fewer match); None: all."""
+    if mask is None:
+        scores, indices = index.search(queries, r, exclude)
+    else:
+        scores, indices = filtered_topk(index, queries, r, mask, exclude)
     answers = []
     for row_scores, row_indices, label in zip(scores, indices, query_labels):
         answers.append(

@@ -45,6 +45,7 @@ import numpy as np
 from datasets.lists import csv_rows
 from retrieval.search import ExactIndex, SearchIndex, exclusion_mask
 from tfcbir import UserError
+from tfcbir.text import shorten
 
 #: The kinds of column :func:`column_kind` tells apart, as messages name them.
 KINDS = {"text": "a text", "number": "a number", "date": "a date", "boolean": "a true/false"}
@@ -493,7 +494,7 @@ class Filter:
     def unknown_column(self, name: str, names: list[str]) -> UserError:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        shown = shorten(names, 20)
         return UserError(f"{self.label}: no column {name!r}{hint} (columns: {shown or 'none'})")
 
 

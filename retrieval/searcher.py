@@ -35,10 +35,13 @@ from retrieval.answers import Answer
 from retrieval.embedder import load_embedder, load_text_encoder, no_text_tower_error
 from retrieval.evaluate import open_gallery
 from retrieval.faiss_index import open_index
+from retrieval.filters import Columns, parse_filter, read_metadata
 from retrieval.gallery import Gallery
 from retrieval.text_queries import open_text_gallery
 from runs.weights import has_text_tower, model_source
 from tfcbir import UserError
+
+METADATA_FILE = "metadata.csv"  # in the data root: per-image attributes for filters
 
 
 @dataclass
@@ -105,6 +108,7 @@ class Searcher:
         self.text_encoder = text_encoder
         self._lock = threading.RLock()  # around the model and the index
         self._positions = {path: i for i, path in enumerate(gallery.paths)}
+        self._metadata: Columns | None = None  # read on the first filtered query
 
     @classmethod
     def open(
@@ -195,6 +199,30 @@ class Searcher:
         folder = Path(path).parent.name
         return self.gallery.classes.index(folder) if folder in self.gallery.classes else None
 
+    # --- metadata filters ---------------------------------------------------------------------
+
+    def metadata(self) -> Columns:
+        """The gallery items' attributes: the columns of ``<data root>/metadata.csv`` (read
+        once, aligned to the gallery's paths; missing values for items without a row) and
+        ``class``, each item's class, unless the file has a column of that name."""
+        if self._metadata is None:
+            found = Path(self.gallery.data_root) / METADATA_FILE
+            columns = read_metadata(found, list(self.gallery.paths)) if found.is_file() else {}
+            columns.setdefault(
+                "class", np.array(self.gallery.classes, dtype=object)[self.gallery.labels]
+            )
+            self._metadata = Columns(columns)
+        return self._metadata
+
+    def where_mask(self, where: str | None, label: str = "--where") -> np.ndarray | None:
+        """(N,) bool: the gallery items the filter expression ``where`` keeps (see
+        :mod:`retrieval.filters`); None without one. UserError (one line) for a malformed
+        expression, an unknown column or a comparison of the wrong kind; ``label`` names the
+        expression's field in it (``--where``, ``where``)."""
+        if where is None or not where.strip():
+            return None
+        return parse_filter(where, label=label).mask(self.metadata())
+
     # --- queries ------------------------------------------------------------------------------
 
     def search_files(
@@ -206,15 +234,18 @@ class Searcher:
         exclude: Sequence[int | None] | None = None,
         batch_size: int = 64,
         on_error: Callable[[int, str], None] | None = None,
+        where: str | None = None,
     ) -> Iterator[Result]:
         """Results of image files, in order, batch by batch as they are embedded; a file that
         cannot be read is skipped (``on_error(position, message)``, and a warning).
 
         labels: each query's label (None: unknown); default: :meth:`known_class` of its path.
         exclude: each query's gallery position to leave out of its answers (None: none), e.g.
-        the query itself in a leave-one-out protocol.
+        the query itself in a leave-one-out protocol. where: a filter on the gallery's metadata
+        (:meth:`where_mask`); the answers are the k best of the items it keeps.
         """
         self.check_k(k, leave_one_out=exclude is not None and any(e is not None for e in exclude))
+        mask = self.where_mask(where)
         paths = [str(p) for p in paths]
         if labels is None:
             labels = [self.known_class(p) for p in paths]
@@ -228,7 +259,7 @@ class Searcher:
                 positions, embeddings = batch
                 batch_labels = [labels[i] for i in positions]
                 left_out = None if exclude is None else [exclude[i] for i in positions]
-                ranked = self._rank(embeddings, batch_labels, k, left_out)
+                ranked = self._rank(embeddings, batch_labels, k, left_out, mask)
             for i, label, found in zip(positions, batch_labels, ranked):
                 yield Result(paths[i], self._class_name(label), found, position=int(i))
 
@@ -239,12 +270,14 @@ class Searcher:
         *,
         names: Sequence[str] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        where: str | None = None,
     ) -> list[Result]:
         """Results of encoded images (e.g. uploads: JPEG, PNG, ... as bytes), decoded in memory as
         files are (the same pixels as :meth:`search_files` of the same file, hence the same
         answers). ``names`` name them in the results and errors. ImageError for one that
         cannot be decoded or has more than ``max_pixels`` pixels; nothing is searched then."""
         self.check_k(k)
+        mask = self.where_mask(where)
         embedder = self._image_model()
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
         pixels = [
@@ -257,27 +290,36 @@ class Searcher:
             )
             for data, name in zip(images, names)
         ]
-        return self._search_pixels(pixels, names, k)
+        return self._search_pixels(pixels, names, k, mask)
 
     def search_images(
-        self, images: Sequence[np.ndarray], k: int, *, names: Sequence[str] | None = None
+        self,
+        images: Sequence[np.ndarray],
+        k: int,
+        *,
+        names: Sequence[str] | None = None,
+        where: str | None = None,
     ) -> list[Result]:
         """Results of decoded images, each ``(H, W, 3)`` uint8 of any size (fitted to the
         model's input as files are: :func:`datasets.images.fit_image`)."""
         self.check_k(k)
+        mask = self.where_mask(where)
         embedder = self._image_model()
         names = list(names) if names is not None else [f"image {i}" for i in range(len(images))]
         pixels = [fit_image(image, embedder.image_size, embedder.resize) for image in images]
-        return self._search_pixels(pixels, names, k)
+        return self._search_pixels(pixels, names, k, mask)
 
-    def search_gallery(self, indices: Sequence[int], k: int) -> list[Result]:
+    def search_gallery(
+        self, indices: Sequence[int], k: int, *, where: str | None = None
+    ) -> list[Result]:
         """ "More like this": results of gallery items (positions), each searched with its stored
         embedding and left out of its own answers (as leave-one-out evaluation does)."""
         self.check_k(k, leave_one_out=True)
+        mask = self.where_mask(where)
         indices = [self.check_index(i) for i in indices]
         labels = [int(self.gallery.labels[i]) for i in indices]
         with self._lock:
-            ranked = self._rank(self.gallery.embeddings[indices], labels, k, indices)
+            ranked = self._rank(self.gallery.embeddings[indices], labels, k, indices, mask)
         return [
             Result(
                 self.gallery.paths[i],
@@ -291,7 +333,12 @@ class Searcher:
         ]
 
     def search_text(
-        self, texts: Sequence[str], k: int, *, labels: Sequence[int | None] | None = None
+        self,
+        texts: Sequence[str],
+        k: int,
+        *,
+        labels: Sequence[int | None] | None = None,
+        where: str | None = None,
     ) -> list[Result]:
         """Results of text queries, embedded by the model's text tower (UserError for a model
         without one, or an empty text). labels: each text's class where known (e.g. an image's
@@ -304,9 +351,10 @@ class Searcher:
         if any(not text for text in texts):
             raise UserError("an empty text query: there are no words to search with")
         labels = list(labels) if labels is not None else [None] * len(texts)
+        mask = self.where_mask(where)
         with self._lock:
             embeddings = self.text_encoder.embed(texts)
-            ranked = self._rank(embeddings, labels, k)
+            ranked = self._rank(embeddings, labels, k, mask=mask)
         return [
             Result(
                 text,
@@ -321,13 +369,15 @@ class Searcher:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _search_pixels(self, pixels: list[np.ndarray], names: list[str], k: int) -> list[Result]:
+    def _search_pixels(
+        self, pixels: list[np.ndarray], names: list[str], k: int, mask: np.ndarray | None
+    ) -> list[Result]:
         if not pixels:
             return []
         self._image_model()
         with self._lock:
             embeddings = self.embedder.embed_pixels(np.stack(pixels))
-            ranked = self._rank(embeddings, [None] * len(pixels), k)
+            ranked = self._rank(embeddings, [None] * len(pixels), k, mask=mask)
         return [
             Result(name, None, found, position=n)
             for n, (name, found) in enumerate(zip(names, ranked))
@@ -339,11 +389,12 @@ class Searcher:
         labels: list[int | None],
         k: int,
         exclude: Sequence[int | None] | None = None,
+        mask: np.ndarray | None = None,
     ) -> list[list[Answer]]:
         left_out = None
         if exclude is not None:
             left_out = np.array([-1 if e is None else int(e) for e in exclude], np.int64)
-        return answers.rank(self.index, self.gallery, embeddings, labels, k, left_out)
+        return answers.rank(self.index, self.gallery, embeddings, labels, k, left_out, mask)
 
     def _class_name(self, label: int | None) -> str | None:
         return None if label is None else self.gallery.classes[label]

@@ -429,3 +429,28 @@ def test_importing_a_script_changes_nothing_and_run_quiets_tensorflow():
     assert before == [dict.fromkeys(TF_SETTINGS), False]
     settings = {"KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
     assert during == [{**settings, "TF_ENABLE_ONEDNN_OPTS": "1"}, False]
+
+
+def test_cbir_where_filters_the_answers(trained, tmp_path, capsys):
+    call("embed", "-c", trained, capsys=capsys)
+    query = write_image(tmp_path / "q.png", gradient((30, 30)))
+    code, out, err = call(
+        "cbir",
+        "-c",
+        trained,
+        "-r",
+        "4",
+        "--json",
+        "--where",
+        "class == 'circle'",
+        query,
+        capsys=capsys,
+    )
+    assert code == 0, err
+    found = json.loads(out)["results"][0]["answers"]
+    assert len(found) == 4 and {a["class_name"] for a in found} == {"circle"}
+    code, out, err = call(
+        "cbir", "-c", trained, "-r", "4", "--where", "colour == 'red'", query, capsys=capsys
+    )
+    assert code == 2 and err.strip().splitlines() == [err.strip()]
+    assert "--where: no column 'colour'" in err

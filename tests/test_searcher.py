@@ -228,3 +228,65 @@ def test_a_command_lists_the_data_set_once(searchable_run, monkeypatch):
     listed.clear()
     result = evaluate_run(cfg, queries=0, r=3, config_path=path, nmi=False)
     assert len(listed) == 1 and result["queries"] == 24 and result["gallery_size"] == 72
+
+
+@pytest.fixture
+def with_metadata(searcher, tmp_path):
+    """A Searcher over the same gallery whose data root holds a metadata.csv: price = the item's
+    position, in_stock for even positions, and no row for the last item."""
+    import dataclasses
+
+    root = tmp_path / "root"
+    root.mkdir()
+    rows = ["path,price,in_stock"]
+    rows += [
+        f"{p},{i},{'true' if i % 2 == 0 else 'false'}"
+        for i, p in enumerate(searcher.gallery.paths[:-1])
+    ]
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    gallery = dataclasses.replace(searcher.gallery, data_root=str(root))
+    return Searcher(
+        searcher.config, searcher.embedder, gallery, searcher.index, protocol=searcher.protocol
+    )
+
+
+def test_a_filter_answers_the_best_of_the_matching_items(with_metadata):
+    gallery = with_metadata.gallery
+    everything = with_metadata.search_gallery([3], len(gallery) - 1)[0].answers
+    for where, keep in [
+        ("price < 30", lambda i: i < 30),
+        ("in_stock == true and price >= 10", lambda i: i % 2 == 0 and i >= 10),
+        ("not (price < 60)", lambda i: 60 <= i < len(gallery) - 1),  # no row: never matches
+        (f"class == '{gallery.classes[0]}'", lambda i: gallery.labels[i] == 0),
+    ]:
+        found = with_metadata.search_gallery([3], 5, where=where)[0].answers
+        expected = [a for a in everything if keep(a.index)][:5]
+        assert [(a.index, a.score) for a in found] == [(a.index, a.score) for a in expected]
+        assert len(found) == 5
+
+
+def test_a_filter_matching_fewer_than_k_answers_those(with_metadata):
+    found = with_metadata.search_gallery([3], 10, where="price <= 4")[0].answers
+    assert sorted(a.index for a in found) == [0, 1, 2, 4]  # 3 is the query, left out
+    assert with_metadata.search_gallery([3], 10, where="price > 1000")[0].answers == []
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("price < ", "--where: "),
+        ("prise < 10", "no column 'prise'; did you mean 'price'?"),
+        ("price < 'cheap'", "price is a number column"),
+        ("price = 3", "use == to compare"),
+    ],
+)
+def test_bad_filters_are_one_line(with_metadata, where, message):
+    with pytest.raises(UserError) as error:
+        with_metadata.search_gallery([0], 3, where=where)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_without_metadata_the_class_can_be_filtered(searcher):
+    name = searcher.gallery.classes[1]
+    found = searcher.search_gallery([0], 5, where=f"class == '{name}'")[0].answers
+    assert found and all(a.class_name == name for a in found)
