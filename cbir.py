@@ -19,7 +19,7 @@ from pathlib import Path
 
 import config
 from datasets.images import is_image_name
-from retrieval import answers
+from retrieval import answers, evaluate
 from retrieval.gallery import Gallery
 from retrieval.searcher import Result, Searcher
 from retrieval.sets import SET_NAMES
@@ -53,12 +53,14 @@ def main(argv: list[str]) -> int:
     )
     answers.check_r(args.retrieve, searcher.gallery)
     searcher.where_mask(args.where)  # a bad expression is refused before any query is embedded
+    if args.same_item:
+        args.same_item = evaluate.same_item_threshold(cfg, searcher.gallery.model_id)
     count = len(paths) + len(texts)
     results, failed = _search_images(searcher, paths, args, count)
     results += _search_texts(searcher, texts, args, count)
     if args.json:
         unreadable = [paths[i] for i in sorted(failed)]
-        _print_json(searcher.gallery, args.retrieve, results, unreadable)
+        _print_json(searcher.gallery, args, results, unreadable)
     if not results:
         raise UserError(f"none of the {len(paths)} query images could be read (see above)")
     return 1 if failed else 0
@@ -92,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
         help="answer only with images whose attributes match, e.g. \"category == 'tote' and "
         "price < 100\" (columns: <data root>/metadata.csv's and class)",
     )
+    parser.add_argument(
+        "--same-item",
+        action="store_const",
+        const=True,
+        help="mark the answers that score at or above the run's verification threshold "
+        "(measured by evaluation.py --verification) as the same item",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument(
         "--save",
@@ -120,7 +129,7 @@ def _search_images(
     ):
         results.append(result)
         if not args.json:
-            print(result.table() + "\n")
+            print(_table(result, args.same_item) + "\n")
         if args.save:
             query = paths[result.position]
             out = _picture_file(args.save, count, query.stem)
@@ -147,7 +156,7 @@ def _search_texts(searcher: Searcher, texts: list[str], args, count: int) -> lis
             )
         results.append(result)
         if not args.json:
-            print(result.table() + "\n")
+            print(_table(result, args.same_item) + "\n")
         if args.save:
             stem = f"text{result.position + 1}-{slug(text)}" if len(texts) > 1 else slug(text)
             out = _picture_file(args.save, count, stem)
@@ -163,19 +172,34 @@ def _picture_file(save: Path, count: int, stem: str) -> Path:
     return save.with_name(f"{save.stem}_{stem}{save.suffix}")
 
 
-def _print_json(gallery: Gallery, r: int, results: list[Result], unreadable: list[Path]) -> None:
-    """--json: every query's answers and the query images that could not be read."""
-    print(
-        json.dumps(
-            {
-                "gallery": str(gallery.path),
-                "r": r,
-                "results": [result.as_json() for result in results],
-                "unreadable": [str(path) for path in unreadable],
-            },
-            indent=2,
-        )
-    )
+def _table(result: Result, threshold: float | None) -> str:
+    """The answers' table; with --same-item, a line naming the answers at or above the run's
+    verification threshold (the same item, as evaluation.py --verification measured it)."""
+    if threshold is None:
+        return result.table()
+    same = [str(a.rank) for a in result.answers if a.score >= threshold]
+    line = f"the same item (score >= {threshold:.4f}): "
+    line += f"rank {', '.join(same)}" if same else "none of these"
+    return result.table() + "\n" + line
+
+
+def _print_json(gallery: Gallery, args, results: list[Result], unreadable: list[Path]) -> None:
+    """--json: every query's answers (with --same-item, each marked ``same_item``) and the
+    query images that could not be read."""
+    records = [result.as_json() for result in results]
+    if args.same_item is not None:
+        for record in records:
+            for answer in record["answers"]:
+                answer["same_item"] = answer["score"] >= args.same_item
+    document = {
+        "gallery": str(gallery.path),
+        "r": args.retrieve,
+        "results": records,
+        "unreadable": [str(path) for path in unreadable],
+    }
+    if args.same_item is not None:
+        document["same_item_threshold"] = args.same_item
+    print(json.dumps(document, indent=2))
 
 
 def _texts(texts: list[str]) -> list[str]:

@@ -7,6 +7,10 @@ R-precision and NMI. The result is also saved under <run>/evaluation/.
 ``--text-queries`` scores a dual encoder's text queries instead: each class's prompt against the
 test images (mAP@r, Recall@1/5/10) and, where they have captions, caption-to-image and
 image-to-caption Recall@1/5/10, beside chance (see retrieval/text_queries.py).
+
+``--verification`` answers "are these two images the same item?": every query-gallery pair of the
+protocol as same-class or different-class, ROC AUC, equal error rate and the score threshold at
+--false-match-rate (saved for ``cbir.py --same-item``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import config
 from retrieval import evaluate, text_queries
 from retrieval.embedder import load_text_encoder
+from retrieval.verification import DEFAULT_FALSE_MATCH_RATE
 from tfcbir.cli import add_checkpoint_argument, add_config_argument, import_tensorflow, run
 
 
@@ -25,6 +30,16 @@ def main(argv: list[str]) -> int:
     if args.text_queries:
         return _text_queries(args, config.load(args.config))
     cfg = config.load(args.config)
+    if args.verification:
+        result = evaluate.verify_run(
+            cfg,
+            false_match_rate=args.false_match_rate,
+            seed=args.seed,
+            config_path=args.config,
+            checkpoint=args.checkpoint,
+        )
+        print(json.dumps(result) if args.json else evaluate.verification_report(result))
+        return 0
     result = evaluate.evaluate_run(
         cfg,
         queries=args.queries,
@@ -77,6 +92,18 @@ def _parser() -> argparse.ArgumentParser:
         "--text-queries",
         action="store_true",
         help="score text queries (class prompts, captions) of a model with a text tower",
+    )
+    parser.add_argument(
+        "--verification",
+        action="store_true",
+        help="same-class vs different-class pairs: ROC AUC, equal error rate and the score "
+        "threshold at --false-match-rate (saved for cbir.py --same-item)",
+    )
+    parser.add_argument(
+        "--false-match-rate",
+        type=float,
+        default=DEFAULT_FALSE_MATCH_RATE,
+        help="with --verification: the false match rate the threshold allows (default 0.001)",
     )
     return parser
 

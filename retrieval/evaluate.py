@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import numpy as np
@@ -11,6 +12,7 @@ from datasets.lists import Splits
 from retrieval import sets
 from retrieval.gallery import Gallery, GalleryIdentity, items_hash, read_gallery
 from retrieval.metrics import clustering_nmi, evaluate, map_key
+from retrieval.verification import DEFAULT_FALSE_MATCH_RATE, verify
 from runs.folder import RunFolder
 from runs.weights import expected_model_id
 from tfcbir import UserError
@@ -183,6 +185,83 @@ def _open_protocol(
             f"both: python embed.py -c {config_path or '<config>'}"
         )
     return query_set, gallery
+
+
+VERIFICATION_FILE = "verification.json"  # in <run>/evaluation/: cbir.py --same-item reads it
+
+
+def verify_run(
+    config: dict,
+    *,
+    false_match_rate: float = DEFAULT_FALSE_MATCH_RATE,
+    seed: int = 0,
+    config_path=None,
+    checkpoint=None,
+) -> dict:
+    """evaluation.py --verification: every (query, gallery item) pair of the config's protocol
+    (each query left out of its own pairs for leave-one-out; a seeded sample past a million
+    pairs of a kind) as same-class or different-class, their ROC AUC, equal error rate and the
+    score threshold at ``false_match_rate`` (:func:`retrieval.verification.verify`), saved as
+    ``<run>/evaluation/verification.json`` with the gallery's model and protocol; returns it
+    (``saved``: where)."""
+    made = sets.splits(config) if sets.needs_splits(config, "query", "gallery") else None
+    protocol = sets.protocol(config, made)
+    query_set, gallery = _open_protocol(config, protocol, config_path, checkpoint, made)
+    result = verify(
+        query_set.embeddings,
+        query_set.labels,
+        gallery.embeddings,
+        gallery.labels,
+        normalized=gallery.normalized,
+        exclude=np.arange(len(query_set)) if protocol.leave_one_out else None,
+        false_match_rate=false_match_rate,
+        seed=seed,
+    )
+    result.update(
+        protocol=protocol.name,
+        gallery=str(gallery.path),
+        model_id=gallery.model_id,
+        model_step=gallery.model_step,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    out = RunFolder.of(config).evaluation / VERIFICATION_FILE
+    write_json(out, result)
+    result["saved"] = str(out)
+    return result
+
+
+def verification_report(result: dict) -> str:
+    return "\n".join(
+        [
+            f"{result['protocol']}: same-class against different-class pairs "
+            f"({result['same_class_pairs']:,} and {result['different_class_pairs']:,}; score: "
+            f"{result['score']}; model at step {result['model_step']})",
+            f"  ROC AUC          {result['roc_auc']:.4f}",
+            f"  equal error rate {result['eer']:.4f} (threshold {result['eer_threshold']:.4f})",
+            f"  at a false match rate of at most {result['false_match_rate_target']:g}: "
+            f"threshold {result['threshold']:.4f}, true match rate "
+            f"{result['true_match_rate']:.4f}",
+            f"saved to {result['saved']}",
+        ]
+    )
+
+
+def same_item_threshold(config: dict, model_id: str) -> float:
+    """The threshold of the run's saved verification (``evaluation.py --verification``) for
+    the model ``model_id``; UserError when there is none, or it is of other weights."""
+    path = RunFolder.of(config).evaluation / VERIFICATION_FILE
+    if not path.is_file():
+        raise UserError(
+            f"--same-item needs the run's verification threshold ({path} does not exist); "
+            "measure it first: python evaluation.py -c <config> --verification"
+        )
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("model_id") != model_id:
+        raise UserError(
+            f"{path} was measured with other weights than the gallery's; measure it again: "
+            "python evaluation.py -c <config> --verification"
+        )
+    return float(saved["threshold"])
 
 
 def model_selected_on(config: dict) -> str | None:

@@ -454,3 +454,37 @@ def test_cbir_where_filters_the_answers(trained, tmp_path, capsys):
     )
     assert code == 2 and err.strip().splitlines() == [err.strip()]
     assert "--where: no column 'colour'" in err
+
+
+def test_verification_and_same_item(trained, tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    call("embed", "-c", trained, capsys=capsys)
+    saved = trained.parent / "trainings" / "cli" / "evaluation" / "verification.json"
+    saved.unlink(missing_ok=True)
+    query = write_image(tmp_path / "q.png", gradient((30, 30)))
+    code, out, err = call("cbir", "-c", trained, "-r", "3", "--same-item", query, capsys=capsys)
+    assert code == 2 and "evaluation.py -c <config> --verification" in err
+    assert err.strip().splitlines() == [err.strip()]
+
+    code, out, err = call("evaluation", "-c", trained, "--verification", "--json", capsys=capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert json.loads(saved.read_text())["threshold"] == result["threshold"]
+    # The AUC of every train_gallery pair (test queries x train gallery), as scikit-learn has it.
+    queries = read_gallery(saved.parent.parent / "embeddings" / "test.h5")
+    gallery = read_gallery(saved.parent.parent / "embeddings" / "train.h5")
+    scores = queries.embeddings @ gallery.embeddings.T
+    same = queries.labels[:, None] == gallery.labels[None, :]
+    assert result["roc_auc"] == pytest.approx(roc_auc_score(same.ravel(), scores.ravel()), abs=1e-6)
+    assert result["same_class_pairs"] == same.sum() and not result["sampled"]
+
+    code, out, err = call(
+        "cbir", "-c", trained, "-r", "5", "--same-item", "--json", query, capsys=capsys
+    )
+    assert code == 0, err
+    document = json.loads(out)
+    threshold = document["same_item_threshold"]
+    assert threshold == result["threshold"]
+    for answer in document["results"][0]["answers"]:
+        assert answer["same_item"] == (answer["score"] >= threshold)
