@@ -396,18 +396,45 @@ class KReciprocalIndex:
             pool.vectors[pool.positions], max(k, self.candidates), exclude
         )
         head = min(self.candidates, found.shape[1])
-        squared = squared_distances(scores, self.normalized)
-        distances = pool.distances(pool.positions[:, None], squared)
-        jaccard = self._jaccard(pool, found[:, :head])
-        final = np.full(found.shape, np.inf)
-        final[:, head:] = 1.0 - self.lambda_value
-        final[:, :head] = (1.0 - self.lambda_value) * jaccard
+        encoded, row_of = self._encoded(pool, found[:, :head])
+        # Blocks of queries: a few float64 (B, depth) temporaries within the budget.
+        step = block_rows(found.shape[1], 40, self.memory_mb)
+        for start in range(0, len(found), step):
+            block = slice(start, start + step)
+            scores[block], found[block] = self._reranked(
+                pool, encoded, row_of, pool.positions[block], scores[block], found[block], head
+            )
+        if k < found.shape[1]:
+            return np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(found[:, :k])
+        return scores, found
+
+    def _reranked(self, pool, encoded, row_of, positions, scores, found, head):
+        """New scores -d* (B, C) float32 and indices (B, C) of a block of queries (pool items
+        ``positions`` (B,)) from their plain search (scores, found (B, C)): the first ``head``
+        re-ranked, the rest given d_J = 1 (their order kept)."""
         valid = found >= 0
-        final[valid] += self.lambda_value * distances[valid]
-        final[~valid] = np.inf
-        new_scores = (-final).astype(np.float32)
+        squared = np.where(valid, squared_distances(scores, self.normalized), 0.0)
+        distances = pool.distances(positions[:, None], squared)
+        jaccard = np.ones(found.shape)
+        rows, columns = np.nonzero(valid[:, :head])
+        jaccard[rows, columns] = jaccard_distances(
+            encoded, row_of[positions[rows]], row_of[found[rows, columns]], self.memory_mb
+        )
+        final = (1.0 - self.lambda_value) * jaccard + self.lambda_value * distances
+        new_scores = np.where(valid, -final, -np.inf).astype(np.float32)
         new_scores[:, :head], found[:, :head] = best_first(new_scores[:, :head], found[:, :head])
-        return new_scores[:, :k], found[:, :k]
+        return new_scores, found
+
+    def _encoded(self, pool: Pool, candidates: np.ndarray) -> tuple[object, np.ndarray]:
+        """V after local query expansion (:meth:`expanded_vectors`) of the queries and their
+        candidates (Q, C) (-1: none), and the row (P,) of each pool item in it (-1: none)."""
+        needed = np.zeros(len(pool.vectors), dtype=bool)
+        needed[pool.positions] = True
+        needed[candidates[candidates >= 0]] = True
+        items = np.flatnonzero(needed)
+        row_of = np.full(len(needed), -1, dtype=np.int64)
+        row_of[items] = np.arange(len(items))
+        return self.expanded_vectors(pool, items), row_of
 
     def _query_items(self, query_items, n_queries: int) -> np.ndarray:
         if query_items is None:
@@ -456,21 +483,6 @@ class KReciprocalIndex:
             [np.maximum(self._farthest, gallery_far), np.maximum(extra_far, extra_far_own)]
         )
         return np.concatenate([gallery_lists, extra_lists]), farthest
-
-    def _jaccard(self, pool: Pool, candidates: np.ndarray) -> np.ndarray:
-        """d_J (Q, C) float64 of each query and its candidates (Q, C) (-1: none, d_J 1)."""
-        valid = candidates >= 0
-        needed = np.unique(np.concatenate([pool.positions, candidates[valid]]))
-        encoded = self.expanded_vectors(pool, needed)
-        rows, columns = np.nonzero(valid)
-        jaccard = np.ones(candidates.shape)
-        jaccard[rows, columns] = jaccard_distances(
-            encoded,
-            np.searchsorted(needed, pool.positions[rows]),
-            np.searchsorted(needed, candidates[rows, columns]),
-            self.memory_mb,
-        )
-        return jaccard
 
     def expanded_vectors(self, pool: Pool, items: np.ndarray):
         """V after the local query expansion of the pool items (n,) ascending: a CSR matrix
