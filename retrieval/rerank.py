@@ -391,7 +391,10 @@ class KReciprocalIndex:
             )
         if k < 1:
             raise ValueError(f"k must be >= 1; got {k}")
-        pool = self.pool(queries, self._query_items(query_items, len(queries)))
+        items = self._query_items(query_items, len(queries))
+        if not len(queries):
+            return self.index.search(queries, k, exclude)
+        pool = self.pool(queries, items)
         scores, found = self.index.search(
             pool.vectors[pool.positions], max(k, self.candidates), exclude
         )
@@ -590,12 +593,18 @@ def farthest_squared(
     blocks of :func:`retrieval.search.similarity`; with ``columns`` also from each target to
     the rows (m,) (else None)."""
     sq_norms = None if normalized else np.einsum("nd,nd->n", targets, targets, dtype=np.float32)
-    step = max(1, min(1024, block_rows(len(targets), 8, memory_mb)))
+    step = max(1, min(1024, len(rows), block_rows(len(targets), 4, memory_mb)))
+    buffer = np.empty((step, len(targets)), dtype=np.float32)  # reused: fresh ones page-fault
     row_lowest = np.empty(len(rows), dtype=np.float32)
     column_lowest = np.full(len(targets), np.inf, dtype=np.float32)
     for start in range(0, len(rows), step):
+        block = rows[start : start + step]
         scores = similarity(
-            rows[start : start + step], targets, normalized=normalized, gallery_sq_norms=sq_norms
+            block,
+            targets,
+            normalized=normalized,
+            gallery_sq_norms=sq_norms,
+            out=buffer[: len(block)],
         )
         row_lowest[start : start + step] = scores.min(axis=1)
         if columns:
@@ -653,9 +662,10 @@ def jaccard_distances(
     pairs whose rows take at most about ``memory_mb``."""
     sums = np.asarray(encoded.sum(axis=1)).ravel()
     shared = np.empty(len(first), dtype=np.float64)
-    # Per pair: both rows' entries copied (12 bytes each) and their minimum (at most as many).
+    # Per pair: both rows' entries copied (12 bytes each), their minimum and SciPy's
+    # temporaries: about 48 bytes an entry, measured.
     entries = 2 * max(1.0, encoded.nnz / max(1, encoded.shape[0]))
-    step = max(1, int(memory_mb * 2**20 / (24 * entries)))
+    step = max(1, int(memory_mb * 2**20 / (48 * entries)))
     for start in range(0, len(first), step):
         stop = start + step
         smaller = encoded[first[start:stop]].minimum(encoded[second[start:stop]])

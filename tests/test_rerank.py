@@ -265,6 +265,18 @@ def test_k_reciprocal_is_deterministic_and_independent_of_the_memory_budget():
     np.testing.assert_allclose(shuffled[0], first[0][order], rtol=1e-6)
 
 
+@pytest.mark.parametrize("n_gallery, n_queries", [(1, 1), (2, 3), (3, 0), (5, 2)])
+def test_k_reciprocal_on_tiny_galleries(n_gallery, n_queries):
+    queries, _, gallery, _ = clustered(13, n_gallery, n_queries, 3, 2)
+    spec = RerankSpec.parse({"method": "k_reciprocal", "k1": 20, "k2": 6})
+    scores, indices = rerank(spec, queries, gallery, normalized=False, k=n_gallery + 1)
+    assert indices.shape == (n_queries, n_gallery + 1)
+    if n_queries:
+        final = reference_k_reciprocal(queries, gallery, False, 20, 6, 0.3)
+        np.testing.assert_array_equal(indices[:, :n_gallery], expected_answers(final)[0])
+        assert np.all(indices[:, -1] == -1) and np.all(scores[:, -1] == -np.inf)
+
+
 def test_k_reciprocal_memory_is_bounded_far_below_a_dense_matrix():
     rng = np.random.default_rng(8)
     n_gallery, dim = 20_000, 32
