@@ -26,8 +26,10 @@ paper ranks probes and gallery in one pool), gallery first; a query that is a ga
 (``query_items``, leave-one-out) is that item of the pool, with that item's vector. Over the pool:
 
 - d(p, x): the squared Euclidean distance over the largest one from p to the pool (the authors'
-  code: d in [0, 1], where lambda = 0.3 and the weights exp(-d) were tuned); from the float32
-  scores of :mod:`retrieval.search` (``2 - 2 s`` for unit vectors, ``s^2`` for ``s = -distance``);
+  code: d in [0, 1], where lambda = 0.3 and the weights exp(-d) were tuned). The neighbour
+  lists, the largest distances and the queries' final d come from the float32 scores of
+  :mod:`retrieval.search` (``2 - 2 s`` for unit vectors, ``s^2`` for ``s = -distance``), the
+  weights of V from float64 differences of the vectors: equal to within float32 rounding;
 - N(p, k): p, then its k nearest other items (ties to the lower pool index, as search ranks);
 - R(p, k) = {x in N(p, k) : p in N(x, k)}, the k-reciprocal neighbours;
 - R*(p) = R(p, k1) united with R(c, h) for each c in R(p, k1) whose
@@ -40,14 +42,14 @@ paper ranks probes and gallery in one pool), gallery first; a query that is a ga
   returned is -d* (float32), ties to the lower gallery index.
 
 What this computes without the paper's (Q+G) x (Q+G) matrices (14 GB of float32 for 60,000):
-neighbour lists of k1 (or k2 - 1) items per pool item from :class:`ExactIndex`'s blocked search,
+neighbour lists of max(k1, k2 - 1) items per pool item from :class:`ExactIndex`'s blocked search,
 each item's largest distance from a blocked pass, and V as sparse rows (|R*| entries), exact for
 every pool item they are computed for (the queries, their candidates and those items' k2
 nearest). One approximation: only each query's ``candidates`` best gallery items by the original
 score are re-ranked by d*. Every other item is given d_J = 1, as if it shared no k-reciprocal
 neighbour with the query, so those follow the candidates in their original order (score
-``-((1 - lambda) + lambda d)``); the paper gives them their true d_J, which is below 1 only when
-their expanded neighbourhood meets the query's, rare beyond the query's top answers. With
+``-((1 - lambda) + lambda d)``); the paper gives them their true d_J, which is below 1 exactly
+when their expanded V shares an item with the query's. With
 ``candidates`` >= the gallery's size the ranking is the paper's (``tests/test_rerank.py`` checks
 it against a dense implementation of the formulas above).
 
