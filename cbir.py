@@ -21,6 +21,7 @@ import config
 from datasets.images import is_image_name
 from retrieval import answers, evaluate
 from retrieval.gallery import Gallery
+from retrieval.rerank import add_rerank_argument, flag_spec
 from retrieval.searcher import Result, Searcher
 from retrieval.sets import SET_NAMES
 from retrieval.text_queries import slug
@@ -47,6 +48,7 @@ def main(argv: list[str]) -> int:
         gallery=args.gallery,
         index=args.index,
         checkpoint=args.checkpoint,
+        rerank=flag_spec(args.rerank),
         config_path=args.config,
         images=bool(paths),
         text=bool(texts),
@@ -88,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_gallery_argument(parser, SET_NAMES)
     add_search_arguments(parser)
+    add_rerank_argument(parser)
     parser.add_argument(
         "--where",
         metavar="EXPR",

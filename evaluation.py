@@ -21,6 +21,7 @@ import json
 import config
 from retrieval import evaluate, text_queries
 from retrieval.embedder import load_text_encoder
+from retrieval.rerank import add_rerank_argument, flag_spec
 from retrieval.verification import DEFAULT_FALSE_MATCH_RATE
 from tfcbir.cli import add_checkpoint_argument, add_config_argument, import_tensorflow, run
 
@@ -49,6 +50,7 @@ def main(argv: list[str]) -> int:
         config_path=args.config,
         checkpoint=args.checkpoint,
         nmi=not args.no_nmi,
+        rerank=flag_spec(args.rerank),
     )
     print(json.dumps(result, indent=None) if args.json else evaluate.report(result))
     return 0
@@ -93,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="score text queries (class prompts, captions) of a model with a text tower",
     )
+    add_rerank_argument(parser)
     parser.add_argument(
         "--verification",
         action="store_true",

@@ -18,6 +18,7 @@ from datasets.captions import image_captions, load_caption_table
 from datasets.lists import ImageList
 from retrieval import answers, sets
 from retrieval.answers import Answer
+from retrieval.rerank import add_rerank_argument, flag_spec
 from retrieval.searcher import Searcher
 from retrieval.text_queries import class_prompts_of, slug
 from runs.folder import RunFolder
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-r", "--retrieve", type=int, default=10, help="answers to show")
     parser.add_argument("--seed", type=int, help="pick the query with this seed (default: any)")
     add_search_arguments(parser)
+    add_rerank_argument(parser)
     parser.add_argument("--save", type=Path, help="picture file (default: <run>/queries/)")
     parser.add_argument(
         "--text",
@@ -54,7 +56,12 @@ def _image_query(args) -> int:
     """A random query image's answers: printed as a table and drawn into a picture."""
     cfg = config.load(args.config)
     searcher = Searcher.open(
-        cfg, index=args.index, checkpoint=args.checkpoint, config_path=args.config, text=False
+        cfg,
+        index=args.index,
+        checkpoint=args.checkpoint,
+        rerank=flag_spec(args.rerank),
+        config_path=args.config,
+        text=False,
     )
     answers.check_r(args.retrieve, searcher.gallery, searcher.protocol.leave_one_out)
     candidates = sets.images(cfg, searcher.protocol.queries)
@@ -99,6 +106,7 @@ def _text_query(args) -> int:
         cfg,
         index=args.index,
         checkpoint=args.checkpoint,
+        rerank=flag_spec(args.rerank),
         config_path=args.config,
         images=False,
         text=True,

@@ -12,6 +12,7 @@ from datasets.lists import Splits
 from retrieval import sets
 from retrieval.gallery import Gallery, GalleryIdentity, items_hash, read_gallery
 from retrieval.metrics import clustering_nmi, evaluate, map_key
+from retrieval.rerank import RerankSpec, evaluate_reranked
 from retrieval.verification import DEFAULT_FALSE_MATCH_RATE, verify
 from runs.folder import RunFolder
 from runs.weights import expected_model_id
@@ -86,6 +87,7 @@ def evaluate_run(
     config_path=None,
     checkpoint=None,
     nmi: bool = True,
+    rerank: RerankSpec | None = None,
 ) -> dict:
     """evaluation.py: ``queries`` sampled queries (seeded; 0: all) of the config's protocol, AP@r
     with cut-off ``r``, every metric of :func:`retrieval.metrics.evaluate`, saved as JSON under
@@ -97,7 +99,8 @@ def evaluate_run(
     queries come from the training split (``data.split.by: none``: leave-one-out on the images
     the model was trained on, an optimistic number). checkpoint: the weights the galleries were
     embedded with (default: the run's best). nmi: False leaves NMI out (its k-means is the
-    slowest part for many classes).
+    slowest part for many classes). rerank: the answers' re-ranking (default: ``eval.rerank``);
+    NMI stays that of the embeddings.
     """
     if queries < 0:
         raise UserError(f"-t {queries}: give a number of queries >= 0 (0: all)")
@@ -115,7 +118,10 @@ def evaluate_run(
     picked = np.arange(len(query_set))
     if queries and queries < len(query_set):
         picked = np.sort(np.random.default_rng(seed).choice(len(query_set), queries, replace=False))
-    values = _scores(query_set, gallery, picked, protocol, r=r, ap_denominator=ap_denominator)
+    rerank = rerank or RerankSpec.parse(config["eval"]["rerank"])
+    values = _scores(
+        query_set, gallery, picked, protocol, r=r, ap_denominator=ap_denominator, rerank=rerank
+    )
     if nmi:
         values["NMI"] = clustering_nmi(query_set.embeddings, query_set.labels, seed=seed)
     result = {key: values[key] for key in report_keys(r) if key in values}
@@ -133,11 +139,14 @@ def evaluate_run(
         gallery_size=len(gallery),
         query_set_size=len(query_set),
         model_step=gallery.model_step,
+        rerank=rerank.as_config(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     name = f"{protocol.name}-t{queries}-r{r}-seed{seed}"
     if ap_denominator != "min_r_g":
         name += f"-{ap_denominator}"
+    if rerank.active:
+        name += f"-{rerank.method}"
     out = RunFolder.of(config).evaluation / f"{name}.json"
     write_json(out, result)
     result["saved"] = str(out)
@@ -152,9 +161,25 @@ def _scores(
     *,
     r: int,
     ap_denominator: str,
+    rerank: RerankSpec,
 ) -> dict:
     """The metrics of the ``picked`` queries (their indices in ``query_set``) against
-    ``gallery``, each left out of its own answers for leave-one-out; NMI is not computed."""
+    ``gallery``, each left out of its own answers for leave-one-out, their answers re-ranked by
+    ``rerank``; NMI is not computed."""
+    if rerank.active:
+        own = picked if protocol.leave_one_out else None
+        return evaluate_reranked(
+            rerank,
+            query_set.embeddings[picked],
+            query_set.labels[picked],
+            gallery.embeddings,
+            gallery.labels,
+            normalized=gallery.normalized,
+            exclude=own,
+            query_items=own,
+            r=r,
+            ap_denominator=ap_denominator,
+        ).as_dict()
     return evaluate(
         query_set.embeddings[picked],
         query_set.labels[picked],
@@ -282,6 +307,10 @@ def report(result: dict) -> str:
         f"{result['gallery_size']} gallery images, r = {result['r']} "
         f"(model at step {result['model_step']})"
     ]
+    rerank = result.get("rerank") or {"method": "none"}
+    if rerank["method"] != "none":
+        settings = ", ".join(f"{k}={v}" for k, v in rerank.items() if k != "method")
+        lines.append(f"answers re-ranked by {rerank['method']} ({settings}); NMI is not re-ranked")
     if result.get("on_training_images"):
         lines.append(
             "warning: the data set has no test split, so these queries are training images "

@@ -188,6 +188,22 @@ class RerankSpec:
             )
 
 
+def add_rerank_argument(parser) -> None:
+    """``--rerank METHOD[:KEY=VALUE,...]`` (read with :func:`flag_spec`)."""
+    parser.add_argument(
+        "--rerank",
+        metavar="METHOD[:KEY=VALUE,...]",
+        help="re-rank the answers: none, alpha_qe, dba, dba_alpha_qe or k_reciprocal, e.g. "
+        "k_reciprocal:k1=20,lambda=0.3 (default: the config's eval.rerank)",
+    )
+
+
+def flag_spec(text: str | None) -> RerankSpec | None:
+    """The re-ranking a ``--rerank`` flag asks for; None when it was not given (the config's
+    ``eval.rerank`` then applies). UserError (one line) for a bad one."""
+    return None if text is None else RerankSpec.parse_flag(text)
+
+
 def _flag_value(text: str):
     """A flag's value as the config would hold it: an integer, a number, else the text."""
     for kind in (int, float):

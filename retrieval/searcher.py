@@ -22,6 +22,7 @@ images are decoded outside it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,10 +38,12 @@ from retrieval.evaluate import open_gallery
 from retrieval.faiss_index import open_index
 from retrieval.filters import Columns, parse_filter, read_metadata
 from retrieval.gallery import Gallery
+from retrieval.rerank import RerankSpec, rerank_index
 from retrieval.text_queries import open_text_gallery
 from runs.weights import has_text_tower, model_source
 from tfcbir import UserError
 
+log = logging.getLogger("tfcbir")
 METADATA_FILE = "metadata.csv"  # in the data root: per-image attributes for filters
 
 
@@ -72,6 +75,27 @@ class Result:
         if self.kind == "text":
             return answers.text_table(self.query, self.query_class, self.answers)
         return answers.table(self.query, self.query_class, self.answers)
+
+
+def _search_index(config: dict, gallery: Gallery, index, config_path, rerank):
+    """The gallery's index: a re-ranking's (``rerank``, else the config's ``eval.rerank``), or
+    the exact or FAISS index ``index`` (default: ``index.type``)."""
+    rerank = rerank or RerankSpec.parse(config["eval"]["rerank"])
+    index = index or config["index"]["type"]
+    if rerank.active:
+        if index != "exact":
+            log.info(
+                "re-ranking (%s) searches the gallery exactly, not its %s index",
+                rerank.method,
+                index,
+            )
+        return rerank_index(rerank, gallery.embeddings, normalized=gallery.normalized)
+    return open_index(
+        gallery,
+        index,
+        search_parameters=config["index"]["search_parameters"],
+        config_path=config_path,
+    )
 
 
 class GalleryIndexError(UserError):
@@ -121,6 +145,7 @@ class Searcher:
         config_path: str | Path | None = None,
         images: bool = True,
         text: bool | None = None,
+        rerank: RerankSpec | None = None,
     ) -> Searcher:
         """Load ``config``'s model (its best weights, or ``checkpoint``), the gallery of set
         ``gallery`` (default: the protocol's gallery) and its index (``index``: ``"exact"`` or
@@ -129,7 +154,8 @@ class Searcher:
 
         images: load the image model (else only gallery and text queries can be answered);
         text: load the text tower too (UserError for a model without one); default: when the
-        model has one."""
+        model has one. rerank: how answers are re-ranked (default: the config's
+        ``eval.rerank``); a re-ranking searches its own exact index, not a FAISS one."""
         made = sets.splits(config) if sets.needs_splits(config, gallery or "gallery") else None
         protocol = sets.protocol(config, made)  # the data set's split read once, passed on
         name = gallery or protocol.gallery
@@ -147,12 +173,7 @@ class Searcher:
         else:
             model_id = embedder.model_id if embedder is not None else None
             found = open_gallery(config, name, config_path, model_id, checkpoint, made)
-        search_index = open_index(
-            found,
-            index or config["index"]["type"],
-            search_parameters=config["index"]["search_parameters"],
-            config_path=config_path,
-        )
+        search_index = _search_index(config, found, index, config_path, rerank)
         return cls(
             config, embedder, found, search_index, protocol=protocol, text_encoder=text_encoder
         )

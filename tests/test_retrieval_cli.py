@@ -488,3 +488,38 @@ def test_verification_and_same_item(trained, tmp_path, capsys):
     assert threshold == result["threshold"]
     for answer in document["results"][0]["answers"]:
         assert answer["same_item"] == (answer["score"] >= threshold)
+
+
+def test_rerank_in_evaluation_and_cbir(trained, tmp_path, capsys):
+    from retrieval.rerank import RerankSpec, evaluate_reranked
+
+    call("embed", "-c", trained, capsys=capsys)
+    code, out, err = call(
+        "evaluation", "-c", trained, "-t", "0", "-r", "5", "--no-nmi", "--json",
+        "--rerank", "k_reciprocal:k1=6,k2=3,candidates=20", capsys=capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["rerank"] == {
+        "method": "k_reciprocal", "k1": 6, "k2": 3, "lambda": 0.3, "candidates": 20
+    }  # fmt: skip
+    assert result["saved"].endswith("-k_reciprocal.json")
+    embeddings = trained.parent / "trainings" / "cli" / "embeddings"
+    queries, gallery = read_gallery(embeddings / "test.h5"), read_gallery(embeddings / "train.h5")
+    expected = evaluate_reranked(
+        RerankSpec.parse_flag("k_reciprocal:k1=6,k2=3,candidates=20"),
+        queries.embeddings, queries.labels, gallery.embeddings, gallery.labels,
+        normalized=True, r=5,
+    ).as_dict()  # fmt: skip
+    assert result["mAP@5"] == pytest.approx(expected["mAP"], abs=1e-9)
+    assert result["recall@1"] == pytest.approx(expected["recall@1"], abs=1e-9)
+
+    query = write_image(tmp_path / "q.png", gradient((30, 30)))
+    code, out, err = call(
+        "cbir", "-c", trained, "-r", "3", "--json", "--rerank", "alpha_qe", query, capsys=capsys
+    )
+    assert code == 0, err
+    assert len(json.loads(out)["results"][0]["answers"]) == 3
+    code, out, err = call("cbir", "-c", trained, "-r", "3", "--rerank", "qe", query, capsys=capsys)
+    assert code == 2 and err.strip().splitlines() == [err.strip()]
+    assert "--rerank.method: 'qe' is not one of" in err
