@@ -13,7 +13,6 @@ import losses
 import nets
 from datasets.captions import CAPTIONS_FILE, GROUP_BY, check_template
 from datasets.lists import CLASS_ORDERS, LAYOUTS, SPLIT_KINDS, VALIDATION_SOURCES
-from retrieval.rerank import RerankSpec
 from tfcbir import UserError
 from tfcbir.params import REQUIRED, Param, check_value, did_you_mean, fmt, validate
 
@@ -304,7 +303,8 @@ SCHEMA: dict = {
             "none",
             "Query-time re-ranking of evaluation.py, test.py, cbir.py and serve.py: none, "
             "alpha_qe, dba, dba_alpha_qe (Radenovic et al.) or k_reciprocal (Zhong et al.), "
-            "by name (its defaults) or as {method: ..., its parameters} (docs/retrieval.md).",
+            "by name (its defaults) or as {method: ..., its parameters} (docs/retrieval.md); "
+            "its parameters are checked when it is used.",
             allowed_text="none, alpha_qe, dba, dba_alpha_qe, k_reciprocal, or {method: ..., ...}",
         ),
     },
@@ -398,7 +398,6 @@ def _check_cross_keys(config: dict) -> None:
         )
     losses.check_batch(config["loss"], train["batch"]["P"], train["batch"]["K"])
     _check_text_tower(config)
-    RerankSpec.parse(config["eval"]["rerank"], "eval.rerank")
     protocol = config["eval"]["protocol"]
     # Under data.format auto the root may turn out to be In-shop, whose partition file gives the
     # lists; retrieval.sets refuses a root without them when the sets are needed.

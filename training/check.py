@@ -19,6 +19,7 @@ from datasets import archives
 from datasets.lists import ImageList
 from datasets.pipeline import find_unreadable
 from retrieval import sets
+from retrieval.rerank import RerankSpec
 from training.validation import choose_validation
 
 MISSING = "listed, but the file does not exist"
@@ -49,6 +50,7 @@ def check(
 
     Raises UserError for what would stop a run (a bad root, an impossible split or protocol).
     """
+    RerankSpec.parse(config["eval"]["rerank"])  # checked where it is used, and here
     made = sets.splits(config)
     chosen = choose_validation(config, made)
     train_images, validation, source = chosen.train, chosen.validation, chosen.source
