@@ -81,6 +81,37 @@ class GalleryIndexError(UserError):
         )
 
 
+@dataclass(frozen=True)
+class _Opening:
+    """How :meth:`Searcher.open` found its gallery and index: to find them again."""
+
+    gallery: str  # the set's name
+    index: str | None
+    checkpoint: str | Path | None
+    config_path: str | Path | None
+
+    def gallery_and_index(self, config: dict, embedder, text_encoder, made):
+        """The gallery (checked against the models' weights) and its index."""
+        # The weights' hash checks the gallery (that of their files when no model is loaded);
+        # with a text tower, the towers it records and its dimension too.
+        if text_encoder is not None:
+            found = open_text_gallery(
+                config, self.gallery, text_encoder, self.config_path, self.checkpoint, made
+            )
+        else:
+            model_id = embedder.model_id if embedder is not None else None
+            found = open_gallery(
+                config, self.gallery, self.config_path, model_id, self.checkpoint, made
+            )
+        search_index = open_index(
+            found,
+            self.index or config["index"]["type"],
+            search_parameters=config["index"]["search_parameters"],
+            config_path=self.config_path,
+        )
+        return found, search_index
+
+
 class Searcher:
     """A run's model, gallery and index (see the module docstring). Build it with
     :meth:`open`. ``embedder``: the image model (:class:`retrieval.embedder.Embedder`), None
@@ -104,6 +135,7 @@ class Searcher:
         self.protocol = protocol or sets.protocol(config)
         self.text_encoder = text_encoder
         self._lock = threading.RLock()  # around the model and the index
+        self._opening: _Opening | None = None  # how open() found the gallery: for reopen()
         self._positions = {path: i for i, path in enumerate(gallery.paths)}
 
     @classmethod
@@ -136,25 +168,45 @@ class Searcher:
         source = model_source(config, checkpoint) if text or images else None  # resolved once
         text_encoder = load_text_encoder(config, checkpoint, source) if text else None
         embedder = load_embedder(config, checkpoint, source) if images else None
-        # The weights' hash checks the gallery (that of their files when no model is loaded);
-        # with a text tower, the towers it records and its dimension too.
-        if text_encoder is not None:
-            found = open_text_gallery(config, name, text_encoder, config_path, checkpoint, made)
-        else:
-            model_id = embedder.model_id if embedder is not None else None
-            found = open_gallery(config, name, config_path, model_id, checkpoint, made)
-        search_index = open_index(
-            found,
-            index or config["index"]["type"],
-            search_parameters=config["index"]["search_parameters"],
-            config_path=config_path,
-        )
-        return cls(
+        opening = _Opening(name, index, checkpoint, config_path)
+        found, search_index = opening.gallery_and_index(config, embedder, text_encoder, made)
+        searcher = cls(
             config, embedder, found, search_index, protocol=protocol, text_encoder=text_encoder
         )
+        searcher._opening = opening
+        return searcher
+
+    def reopen(self) -> Searcher:
+        """A new Searcher over the gallery as its file is now (e.g. re-embedded) and its index,
+        with this one's models (not reloaded) and options; this one is left as it is (a
+        service swaps to the new one). UserError as :meth:`open` (a stale gallery, an index of
+        another gallery); ValueError for a Searcher not made by :meth:`open`."""
+        if self._opening is None:
+            raise ValueError("only a Searcher made by Searcher.open can be reopened")
+        config = self.config
+        name = self._opening.gallery
+        made = sets.splits(config) if sets.needs_splits(config, name) else None
+        found, search_index = self._opening.gallery_and_index(
+            config, self.embedder, self.text_encoder, made
+        )
+        searcher = type(self)(
+            config,
+            self.embedder,
+            found,
+            search_index,
+            protocol=self.protocol,
+            text_encoder=self.text_encoder,
+        )
+        searcher._opening = self._opening
+        return searcher
 
     def __len__(self) -> int:
         return len(self.gallery)
+
+    @property
+    def can_reopen(self) -> bool:
+        """Whether :meth:`reopen` can find the gallery again (made by :meth:`open`)."""
+        return self._opening is not None
 
     @property
     def has_text(self) -> bool:
@@ -343,7 +395,12 @@ class Searcher:
         left_out = None
         if exclude is not None:
             left_out = np.array([-1 if e is None else int(e) for e in exclude], np.int64)
-        return answers.rank(self.index, self.gallery, embeddings, labels, k, left_out)
+        ranked = answers.rank(self.index, self.gallery, embeddings, labels, k, left_out)
+        if self.gallery.normalized:
+            # A cosine is at most 1; float32 rounding of unit vectors gives 1.0000001.
+            for answer in (a for found in ranked for a in found):
+                answer.score = min(max(answer.score, -1.0), 1.0)
+        return ranked
 
     def _class_name(self, label: int | None) -> str | None:
         return None if label is None else self.gallery.classes[label]

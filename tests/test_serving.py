@@ -70,7 +70,12 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 def test_health_info_and_the_page(client, searcher):
-    assert client.get("/healthz").json() == {"status": "ok", "gallery_size": 72}
+    assert client.get("/healthz").json() == {
+        "status": "ok",
+        "gallery_size": 72,
+        "gallery_id": searcher.gallery.gallery_id,
+        "gallery": searcher.gallery.path.name,
+    }
     info = client.get("/api/info").json()
     assert info["gallery_size"] == 72 and info["classes"] == 6 and info["has_text"] is False
     assert info["run"] == "search" and info["default_k"] == 10
