@@ -345,7 +345,7 @@ def _search_image(
         raise BadRequest(f"{name}: {error.problem.split('; ')[0]}; send a smaller image") from None
     except ImageError as error:
         problem = error.problem
-        if problem.startswith("truncated or corrupt image data"):
+        if "truncated or corrupt" in problem:
             message = "the image's data is cut short or damaged; send the whole file again"
         elif problem.startswith("not an image file"):
             message = "not an image file; send a JPEG, PNG, GIF, BMP, TIFF or WebP image"

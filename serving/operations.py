@@ -15,6 +15,7 @@ import logging
 import time
 from urllib.parse import parse_qs
 
+import uvicorn
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -130,6 +131,20 @@ class AccessLog:
             self.metrics.observe(pattern or "(unmatched)", scope["method"], status, seconds)
 
 
+def uvicorn_config(app, host: str, port: int, *, keep_alive: float = 5.0) -> uvicorn.Config:
+    """How serve.py runs ``app``: uvicorn's own access log off (:class:`AccessLog` writes it),
+    its other messages from warnings up, idle keep-alive connections closed after
+    ``keep_alive`` seconds."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_keep_alive=keep_alive,
+    )
+
+
 def log_to_stderr() -> None:
     """The access log's lines, as they are, on stderr (serve.py; tests read the logger)."""
     logger = logging.getLogger(ACCESS_LOGGER)
@@ -140,4 +155,11 @@ def log_to_stderr() -> None:
     logger.propagate = False
 
 
-__all__ = ["AccessLog", "Metrics", "ACCESS_LOGGER", "DISCONNECTED", "log_to_stderr"]
+__all__ = [
+    "AccessLog",
+    "Metrics",
+    "uvicorn_config",
+    "ACCESS_LOGGER",
+    "DISCONNECTED",
+    "log_to_stderr",
+]

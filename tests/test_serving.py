@@ -248,13 +248,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live(app):
-    """The app served by uvicorn on a free localhost port, in a thread: its base URL."""
+def live(app, **options):
+    """The app served by uvicorn on a free localhost port, in a thread, configured as serve.py
+    does (``options``: :func:`serving.operations.uvicorn_config`'s): its base URL."""
     import uvicorn
 
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
-    )
+    from serving.operations import uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", free_port(), **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
