@@ -64,7 +64,8 @@ FORM_OVERHEAD = 64 * 1024  # multipart headers and the text field, beyond the im
 TEXT_LIMIT = 1000  # characters of a text query
 GET = ["GET", "HEAD"]
 # Reachable without the API key: the page (which then asks for the key) and the health check.
-OPEN_PATHS = ("/", "/favicon.ico", "/healthz", "/static/")
+OPEN_PATHS = ("/", "/favicon.ico", "/healthz")
+OPEN_PREFIXES = ("/static/",)
 FAVICON = (
     b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
     b'<rect width="16" height="16" rx="3" fill="#1d2330"/>'
@@ -139,7 +140,7 @@ def _add_middleware(
     app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD, message=limit)
     app.add_middleware(BodyTimeout, seconds=body_timeout)
     if api_key is not None:
-        app.add_middleware(ApiKey, key=api_key, open_paths=OPEN_PATHS)
+        app.add_middleware(ApiKey, key=api_key, open_paths=OPEN_PATHS, open_prefixes=OPEN_PREFIXES)
     app.add_middleware(AnswerOptions, router=app.router)
     if cors_origins:
         app.add_middleware(

@@ -88,12 +88,15 @@ class BodyTimeout:
 
 
 class ApiKey:
-    """Requests without ``key`` get 401, except to the ``open_paths`` (the page, its assets,
-    the health check). The key is read from ``Authorization: Bearer <key>``, ``X-API-Key`` or
+    """Requests without ``key`` get 401, except to the ``open_paths`` and the paths under
+    ``open_prefixes`` (the page, its assets, the health check). The key is read from ``Authorization: Bearer <key>``, ``X-API-Key`` or
     the page's cookie; compared in constant time."""
 
-    def __init__(self, app, key: str, open_paths: tuple[str, ...] = ()):
-        self.app, self.key, self.open_paths = app, key.encode(), open_paths
+    def __init__(
+        self, app, key: str, open_paths: tuple[str, ...] = (), open_prefixes: tuple[str, ...] = ()
+    ):
+        self.app, self.key = app, key.encode()
+        self.open_paths, self.open_prefixes = frozenset(open_paths), open_prefixes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self._is_open(scope["path"]):
@@ -111,10 +114,7 @@ class ApiKey:
         await self.app(scope, receive, send)
 
     def _is_open(self, path: str) -> bool:
-        return any(
-            path == open_path or (open_path.endswith("/") and path.startswith(open_path))
-            for open_path in self.open_paths
-        )
+        return path in self.open_paths or path.startswith(self.open_prefixes)
 
 
 def request_key(headers: dict[bytes, bytes]) -> str | None:
