@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from http.cookies import SimpleCookie
+from urllib.parse import unquote
 
 from starlette.routing import Match
 
@@ -131,7 +132,7 @@ def request_key(headers: dict[bytes, bytes]) -> str | None:
         cookie.load(headers.get(b"cookie", b"").decode("latin-1"))
     except Exception:  # a malformed Cookie header: as if there were none
         return None
-    return cookie[KEY_COOKIE].value if KEY_COOKIE in cookie else None
+    return unquote(cookie[KEY_COOKIE].value) if KEY_COOKIE in cookie else None
 
 
 class AnswerOptions:
