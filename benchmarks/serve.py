@@ -30,6 +30,7 @@ its training split embedded as the gallery (540 images).
     .venv/bin/python benchmarks/serve.py --clients 8 --seconds 20 --k 20
     .venv/bin/python benchmarks/serve.py -c trainings/demo.json  # a trained, embedded run
     .venv/bin/python benchmarks/serve.py --parts memory --seconds 15  # the memory part only
+    .venv/bin/python benchmarks/serve.py --parts memory --serve-options "--decoders 8"
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import io
 import json
 import math
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -129,14 +131,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(config_path: Path, port: int) -> subprocess.Popen:
+def start_server(config_path: Path, port: int, options: str = "") -> subprocess.Popen:
     import httpx
 
     # Its messages (an access-log line per request) to a file: a pipe nobody reads would fill
     # and stop the server.
     messages = tempfile.TemporaryFile("w+")  # noqa: SIM115 (lives as long as the server)
     server = subprocess.Popen(
-        [sys.executable, str(ROOT / "serve.py"), "-c", str(config_path), "--port", str(port)],
+        [sys.executable, str(ROOT / "serve.py"), "-c", str(config_path), "--port", str(port)]
+        + shlex.split(options),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=messages,
@@ -267,6 +270,11 @@ def main(argv=None) -> None:
         default="throughput,memory",
         help="what to measure: throughput (HTTP against in-process), memory, or both",
     )
+    parser.add_argument(
+        "--serve-options",
+        default="",
+        help='serve.py options of the memory part\'s server, e.g. "--decoders 8 --max-pixels 40000000"',
+    )
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
 
@@ -294,7 +302,7 @@ def main(argv=None) -> None:
             print_throughput(rows)
         if "memory" in parts:
             port = free_port()
-            server = start_server(config_path, port)  # a fresh one: its idle memory
+            server = start_server(config_path, port, args.serve_options)  # fresh: idle memory
             try:
                 rows = memory_part(server, port, args.memory_clients, args.seconds, args.k, queries)
             finally:

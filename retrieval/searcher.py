@@ -13,6 +13,10 @@ batches of queries and give one :class:`Result` per query, its answers ranked by
   its own answers as in leave-one-out;
 - :meth:`Searcher.search_text`: words, for a model with a text tower (:attr:`Searcher.has_text`).
 
+Scores are those of the index (cosine for a normalised gallery, clipped into [-1, 1]; negative
+Euclidean distance otherwise). :meth:`Searcher.reopen` gives a Searcher over the gallery file as
+it is now with the same models (a service swaps to it when the gallery is re-embedded).
+
 cbir.py, test.py and serve.py are its front ends. Its errors (UserError and its kinds
 :class:`~retrieval.answers.AnswerCountError`, :class:`GalleryIndexError`,
 :class:`datasets.images.ImageError`) say what is wrong; each front end says how to fix it in its
