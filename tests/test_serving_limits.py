@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -251,7 +252,6 @@ def test_the_default_pixel_limit_follows_the_model_input(searcher):
 
 def write_png_header_bytes(width: int, height: int) -> bytes:
     import tempfile
-    from pathlib import Path
 
     with tempfile.TemporaryDirectory() as folder:
         return write_png_header(Path(folder) / "h.png", width, height).read_bytes()
@@ -303,3 +303,66 @@ def test_scores_are_cosines_within_minus_one_and_one(searcher):
             k=1,
         )
         assert itself.json()["results"][0]["score"] <= 1.0
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_eight_concurrent_largest_pngs_stay_within_the_memory_goal(searcher):
+    """8 clients upload the largest PNG the server accepts (one colour: a few KB, 12.6 M
+    pixels): its memory (this process's, the server's thread in it) peaks at two decodes' worth
+    and settles back within 100 MB (benchmarks/serve.py measures a real server process)."""
+    import httpx
+
+    app = create_app(searcher)
+    limit = default_max_pixels(model_input(searcher))
+    side = int(limit**0.5)
+    big = png(np.full((side, side, 3), 200, np.uint8))
+    assert len(big) < 100_000
+    with live(app) as url, ThreadPoolExecutor(8) as pool:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            assert upload(client, big, "big.png").status_code == 200  # warm: buffers made
+        idle = peak = rss_mb()
+        done = threading.Event()
+
+        def sample():
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, rss_mb())
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+
+        def ask(n):
+            with httpx.Client(base_url=url, timeout=120) as client:
+                return upload(client, big, f"big{n}.png").status_code
+
+        try:
+            statuses = list(pool.map(ask, range(8)))
+        finally:
+            done.set()
+            sampler.join()
+        time.sleep(1)
+        settled = rss_mb()
+    assert statuses == [200] * 8
+    one_decode = side * side * 4 / 2**20  # PIL holds RGB as 4 bytes a pixel: 48 MB
+    assert peak - idle < 3 * one_decode + 50, (idle, peak)  # 2 decoders, not 8
+    assert settled - idle < 100, (idle, settled)
+
+
+def test_an_idle_keep_alive_connection_is_closed(searcher):
+    with live(create_app(searcher), keep_alive=0.5) as url:
+        address = urlparse(url)
+        with socket.create_connection((address.hostname, address.port), timeout=10) as raw:
+            raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            answer = raw.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            started = time.monotonic()
+            assert raw.recv(65536) == b""  # closed by the server, not by this client's timeout
+            assert time.monotonic() - started < 5
