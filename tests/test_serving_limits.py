@@ -361,8 +361,14 @@ def test_an_idle_keep_alive_connection_is_closed(searcher):
         address = urlparse(url)
         with socket.create_connection((address.hostname, address.port), timeout=10) as raw:
             raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
-            answer = raw.recv(65536)
-            assert answer.startswith(b"HTTP/1.1 200 ")
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += raw.recv(65536)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += raw.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body)["status"] == "ok"
             started = time.monotonic()
             assert raw.recv(65536) == b""  # closed by the server, not by this client's timeout
             assert time.monotonic() - started < 5
