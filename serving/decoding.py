@@ -1,9 +1,9 @@
 """Bounded work per upload: how many images are decoded at once (:class:`DecodeQueue`) and how
 large an image may be (:func:`default_max_pixels`).
 
-Decoding is what costs memory: an image of P pixels takes 3P bytes as RGB (4P and more on the
+Decoding is what costs memory: an image of P pixels takes 4P bytes as RGB in PIL (more on the
 way for one with transparency) however small its file, so a 38 KB PNG of one colour can ask for
-120 MB. The service therefore decodes (and searches) uploads on ``workers`` threads of their own
+160 MB. The service therefore decodes (and searches) uploads on ``workers`` threads of their own
 (2 by default: the embedding itself is serialised by the Searcher's lock, so more decoders buy
 little speed and cost a decode's memory each); up to ``waiting`` more uploads wait for one, and
 past that an upload is answered 503 at once. Confining the decodes to a few threads also keeps
@@ -23,7 +23,7 @@ from serving.errors import BadRequest
 MODEL_PIXELS_MULTIPLE = 64
 # ... and never fewer than a 12-megapixel photo's (4032 x 3024 fits, in either orientation):
 # what a phone takes. A JPEG that large is decoded at a reduced scale (libjpeg's draft mode)
-# for a small model, so its cost is far below its size; a PNG of this size costs 38 MB as RGB.
+# for a small model, so its cost is far below its size; a PNG of this size costs 48 MB as RGB.
 FLOOR_PIXELS = 4096 * 3072
 DEFAULT_DECODERS = 2
 DEFAULT_WAITING = 16
