@@ -278,6 +278,9 @@ def _add_gallery_route(app: FastAPI, live: LiveSearcher) -> None:
         image.save(out, "JPEG", quality=88)
         return out.getvalue()
 
+    # A re-embedded data set may hold other pictures under the same paths.
+    live.when_swapped(lambda _new: thumbnail.cache_clear())
+
     @app.api_route("/api/gallery/{index}", methods=GET)
     def gallery_image(request: Request, index: int, size: int | None = None) -> Response:
         searcher = live.check()

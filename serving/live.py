@@ -36,8 +36,9 @@ def file_stamp(path) -> tuple[int, int, int] | None:
 
 
 class LiveSearcher:
-    """The current Searcher (see the module docstring). ``on_swap(searcher)`` is called with
-    each new one. ``check_every`` 0: only :meth:`reload` swaps."""
+    """The current Searcher (see the module docstring). Each of ``on_swap`` (and those added
+    with :meth:`when_swapped`) is called with each new one. ``check_every`` 0: only
+    :meth:`reload` swaps."""
 
     def __init__(
         self,
@@ -48,7 +49,7 @@ class LiveSearcher:
     ):
         self.searcher = searcher
         self.check_every = check_every
-        self.on_swap = on_swap
+        self._listeners = [on_swap] if on_swap is not None else []
         self.last_error: str | None = None  # why the rewritten gallery was not swapped in
         self._stamp = file_stamp(searcher.gallery.path)
         self._checked = time.monotonic()
@@ -56,6 +57,10 @@ class LiveSearcher:
 
     def current(self) -> Searcher:
         return self.searcher
+
+    def when_swapped(self, listener: Callable[[Searcher], None]) -> None:
+        """Call ``listener(new_searcher)`` after each swap (e.g. to drop a cache)."""
+        self._listeners.append(listener)
 
     def due(self) -> bool:
         """Whether it is time to look at the gallery file (:meth:`check` would stat it)."""
@@ -100,8 +105,8 @@ class LiveSearcher:
         log.info(
             "gallery %s rewritten: now searching its %d images", found.gallery.path, len(found)
         )
-        if self.on_swap is not None:
-            self.on_swap(found)
+        for listener in self._listeners:
+            listener(found)
         return True
 
     def _swap_quietly(self) -> None:
