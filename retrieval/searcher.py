@@ -182,13 +182,28 @@ class Searcher:
 
     def reopen(self) -> Searcher:
         """A new Searcher over the gallery as its file is now (e.g. re-embedded) and its index,
-        with this one's models (not reloaded) and options; this one is left as it is (a
-        service swaps to the new one). UserError as :meth:`open` (a stale gallery, an index of
-        another gallery); ValueError for a Searcher not made by :meth:`open`."""
+        with this one's options; this one is left as it is (a service swaps to the new one).
+        The models are kept unless the run's weights changed (retrained, then re-embedded):
+        then they are loaded again, as :meth:`open` does. UserError as :meth:`open` (a stale
+        gallery, an index of another gallery); ValueError for a Searcher not made by
+        :meth:`open`."""
         if self._opening is None:
             raise ValueError("only a Searcher made by Searcher.open can be reopened")
         config = self.config
         name = self._opening.gallery
+        loaded = self.text_encoder or self.embedder
+        if loaded is not None:
+            weights = model_source(config, self._opening.checkpoint)
+            if weights.model_id != loaded.model_id:  # new weights: load them
+                return type(self).open(
+                    config,
+                    gallery=name,
+                    index=self._opening.index,
+                    checkpoint=self._opening.checkpoint,
+                    config_path=self._opening.config_path,
+                    images=self.embedder is not None,
+                    text=self.text_encoder is not None,
+                )
         made = sets.splits(config) if sets.needs_splits(config, name) else None
         found, search_index = self._opening.gallery_and_index(
             config, self.embedder, self.text_encoder, made

@@ -4,12 +4,13 @@ file changes.
 
 Each request takes ``live.current()`` once and uses that Searcher to its end, so a swap is
 atomic: requests in flight finish on the old gallery, the next ones use the new. At most every
-``check_every`` seconds a request first looks at the gallery file (its size, modification time
-and inode: one stat); when they changed, that request reopens the gallery and its index
-(:meth:`retrieval.searcher.Searcher.reopen`; the models are kept) and swaps, while requests
-arriving meanwhile go on with the old one. A gallery that cannot be opened (half written, stale,
-its index not rebuilt yet) is logged once and tried again at the next check; the old one is
-served meanwhile. ``POST /api/reload`` reopens at once.
+``check_every`` seconds a request first looks at the gallery file and its FAISS index file
+(their size, modification time and inode: two stats); when they changed, that request reopens
+the gallery and its index (:meth:`retrieval.searcher.Searcher.reopen`: the models are kept
+unless the run's weights changed) and swaps, while requests arriving meanwhile go on with the
+old one. A gallery that cannot be opened (half written, stale, its index not rebuilt yet) is
+logged once and tried again when the files change again; the old one is served meanwhile.
+``POST /api/reload`` reopens at once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from retrieval.faiss_index import index_path
 from retrieval.searcher import Searcher
 from tfcbir import UserError
 
@@ -33,6 +35,11 @@ def file_stamp(path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return found.st_size, found.st_mtime_ns, found.st_ino
+
+
+def gallery_stamp(gallery_path) -> tuple:
+    """The :func:`file_stamp` of a gallery file and of its FAISS index (None when it has none)."""
+    return file_stamp(gallery_path), file_stamp(index_path(gallery_path))
 
 
 class LiveSearcher:
@@ -51,7 +58,7 @@ class LiveSearcher:
         self.check_every = check_every
         self._listeners = [on_swap] if on_swap is not None else []
         self.last_error: str | None = None  # why the rewritten gallery was not swapped in
-        self._stamp = file_stamp(searcher.gallery.path)
+        self._stamp = gallery_stamp(searcher.gallery.path)
         self._checked = time.monotonic()
         self._reloading = threading.Lock()
 
@@ -79,7 +86,9 @@ class LiveSearcher:
             return self.searcher
         try:
             self._checked = time.monotonic()
-            if file_stamp(self.searcher.gallery.path) != self._stamp:
+            stamp = gallery_stamp(self.searcher.gallery.path)
+            if stamp != self._stamp:
+                self._stamp = stamp  # a gallery that cannot be opened: tried again once changed
                 self._swap_quietly()
         finally:
             self._reloading.release()
@@ -96,7 +105,7 @@ class LiveSearcher:
             return self._swap()
 
     def _swap(self) -> bool:
-        stamp = file_stamp(self.searcher.gallery.path)
+        stamp = gallery_stamp(self.searcher.gallery.path)
         found = self.searcher.reopen()
         self._stamp, self.last_error = stamp, None
         if found.gallery.gallery_id == self.searcher.gallery.gallery_id:
@@ -119,4 +128,4 @@ class LiveSearcher:
             self.last_error = message
 
 
-__all__ = ["LiveSearcher", "file_stamp"]
+__all__ = ["LiveSearcher", "file_stamp", "gallery_stamp"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from PIL import Image
 
 import config
 from retrieval.searcher import Searcher
@@ -24,14 +25,19 @@ from serving.app import create_app  # noqa: E402
 
 
 @pytest.fixture
-def own_run(searchable_run, tmp_path, monkeypatch):
-    """A copy of the searchable run (its gallery is rewritten here): a Searcher opened on it."""
+def own_config(searchable_run, tmp_path, monkeypatch) -> Path:
+    """A copy of the searchable run (its gallery is rewritten here): its config's path."""
     path, root = searchable_run
     copy = tmp_path / "data"
     shutil.copytree(root, copy)
     monkeypatch.setenv("TFCBIR_DATA_DIR", str(copy))  # also while the service reopens it
-    config_path = copy / Path(path).name
-    return Searcher.open(config.load(config_path), config_path=config_path)
+    return copy / Path(path).name
+
+
+@pytest.fixture
+def own_run(own_config) -> Searcher:
+    """A Searcher opened on :func:`own_config`."""
+    return Searcher.open(config.load(own_config), config_path=own_config)
 
 
 def rewrite_gallery(path: Path, shift: int) -> str:
@@ -112,3 +118,29 @@ def test_a_searcher_not_opened_from_a_run_does_not_reload(own_run):
         assert client.get("/healthz").status_code == 200
         refused = client.post("/api/reload")
         assert refused.status_code == 409 and "cannot reload" in refused.json()["error"]
+
+
+def test_a_retrained_run_re_embedded_is_served_with_its_new_weights(own_config, own_run):
+    import nets
+    from embed import main as embed
+    from runs.folder import RunFolder
+    from tests.test_serving import gallery_file, png, upload
+
+    cfg = own_run.config
+    other = nets.build_embedding_model(
+        cfg["model"], tuple(cfg["data"]["image_size"]), pretrained=False
+    )
+    with TestClient(create_app(own_run, reload_every=0.05)) as client:
+        before = answers(client.get("/api/similar/0?k=5").json())
+        other.save_weights(RunFolder.of(cfg).best_weights)  # "retrained"
+        assert embed(["-c", str(own_config)]) == 0  # and re-embedded
+        time.sleep(0.1)
+        after = answers(client.get("/api/similar/0?k=5").json())
+        query = png(np.asarray(Image.open(gallery_file(own_run, 9)).convert("RGB")))
+        uploaded = answers(upload(client, query, k=5).json())
+        fresh = Searcher.open(config.load(own_config), config_path=own_config)
+        assert client.get("/healthz").json()["gallery_id"] == fresh.gallery.gallery_id
+    assert fresh.embedder.model_id != own_run.embedder.model_id
+    assert after == [(a.index, a.score) for a in fresh.search_gallery([0], 5)[0].answers] != before
+    expected = fresh.search_bytes([query], 5)[0]  # the new weights embed the upload
+    assert uploaded == [(a.index, a.score) for a in expected.answers]
