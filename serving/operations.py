@@ -118,7 +118,7 @@ class AccessLog:
             "route": pattern or scope["path"],
             "status": status,
             "ms": round(seconds * 1000, 2),
-            "bytes": sent,
+            "bytes": 0 if scope["method"] == "HEAD" else sent,  # uvicorn sends no body
         }
         k = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("k")
         if k:
