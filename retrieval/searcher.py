@@ -13,6 +13,10 @@ batches of queries and give one :class:`Result` per query, its answers ranked by
   its own answers as in leave-one-out;
 - :meth:`Searcher.search_text`: words, for a model with a text tower (:attr:`Searcher.has_text`).
 
+Scores are those of the index (cosine for a normalised gallery, clipped into [-1, 1]; negative
+Euclidean distance otherwise). :meth:`Searcher.reopen` gives a Searcher over the gallery file as
+it is now with the same models (a service swaps to it when the gallery is re-embedded).
+
 cbir.py, test.py and serve.py are its front ends. Its errors (UserError and its kinds
 :class:`~retrieval.answers.AnswerCountError`, :class:`GalleryIndexError`,
 :class:`datasets.images.ImageError`) say what is wrong; each front end says how to fix it in its
@@ -108,6 +112,33 @@ class GalleryIndexError(UserError):
         )
 
 
+@dataclass(frozen=True)
+class _Opening:
+    """How :meth:`Searcher.open` found its gallery and index: to find them again."""
+
+    gallery: str  # the set's name
+    index: str | None
+    checkpoint: str | Path | None
+    config_path: str | Path | None
+    rerank: RerankSpec | None = None
+
+    def gallery_and_index(self, config: dict, embedder, text_encoder, made):
+        """The gallery (checked against the models' weights) and its index."""
+        # The weights' hash checks the gallery (that of their files when no model is loaded);
+        # with a text tower, the towers it records and its dimension too.
+        if text_encoder is not None:
+            found = open_text_gallery(
+                config, self.gallery, text_encoder, self.config_path, self.checkpoint, made
+            )
+        else:
+            model_id = embedder.model_id if embedder is not None else None
+            found = open_gallery(
+                config, self.gallery, self.config_path, model_id, self.checkpoint, made
+            )
+        search_index = _search_index(config, found, self.index, self.config_path, self.rerank)
+        return found, search_index
+
+
 class Searcher:
     """A run's model, gallery and index (see the module docstring). Build it with
     :meth:`open`. ``embedder``: the image model (:class:`retrieval.embedder.Embedder`), None
@@ -131,6 +162,7 @@ class Searcher:
         self.protocol = protocol or sets.protocol(config)
         self.text_encoder = text_encoder
         self._lock = threading.RLock()  # around the model and the index
+        self._opening: _Opening | None = None  # how open() found the gallery: for reopen()
         self._positions = {path: i for i, path in enumerate(gallery.paths)}
         self._metadata: Columns | None = None  # read on the first filtered query
 
@@ -166,20 +198,60 @@ class Searcher:
         source = model_source(config, checkpoint) if text or images else None  # resolved once
         text_encoder = load_text_encoder(config, checkpoint, source) if text else None
         embedder = load_embedder(config, checkpoint, source) if images else None
-        # The weights' hash checks the gallery (that of their files when no model is loaded);
-        # with a text tower, the towers it records and its dimension too.
-        if text_encoder is not None:
-            found = open_text_gallery(config, name, text_encoder, config_path, checkpoint, made)
-        else:
-            model_id = embedder.model_id if embedder is not None else None
-            found = open_gallery(config, name, config_path, model_id, checkpoint, made)
-        search_index = _search_index(config, found, index, config_path, rerank)
-        return cls(
+        opening = _Opening(name, index, checkpoint, config_path, rerank)
+        found, search_index = opening.gallery_and_index(config, embedder, text_encoder, made)
+        searcher = cls(
             config, embedder, found, search_index, protocol=protocol, text_encoder=text_encoder
         )
+        searcher._opening = opening
+        return searcher
+
+    def reopen(self) -> Searcher:
+        """A new Searcher over the gallery as its file is now (e.g. re-embedded) and its index,
+        with this one's options; this one is left as it is (a service swaps to the new one).
+        The models are kept unless the run's weights changed (retrained, then re-embedded):
+        then they are loaded again, as :meth:`open` does. UserError as :meth:`open` (a stale
+        gallery, an index of another gallery); ValueError for a Searcher not made by
+        :meth:`open`."""
+        if self._opening is None:
+            raise ValueError("only a Searcher made by Searcher.open can be reopened")
+        config = self.config
+        name = self._opening.gallery
+        loaded = self.text_encoder or self.embedder
+        if loaded is not None:
+            weights = model_source(config, self._opening.checkpoint)
+            if weights.model_id != loaded.model_id:  # new weights: load them
+                return type(self).open(
+                    config,
+                    gallery=name,
+                    index=self._opening.index,
+                    checkpoint=self._opening.checkpoint,
+                    config_path=self._opening.config_path,
+                    images=self.embedder is not None,
+                    text=self.text_encoder is not None,
+                )
+        made = sets.splits(config) if sets.needs_splits(config, name) else None
+        found, search_index = self._opening.gallery_and_index(
+            config, self.embedder, self.text_encoder, made
+        )
+        searcher = type(self)(
+            config,
+            self.embedder,
+            found,
+            search_index,
+            protocol=self.protocol,
+            text_encoder=self.text_encoder,
+        )
+        searcher._opening = self._opening
+        return searcher
 
     def __len__(self) -> int:
         return len(self.gallery)
+
+    @property
+    def can_reopen(self) -> bool:
+        """Whether :meth:`reopen` can find the gallery again (made by :meth:`open`)."""
+        return self._opening is not None
 
     @property
     def has_text(self) -> bool:
@@ -415,7 +487,12 @@ class Searcher:
         left_out = None
         if exclude is not None:
             left_out = np.array([-1 if e is None else int(e) for e in exclude], np.int64)
-        return answers.rank(self.index, self.gallery, embeddings, labels, k, left_out, mask)
+        ranked = answers.rank(self.index, self.gallery, embeddings, labels, k, left_out, mask)
+        if self.gallery.normalized:
+            # A cosine is at most 1; float32 rounding of unit vectors gives 1.0000001.
+            for answer in (a for found in ranked for a in found):
+                answer.score = min(max(answer.score, -1.0), 1.0)
+        return ranked
 
     def _class_name(self, label: int | None) -> str | None:
         return None if label is None else self.gallery.classes[label]

@@ -70,7 +70,12 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 def test_health_info_and_the_page(client, searcher):
-    assert client.get("/healthz").json() == {"status": "ok", "gallery_size": 72}
+    assert client.get("/healthz").json() == {
+        "status": "ok",
+        "gallery_size": 72,
+        "gallery_id": searcher.gallery.gallery_id,
+        "gallery": searcher.gallery.path.name,
+    }
     info = client.get("/api/info").json()
     assert info["gallery_size"] == 72 and info["classes"] == 6 and info["has_text"] is False
     assert info["run"] == "search" and info["default_k"] == 10
@@ -243,13 +248,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live(app):
-    """The app served by uvicorn on a free localhost port, in a thread: its base URL."""
+def live(app, **options):
+    """The app served by uvicorn on a free localhost port, in a thread, configured as serve.py
+    does (``options``: :func:`serving.operations.uvicorn_config`'s): its base URL."""
     import uvicorn
 
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
-    )
+    from serving.operations import uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", free_port(), **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -417,12 +423,62 @@ def test_the_page_in_a_browser(browser, searcher, tmp_path):
             picture = Image.open(screenshot).convert("RGB").quantize(256)
             picture.save(os.environ["TFCBIR_SCREENSHOT"], optimize=True)
 
-        # A file that is not an image: the page shows the server's one-line error.
+        # A file that is not an image: the page shows the server's one-line error, and it
+        # replaces the earlier answers and their legend; the query's preview, which the
+        # browser cannot show either, is hidden rather than a broken-image icon.
         notes = tmp_path / "notes.png"
         notes.write_text("not an image")
         page.set_input_files("#file", str(notes))
         page.wait_for_selector("#status.error")
         assert "notes.png: not an image file" in page.inner_text("#status")
+        assert results_shown(page) == [] and page.is_hidden("#legend")
+        page.wait_for_selector("#query-image", state="hidden")
+        assert page.inner_text("#query-name") == "notes.png"
+
+        # The answers box: anything but a whole number from 1 to the gallery's size is
+        # refused in the page, saying so, and nothing is searched.
+        page.set_input_files("#file", str(query))
+        page.wait_for_function("document.querySelectorAll('#results .result').length === 8")
+        for typed in ("0", "abc", "73", "2.5", ""):
+            page.fill("#k", typed)
+            page.set_input_files("#file", str(query))
+            page.wait_for_selector("#status.error")
+            assert page.inner_text("#status") == (
+                f'"answers" must be a whole number from 1 to 72, not "{typed}"'
+            )
+            assert results_shown(page) == []
+            page.fill("#k", "3")
+            page.set_input_files("#file", str(query))
+            page.wait_for_function("document.querySelectorAll('#results .result').length === 3")
+        page.close()
+
+
+def test_the_page_asks_for_the_api_key_once(browser, searcher, tmp_path):
+    query = write_image(tmp_path / "query.png", np.asarray(Image.open(gallery_file(searcher, 5))))
+    with live(create_app(searcher, api_key="the-key-1234")) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("#key-form", state="visible")
+        assert "API key" in page.inner_text("#status")
+        page.fill("#key", "a-wrong-key")
+        page.click("#key-form button")
+        page.wait_for_function(
+            "document.querySelector('#status').innerText.includes('not accepted')"
+        )
+        page.fill("#key", "the-key-1234")
+        page.click("#key-form button")
+        page.wait_for_function("document.querySelector('#about').innerText.includes('72 images')")
+        assert page.is_hidden("#key-form")
+        page.fill("#k", "4")
+        page.set_input_files("#file", str(query))
+        page.wait_for_function("document.querySelectorAll('#results .result').length === 4")
+        page.wait_for_function(
+            "[...document.querySelectorAll('#results img')].every(i => i.complete)"
+        )
+        assert all(r["loaded"] for r in results_shown(page))  # thumbnails sent the key too
+        page.reload()  # kept for the session: not asked again
+        page.wait_for_function("document.querySelector('#about').innerText.includes('72 images')")
+        assert page.is_hidden("#key-form")
         page.close()
 
 

@@ -1,21 +1,27 @@
 // The search page: an image (dropped, picked or pasted) or words are sent to /api/search; an
 // answer clicked asks /api/similar/<i> ("more like this"). The answers come back ranked; each is
 // shown as a thumbnail from /api/gallery/<i>?size=<px>, framed green (same class as the query),
-// red (another class) or grey (the query's class is unknown, e.g. an upload).
+// red (another class) or grey (the query's class is unknown, e.g. an upload). A service started
+// with an API key answers 401 until the page has it: the page asks once, keeps it for the tab's
+// session (sessionStorage) and sends it as a cookie, which thumbnails (<img>) send too.
 "use strict";
 
 const THUMBNAIL = 240; // px asked of the server; the grid scales it down
+const KEY_COOKIE = "tfcbir_key";
 const $ = (id) => document.getElementById(id);
 let info = null;
 let busy = 0; // the number of the latest search: older answers arriving late are dropped
 
 async function start() {
+  rememberKey(sessionStorage.getItem(KEY_COOKIE));
   const response = await fetch("/api/info");
+  if (response.status === 401) return askForKey(false);
   info = await response.json();
+  if (!response.ok) throw new Error(info.error || `HTTP ${response.status}`);
+  $("key-form").hidden = true;
   $("about").textContent =
     `run ${info.run} · gallery ${info.gallery}: ${info.gallery_size} images, ` +
     `${info.classes} classes`;
-  $("k").max = info.gallery_size;
   $("k").value = info.default_k;
   $("text-form").hidden = !info.has_text;
   wireDrop();
@@ -27,6 +33,39 @@ async function start() {
   window.addEventListener("hashchange", fromHash);
   fromHash();
 }
+
+function askForKey(wrong) {
+  $("key-form").hidden = false;
+  $("about").textContent = "this service needs its API key";
+  setStatus(
+    wrong
+      ? "That key was not accepted: type the service's API key again."
+      : "Type the service's API key (ask whoever runs it) to search.",
+    wrong
+  );
+  $("key").focus();
+}
+
+function rememberKey(key) {
+  if (!key) return;
+  sessionStorage.setItem(KEY_COOKIE, key);
+  document.cookie = `${KEY_COOKIE}=${encodeURIComponent(key)}; path=/; SameSite=Strict`;
+}
+
+$("key-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const key = $("key").value.trim();
+  if (!key) return;
+  rememberKey(key);
+  const response = await fetch("/api/info");
+  if (response.status === 401) return askForKey(true);
+  // A query that is not an image the browser can show (the server says why): no broken icon.
+$("query-image").addEventListener("error", () => {
+  $("query-image").hidden = true;
+});
+
+start().catch((error) => setStatus(`cannot reach the server: ${error.message}`, true));
+});
 
 function wireDrop() {
   const drop = $("drop");
@@ -57,22 +96,35 @@ function wireDrop() {
   });
 }
 
-function k() {
-  return Math.max(1, parseInt($("k").value, 10) || info.default_k);
+// The number of answers typed, or null (and the reason shown) when it is not one the gallery
+// can give: a whole number from 1 to its size (less one for "more like this": the item itself
+// is left out).
+function k(leaveOneOut = false) {
+  const most = info.gallery_size - (leaveOneOut ? 1 : 0);
+  const typed = $("k").value.trim();
+  const value = /^[0-9]+$/.test(typed) ? parseInt(typed, 10) : NaN;
+  if (value >= 1 && value <= most) return value;
+  showError(`"answers" must be a whole number from 1 to ${most}, not "${typed}"`);
+  $("k").focus();
+  return null;
 }
 
 async function searchImage(file) {
+  const answers = k();
+  if (answers === null) return;
   showQuery({ image: URL.createObjectURL(file), name: file.name, cls: null });
   const form = new FormData();
   form.append("image", file, file.name);
-  await ask(`/api/search?k=${k()}`, { method: "POST", body: form });
+  await ask(`/api/search?k=${answers}`, { method: "POST", body: form });
 }
 
 async function searchText(text) {
+  const answers = k();
+  if (answers === null) return;
   showQuery({ text, name: "text query", cls: null });
   const form = new FormData();
   form.append("text", text);
-  await ask(`/api/search?k=${k()}`, { method: "POST", body: form });
+  await ask(`/api/search?k=${answers}`, { method: "POST", body: form });
 }
 
 function fromHash() {
@@ -83,8 +135,10 @@ function fromHash() {
 }
 
 async function searchSimilar(index) {
+  const answers = k(true);
+  if (answers === null) return;
   showQuery({ image: thumbnail(index), name: `gallery item ${index}`, cls: null });
-  const data = await ask(`/api/similar/${index}?k=${k()}`);
+  const data = await ask(`/api/similar/${index}?k=${answers}`);
   if (data) showQuery({ image: thumbnail(index), name: data.query, cls: data.query_class });
 }
 
@@ -95,10 +149,15 @@ async function ask(url, options) {
   let data;
   try {
     const response = await fetch(url, options);
+    if (response.status === 401) {
+      if (mine === busy) clearResults();
+      askForKey(true);
+      return null;
+    }
     data = await response.json();
     if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
   } catch (error) {
-    if (mine === busy) setStatus(error.message, true);
+    if (mine === busy) showError(error.message);
     return null;
   }
   if (mine !== busy) return null;
@@ -134,7 +193,9 @@ function render(results) {
       const score = element("div", "score", `score ${r.score.toFixed(4)}`);
       item.append(image, rank, cls, score);
       const open = () => {
-        const hash = `#item=${r.index}&k=${k()}`;
+        const answers = k(true);
+        if (answers === null) return;
+        const hash = `#item=${r.index}&k=${answers}`;
         if (location.hash === hash) fromHash(); // no hashchange event: search again
         else location.hash = hash;
       };
@@ -145,6 +206,17 @@ function render(results) {
       return item;
     })
   );
+}
+
+// An error replaces what was shown: no answers of an earlier query stay under it.
+function showError(message) {
+  clearResults();
+  setStatus(message, true);
+}
+
+function clearResults() {
+  $("results").replaceChildren();
+  $("legend").hidden = true;
 }
 
 function showQuery({ image, text, name, cls }) {
@@ -172,5 +244,10 @@ function setStatus(text, error = false) {
   $("status").textContent = text;
   $("status").classList.toggle("error", error);
 }
+
+// A query that is not an image the browser can show (the server says why): no broken icon.
+$("query-image").addEventListener("error", () => {
+  $("query-image").hidden = true;
+});
 
 start().catch((error) => setStatus(`cannot reach the server: ${error.message}`, true));
