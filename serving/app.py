@@ -235,9 +235,10 @@ def _add_search_routes(
     """``POST /api/search`` (an uploaded image or a text) and ``GET /api/similar/{i}``."""
 
     @app.post("/api/search")
-    async def search(request: Request, k: int = DEFAULT_K) -> dict:
+    async def search(request: Request, k: int = DEFAULT_K, where: str | None = None) -> dict:
         searcher = await run_in_threadpool(live.check) if live.due() else live.current()
         _check_k(searcher, k)
+        _check_where(searcher, where)
         try:
             form = await request.form(max_files=1, max_fields=4, max_part_size=FORM_OVERHEAD)
         except HTTPException as error:  # a malformed or oversized form part
@@ -245,21 +246,22 @@ def _add_search_routes(
         try:
             image, text = _query_fields(form)
             if text is not None:
-                return await run_in_threadpool(_search_text, searcher, text, k)
+                return await run_in_threadpool(_search_text, searcher, text, k, where)
             data = await image.read(max_upload_bytes + 1)
             name = Path(image.filename or "upload").name
         finally:
             await form.close()  # an upload spooled to a temporary file: deleted
         _check_upload(data, name, max_upload_bytes)
-        results = await decodes.run(_search_image, searcher, data, name, k, max_pixels)
+        results = await decodes.run(_search_image, searcher, data, name, k, max_pixels, where)
         return search_json(results[0], k)
 
     @app.api_route("/api/similar/{index}", methods=GET)
-    def similar(index: int, k: int = DEFAULT_K) -> dict:
+    def similar(index: int, k: int = DEFAULT_K, where: str | None = None) -> dict:
         searcher = live.check()
         _check_k(searcher, k, leave_one_out=True)
+        _check_where(searcher, where)
         try:
-            result = searcher.search_gallery([index], k)[0]
+            result = searcher.search_gallery([index], k, where=where)[0]
         except GalleryIndexError as error:
             raise BadRequest(_index_message(error)) from None
         return search_json(result, k)
@@ -338,13 +340,22 @@ def _check_upload(data: bytes, name: str, max_upload_bytes: int) -> None:
         raise BadRequest(f"{name}: the 'image' field is empty; send an image file")
 
 
+def _check_where(searcher: Searcher, where: str | None) -> None:
+    """The ``where`` filter parsed and checked against the gallery's metadata before any work;
+    a bad one: BadRequest naming the token or column."""
+    try:
+        searcher.where_mask(where, label="where")
+    except UserError as error:
+        raise BadRequest(str(error)) from None
+
+
 def _search_image(
-    searcher: Searcher, data: bytes, name: str, k: int, max_pixels: int
+    searcher: Searcher, data: bytes, name: str, k: int, max_pixels: int, where: str | None = None
 ) -> list[Result]:
     """An uploaded image's results (on a decoder thread); one that cannot be used:
     BadRequest saying what to send instead."""
     try:
-        return searcher.search_bytes([data], k, names=[name], max_pixels=max_pixels)
+        return searcher.search_bytes([data], k, names=[name], max_pixels=max_pixels, where=where)
     except ImageTooLarge as error:
         raise BadRequest(f"{name}: {error.problem.split('; ')[0]}; send a smaller image") from None
     except ImageError as error:
@@ -386,7 +397,7 @@ def search_json(result: Result, k: int) -> dict:
     }
 
 
-def _search_text(searcher: Searcher, text: str, k: int) -> dict:
+def _search_text(searcher: Searcher, text: str, k: int, where: str | None = None) -> dict:
     if not isinstance(text, str):
         raise BadRequest("'text' must be a form field, not a file")
     if not text.strip():
@@ -399,7 +410,7 @@ def _search_text(searcher: Searcher, text: str, k: int) -> dict:
     if len(text) > TEXT_LIMIT:
         raise BadRequest(f"the text is {len(text)} characters; send at most {TEXT_LIMIT}")
     try:
-        results = searcher.search_text([text], k)
+        results = searcher.search_text([text], k, where=where)
     except UserError as error:
         raise BadRequest(str(error)) from None
     return search_json(results[0], k)

@@ -566,3 +566,18 @@ def test_text_queries_answer_as_cbir_text_json(dual_run, capsys):
         assert upload(client, image).json()["results"][0]["index"] == 0
         both = client.post("/api/search", files={"image": ("q.png", image)}, data={"text": "x"})
         assert both.status_code == 400
+
+
+def test_where_filters_the_answers_of_the_api(client, searcher):
+    name = searcher.gallery.classes[2]
+    found = client.get("/api/similar/0", params={"k": 4, "where": f"class == '{name}'"}).json()
+    assert len(found["results"]) == 4 and {r["class"] for r in found["results"]} == {name}
+    image = gallery_file(searcher, 5).read_bytes()
+    answer = client.post(
+        "/api/search",
+        params={"k": 3, "where": f"class != '{name}'"},
+        files={"image": ("q.png", image, "image/png")},
+    ).json()
+    assert len(answer["results"]) == 3 and name not in {r["class"] for r in answer["results"]}
+    bad = client.get("/api/similar/0", params={"k": 4, "where": "colour == 'red'"})
+    assert bad.status_code == 400 and bad.json()["error"].startswith("where: no column 'colour'")

@@ -109,13 +109,19 @@ function k(leaveOneOut = false) {
   return null;
 }
 
+// The query string of a search: the number of answers and, when typed, the filter.
+function params(answers) {
+  const where = $("where").value.trim();
+  return `k=${answers}` + (where ? `&where=${encodeURIComponent(where)}` : "");
+}
+
 async function searchImage(file) {
   const answers = k();
   if (answers === null) return;
   showQuery({ image: URL.createObjectURL(file), name: file.name, cls: null });
   const form = new FormData();
   form.append("image", file, file.name);
-  await ask(`/api/search?k=${answers}`, { method: "POST", body: form });
+  await ask(`/api/search?${params(answers)}`, { method: "POST", body: form });
 }
 
 async function searchText(text) {
@@ -124,7 +130,7 @@ async function searchText(text) {
   showQuery({ text, name: "text query", cls: null });
   const form = new FormData();
   form.append("text", text);
-  await ask(`/api/search?k=${answers}`, { method: "POST", body: form });
+  await ask(`/api/search?${params(answers)}`, { method: "POST", body: form });
 }
 
 function fromHash() {
@@ -138,7 +144,7 @@ async function searchSimilar(index) {
   const answers = k(true);
   if (answers === null) return;
   showQuery({ image: thumbnail(index), name: `gallery item ${index}`, cls: null });
-  const data = await ask(`/api/similar/${index}?k=${answers}`);
+  const data = await ask(`/api/similar/${index}?${params(answers)}`);
   if (data) showQuery({ image: thumbnail(index), name: data.query, cls: data.query_class });
 }
 
