@@ -1,5 +1,6 @@
-"""Answer image and text queries: ``python cbir.py -c <config> -r 10 photo.jpg [more.jpg | folder
-...] [--text "a red handbag" ...]``.
+"""Answer image and text queries with a run's gallery: its most similar images, ranked.
+
+    python cbir.py -c <config> -r 10 photo.jpg [more.jpg | folder ...] [--text "a red handbag" ...]
 
 Queries are image files, folders of images, or list files (--list, one path a line); they are
 embedded in batches and searched in the gallery of the config's eval.protocol (or --gallery).

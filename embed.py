@@ -161,7 +161,7 @@ def _embed_set(embedder, args, cfg: dict, name: str, made, shard) -> Path:
     images = sets.images(cfg, name, made)
     out = args.output or RunFolder.of(cfg).gallery(name)
     if shard is None:
-        print(f"embedding {len(images)} {name} images -> {out}", file=sys.stderr)
+        print(f"embedding {len(images)} {name} images", file=sys.stderr)  # stdout names the file
         return embed_images(
             embedder, images, out, split=name, batch_size=args.batch_size, progress=_progress
         )

@@ -127,7 +127,9 @@ def _open(source: io.BytesIO | str, path: str, max_pixels: int) -> Image.Image:
         pixels = int(found.group(1)) if found else None
         raise ImageTooLarge(path, _too_large_text(None, max_pixels, pixels)) from None
     except Image.UnidentifiedImageError:
-        raise ImageError(path, "not an image file PIL can read; delete or replace it") from None
+        raise ImageError(
+            path, "not an image file PIL can read (JPEG, PNG, GIF, BMP, TIFF, WebP, ...)"
+        ) from None
     except Exception as error:  # PIL raises many types for malformed headers
         raise ImageError(
             path, f"cannot open the image: truncated or corrupt header ({_describe(error)})"
