@@ -471,6 +471,7 @@ class Report:
             self.labels[self.thumbnails],
             title=f"{self.methods[0]} map of {space.title}: {len(images):,} images, framed "
             "in their class colour",
+            classes=self.gallery.classes,
         )
         figures.save_image(picture, self.folder / name)
         return name

@@ -148,12 +148,17 @@ def thumbnail_map(
     side: int = 1600,
     thumb: int = 44,
     frame: int = 3,
+    classes: Sequence[str] | None = None,
+    legend_max: int = LEGEND_MAX,
 ) -> Image.Image:
     """Thumbnails of ``images`` (each (H, W, 3) uint8, or None for one that could not be read:
     a grey square) placed at their 2-D positions (n, 2) on a ``side`` x ``side`` area under a
-    line of ``title``, each framed in its class colour (labels (n,)), as on the map."""
+    line of ``title``, each framed in its class colour (labels (n,)), as on the map; with
+    ``classes`` (the labels' names), a legend of the ``legend_max`` most frequent below."""
     top = TITLE_HEIGHT if title else 0
-    picture = Image.new("RGB", (side, side + top), (255, 255, 255))
+    shown = _legend_labels(labels, legend_max) if classes is not None else []
+    rows = -(-len(shown) // LEGEND_COLUMNS) + (1 if shown else 0)
+    picture = Image.new("RGB", (side, side + top + rows * LEGEND_ROW), (255, 255, 255))
     draw = ImageDraw.Draw(picture)
     if title:
         draw.text((10, 8), title, fill=(0, 0, 0), font=default_font(TITLE_SIZE))
@@ -171,7 +176,33 @@ def thumbnail_map(
         else:
             tile = ImageOps.fit(Image.fromarray(image).convert("RGB"), (thumb, thumb))
         picture.paste(tile, (x0 + frame, y0 + frame))
+    if shown:
+        _thumbnail_legend(draw, shown, labels, classes, top + side, side)
     return picture
+
+
+LEGEND_COLUMNS, LEGEND_ROW = 4, 26  # the thumbnail map's legend: columns, row height (pixels)
+
+
+def _legend_labels(labels: np.ndarray, legend_max: int) -> list[int]:
+    """The ``legend_max`` most frequent labels, most frequent first (ties: lower label)."""
+    values, counts = np.unique(np.asarray(labels, np.int64), return_counts=True)
+    order = np.lexsort((values, -counts))
+    return [int(values[i]) for i in order[:legend_max]]
+
+
+def _thumbnail_legend(draw, shown: list[int], labels, classes, y: int, side: int) -> None:
+    """Frame colour -> class name under the map, and how many classes it leaves out."""
+    font = default_font(14)
+    width = side // LEGEND_COLUMNS
+    for n, label in enumerate(shown):
+        x0, y0 = 10 + (n % LEGEND_COLUMNS) * width, y + 6 + (n // LEGEND_COLUMNS) * LEGEND_ROW
+        draw.rectangle((x0, y0, x0 + 16, y0 + 16), fill=class_style(label)[0])
+        draw.text((x0 + 24, y0), _short(str(classes[label]), 40), fill=(0, 0, 0), font=font)
+    left = len(np.unique(labels)) - len(shown)
+    note = f"frame colour: class; {left} more classes not listed" if left else "frame colour: class"
+    rows = -(-len(shown) // LEGEND_COLUMNS)
+    draw.text((10, y + 6 + rows * LEGEND_ROW), note, fill=(90, 90, 90), font=font)
 
 
 def per_class_figure(
@@ -258,7 +289,15 @@ def curves_figure(metrics: dict[str, np.ndarray], *, title: str):
             if column == "loss" and known.sum() >= 20:  # a smoothed line over the noisy batches
                 window = max(5, int(known.sum()) // 20)
                 smooth = np.convolve(values[known], np.ones(window) / window, mode="valid")
-                axes.plot(step[known][window - 1 :], smooth, color="black", linewidth=1.5)
+                axes.lines[-1].set_label("each logged step")
+                axes.plot(
+                    step[known][window - 1 :],
+                    smooth,
+                    color="black",
+                    linewidth=1.5,
+                    label=f"mean of the last {window} logged steps",
+                )
+                axes.legend(fontsize=8, loc="upper right")
         else:
             axes.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=axes.transAxes)
         axes.set_title(name, fontsize=10)

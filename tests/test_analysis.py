@@ -552,3 +552,22 @@ def test_trained_demo_run_with_baseline_and_compare(data_dir, capsys):
     assert second["name"] == "tiny_copy"
     assert first["clustering"] == second["clustering"]
     assert first["retrieval"] == second["retrieval"]
+
+
+def test_class_colours_are_distinct_and_the_thumbnail_map_has_a_legend():
+    from PIL import ImageColor
+
+    from report import figures
+
+    rgb = np.array([ImageColor.getrgb(c) for c in figures.PALETTE], float)
+    gaps = np.linalg.norm(rgb[:, None] - rgb[None], axis=2)[np.triu_indices(len(rgb), 1)]
+    assert len(set(figures.PALETTE)) == 20 and gaps.min() > 40  # no two near-identical colours
+    coords = np.random.default_rng(0).normal(size=(30, 2))
+    labels = np.arange(30) % 25  # 25 classes: 20 listed, the rest counted
+    images = [np.zeros((8, 8, 3), np.uint8)] * 30
+    plain = figures.thumbnail_map(coords, images, labels, side=400)
+    legend = figures.thumbnail_map(
+        coords, images, labels, side=400, classes=[f"c{i}" for i in range(25)]
+    )
+    assert plain.size == (400, 400) and legend.size[1] > 400
+    assert figures._legend_labels(np.array([3, 1, 1, 2, 2, 2]), 2) == [2, 1]
