@@ -225,9 +225,9 @@ def no_text_tower_error(config: dict) -> UserError:
     """The one error for text queries to a model without a text tower (every CLI, the Searcher
     and the server say this)."""
     return UserError(
-        f"model.text.tower: none: the model of run {config['name']} has no text tower, so it "
-        "cannot answer text queries; query with images, or train a dual encoder "
-        "(model.text.tower: scratch, loss.name: clip)"
+        f"run {config['name']} searches by image only: its model has no text tower, so it "
+        "cannot read words; query with an image, or train a model that reads words too (a "
+        "dual encoder, e.g. trainings/demo_text.json: docs/text-queries.md)"
     )
 
 

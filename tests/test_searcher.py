@@ -152,7 +152,7 @@ def test_text_queries_need_a_text_tower(searcher):
     assert searcher.has_text is False
     # The one message every command gives (retrieval.embedder.no_text_tower_error).
     with pytest.raises(
-        UserError, match=r"model.text.tower: none: the model of run \S+ has no text"
+        UserError, match=r"run \S+ searches by image only: its model has no text"
     ):
         searcher.search_text(["a small red triangle"], 3)
 

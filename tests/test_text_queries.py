@@ -124,7 +124,7 @@ def test_a_model_without_a_text_tower_refuses_text_queries(data_dir, tmp_path):
     ):
         done = cli(*command)
         assert done.returncode == 2, command
-        assert done.stderr.startswith("error: model.text.tower: none: the model of run images_only")
+        assert done.stderr.startswith("error: run images_only searches by image only")
         assert done.stderr.count("\n") == 1
 
 
