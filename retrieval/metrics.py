@@ -92,6 +92,9 @@ COUNT_TILE = 8192
 CANDIDATE_SHARE = 1 / 16
 # Scores compared at once when picking candidates: their flags stay in the L2 cache.
 CANDIDATE_CHUNK_PAIRS = 2**20
+# Candidate passes a block at most: a query still crowded after them (exact ties all over, or
+# embeddings without structure) has its other relevant items counted over the row, one pass each.
+CANDIDATE_PASSES = 2
 
 
 @dataclass
@@ -456,8 +459,8 @@ def _counted_ranks(
     item's count is taken over them (:func:`_count_candidates`). A query with more candidates
     than :data:`CANDIDATE_SHARE` of the gallery has its last relevant item counted over the
     whole row (:func:`_count_above`) and starts again from the one before, whose candidates are
-    fewer. Columns at or beyond a row's G are padding (rank N + 1).
-    """
+    fewer; after :data:`CANDIDATE_PASSES` passes, every item left is counted over the row.
+    Columns at or beyond a row's G are padding (rank N + 1)."""
     n_rows, n_gallery = scores.shape
     thresholds, positions = _relevant_in_order(scores, members, exclude, n_relevant)
     # Only the other items are counted: the query itself (excluded) and the relevant items
@@ -469,29 +472,50 @@ def _counted_ranks(
     # Padding below every item, so that no item ranks under it.
     relevant_keys = np.where(positions >= 0, pair_keys(thresholds, positions), EXCLUDED)
     ranks = np.full(thresholds.shape, n_gallery + 1, dtype=np.int64)
-    columns = np.arange(ranks.shape[1])
     most = int(n_gallery * CANDIDATE_SHARE)
     flags = None
     # The rows still to rank, and of each the column of its last relevant item not yet ranked.
     rows, last = np.arange(n_rows), n_relevant - 1
-    while len(rows):
-        lowest = thresholds[rows, last]
-        found, items, crowded = _candidates(scores, rows, lowest, most)
-        within = columns[None, :] <= last[:, None]
-        keys = np.where(within, relevant_keys[rows], EXCLUDED)
-        above = _count_candidates(scores, rows, found, items, keys)
-        done = ~crowded[:, None] & within
-        ranks[rows[:, None], columns[None, :]] = np.where(done, above + columns + 1, ranks[rows])
-        chosen = np.flatnonzero(crowded)
-        if not len(chosen):
+    for attempt in range(CANDIDATE_PASSES):
+        if not len(rows):
             break
-        rows, last = rows[chosen], last[chosen]
-        if flags is None:
-            flags = np.empty((n_rows, _count_tile(n_gallery)), dtype=bool)
-        counts = _count_above(scores, rows, lowest[chosen], positions[rows, last], flags)
-        ranks[rows, last] = counts + last + 1
-        rows, last = rows[last > 0], last[last > 0] - 1
+        rows, last = _rank_by_candidates(scores, rows, last, relevant_keys, thresholds, ranks, most)
+        # Crowded rows: their last relevant item counted over the row; after the last pass
+        # (many exact ties, or no structure), every one left.
+        for _ in range(1 if attempt < CANDIDATE_PASSES - 1 else ranks.shape[1]):
+            if not len(rows):
+                break
+            if flags is None:
+                flags = np.empty((n_rows, _count_tile(n_gallery)), dtype=bool)
+            counts = _count_above(
+                scores, rows, thresholds[rows, last], positions[rows, last], flags
+            )
+            ranks[rows, last] = counts + last + 1
+            rows, last = rows[last > 0], last[last > 0] - 1
     return ranks
+
+
+def _rank_by_candidates(
+    scores: np.ndarray,
+    rows: np.ndarray,
+    last: np.ndarray,
+    relevant_keys: np.ndarray,
+    thresholds: np.ndarray,
+    ranks: np.ndarray,
+    most: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank the relevant items ``0..last[s]`` (keys ``relevant_keys``, scores ``thresholds``
+    (B, C'), best first) of the queries ``rows`` (S,) of scores (B, N) over their candidates,
+    into ``ranks`` (B, C'); except the rows with more than ``most`` candidates, returned with
+    their ``last`` (crowded rows, and their last columns), left as they were."""
+    columns = np.arange(ranks.shape[1])
+    found, items, crowded = _candidates(scores, rows, thresholds[rows, last], most)
+    within = columns[None, :] <= last[:, None]
+    keys = np.where(within, relevant_keys[rows], EXCLUDED)
+    above = _count_candidates(scores, rows, found, items, keys)
+    done = within & ~crowded[:, None]
+    ranks[rows[:, None], columns[None, :]] = np.where(done, above + columns + 1, ranks[rows])
+    return rows[crowded], last[crowded]
 
 
 def _candidates(
@@ -552,8 +576,9 @@ def _count_candidates(
     keys = pair_keys(scores[rows[found], items], items)
     # j, kept directly as the histogram's bin: row * (C' + 1) + j.
     bins = found * (width + 1)
-    for column in range(width):
-        bins += relevant_keys[found, column] > keys
+    by_column = np.ascontiguousarray(relevant_keys.T)  # each column's keys in one run
+    for column_keys in by_column:
+        bins += column_keys[found] > keys
     histogram = np.bincount(bins, minlength=n_rows * (width + 1)).reshape(n_rows, width + 1)
     return np.cumsum(histogram[:, :width], axis=1)
 

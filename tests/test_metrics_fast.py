@@ -80,19 +80,30 @@ def assert_agree(metrics, expected, first):
 
 
 # share: candidates ranked for every row (1.0), no row (0.0: every relevant item counted over
-# its row), or the default mix; chunk: rows compared one at a time, or a few at once.
-PATHS = [(None, None), (0.0, None), (1.0, None), (None, 1), (0.02, 300)]
+# its row), or the default mix; chunk: rows compared one at a time, or a few at once; passes:
+# candidate passes before the rest of a crowded row is counted over the row.
+PATHS = [(None, None, None), (0.0, None, None), (1.0, None, None), (None, 1, None)]
+PATHS += [(0.02, 300, None), (0.02, None, 1), (0.01, None, 5)]
 
 
-@pytest.mark.parametrize(("share", "chunk"), PATHS)
+def use_path(monkeypatch, share, chunk, passes):
+    for name, value in (
+        ("CANDIDATE_SHARE", share),
+        ("CANDIDATE_CHUNK_PAIRS", chunk),
+        ("CANDIDATE_PASSES", passes),
+    ):
+        if value is not None:
+            monkeypatch.setattr(metrics_module, name, value)
+
+
+@pytest.mark.parametrize(("share", "chunk", "passes"), PATHS)
 @pytest.mark.parametrize("normalized", [True, False])
 @pytest.mark.parametrize("r", [None, 1, 6])
 @pytest.mark.parametrize("ap", ["min_r_g", "found"])
-def test_leave_one_out_matches_dense_reference(share, chunk, normalized, r, ap, monkeypatch):
-    if share is not None:
-        monkeypatch.setattr(metrics_module, "CANDIDATE_SHARE", share)
-    if chunk is not None:
-        monkeypatch.setattr(metrics_module, "CANDIDATE_CHUNK_PAIRS", chunk)
+def test_leave_one_out_matches_dense_reference(
+    share, chunk, passes, normalized, r, ap, monkeypatch
+):
+    use_path(monkeypatch, share, chunk, passes)
     _, _, embeddings, labels = quantised_data(seed=5, n_gallery=260, n_queries=1)
     exclude = np.arange(len(labels))
     metrics = evaluate(
@@ -115,18 +126,15 @@ def test_leave_one_out_matches_dense_reference(share, chunk, normalized, r, ap, 
     assert_agree(metrics, expected, first)
 
 
-@pytest.mark.parametrize(("share", "chunk"), PATHS)
+@pytest.mark.parametrize(("share", "chunk", "passes"), PATHS)
 @pytest.mark.parametrize("normalized", [True, False])
 @pytest.mark.parametrize("r", [None, 4])
 @pytest.mark.parametrize("ap", ["min_r_g", "found"])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_query_gallery_matches_dense_reference(
-    share, chunk, normalized, r, ap, threads, monkeypatch
+    share, chunk, passes, normalized, r, ap, threads, monkeypatch
 ):
-    if share is not None:
-        monkeypatch.setattr(metrics_module, "CANDIDATE_SHARE", share)
-    if chunk is not None:
-        monkeypatch.setattr(metrics_module, "CANDIDATE_CHUNK_PAIRS", chunk)
+    use_path(monkeypatch, share, chunk, passes)
     queries, query_labels, gallery, gallery_labels = quantised_data(
         seed=6, n_gallery=300, n_queries=150, levels=1
     )
