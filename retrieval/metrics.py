@@ -543,7 +543,7 @@ def _candidates(
             else scores[rows[start:stop]]
         )
         np.greater_equal(part, lowest[start:stop, None], out=chunk)
-        flat = np.flatnonzero(chunk)
+        flat = _flat_true(chunk)
         # Each row's share of the flat indices: where its first index would go.
         bounds = np.searchsorted(flat, np.arange(stop - start + 1) * n_gallery)
         counts = np.diff(bounds)
@@ -554,6 +554,16 @@ def _candidates(
         found.append(flat + start * n_gallery)
     positions, items = np.divmod(np.concatenate(found), n_gallery)
     return positions, items, crowded
+
+
+def _flat_true(flags: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero`` of bool flags (any shape) that are mostly False, ascending (K,) int64,
+    at about twice its speed: the flags packed 8 to a byte, and only the bytes not zero looked
+    into."""
+    packed = np.packbits(flags.reshape(-1))  # first flag in the high bit; the tail padded False
+    hot = np.flatnonzero(packed != 0)
+    bits = np.flatnonzero(np.unpackbits(packed[hot]).view(bool))
+    return (hot[bits >> 3] << 3) + (bits & 7)
 
 
 def _count_candidates(
