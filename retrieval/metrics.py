@@ -586,9 +586,10 @@ def _count_candidates(
     keys = pair_keys(scores[rows[found], items], items)
     # j, kept directly as the histogram's bin: row * (C' + 1) + j.
     bins = found * (width + 1)
-    by_column = np.ascontiguousarray(relevant_keys.T)  # each column's keys in one run
-    for column_keys in by_column:
-        bins += column_keys[found] > keys
+    # Each row's keys repeated for its candidates (``found`` is ascending): a copy, not a gather.
+    per_row = np.bincount(found, minlength=n_rows)
+    for column_keys in np.ascontiguousarray(relevant_keys.T):
+        bins += np.repeat(column_keys, per_row) > keys
     histogram = np.bincount(bins, minlength=n_rows * (width + 1)).reshape(n_rows, width + 1)
     return np.cumsum(histogram[:, :width], axis=1)
 
