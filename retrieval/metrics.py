@@ -32,12 +32,12 @@ query itself and the relevant items drop out of the row. Only the items scoring 
 query's last relevant item can rank above any relevant item: one float32 comparison a score picks
 those candidates out (a few hundred of 60,000 for typical embeddings), and each relevant item's
 count is taken over them by ranking keys (:func:`_count_candidates`): rank_m = m + that count. A
-query with more candidates than :data:`CANDIDATE_SHARE` of the gallery has its last relevant
-items counted over the whole row instead, one comparison a score each (the tie rule by gallery
-tiles, see :func:`_count_above`), until the rest have few candidates. Classes of more than
+query with more candidates than :data:`CANDIDATE_SHARE` of the gallery has its last relevant item
+counted over the whole row instead, one comparison a score (the tie rule by gallery tiles, see
+:func:`_count_above`), and the others over the candidates of the one before, or, after
+:data:`CANDIDATE_PASSES` such passes, each over the whole row too. Classes of more than
 :data:`COUNT_MAX_RELEVANT` relevant items are ranked by sorting the row's keys instead.
-Everything is exact, ties to the lower gallery index; see the
-README's "Retrieval" section.
+Everything is exact, ties to the lower gallery index; see the README's "Retrieval" section.
 """
 
 from __future__ import annotations
