@@ -183,3 +183,30 @@ def test_mixed_rows_match_dense_reference_on_noisy_unit_vectors():
             embeddings, labels, embeddings, labels, True, exclude, r, "min_r_g"
         )
         assert_agree(metrics, expected, first)
+
+
+@pytest.mark.parametrize("normalized", [True, False])
+def test_all_tied_scores_match_dense_reference(normalized):
+    # Two distinct vectors only: every query's candidates are most of the gallery (crowded rows,
+    # counted over the row after the candidate passes), ranks decided by gallery index alone.
+    rng = np.random.default_rng(8)
+    embeddings = np.zeros((400, 3), dtype=np.float32)
+    embeddings[rng.random(400) < 0.3] = [1.0, 0.0, 0.0]
+    labels = rng.integers(0, 20, size=400)  # about 20 relevant items: counted, not sorted
+    exclude = np.arange(400)
+    for r in (None, 3):
+        metrics = evaluate(
+            embeddings,
+            labels,
+            embeddings,
+            labels,
+            normalized=normalized,
+            exclude=exclude,
+            r=r,
+            ks=KS,
+            nmi=False,
+        )
+        expected, first = reference_metrics(
+            embeddings, labels, embeddings, labels, normalized, exclude, r, "min_r_g"
+        )
+        assert_agree(metrics, expected, first)
