@@ -16,12 +16,18 @@ side in a fresh subprocess so that its peak memory (``ru_maxrss``) is its own:
   then a stable argsort per row (about 4 N^2 bytes: 14 GB for N = 60,000). The benchmark checks
   that tfcbir's metrics agree with it.
 
-Printed: each side's time and peak memory, and tfcbir / faiss, the goal being <= 1.5. NMI (k-means
-into C clusters over all N embeddings) is not in those times; ``--nmi`` times it separately.
+Printed: each side's time and peak memory, and tfcbir / faiss, the goal being <= 1.5; the threads
+each side used (BLAS's and OpenMP's, from threadpoolctl; tfcbir's own metric threads); and FAISS
+against NumPy's products, which says whether FAISS ran at BLAS speed (about x1.1 on one thread: a
+k-NN is the products plus a heap) -- a ratio against a FAISS that ran slowly proves nothing. On a
+machine shared with other work, ``--threads 1`` gives both sides one thread, the steadiest
+comparison. NMI (k-means into C clusters over all N embeddings) is not in those times; ``--nmi``
+times it separately.
 
     python benchmarks/evaluation.py                 # 60,000 x 128, 11,000 classes
     python benchmarks/evaluation.py --quick         # 6,000 embeddings, with the dense check
     python benchmarks/evaluation.py --n 20000 --dense --nmi
+    python benchmarks/evaluation.py --threads 1      # one BLAS / OpenMP / metric thread a side
 """
 
 from __future__ import annotations
@@ -54,14 +60,32 @@ def make_data(n: int, n_classes: int, dim: int, seed: int = 0):
     return embeddings, labels
 
 
-def tfcbir(embeddings, labels, args) -> dict:
-    from retrieval.metrics import clustering_nmi, evaluate_leave_one_out
+def blas_threads() -> str:
+    """The thread pools of this process as threadpoolctl sees them, by library:
+    'libgomp 2, libopenblas 2, libscipy_openblas 2'."""
+    from threadpoolctl import threadpool_info
 
-    result = {}
+    pools = {}
+    for pool in threadpool_info():
+        pools.setdefault(pool["prefix"], pool["num_threads"])
+    return ", ".join(f"{name} {threads}" for name, threads in sorted(pools.items()))
+
+
+def tfcbir(embeddings, labels, args) -> dict:
+    from retrieval.metrics import clustering_nmi, default_threads, evaluate_leave_one_out
+
+    threads = default_threads() if args.threads is None else args.threads
+    result = {"threads": f"metric threads {threads}; {blas_threads()}"}
     for name, r in (("whole", None), ("at10", 10)):
         start, cpu = time.perf_counter(), time.process_time()
         metrics = evaluate_leave_one_out(
-            embeddings, labels, normalized=True, nmi=False, r=r, memory_mb=args.memory_mb
+            embeddings,
+            labels,
+            normalized=True,
+            nmi=False,
+            r=r,
+            memory_mb=args.memory_mb,
+            threads=threads,
         )
         result[f"{name}_seconds"] = time.perf_counter() - start
         result[f"{name}_cpu"] = time.process_time() - cpu
@@ -74,7 +98,7 @@ def tfcbir(embeddings, labels, args) -> dict:
         np.matmul(block, embeddings.T, out=buffer[: len(block)])
     result["products_seconds"] = time.perf_counter() - start
     result["products_cpu"] = time.process_time() - cpu
-    result["seconds"] = result["whole_seconds"]
+    result["seconds"], result["cpu"] = result["whole_seconds"], result["whole_cpu"]
     result["metrics"] = result["whole_metrics"]
     if args.nmi:
         start = time.perf_counter()
@@ -95,7 +119,7 @@ def faiss_knn(embeddings, labels, args) -> dict:
         "seconds": time.perf_counter() - start,
         "cpu": time.process_time() - cpu,
         "k": k,
-        "threads": faiss.omp_get_max_threads(),
+        "threads": f"OpenMP threads {faiss.omp_get_max_threads()}; {blas_threads()}",
     }
 
 
@@ -128,9 +152,18 @@ def dense(embeddings, labels, args) -> dict:
 
 def worker(args) -> None:
     embeddings, labels = make_data(args.n, args.classes, args.dim)
-    result = {"tfcbir": tfcbir, "faiss": faiss_knn, "dense": dense}[args.worker](
-        embeddings, labels, args
-    )
+    side = {"tfcbir": tfcbir, "faiss": faiss_knn, "dense": dense}[args.worker]
+    if args.threads is None:
+        result = side(embeddings, labels, args)
+    else:
+        from threadpoolctl import threadpool_limits
+
+        if args.worker == "faiss":
+            import faiss
+
+            faiss.omp_set_num_threads(args.threads)
+        with threadpool_limits(args.threads):
+            result = side(embeddings, labels, args)
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     scale = 1 if sys.platform == "darwin" else 1024
     result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
@@ -152,6 +185,7 @@ def run_worker(name: str, args) -> dict:
         "--memory-mb",
         str(args.memory_mb),
     ] + (["--nmi"] if args.nmi and name == "tfcbir" else [])
+    command += [] if args.threads is None else ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         sys.exit(f"the {name} run failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
@@ -169,6 +203,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="6,000 embeddings, --dense")
     parser.add_argument("--dense", action="store_true", help="also the dense baseline")
     parser.add_argument("--nmi", action="store_true", help="also time k-means + NMI")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="BLAS, OpenMP and metric threads of each side"
+    )
     parser.add_argument("--worker", choices=["tfcbir", "faiss", "dense"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -195,7 +232,7 @@ def main() -> None:
     print("  (seconds: wall clock, and CPU time of all threads)")
     print(
         f"  tfcbir, mAP over the whole ranking {ours['whole_seconds']:8.2f} s "
-        f"{ours['whole_cpu']:8.2f} s CPU   {peak}"
+        f"{ours['whole_cpu']:8.2f} s CPU   {peak}   ({ours['threads']})"
     )
     print(
         f"  tfcbir, mAP@10                     {ours['at10_seconds']:8.2f} s "
@@ -212,7 +249,11 @@ def main() -> None:
         print(
             f"  faiss IndexFlatIP k-NN alone, k={knn['k']:<3} {knn['seconds']:8.2f} s "
             f"{knn['cpu']:8.2f} s CPU   peak {knn['peak_mib']:7,.0f} MiB   "
-            f"({knn['threads']} threads)"
+            f"({knn['threads']})"
+        )
+        print(
+            f"  faiss k-NN / NumPy's products: x{knn['seconds'] / ours['products_seconds']:.2f} "
+            f"wall, x{knn['cpu'] / ours['products_cpu']:.2f} CPU (at BLAS speed: about x1.1)"
         )
         for name, label in (("whole", "whole ranking"), ("at10", "mAP@10")):
             ratio = ours[f"{name}_seconds"] / knn["seconds"]
@@ -222,6 +263,19 @@ def main() -> None:
                 f"  tfcbir ({label}) / faiss k-NN: x{ratio:.2f} wall, x{cpu_ratio:.2f} CPU "
                 f"({verdict} the goal <= {GOAL}; NMI not included)"
             )
+        if args.threads is not None:
+            # Threads that wait for a core (other work on the machine) show as wall time
+            # beyond CPU time / threads: then only the CPU ratio compares the two sides.
+            busy = [
+                f"{side} {results[side]['cpu'] / results[side]['seconds']:.1f}"
+                for side in ("tfcbir", "faiss")
+                if results[side]["cpu"] < 0.8 * args.threads * results[side]["seconds"]
+            ]
+            if busy:
+                print(
+                    f"  the machine was busy (cores used of {args.threads}: {', '.join(busy)}): "
+                    "the wall ratios mean little; compare the CPU ratios"
+                )
     if "dense" in results:
         dense_side = results["dense"]
         print(

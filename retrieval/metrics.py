@@ -28,13 +28,16 @@ How: only each query's relevant items need a rank, and a rank is 1 + the number 
 above (a higher score, or an equal one and a lower index). Queries go in blocks of at most
 :data:`BLOCK_ROWS` (fewer if ``memory_mb`` says so), one float32 matrix product a block for whole
 gallery rows; equal gallery vectors get one score (:func:`retrieval.search.equal_rows`); the
-query itself and the relevant items drop out of the row, and for each relevant item, best first,
-the other items above it are counted with one float32 comparison per score (the tie rule by
-gallery tiles, see :func:`_count_above`): rank_m = m + that count. With a cut-off r, a query's
-later relevant items are not counted once one ranks beyond max(r, G) (no metric but the first
-rank looks further). Classes of more than :data:`COUNT_MAX_RELEVANT` relevant items are ranked by
-sorting the row's keys instead. Everything is exact, ties to the lower gallery index; see the
-README's "Retrieval" section.
+query itself and the relevant items drop out of the row. Only the items scoring at least the
+query's last relevant item can rank above any relevant item: one float32 comparison a score picks
+those candidates out (a few hundred of 60,000 for typical embeddings), and each relevant item's
+count is taken over them by ranking keys (:func:`_count_candidates`): rank_m = m + that count. A
+query with more candidates than :data:`CANDIDATE_SHARE` of the gallery has its last relevant item
+counted over the whole row instead, one comparison a score (the tie rule by gallery tiles, see
+:func:`_count_above`), and the others over the candidates of the one before, or, after
+:data:`CANDIDATE_PASSES` such passes, each over the whole row too. Classes of more than
+:data:`COUNT_MAX_RELEVANT` relevant items are ranked by sorting the row's keys instead.
+Everything is exact, ties to the lower gallery index; see the README's "Retrieval" section.
 """
 
 from __future__ import annotations
@@ -83,6 +86,15 @@ BYTES_PER_RELEVANT = 64
 BLOCK_ROWS = 512
 # Gallery items per comparison of a count: a (B, tile) tile of scores and flags in the L2 cache.
 COUNT_TILE = 8192
+# A query's candidates (items scoring at least its last relevant item) are ranked on their own
+# up to this share of the gallery (about 60 bytes each: up to 4 a gallery item); beyond it,
+# counting over the whole row a relevant item at a time is as fast.
+CANDIDATE_SHARE = 1 / 16
+# Scores compared at once when picking candidates: their flags stay in the L2 cache.
+CANDIDATE_CHUNK_PAIRS = 2**20
+# Candidate passes a block at most: a query still crowded after them (exact ties all over, or
+# embeddings without structure) has its other relevant items counted over the row, one pass each.
+CANDIDATE_PASSES = 2
 
 
 @dataclass
@@ -282,7 +294,7 @@ def query_results(
         tie_equal_rows(scores, tied_rows, tied_heads)
         members = classes.gather(starts[rows], n_members[rows])
         if members.shape[1] <= COUNT_MAX_RELEVANT:
-            ranks = _counted_ranks(scores, members, exclude[rows], n_relevant[rows], r)
+            ranks = _counted_ranks(scores, members, exclude[rows], n_relevant[rows])
         else:
             ranks = _sorted_ranks(scores, members, exclude[rows], n_relevant[rows])
         # Blocks hold distinct queries: each thread writes rows of its own.
@@ -437,43 +449,149 @@ def _relevant_in_order(
 
 
 def _counted_ranks(
-    scores: np.ndarray,
-    members: np.ndarray,
-    exclude: np.ndarray,
-    n_relevant: np.ndarray,
-    r: int | None,
+    scores: np.ndarray, members: np.ndarray, exclude: np.ndarray, n_relevant: np.ndarray
 ) -> np.ndarray:
     """Ranks (B, C') of each query's relevant items, best first, from scores (B, N) (overwritten)
     by counting the other items above each: ``rank_m = m + #{other items ranked above it}``.
 
-    With a cut-off r, a rank beyond max(r, G) changes no metric but the first: once a query's
-    m-th relevant item ranks beyond it, the later ones are not counted (their rank is left at
-    N + 1, beyond every cut-off). Columns at or beyond a row's G are padding.
-    """
+    Only the items scoring at least a relevant item's score can rank above it: those candidates
+    of the query's last relevant item are picked out (:func:`_candidates`) and every relevant
+    item's count is taken over them (:func:`_count_candidates`). A query with more candidates
+    than :data:`CANDIDATE_SHARE` of the gallery has its last relevant item counted over the
+    whole row (:func:`_count_above`) and starts again from the one before, whose candidates are
+    fewer; after :data:`CANDIDATE_PASSES` passes, every item left is counted over the row.
+    Columns at or beyond a row's G are padding (rank N + 1)."""
     n_rows, n_gallery = scores.shape
     thresholds, positions = _relevant_in_order(scores, members, exclude, n_relevant)
-    width = thresholds.shape[1]
     # Only the other items are counted: the query itself (excluded) and the relevant items
     # drop to -inf (the relevant ones above an item are m - 1 by construction).
     excluded_rows, excluded_columns = np.nonzero(exclude >= 0)
     scores[excluded_rows, exclude[excluded_rows, excluded_columns]] = -np.inf
     relevant_rows, relevant_columns = np.nonzero(positions >= 0)
     scores[relevant_rows, positions[relevant_rows, relevant_columns]] = -np.inf
-    ranks = np.full((n_rows, width), n_gallery + 1, dtype=np.int64)
-    limit = n_relevant if r is None else np.maximum(n_relevant, r)
-    flags = np.empty((n_rows, _count_tile(n_gallery)), dtype=bool)
-    for column in range(width):
-        active = column < n_relevant
-        if r is not None and column:
-            active &= ranks[:, column - 1] <= limit  # else this one ranks beyond it too
-        chosen = np.flatnonzero(active)
-        if not len(chosen):
+    # Padding below every item, so that no item ranks under it.
+    relevant_keys = np.where(positions >= 0, pair_keys(thresholds, positions), EXCLUDED)
+    ranks = np.full(thresholds.shape, n_gallery + 1, dtype=np.int64)
+    most = int(n_gallery * CANDIDATE_SHARE)
+    flags = None
+    # The rows still to rank, and of each the column of its last relevant item not yet ranked.
+    rows, last = np.arange(n_rows), n_relevant - 1
+    for attempt in range(CANDIDATE_PASSES):
+        if not len(rows):
             break
-        above = _count_above(
-            scores, chosen, thresholds[chosen, column], positions[chosen, column], flags
-        )
-        ranks[chosen, column] = above + column + 1
+        rows, last = _rank_by_candidates(scores, rows, last, relevant_keys, thresholds, ranks, most)
+        # Crowded rows: their last relevant item counted over the row; after the last pass
+        # (many exact ties, or no structure), every one left.
+        for _ in range(1 if attempt < CANDIDATE_PASSES - 1 else ranks.shape[1]):
+            if not len(rows):
+                break
+            if flags is None:
+                flags = np.empty((n_rows, _count_tile(n_gallery)), dtype=bool)
+            counts = _count_above(
+                scores, rows, thresholds[rows, last], positions[rows, last], flags
+            )
+            ranks[rows, last] = counts + last + 1
+            rows, last = rows[last > 0], last[last > 0] - 1
     return ranks
+
+
+def _rank_by_candidates(
+    scores: np.ndarray,
+    rows: np.ndarray,
+    last: np.ndarray,
+    relevant_keys: np.ndarray,
+    thresholds: np.ndarray,
+    ranks: np.ndarray,
+    most: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rank the relevant items ``0..last[s]`` (keys ``relevant_keys``, scores ``thresholds``
+    (B, C'), best first) of the queries ``rows`` (S,) of scores (B, N) over their candidates,
+    into ``ranks`` (B, C'); except the rows with more than ``most`` candidates, returned with
+    their ``last`` (crowded rows, and their last columns), left as they were."""
+    columns = np.arange(ranks.shape[1])
+    found, items, crowded = _candidates(scores, rows, thresholds[rows, last], most)
+    within = columns[None, :] <= last[:, None]
+    keys = np.where(within, relevant_keys[rows], EXCLUDED)
+    above = _count_candidates(scores, rows, found, items, keys)
+    done = within & ~crowded[:, None]
+    ranks[rows[:, None], columns[None, :]] = np.where(done, above + columns + 1, ranks[rows])
+    return rows[crowded], last[crowded]
+
+
+def _candidates(
+    scores: np.ndarray, rows: np.ndarray, lowest: np.ndarray, most: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The items of the rows ``rows`` (S,) of scores (B, N) at or above each one's ``lowest``
+    (S,), row by row in gallery order: their rows as positions in ``rows`` (K,) and their gallery
+    indices (K,); and (S,) bool: the rows with more than ``most`` of them, whose items are left
+    out (so K <= S * most).
+
+    Rows are compared a few at a time (:data:`CANDIDATE_CHUNK_PAIRS` scores), so the flags stay
+    in the caches while their indices are read off."""
+    n_gallery = scores.shape[1]
+    step = max(1, CANDIDATE_CHUNK_PAIRS // max(1, n_gallery))
+    flags = np.empty((min(step, len(rows)), n_gallery), dtype=bool)
+    found, crowded = [], np.zeros(len(rows), dtype=bool)
+    for start in range(0, len(rows), step):
+        stop = min(start + step, len(rows))
+        chunk = flags[: stop - start]
+        first, final = rows[start], rows[stop - 1]
+        # Consecutive rows (the usual case): a view, not a copy.
+        part = (
+            scores[first : final + 1]
+            if final - first == stop - start - 1
+            else scores[rows[start:stop]]
+        )
+        np.greater_equal(part, lowest[start:stop, None], out=chunk)
+        flat = _flat_true(chunk)
+        # Each row's share of the flat indices: where its first index would go.
+        bounds = np.searchsorted(flat, np.arange(stop - start + 1) * n_gallery)
+        counts = np.diff(bounds)
+        many = counts > most
+        if many.any():
+            crowded[start:stop] = many
+            flat = flat[np.repeat(~many, counts)]
+        found.append(flat + start * n_gallery)
+    positions, items = np.divmod(np.concatenate(found), n_gallery)
+    return positions, items, crowded
+
+
+def _flat_true(flags: np.ndarray) -> np.ndarray:
+    """``np.flatnonzero`` of bool flags (any shape) that are mostly False, ascending (K,) int64,
+    at about twice its speed: the flags packed 8 to a byte, and only the bytes not zero looked
+    into."""
+    packed = np.packbits(flags.reshape(-1))  # first flag in the high bit; the tail padded False
+    hot = np.flatnonzero(packed != 0)
+    bits = np.flatnonzero(np.unpackbits(packed[hot]).view(bool))
+    return (hot[bits >> 3] << 3) + (bits & 7)
+
+
+def _count_candidates(
+    scores: np.ndarray,
+    rows: np.ndarray,
+    found: np.ndarray,
+    items: np.ndarray,
+    relevant_keys: np.ndarray,
+) -> np.ndarray:
+    """For each row ``rows[s]`` (S,) of scores (B, N) and each of its relevant items (S, C') of
+    ranking keys ``relevant_keys`` (best first, descending; :data:`EXCLUDED` for none): how many
+    of its candidates (``found`` (K,), positions in ``rows`` ascending, and their gallery indices
+    ``items`` (K,)) rank above it. (S, C') int64.
+
+    A candidate ranks above the relevant items ``j, j + 1, ...`` of its row, j the number of
+    relevant keys above its own key (keys are distinct: the tie rule is in them), so the count
+    above item m is the number of the row's candidates with ``j <= m``: a histogram of j per
+    row, summed up."""
+    n_rows, width = relevant_keys.shape
+    keys = pair_keys(scores[rows[found], items], items)
+    # j, kept directly as the histogram's bin: row * (C' + 1) + j.
+    bins = found * (width + 1)
+    # Each row's keys repeated for its candidates (``found`` is ascending): a copy, not a gather.
+    per_row = np.bincount(found, minlength=n_rows)
+    for column_keys in np.ascontiguousarray(relevant_keys.T):
+        bins += np.repeat(column_keys, per_row) > keys
+    histogram = np.bincount(bins, minlength=n_rows * (width + 1)).reshape(n_rows, width + 1)
+    return np.cumsum(histogram[:, :width], axis=1)
 
 
 def _count_above(
