@@ -197,21 +197,29 @@ def evaluate(
         memory_mb=memory_mb,
         threads=threads,
     )
+    metrics = summarize(results, r=r, ks=ks, ap_denominator=ap_denominator)
+    if nmi:
+        metrics.nmi = clustering_nmi(queries, query_labels, seed=seed)
+    return metrics
+
+
+def summarize(
+    results: QueryResults, *, r: int | None, ks: tuple[int, ...], ap_denominator: str
+) -> Metrics:
+    """The averages over the queries with a relevant item (NMI: None); UserError when no
+    query has one (query and gallery classes disjoint)."""
     evaluated = results.evaluated
     n_queries, n_evaluated = len(evaluated), int(evaluated.sum())
     if n_evaluated == 0:
         raise _no_relevant_item_error(n_queries)
     first_rank = results.first_rank[evaluated]
-    clusters_nmi = None
-    if nmi:
-        clusters_nmi = clustering_nmi(queries, query_labels, seed=seed)
     return Metrics(
         mean_average_precision=float(results.average_precision[evaluated].mean()),
         precision_at_1=float((first_rank == 1).mean()),
         recall_at_k={int(k): float((first_rank <= k).mean()) for k in ks},
         map_at_r=float(results.map_at_r[evaluated].mean()),
         r_precision=float(results.r_precision[evaluated].mean()),
-        nmi=clusters_nmi,
+        nmi=None,
         n_queries=n_queries,
         n_excluded=n_queries - n_evaluated,
         r=r,
@@ -298,7 +306,7 @@ def query_results(
         else:
             ranks = _sorted_ranks(scores, members, exclude[rows], n_relevant[rows])
         # Blocks hold distinct queries: each thread writes rows of its own.
-        _fill(results, rows, ranks, n_relevant[rows], r, n_gallery, ap_denominator)
+        fill_results(results, rows, ranks, n_relevant[rows], r, n_gallery, ap_denominator)
 
     _run_blocks(rank_block, blocks, threads, n_gallery)
     return results
@@ -670,7 +678,7 @@ def _sorted_ranks(
     return ranks
 
 
-def _fill(
+def fill_results(
     results: QueryResults,
     rows: np.ndarray,
     ranks: np.ndarray,
@@ -694,6 +702,100 @@ def _fill(
     results.map_at_r[rows] = (precision * in_top_g).sum(axis=1) / n_relevant
     results.r_precision[rows] = in_top_g.sum(axis=1) / n_relevant
     results.first_rank[rows] = ranks[:, 0]
+
+
+# --- metrics of ranked lists (re-ranked answers) ------------------------------------------------
+
+
+def checked_labels(query_labels, gallery_labels, n_queries: int, n_gallery: int):
+    query_labels = np.asarray(query_labels, dtype=np.int64)
+    gallery_labels = np.asarray(gallery_labels, dtype=np.int64)
+    if query_labels.shape != (n_queries,) or gallery_labels.shape != (n_gallery,):
+        raise ValueError(
+            f"labels of shapes {query_labels.shape} and {gallery_labels.shape} for "
+            f"{n_queries} queries and {n_gallery} gallery items"
+        )
+    return query_labels, gallery_labels
+
+
+def relevant_counts(
+    query_labels: np.ndarray, gallery_labels: np.ndarray, exclude: np.ndarray | None
+) -> np.ndarray:
+    """G (Q,): the gallery items of each query's class, less those excluded for it."""
+    classes, counts = np.unique(gallery_labels, return_counts=True)
+    position = np.clip(np.searchsorted(classes, query_labels), 0, len(classes) - 1)
+    members = np.where(classes[position] == query_labels, counts[position], 0)
+    exclude = exclusion_mask(exclude, len(query_labels), len(gallery_labels))
+    excluded = (exclude >= 0) & (gallery_labels[np.maximum(exclude, 0)] == query_labels[:, None])
+    return members - excluded.sum(axis=1)
+
+
+def ranked_metrics(
+    indices: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    *,
+    exclude: np.ndarray | None = None,
+    r: int | None = None,
+    ks: tuple[int, ...] = DEFAULT_KS,
+    ap_denominator: str = "min_r_g",
+) -> Metrics:
+    """:func:`evaluate`'s metrics (NMI: None) of ranked answers: gallery
+    indices (Q, L) best first (-1: padding), found with ``exclude`` (None, (Q,) or (Q, M)) left
+    out, and the labels (Q,) and (N,); the definitions above.
+
+    A relevant item missing from a list ranks below it. That is exact when each query's list
+    holds all its G relevant items or reaches max(r, max(ks), G): ValueError otherwise. Only
+    ``first_rank`` of a query none of whose relevant items is listed is then not its rank but
+    N + 1 (beyond every cut-off, as the metrics need).
+    """
+    if ap_denominator not in AP_DENOMINATORS:
+        raise ValueError(f"ap_denominator must be one of {AP_DENOMINATORS}; got {ap_denominator!r}")
+    if r is not None and r < 1:
+        raise ValueError(f"r must be >= 1 or None; got {r}")
+    indices = np.asarray(indices, dtype=np.int64)
+    n_queries, length = indices.shape
+    query_labels, gallery_labels = checked_labels(
+        query_labels, gallery_labels, n_queries, len(gallery_labels)
+    )
+    n_gallery = len(gallery_labels)
+    n_relevant = relevant_counts(query_labels, gallery_labels, exclude)
+    relevant = (indices >= 0) & (gallery_labels[np.maximum(indices, 0)] == query_labels[:, None])
+    found = relevant.sum(axis=1)
+    deep_enough = r is not None and length >= np.maximum(max(r, *ks), n_relevant)
+    if not np.all((found >= n_relevant) | deep_enough):
+        raise ValueError(
+            "ranked lists too short for exact metrics: each needs all its relevant items or "
+            "max(r, max(ks), G) answers"
+        )
+    if exclude is not None:
+        left_out = exclusion_mask(exclude, n_queries, n_gallery)
+        if ((indices[:, :, None] == left_out[:, None, :]) & (indices[:, :, None] >= 0)).any():
+            raise ValueError("the ranked lists hold items that exclude leaves out")
+    results = QueryResults(
+        n_relevant=n_relevant,
+        first_rank=np.zeros(n_queries, dtype=np.int64),
+        average_precision=np.full(n_queries, np.nan),
+        map_at_r=np.full(n_queries, np.nan),
+        r_precision=np.full(n_queries, np.nan),
+    )
+    evaluated = np.flatnonzero(n_relevant > 0)
+    step = max(1, 2**22 // max(1, length))
+    for start in range(0, len(evaluated), step):
+        rows = evaluated[start : start + step]
+        ranks = relevant_ranks(relevant[rows], n_relevant[rows], n_gallery)
+        fill_results(results, rows, ranks, n_relevant[rows], r, n_gallery, ap_denominator)
+    return summarize(results, r=r, ks=ks, ap_denominator=ap_denominator)
+
+
+def relevant_ranks(relevant: np.ndarray, n_relevant: np.ndarray, n_gallery: int) -> np.ndarray:
+    """Ranks (B, max G) of each row's relevant items, best first, from the flags (B, L) of its
+    ranked list; those not listed get N + 1 (beyond every cut-off)."""
+    ranks = np.full((len(relevant), int(n_relevant.max())), n_gallery + 1, dtype=np.int64)
+    rows, columns = np.nonzero(relevant)
+    starts = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(relevant)))[:-1]])
+    ranks[rows, np.arange(len(rows)) - starts[rows]] = columns + 1
+    return ranks
 
 
 # --- clustering quality -------------------------------------------------------------------------

@@ -65,14 +65,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from retrieval.metrics import AP_DENOMINATORS, DEFAULT_KS, Metrics, QueryResults, evaluate
+from retrieval.metrics import (
+    DEFAULT_KS,
+    Metrics,
+    checked_labels,
+    evaluate,
+    ranked_metrics,
+    relevant_counts,
+)
 from retrieval.search import (
     DEFAULT_MEMORY_MB,
     EXCLUDED,
     ExactIndex,
     block_rows,
     check_embeddings,
-    exclusion_mask,
     pair_keys,
     similarity,
 )
@@ -736,7 +742,9 @@ def evaluate_reranked(
             f"{spec.path}: k_reciprocal re-ranks each query's best answers, so its evaluation "
             "needs a cut-off r (mAP@r)"
         )
-    query_labels, gallery_labels = _labels(query_labels, gallery_labels, len(queries), len(gallery))
+    query_labels, gallery_labels = checked_labels(
+        query_labels, gallery_labels, len(queries), len(gallery)
+    )
     n_relevant = relevant_counts(query_labels, gallery_labels, exclude)
     depth = min(max(r, *ks, int(n_relevant.max(initial=0))), len(gallery))
     _, indices = index.search(queries, depth, exclude, query_items=query_items)
@@ -748,151 +756,4 @@ def evaluate_reranked(
         r=r,
         ks=ks,
         ap_denominator=ap_denominator,
-    )
-
-
-def _labels(query_labels, gallery_labels, n_queries: int, n_gallery: int):
-    query_labels = np.asarray(query_labels, dtype=np.int64)
-    gallery_labels = np.asarray(gallery_labels, dtype=np.int64)
-    if query_labels.shape != (n_queries,) or gallery_labels.shape != (n_gallery,):
-        raise ValueError(
-            f"labels of shapes {query_labels.shape} and {gallery_labels.shape} for "
-            f"{n_queries} queries and {n_gallery} gallery items"
-        )
-    return query_labels, gallery_labels
-
-
-def relevant_counts(
-    query_labels: np.ndarray, gallery_labels: np.ndarray, exclude: np.ndarray | None
-) -> np.ndarray:
-    """G (Q,): the gallery items of each query's class, less those excluded for it."""
-    classes, counts = np.unique(gallery_labels, return_counts=True)
-    position = np.clip(np.searchsorted(classes, query_labels), 0, len(classes) - 1)
-    members = np.where(classes[position] == query_labels, counts[position], 0)
-    exclude = exclusion_mask(exclude, len(query_labels), len(gallery_labels))
-    excluded = (exclude >= 0) & (gallery_labels[np.maximum(exclude, 0)] == query_labels[:, None])
-    return members - excluded.sum(axis=1)
-
-
-def ranked_metrics(
-    indices: np.ndarray,
-    query_labels: np.ndarray,
-    gallery_labels: np.ndarray,
-    *,
-    exclude: np.ndarray | None = None,
-    r: int | None = None,
-    ks: tuple[int, ...] = DEFAULT_KS,
-    ap_denominator: str = "min_r_g",
-) -> Metrics:
-    """:func:`retrieval.metrics.evaluate`'s metrics (NMI: None) of ranked answers: gallery
-    indices (Q, L) best first (-1: padding), found with ``exclude`` (None, (Q,) or (Q, M)) left
-    out, and the labels (Q,) and (N,); the definitions of :mod:`retrieval.metrics`.
-
-    A relevant item missing from a list ranks below it. That is exact when each query's list
-    holds all its G relevant items or reaches max(r, max(ks), G): ValueError otherwise. Only
-    ``first_rank`` of a query none of whose relevant items is listed is then not its rank but
-    N + 1 (beyond every cut-off, as the metrics need).
-    """
-    if ap_denominator not in AP_DENOMINATORS:
-        raise ValueError(f"ap_denominator must be one of {AP_DENOMINATORS}; got {ap_denominator!r}")
-    if r is not None and r < 1:
-        raise ValueError(f"r must be >= 1 or None; got {r}")
-    indices = np.asarray(indices, dtype=np.int64)
-    n_queries, length = indices.shape
-    query_labels, gallery_labels = _labels(
-        query_labels, gallery_labels, n_queries, len(gallery_labels)
-    )
-    n_gallery = len(gallery_labels)
-    n_relevant = relevant_counts(query_labels, gallery_labels, exclude)
-    relevant = (indices >= 0) & (gallery_labels[np.maximum(indices, 0)] == query_labels[:, None])
-    found = relevant.sum(axis=1)
-    deep_enough = r is not None and length >= np.maximum(max(r, *ks), n_relevant)
-    if not np.all((found >= n_relevant) | deep_enough):
-        raise ValueError(
-            "ranked lists too short for exact metrics: each needs all its relevant items or "
-            "max(r, max(ks), G) answers"
-        )
-    if exclude is not None:
-        left_out = exclusion_mask(exclude, n_queries, n_gallery)
-        if ((indices[:, :, None] == left_out[:, None, :]) & (indices[:, :, None] >= 0)).any():
-            raise ValueError("the ranked lists hold items that exclude leaves out")
-    results = QueryResults(
-        n_relevant=n_relevant,
-        first_rank=np.zeros(n_queries, dtype=np.int64),
-        average_precision=np.full(n_queries, np.nan),
-        map_at_r=np.full(n_queries, np.nan),
-        r_precision=np.full(n_queries, np.nan),
-    )
-    evaluated = np.flatnonzero(n_relevant > 0)
-    step = max(1, 2**22 // max(1, length))
-    for start in range(0, len(evaluated), step):
-        rows = evaluated[start : start + step]
-        ranks = relevant_ranks(relevant[rows], n_relevant[rows], n_gallery)
-        fill_results(results, rows, ranks, n_relevant[rows], r, n_gallery, ap_denominator)
-    return summary(results, r, ks, ap_denominator)
-
-
-def relevant_ranks(relevant: np.ndarray, n_relevant: np.ndarray, n_gallery: int) -> np.ndarray:
-    """Ranks (B, max G) of each row's relevant items, best first, from the flags (B, L) of its
-    ranked list; those not listed get N + 1 (beyond every cut-off)."""
-    ranks = np.full((len(relevant), int(n_relevant.max())), n_gallery + 1, dtype=np.int64)
-    rows, columns = np.nonzero(relevant)
-    starts = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=len(relevant)))[:-1]])
-    ranks[rows, np.arange(len(rows)) - starts[rows]] = columns + 1
-    return ranks
-
-
-def fill_results(
-    results: QueryResults,
-    rows: np.ndarray,
-    ranks: np.ndarray,
-    n_relevant: np.ndarray,
-    r: int | None,
-    n_gallery: int,
-    ap_denominator: str,
-) -> None:
-    """The per-query metrics of ``rows`` from the ranks (B, C) of their relevant items, by the
-    formulas of :mod:`retrieval.metrics` (the same arithmetic, so the same numbers)."""
-    m = np.arange(1, ranks.shape[1] + 1)
-    valid = m[None, :] <= n_relevant[:, None]
-    precision = np.divide(m[None, :], ranks, out=np.zeros(ranks.shape), where=valid)
-    cutoff = n_gallery if r is None else r
-    in_top_r = valid & (ranks <= cutoff)
-    if ap_denominator == "min_r_g":
-        denominator = np.minimum(cutoff, n_relevant)
-    else:  # "found"
-        denominator = np.maximum(in_top_r.sum(axis=1), 1)
-    results.average_precision[rows] = (precision * in_top_r).sum(axis=1) / denominator
-    in_top_g = valid & (ranks <= n_relevant[:, None])
-    results.map_at_r[rows] = (precision * in_top_g).sum(axis=1) / n_relevant
-    results.r_precision[rows] = in_top_g.sum(axis=1) / n_relevant
-    results.first_rank[rows] = ranks[:, 0]
-
-
-def summary(
-    results: QueryResults, r: int | None, ks: tuple[int, ...], ap_denominator: str
-) -> Metrics:
-    """The averages over the queries with a relevant item, as :func:`retrieval.metrics.evaluate`
-    makes them (NMI: None); UserError when no query has one."""
-    evaluated = results.evaluated
-    n_queries, n_evaluated = len(evaluated), int(evaluated.sum())
-    if n_evaluated == 0:
-        raise UserError(
-            f"none of the {n_queries} queries has an item of its class in the gallery, so "
-            "retrieval metrics are undefined; for class-disjoint splits set eval.protocol "
-            "to leave_one_out"
-        )
-    first_rank = results.first_rank[evaluated]
-    return Metrics(
-        mean_average_precision=float(results.average_precision[evaluated].mean()),
-        precision_at_1=float((first_rank == 1).mean()),
-        recall_at_k={int(k): float((first_rank <= k).mean()) for k in ks},
-        map_at_r=float(results.map_at_r[evaluated].mean()),
-        r_precision=float(results.r_precision[evaluated].mean()),
-        nmi=None,
-        n_queries=n_queries,
-        n_excluded=n_queries - n_evaluated,
-        r=r,
-        ap_denominator=ap_denominator,
-        per_query=results,
     )

@@ -9,14 +9,13 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from retrieval.metrics import evaluate
+from retrieval.metrics import evaluate, ranked_metrics
 from retrieval.rerank import (
     METHODS,
     KReciprocalIndex,
     RerankSpec,
     augmented_gallery,
     evaluate_reranked,
-    ranked_metrics,
     rerank,
 )
 from retrieval.search import ExactIndex

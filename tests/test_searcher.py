@@ -151,9 +151,7 @@ def test_bad_image_bytes_are_image_errors_naming_the_upload(searcher, tmp_path):
 def test_text_queries_need_a_text_tower(searcher):
     assert searcher.has_text is False
     # The one message every command gives (retrieval.embedder.no_text_tower_error).
-    with pytest.raises(
-        UserError, match=r"run \S+ searches by image only: its model has no text"
-    ):
+    with pytest.raises(UserError, match=r"run \S+ searches by image only: its model has no text"):
         searcher.search_text(["a small red triangle"], 3)
 
 
