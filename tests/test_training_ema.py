@@ -222,3 +222,60 @@ def test_a_frozen_backbone_without_head_weights_is_refused(data_dir):
     raw = tiny_config(model__head="identity_normalize", train__freeze_backbone_steps=2)
     with pytest.raises(UserError, match="train.freeze_backbone_steps: the head has no weights"):
         train(config.resolve({**raw, "name": "nohead"}))
+
+
+def test_mirrored_run_averages_and_freezes_alike(tmp_path, tiny_demo):
+    """Two replicas (two logical CPU devices, in a fresh process): the averages follow the
+    recurrence over the recorded weights and the frozen backbone stays fixed."""
+    import shutil
+
+    from runs.folder import RunFolder
+    from tests.test_distribute import run_python
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo, root / "datasets" / "shapes")
+    steps, decay = 4, 0.5
+    raw = tiny_config(
+        train__steps=steps, train__validate_every=2, train__checkpoint_every=1,
+        train__keep_checkpoints=steps, train__distribute="mirrored",
+        train__ema={"decay": decay, "warmup": False}, train__freeze_backbone_steps=2,
+    )  # fmt: skip
+    resolved = config.resolve({**raw, "name": "mirrored_ema"})
+    result = run_python(
+        f"""
+        from training.trainer import train
+        result = train({resolved!r})
+        print(json.dumps({{"step": result.step, "best": result.best}}))
+    """,
+        TFCBIR_DATA_DIR=str(root),
+    )
+    assert result["step"] == steps and result["best"]["weights"] in ("ema", "raw")
+    run = RunFolder(root / "trainings" / "mirrored_ema")
+    trajectory = [ckpt(run, t).groups["model"] for t in range(1, steps + 1)]
+    average = trajectory[0]
+    for t in range(2, steps + 1):
+        average = [decay * a + (1 - decay) * w for a, w in zip(average, trajectory[t - 1])]
+    for a, s in zip(average, ckpt(run, steps).groups["ema"]):
+        np.testing.assert_allclose(s, a, rtol=1e-5, atol=1e-6)
+    positions = backbone_positions(raw)
+    for a, b, p in zip(trajectory[0], trajectory[1], positions):
+        if p:
+            np.testing.assert_array_equal(a, b)
+    assert any(
+        not np.array_equal(a, b) for a, b, p in zip(trajectory[1], trajectory[2], positions) if p
+    )
+
+
+def test_dual_encoder_averages_both_towers(data_dir):
+    """The average covers the image and the text tower; the choice saves both towers."""
+    from tests.test_training_dual import dual_config
+
+    raw = dual_config(
+        train__steps=4, train__validate_every=2, train__checkpoint_every=2,
+        train__ema={"decay": 0.5, "warmup": False}, train__freeze_backbone_steps=2,
+    )  # fmt: skip
+    result = train(config.resolve({**raw, "name": "dual_ema"}))
+    saved = ckpt(result.run, 4).groups
+    assert len(saved["ema"]) == len(saved["model"]) + len(saved["text_model"])
+    assert result.run.best()["weights"] in ("ema", "raw")
+    assert result.run.best_text_weights.exists()
