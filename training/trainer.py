@@ -164,7 +164,7 @@ class StepFunctions:
             if self.thaw is not None:
                 self.thaw()
                 self.thaw = None
-                log.info("step %d: the backbone trains from here on", step)
+                log.info("after step %d the backbone trains too", step)
             if frozen:
                 self.thaw = self._freeze()
             self.current = self.task.make_step(self.optimizer, self.strategy, self.mixed)
@@ -172,7 +172,7 @@ class StepFunctions:
 
     def _freeze(self) -> Callable[[], None]:
         """Freeze the backbone; returns the function that thaws it (as it was before)."""
-        log.info("the backbone is frozen until step %d", self.frozen_steps)
+        log.info("the backbone is frozen for steps 1 to %d", self.frozen_steps)
         backbone = [g for g in self.task.variable_groups if g.name == "backbone"]
         resume_rates = pause_variables(self.optimizer, backbone[0].variables if backbone else [])
         norms = [
