@@ -279,3 +279,27 @@ def test_dual_encoder_averages_both_towers(data_dir):
     assert len(saved["ema"]) == len(saved["model"]) + len(saved["text_model"])
     assert result.run.best()["weights"] in ("ema", "raw")
     assert result.run.best_text_weights.exists()
+
+
+def test_mixed_precision_averages_and_freezes(data_dir, monkeypatch):
+    """The GPU path (mixed_float16, a loss-scaling optimiser) on the CPU by pretending a GPU
+    is there: the frozen backbone stays fixed, the averages stay float32."""
+    import tensorflow as tf
+
+    real = tf.config.list_physical_devices
+    monkeypatch.setattr(
+        tf.config,
+        "list_physical_devices",
+        lambda kind=None: ["GPU:0"] if kind == "GPU" else real(kind),
+    )
+    raw = tiny_config(
+        train__steps=3, train__validate_every=3, train__checkpoint_every=1,
+        train__mixed_precision=True, train__ema=True, train__freeze_backbone_steps=2,
+    )  # fmt: skip
+    result = train(config.resolve({**raw, "name": "mixed_ema"}))
+    assert result.step == 3 and np.isfinite(result.loss)
+    first, second = ckpt(result.run, 1).groups, ckpt(result.run, 2).groups
+    for a, b, p in zip(first["model"], second["model"], backbone_positions(raw)):
+        if p:
+            np.testing.assert_array_equal(a, b)
+    assert all(v.dtype == np.float32 for v in second["ema"])
