@@ -280,6 +280,24 @@ SCHEMA: dict = {
             "mixed_float16 on GPUs (embeddings and loss stay "
             "float32); ignored with a warning without a GPU.",
         ),
+        "ema": Param(
+            (dict, bool),
+            None,
+            "An exponential moving average of the model's weights (BatchNorm statistics too), "
+            "updated after each step as timm's ModelEmaV3: null or false: none; true: the "
+            "defaults; {decay: 0.9998, warmup: true, warmup_gamma: 1.0, warmup_power: 0.667}. "
+            "Validation scores the average as well; the better becomes best.weights.h5 "
+            "(docs/training.md).",
+            nullable=True,
+            allowed_text="null, false, true, or {decay, warmup, warmup_gamma, warmup_power}",
+        ),
+        "freeze_backbone_steps": Param(
+            int,
+            0,
+            "A warm-up stage: for this many first steps only the head (and the loss's own "
+            "variables) train; the backbone's weights and BatchNorm statistics stay fixed.",
+            min=0,
+        ),
     },
     "eval": {
         "protocol": Param(
@@ -323,6 +341,23 @@ SCHEMA: dict = {
         ),
     },
 }
+
+# train.ema as a mapping: timm's ModelEmaV3 parameters (min_decay 0, update_after_step 0).
+EMA_PARAMS = {
+    "decay": Param(float, 0.9998, "The largest decay.", min=0, max=1, max_exclusive=True),
+    "warmup": Param(bool, True, "Ramp the decay up: 1 - (1 + t / warmup_gamma) ^ -warmup_power."),
+    "warmup_gamma": Param(float, 1.0, "Warm-up: the step scale.", min=0, min_exclusive=True),
+    "warmup_power": Param(float, 2 / 3, "Warm-up: the power.", min=0, min_exclusive=True),
+}
+
+
+def ema_settings(value, path: str = "train.ema") -> dict | None:
+    """``train.ema`` with its defaults filled in (a mapping of :data:`EMA_PARAMS`), or None
+    for no average (null or false)."""
+    if value is None or value is False:
+        return None
+    return validate({} if value is True else value, EMA_PARAMS, path)
+
 
 # Keys whose change does not change what a resumed run computes.
 RESUMABLE_CHANGES = {
@@ -397,6 +432,7 @@ def _check_cross_keys(config: dict) -> None:
             f"{data['image_size']}; the crop must fit inside the resized image"
         )
     losses.check_batch(config["loss"], train["batch"]["P"], train["batch"]["K"])
+    train["ema"] = ema_settings(train["ema"])
     _check_text_tower(config)
     protocol = config["eval"]["protocol"]
     # Under data.format auto the root may turn out to be In-shop, whose partition file gives the

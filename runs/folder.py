@@ -5,7 +5,8 @@ checkpoints/       ckpt-<step>.h5, the newest few
 best.weights.h5    the embedding model's best weights (by validation Recall@1)
 best.text.weights.h5   a dual encoder's text tower, saved with them
 text_tokenizer.json    a scratch text tower's tokenizer (datasets.tokenizer), made at the start
-best.json          step and score of those weights
+best.json          step and score of those weights; with train.ema, "weights": "ema" or "raw"
+                   (whether they are the moving average or the raw weights)
 metrics.csv        step, loss, learning rate, steps/s, validation Recall@1 (and, for a dual
                    encoder, the epoch, the image-text loss's logit scale and its parts)
 logs/              TensorBoard event files

@@ -15,7 +15,7 @@ one loss scale for all gradients.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import keras
@@ -200,3 +200,19 @@ def trainable_groups(
             "the head has no weights; use a head with weights or unfreeze the backbone"
         )
     return groups
+
+
+def pause_variables(optimizer, variables: list) -> Callable[[], None]:
+    """Set the learning rate (and so the weight decay) of ``variables`` to 0 in the training
+    steps traced from now on (``train.freeze_backbone_steps``): their values stay fixed bit for
+    bit while their gradients still feed the optimiser's moments. Returns the function that
+    gives them back their multipliers (for the steps traced after it is called)."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # under a LossScaleOptimizer
+    before = dict(inner.lr_multipliers)
+    paused = {inner._var_key(variable): 0.0 for variable in variables}
+    inner.lr_multipliers = {**before, **paused}
+
+    def resume() -> None:
+        inner.lr_multipliers = before
+
+    return resume

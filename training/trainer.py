@@ -9,7 +9,9 @@ The loop knows no model kind: what is trained is a task (:class:`training.task.T
 an image-text loss (``clip``, ``siglip``): a dual encoder, whose text tower's weights go into
 the checkpoints (group ``text_model``) and ``best.text.weights.h5``, selected on text-to-image
 Recall@1 of held-out images' captions. The loop owns checkpoints and resume, validation and the
-best weights, metrics.csv and TensorBoard, the progress bar and the distribution strategy.
+best weights, metrics.csv and TensorBoard, the progress bar and the distribution strategy; and,
+for any kind, ``train.ema`` (a moving average of the models' weights, validated beside them:
+:mod:`training.ema`) and ``train.freeze_backbone_steps`` (:class:`StepFunctions`).
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from tfcbir import UserError
 from tfcbir.progress import Progress
 from training import distribute
 from training.dual import DualEncoderTask
+from training.ema import WeightAverage
 from training.image import ImageTask
-from training.optim import VariableGroup, build_optimizer
+from training.optim import VariableGroup, build_optimizer, pause_variables
 from training.task import TrainingTask
 from training.validation import choose_validation
 
@@ -106,19 +109,95 @@ def _train(
     with strategy.scope():
         task.build(pretrained=found is None)
         optimizer = build_optimizer(train_cfg, task.variable_groups, mixed=mixed)
-    groups = {"model": task.model.weights, "optimizer": optimizer.variables, **task.variables()}
+    others = task.variables()
+    groups = {"model": task.model.weights, "optimizer": optimizer.variables, **others}
+    average = None
+    if train_cfg["ema"] is not None:
+        average = WeightAverage(train_cfg["ema"], model_weights(task, others), strategy)
+        groups["ema"] = average.variables  # a group of its own: runs without EMA unchanged
     step, best = _resume(found, groups, run)
     validation = None
     if validate and chosen.validation is not None and train_cfg["validate_every"] > 0:
         validation = task.validation(chosen, splits)
     _summary(config, run, splits, chosen, task, step, strategy)
     log.info(_trainable_line(task.variable_groups))
-    train_step = task.make_step(optimizer, strategy, mixed)
+    steps = StepFunctions(task, optimizer, strategy, mixed, train_cfg["freeze_backbone_steps"])
     batches = task.batches(step, train_cfg["steps"])
     for line in task.describe():
         log.info(line)
-    loop = TrainingLoop(config, run, task, groups, optimizer, validation, step, best)
-    return loop.run(train_step, batches, strategy)
+    loop = TrainingLoop(config, run, task, groups, optimizer, validation, step, best, average)
+    return loop.run(steps, batches, strategy)
+
+
+def model_weights(task: TrainingTask, others: dict[str, list]) -> list:
+    """Every weight of the task's models: the embedding model's, then those of the groups of
+    ``task.variables()`` that hold another model's weights (all but "loss" and "rng")."""
+    extra = [w for name, ws in others.items() if name not in ("loss", "rng") for w in ws]
+    return list(task.model.weights) + extra
+
+
+class StepFunctions:
+    """The training step of each step: with ``train.freeze_backbone_steps`` n, steps 1..n run
+    a step traced while the backbone is frozen (its variables' learning rate 0, its
+    BatchNormalization layers in inference mode), the later ones a step traced after it thawed.
+
+    A step function reads these settings when TensorFlow traces it, on its first call, so the
+    frozen state lasts from the first frozen step's call to the thaw."""
+
+    def __init__(self, task: TrainingTask, optimizer, strategy, mixed: bool, frozen_steps: int):
+        self.task, self.optimizer, self.strategy, self.mixed = task, optimizer, strategy, mixed
+        self.frozen_steps = frozen_steps
+        self.current: Callable[..., list[float]] | None = None
+        self.thaw: Callable[[], None] | None = None
+        if frozen_steps and not any(
+            group.name not in ("backbone", "loss") for group in task.variable_groups
+        ):
+            raise UserError(
+                "train.freeze_backbone_steps: the head has no weights, so nothing of the model "
+                "would train while the backbone is frozen; use a head with weights or set 0"
+            )
+
+    def at(self, step: int) -> Callable[..., list[float]]:
+        """The step function that computes step ``step + 1`` (``step`` done before it)."""
+        frozen = step < self.frozen_steps
+        if self.current is None or (not frozen and self.thaw is not None):
+            if self.thaw is not None:
+                self.thaw()
+                self.thaw = None
+                log.info("after step %d the backbone trains too", step)
+            if frozen:
+                self.thaw = self._freeze()
+            self.current = self.task.make_step(self.optimizer, self.strategy, self.mixed)
+        return self.current
+
+    def _freeze(self) -> Callable[[], None]:
+        """Freeze the backbone; returns the function that thaws it (as it was before)."""
+        log.info("the backbone is frozen for steps 1 to %d", self.frozen_steps)
+        backbone = [g for g in self.task.variable_groups if g.name == "backbone"]
+        resume_rates = pause_variables(self.optimizer, backbone[0].variables if backbone else [])
+        norms = [
+            layer
+            for layer in sublayers(self.task.model.get_layer("backbone"))
+            if isinstance(layer, keras.layers.BatchNormalization)
+        ]
+        states = [layer.trainable for layer in norms]
+        for layer in norms:
+            layer.trainable = False  # Keras: inference mode, moving statistics unchanged
+
+        def thaw() -> None:
+            resume_rates()
+            for layer, state in zip(norms, states):
+                layer.trainable = state
+
+        return thaw
+
+
+def sublayers(layer) -> list:
+    """``layer`` and every layer nested in it (through models' ``layers``)."""
+    found = [layer]
+    for inner in getattr(layer, "layers", []):
+        found += sublayers(inner)
+    return found
 
 
 def _resume(found: checkpoint.Checkpoint | None, groups: dict[str, list], run: RunFolder):
@@ -151,17 +230,21 @@ class TrainingLoop:
         validation: Callable[[], float] | None,
         step: int,
         best: dict | None,
+        average: WeightAverage | None = None,
     ):
         self.config, self.train_cfg, self.run_folder = config, config["train"], run
         self.task, self.groups, self.optimizer = task, groups, optimizer
         self.validation, self.step, self.best = validation, step, best
+        self.average = average
 
-    def run(self, train_step: Callable[..., list[float]], batches, strategy) -> Result:
-        """Run ``train_step`` on each of ``batches``, split over the ``strategy``'s replicas;
-        Ctrl-C or SIGTERM save a checkpoint and end the run (``interrupted``)."""
+    def run(self, steps: StepFunctions, batches, strategy) -> Result:
+        """Run the step functions of ``steps`` on each of ``batches``, split over the
+        ``strategy``'s replicas; Ctrl-C or SIGTERM save a checkpoint and end the run
+        (``interrupted``)."""
         run = self.run_folder
         self.writer = tf.summary.create_file_writer(str(run.logs))
-        self.csv_handle, self.csv_writer = run.open_metrics(self.step, self.task.csv_fields)
+        fields = self.task.csv_fields + (["val_recall@1_ema"] if self.average else [])
+        self.csv_handle, self.csv_writer = run.open_metrics(self.step, fields)
         self.progress = Progress(self.train_cfg["steps"], start=self.step)
         signal_handler = _raise_on_sigterm()
         last_loss = None  # None: the run had already finished
@@ -170,7 +253,10 @@ class TrainingLoop:
         self.window_t, self.window_step = self.t_start, self.step
         try:
             for batch in batches:
+                train_step = steps.at(self.step)
                 values = train_step(*distribute.split_per_replica(strategy, *batch))
+                if self.average is not None:
+                    self.average.update(self.step + 1)
                 self.step += 1
                 last_loss = values[0]
                 self._after_step(values)
@@ -203,13 +289,16 @@ class TrainingLoop:
         row = self._log_row(values) if self._due(self.train_cfg["log_every"]) else None
         if self.validation is not None and self._due(self.train_cfg["validate_every"]):
             row = row or {"step": step, "loss": f"{loss_value:.6g}"}
-            row["val_recall@1"] = f"{self._validate():.6g}"
+            scores = self._validate()
+            row["val_recall@1"] = f"{scores['raw']:.6g}"
+            if "ema" in scores:
+                row["val_recall@1_ema"] = f"{scores['ema']:.6g}"
         if row is not None:
             self.csv_writer.writerow(row)
             self.csv_handle.flush()
         if self._due(self.train_cfg["checkpoint_every"]):
             if self.validation is None:  # no validation: the newest weights are the model
-                self._save_best({"step": step, "val_recall@1": None})
+                self._save_best(step, None, "ema" if self.average else "raw")
             self._save_checkpoint()
         self.progress.update(step, loss=loss_value)
 
@@ -235,23 +324,42 @@ class TrainingLoop:
         row.update(self.task.log_row(step, values, self.writer))
         return row
 
-    def _validate(self) -> float:
-        """The current weights' validation Recall@1; the best weights kept when it improved."""
-        step, recall = self.step, self.validation()
+    def _validate(self) -> dict[str, float]:
+        """The validation Recall@1 of the current weights ("raw") and, with ``train.ema``, of
+        their moving average ("ema"); the better (the raw weights on a tie) is kept as the best
+        weights when it improved on them."""
+        step, scores = self.step, {"raw": self.validation()}
+        if self.average is not None:
+            with self.average.swapped_in():
+                scores["ema"] = self.validation()
         with self.writer.as_default(step=step):
-            tf.summary.scalar("val_recall@1", recall)
+            tf.summary.scalar("val_recall@1", scores["raw"])
+            if "ema" in scores:
+                tf.summary.scalar("val_recall@1_ema", scores["ema"])
+        choice = max(scores, key=lambda name: (scores[name], name == "raw"))
+        recall = scores[choice]
         improved = self.best is None or recall > self.best["val_recall@1"]
+        ema_text = f" (EMA {scores['ema']:.4f})" if "ema" in scores else ""
         self.progress.note(
-            f"step {step}: validation Recall@1 {recall:.4f}"
+            f"step {step}: validation Recall@1 {scores['raw']:.4f}{ema_text}"
             + (" (best so far)" if improved else "")
         )
         if improved:
-            self._save_best({"step": step, "val_recall@1": recall})
-        return recall
+            self._save_best(step, recall, choice)
+        return scores
 
-    def _save_best(self, best: dict) -> None:
+    def _save_best(self, step: int, recall: float | None, weights: str) -> None:
+        """Save the raw weights or (weights "ema") their moving average as the best, and
+        best.json (which of the two it is only with ``train.ema``)."""
+        best = {"step": step, "val_recall@1": recall}
+        if self.average is not None:
+            best["weights"] = weights
         self.best = best
-        self.task.save_weights(self.run_folder)
+        if weights == "ema":
+            with self.average.swapped_in():
+                self.task.save_weights(self.run_folder)
+        else:
+            self.task.save_weights(self.run_folder)
         self.run_folder.write_best(best)
 
     def _save_checkpoint(self) -> None:
