@@ -5,6 +5,8 @@
     images -> ImagePreprocessing (the backbone's own, see nets.layers)
            -> backbone (a nested keras.Model named "backbone", from BACKBONES, or a keras-hub
               preset's image tower for "hub:<preset>", see nets.hub)
+           -> pooling (model.pooling other than avg: a layer named "pooling" on the backbone's
+              feature map; avg is the backbone's own, as before)
            -> head (from HEADS) -> embeddings
 
 so code that embeds or queries just feeds pixels. ``nets`` knows nothing of files or configs

@@ -1,8 +1,9 @@
 """The optimiser and its learning-rate schedule, built from ``train.optimizer``/``lr_schedule``.
 
 Variables train in groups (:class:`VariableGroup`), each at its own multiple of the schedule's
-learning rate: the backbone at ``train.optimizer.backbone_lr_multiplier``, the head at 1, a loss's
-class vectors at the loss's ``lr_multiplier``. One optimiser serves every group: its update of a
+learning rate: the backbone at ``train.optimizer.backbone_lr_multiplier`` (a hub: tower's split by
+depth under ``train.optimizer.layer_decay``), the head at 1, a loss's class vectors at the loss's
+``lr_multiplier``. One optimiser serves every group: its update of a
 variable uses the learning rate times the variable's group multiplier, and so does its decoupled
 weight decay. For SGD, Adam and AdamW that is exactly what one optimiser per group would do (the
 same step counter and schedule), with one set of state to checkpoint and, under mixed precision,
