@@ -114,10 +114,9 @@ def test_pooling_layers_serialise(tmp_path):
 
 def test_default_pooling_is_the_backbones_own_average_layer_for_layer():
     """avg builds the model of old runs: no "pooling" layer, the backbone ends with its
-    avg_pool, and the weights (names and shapes) are those of a model built without the key."""
-    old_params = dict(SMALL)
+    avg_pool, and the weights are, name for name, those of the model tfcbir built before
+    model.pooling existed (so its best.weights.h5 files load)."""
     model = nets.build_embedding_model({**SMALL, "pooling": "avg"}, (32, 32))
-    old = nets.build_embedding_model(old_params, (32, 32))
     assert [layer.name for layer in model.layers] == [
         "images",
         "preprocess",
@@ -125,7 +124,17 @@ def test_default_pooling_is_the_backbones_own_average_layer_for_layer():
         "head_projection",
     ]
     assert model.get_layer("backbone").layers[-1].name == "avg_pool"
-    assert [(w.path, w.shape) for w in model.weights] == [(w.path, w.shape) for w in old.weights]
+    before_pooling = [  # the weight paths of this model before model.pooling
+        path
+        for block in range(1, 5)
+        for path in [f"block{block}_conv/kernel"]
+        + [
+            f"block{block}_bn/{name}"
+            for name in ("gamma", "beta", "moving_mean", "moving_variance")
+        ]
+    ] + ["head_projection/kernel", "head_projection/bias"]
+    assert [w.path for w in model.weights] == before_pooling
+    assert [w.path for w in nets.build_embedding_model(SMALL, (32, 32)).weights] == before_pooling
 
 
 @pytest.mark.parametrize("pooling", ["max", "avgmax", "gem"])
@@ -275,3 +284,25 @@ def test_a_run_with_gem_and_frozen_batchnorm_resumes_exactly(data_dir):
         assert len(a.groups[group]) == len(b.groups[group])
         for x, y in zip(a.groups[group], b.groups[group]):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_a_run_saved_before_these_keys_resumes(data_dir):
+    """A run folder whose config has no model.pooling, model.freeze_batchnorm or
+    train.optimizer.layer_decay (written before they existed) resumes: it is not 'changed'."""
+    import json
+
+    from training.trainer import train
+
+    raw = tiny_config(train__steps=2, train__validate_every=0)
+    train(config.resolve({**raw, "name": "before_pooling"}))
+    saved = data_dir / "trainings" / "before_pooling" / "config.json"
+    old = json.loads(saved.read_text())
+    del old["model"]["pooling"], old["model"]["freeze_batchnorm"]
+    del old["train"]["optimizer"]["layer_decay"]
+    saved.write_text(json.dumps(old))
+    again = train(
+        config.resolve(
+            {**tiny_config(train__steps=3, train__validate_every=0), "name": "before_pooling"}
+        )
+    )
+    assert again.step == 3
