@@ -123,7 +123,11 @@ def model_hash(config: dict) -> str:
     the folder's path.
     """
     data = config["data"]
-    model = {k: v for k, v in config["model"].items() if k not in nets.TRAINING_ONLY_PARAMS}
+    model = {
+        k: v
+        for k, v in config["model"].items()
+        if k not in nets.TRAINING_ONLY_PARAMS and nets.IDENTITY_DEFAULTS.get(k, object()) != v
+    }
     model["backbone"] = nets.backbone_identity(model["backbone"])
     text = model.pop("text", None)
     if text is not None and text["tower"] != "none":  # no text tower: the image model's hash

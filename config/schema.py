@@ -206,6 +206,18 @@ SCHEMA: dict = {
                 min=0,
                 min_exclusive=True,
             ),
+            "layer_decay": Param(
+                float,
+                None,
+                "hub: towers: layer-wise learning-rate decay (BEiT, timm): transformer block i "
+                "of L (from 0) trains at decay^(L - i), the embeddings at decay^(L + 1), the "
+                "layers after the last block and the head at 1 (times backbone_lr_multiplier "
+                "for the backbone's). null or 1: no decay.",
+                min=0,
+                max=1,
+                min_exclusive=True,
+                nullable=True,
+            ),
         },
         "lr_schedule": {
             "name": Param(
@@ -431,6 +443,7 @@ def _check_cross_keys(config: dict) -> None:
             f"data.resize: {resize} is smaller than data.image_size "
             f"{data['image_size']}; the crop must fit inside the resized image"
         )
+    nets.check_model_options(model, train["optimizer"]["layer_decay"])
     losses.check_batch(config["loss"], train["batch"]["P"], train["batch"]["K"])
     train["ema"] = ema_settings(train["ema"])
     _check_text_tower(config)

@@ -5,6 +5,8 @@
     images -> ImagePreprocessing (the backbone's own, see nets.layers)
            -> backbone (a nested keras.Model named "backbone", from BACKBONES, or a keras-hub
               preset's image tower for "hub:<preset>", see nets.hub)
+           -> pooling (model.pooling other than avg: a layer named "pooling" on the backbone's
+              feature map; avg is the backbone's own, as before)
            -> head (from HEADS) -> embeddings
 
 so code that embeds or queries just feeds pixels. ``nets`` knows nothing of files or configs
@@ -22,12 +24,15 @@ from nets.catalog import (
     BACKBONES,
     HEADS,
     HUB_PREFIX,
+    IDENTITY_DEFAULTS,
     PARAMS,
+    POOLINGS,
     PREPROCESS_MODES,
     TEXT_PARAMS,
     TRAINING_ONLY_PARAMS,
     WEIGHT_SUFFIXES,
     backbone_identity,
+    check_model_options,
     hub_preset,
     imagenet_file,
     is_hub,
@@ -37,11 +42,15 @@ from nets.catalog import (
 )
 
 __all__ = [
+    "AverageMaxPooling",
     "BACKBONES",
     "ClassToken",
+    "GeneralizedMeanPooling",
     "HEADS",
     "HUB_PREFIX",
+    "IDENTITY_DEFAULTS",
     "PARAMS",
+    "POOLINGS",
     "PREPROCESS_MODES",
     "TEXT_PARAMS",
     "TRAINING_ONLY_PARAMS",
@@ -54,6 +63,7 @@ __all__ = [
     "build_backbone",
     "build_embedding_model",
     "build_text_tower",
+    "check_model_options",
     "head_names",
     "hub_preset",
     "imagenet_file",
@@ -77,6 +87,8 @@ _LAZY = {
     "ImagePreprocessing": "nets.layers",
     "L2Normalize": "nets.layers",
     "ClassToken": "nets.layers",
+    "GeneralizedMeanPooling": "nets.layers",
+    "AverageMaxPooling": "nets.layers",
     "build_text_tower": "nets.text",
     "shared_hub_backbone": "nets.text",
     "TextTower": "nets.text",

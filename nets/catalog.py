@@ -303,6 +303,14 @@ def _check_weights(value: str) -> str | None:
     )
 
 
+# model.pooling: what each does to a (B, H, W, C) feature map (nets.model.pooling_layer).
+POOLINGS = {
+    "avg": "global average (the backbone's own pooling layer)",
+    "max": "global max",
+    "avgmax": "global average + global max, summed",
+    "gem": "generalised mean (mean of x^p)^(1/p), p learnable from 3 (Radenovic et al. 2018)",
+}
+
 # The ``model`` section's keys, as nets.build_embedding_model reads them.
 PARAMS = {
     "backbone": Param(
@@ -330,6 +338,21 @@ PARAMS = {
         "BatchNorm layers keep their moving statistics (inference mode).",
         min=1,
     ),
+    "pooling": Param(
+        str,
+        "avg",
+        "How a registry backbone's feature map becomes features: avg (global average), max, "
+        "avgmax (average + max, summed), gem (generalised mean, learnable p from 3). hub: "
+        "towers pool their own way (class token, attention pooling): avg only.",
+        choices=tuple(POOLINGS),
+    ),
+    "freeze_batchnorm": Param(
+        bool,
+        False,
+        "Registry backbones: every BatchNormalization layer runs in inference mode with its "
+        "scale and offset fixed (moving statistics and affine frozen, as metric-learning "
+        "papers fine-tune ResNets).",
+    ),
     "head": Param(
         str, "direct_normalize", "Embedding head on the pooled features.", choices=HEADS.names
     ),
@@ -347,7 +370,33 @@ PARAMS = {
 
 # Model keys that change how a model trains, not what a trained model computes: left out of
 # the model's identity (config.model_hash).
-TRAINING_ONLY_PARAMS = ("weights", "freeze_backbone", "head_dropout")
+TRAINING_ONLY_PARAMS = ("weights", "freeze_backbone", "freeze_batchnorm", "head_dropout")
+# Model keys added after galleries were first embedded: left out of the model's identity at their
+# default, so those galleries (made by the same model) stay valid.
+IDENTITY_DEFAULTS = {"pooling": "avg"}
+
+
+def check_model_options(model: dict, layer_decay: float | None = None) -> None:
+    """UserError (one line) for options the ``model`` section's backbone cannot take: a hub:
+    tower pools its own way and has no BatchNorm; layer-wise learning-rate decay
+    (``train.optimizer.layer_decay``) needs transformer blocks, which only hub: towers have."""
+    backbone = model["backbone"]
+    if is_hub(backbone):
+        if model.get("pooling", "avg") != "avg":
+            raise UserError(
+                f"model.pooling: {model['pooling']}, but {backbone} pools its own way (class "
+                "token, attention pooling); leave model.pooling at avg for hub: backbones"
+            )
+        if model.get("freeze_batchnorm", False):
+            raise UserError(
+                f"model.freeze_batchnorm: {backbone} has no BatchNormalization layers (a "
+                "transformer's norms are LayerNorms); set it false for hub: backbones"
+            )
+    elif layer_decay is not None and layer_decay != 1.0:
+        raise UserError(
+            f"train.optimizer.layer_decay: {backbone} has no transformer blocks to decay; "
+            "layer decay is for hub: towers (ViT, DINOv2, CLIP, ...): set it to null"
+        )
 
 
 def imagenet_file(name: str) -> ImagenetFile | None:

@@ -1,4 +1,4 @@
-"""``model.freeze_backbone``: which of a backbone's layers train.
+"""``model.freeze_backbone`` and ``model.freeze_batchnorm``: which of a backbone's layers train.
 
 A backbone is seen as a stem, then its blocks in forward order (transformer blocks; CNN stages),
 then what follows the last block (a final norm, a pooling or projection layer). ``true`` freezes
@@ -62,3 +62,16 @@ def freeze(
         )
     for layer in stem + [layer for block in blocks[: len(blocks) - how] for layer in block]:
         layer.trainable = False
+
+
+def freeze_batchnorm(backbone: keras.Model) -> None:
+    """``model.freeze_batchnorm``: every BatchNormalization layer of ``backbone`` (nested models
+    included) is frozen: Keras then runs it in inference mode (moving statistics used, never
+    updated) and its scale and offset get no gradient; every other layer is left as it is."""
+    pending = list(backbone.layers)
+    while pending:
+        layer = pending.pop()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+        elif isinstance(layer, keras.Model):
+            pending.extend(layer.layers)

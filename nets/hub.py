@@ -248,20 +248,12 @@ def image_tower(hub_backbone, name: str = "backbone") -> Tower:
         encoder = hub_backbone.vision_encoder
         x = hub_backbone.vision_pooler(encoder({"images": images}))
         features = hub_backbone.vision_projection(x)
-        stem = [encoder.embedding, encoder.pre_layer_norm]
-        blocks = encoder.encoder_layers
     elif kind == "siglip":
-        encoder = hub_backbone.vision_encoder
-        features = encoder({"images": images})
-        stem, blocks = [encoder.embedding], encoder.encoder_layers
+        features = hub_backbone.vision_encoder({"images": images})
     elif kind in ("dinov2", "dinov3"):
         key = next(iter(hub_backbone.input)) if isinstance(hub_backbone.input, dict) else None
         tokens = hub_backbone({key: images} if key else images)
         features = ClassToken(name="class_token")(tokens)
-        stem = [hub_backbone.embeddings] + (
-            [hub_backbone.rope_embedding] if kind == "dinov3" else []
-        )
-        blocks = hub_backbone.encoder.layers
     else:  # vit
         tokens = hub_backbone(images)
         config = hub_backbone.get_config()
@@ -269,7 +261,28 @@ def image_tower(hub_backbone, name: str = "backbone") -> Tower:
             features = ClassToken(name="class_token")(tokens)
         else:
             features = keras.layers.GlobalAveragePooling1D(name="token_mean")(tokens)
-        stem = [hub_backbone.get_layer("vit_patching_and_embedding")]
-        blocks = hub_backbone.get_layer("vit_encoder").encoder_layers
     model = keras.Model(images, features, name=name)
-    return Tower(model, list(stem), [[block] for block in blocks], kind)
+    stem, blocks = tower_parts(model)
+    return Tower(model, stem, blocks, kind)
+
+
+def tower_parts(tower: keras.Model) -> tuple[list, list[list]]:
+    """The stem (patch and position embeddings, CLIP's pre-norm) and the transformer blocks, in
+    forward order and each a list of layers, of an image tower built by :func:`image_tower`;
+    ``([], [])`` for a model that holds no keras-hub encoder (a registry backbone)."""
+    models = import_keras_hub().models
+    for layer in tower.layers:
+        if isinstance(layer, models.CLIPVisionEncoder):
+            stem, blocks = [layer.embedding, layer.pre_layer_norm], layer.encoder_layers
+        elif isinstance(layer, models.SigLIPVisionEncoder):
+            stem, blocks = [layer.embedding], layer.encoder_layers
+        elif isinstance(layer, (models.DINOV2Backbone, models.DINOV3Backbone)):
+            rope = [layer.rope_embedding] if isinstance(layer, models.DINOV3Backbone) else []
+            stem, blocks = [layer.embeddings, *rope], layer.encoder.layers
+        elif isinstance(layer, models.ViTBackbone):
+            stem = [layer.get_layer("vit_patching_and_embedding")]
+            blocks = layer.get_layer("vit_encoder").encoder_layers
+        else:
+            continue
+        return list(stem), [[block] for block in blocks]
+    return [], []

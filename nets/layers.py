@@ -1,5 +1,5 @@
-"""The custom Keras layers of the embedding model: pixel preprocessing, L2 normalisation and a
-transformer's class token.
+"""The custom Keras layers of the embedding model: pixel preprocessing, L2 normalisation, a
+transformer's class token and the pooling layers of ``model.pooling`` (GeM, average + max).
 
 They serialise with ``get_config`` (registered under the ``tfcbir`` package), so an embedding
 model round-trips through ``model.to_json()`` / ``keras.models.model_from_json`` and
@@ -127,6 +127,59 @@ class ClassToken(keras.layers.Layer):
 
     def call(self, tokens):
         return tokens[:, 0, :]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+
+@keras.saving.register_keras_serializable(package="tfcbir")
+class GeneralizedMeanPooling(keras.layers.Layer):
+    """GeM pooling (Radenovic et al. 2018): ``(B, H, W, C)`` -> ``(B, C)``,
+    ``(mean_hw max(x, eps)^p)^(1/p)`` per channel, with one learnable exponent ``p``.
+
+    p = 1 is average pooling and p -> inf max pooling; p starts at ``p`` (3, the paper's) and
+    trains with the model. ``eps`` clamps the features from below, so the power of a ReLU's
+    zeros (and its gradient) stays finite. Computed in float32 whatever the compute dtype:
+    ``x^3`` of a ResNet's features overflows float16.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_p = float(p)
+        self.eps = float(eps)
+
+    def build(self, input_shape):
+        self.p = self.add_weight(
+            shape=(),
+            initializer=keras.initializers.Constant(self.initial_p),
+            dtype="float32",
+            name="p",
+        )
+
+    def call(self, features):
+        x = ops.maximum(ops.cast(features, "float32"), self.eps)
+        p = ops.cast(self.p, "float32")
+        pooled = ops.power(ops.mean(ops.power(x, p), axis=(1, 2)), 1.0 / p)
+        return ops.cast(pooled, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "p": self.initial_p, "eps": self.eps}
+
+
+@keras.saving.register_keras_serializable(package="tfcbir")
+class AverageMaxPooling(keras.layers.Layer):
+    """Average plus max pooling: ``(B, H, W, C)`` -> ``(B, C)``, ``mean_hw(x) + max_hw(x)``.
+
+    The sum, not the concatenation, as metric-learning and re-ID code pools ResNet features
+    (Proxy-Anchor's official ResNets add ``gap(x) + gmp(x)``; timm's ``avgmax`` halves it): the
+    width stays C, so a head fits either pooling.
+    """
+
+    def call(self, features):
+        return ops.mean(features, axis=(1, 2)) + ops.max(features, axis=(1, 2))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[-1])

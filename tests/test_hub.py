@@ -442,6 +442,128 @@ def test_backbone_lr_multiplier_scales_the_backbones_first_step(presets):
     np.testing.assert_allclose(head_01, head_1, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("family", ["vit", "clip", "dinov2"])
+def test_layer_decay_multipliers_follow_the_depth(presets, family):
+    """layer_decay d on a 2-block tower at backbone_lr_multiplier m: the embeddings train at
+    m d^3, block 0 at m d^2, block 1 at m d, the layers after the blocks at m, the head at 1;
+    every trainable variable is in exactly one group."""
+    from training.optim import trainable_groups
+
+    model = nets.build_embedding_model(
+        model_params(presets[family], "direct_normalize", embedding_dim=8), (32, 32)
+    )
+    train_cfg = _sgd(multiplier=0.5)
+    train_cfg["optimizer"]["layer_decay"] = 0.75
+    groups = trainable_groups(model, None, [], train_cfg)
+    rates = {group.name: group.lr_multiplier for group in groups}
+    expected = {
+        "backbone.embeddings": 0.5 * 0.75**3,
+        "backbone.block0": 0.5 * 0.75**2,
+        "backbone.block1": 0.5 * 0.75,
+        "head": 1.0,
+    }
+    for name, rate in expected.items():
+        assert rates[name] == pytest.approx(rate, rel=1e-12), (family, rates)
+    assert rates.get("backbone.top", 0.5) == 0.5  # final norm (CLIP: pooler, projection)
+    by_group = {v.path: g.name for g in groups for v in g.variables}
+    assert sum(len(g.variables) for g in groups) == len(by_group)
+    assert set(by_group) == {v.path for v in model.trainable_variables}
+    # The position embedding is the stem's; a block's attention weights are the block's.
+    embeddings = [p for p, g in by_group.items() if g == "backbone.embeddings"]
+    assert embeddings and all("embed" in p or "norm" in p for p in embeddings), embeddings
+    # Without layer_decay (null or 1): one backbone group at m, as before.
+    for decay in (None, 1.0):
+        train_cfg["optimizer"]["layer_decay"] = decay
+        names = [g.name for g in trainable_groups(model, None, [], train_cfg)]
+        assert names == ["backbone", "head"]
+
+
+def test_layer_decay_scales_one_sgd_step_block_by_block(presets):
+    """One SGD step from the same weights: under layer_decay 0.5 the 2-block ViT's patch and
+    position embeddings move 0.125 times as far as without, its first block (named
+    transformer_block_1) 0.25 times, its second 0.5 times, its final norm and the head as far."""
+    from training.optim import trainable_groups
+
+    params = model_params(presets["vit"], "direct_normalize", embedding_dim=8)
+    initial = nets.build_embedding_model(params, (32, 32)).get_weights()
+    images, labels = pixels(8), np.repeat(np.arange(4), 2)
+    deltas = {}
+    for decay in (None, 0.5):
+        model = nets.build_embedding_model(params, (32, 32))
+        model.set_weights(initial)
+        train_cfg = _sgd(lr=0.5)
+        train_cfg["optimizer"]["layer_decay"] = decay
+        _train_steps(model, trainable_groups, train_cfg, {"name": "contrastive"}, 1, images, labels)
+        deltas[decay] = {
+            w.path: numpy(w) - w0 for w, w0 in zip(model.weights, initial) if w.trainable
+        }
+    expected = {
+        "vit_patching_and_embedding/": 0.125,
+        "vit_encoder/transformer_block_1/": 0.25,
+        "vit_encoder/transformer_block_2/": 0.5,
+        "vit_encoder/ln/": 1.0,
+        "head_projection/kernel": 1.0,
+    }
+    checked = set()
+    for path, plain in deltas[None].items():
+        prefix = next((p for p in expected if path.startswith(p)), None)
+        if prefix is None or np.linalg.norm(plain) < 1e-6:
+            continue
+        ratio = np.linalg.norm(deltas[0.5][path]) / np.linalg.norm(plain)
+        assert ratio == pytest.approx(expected[prefix], rel=1e-3), path
+        checked.add(prefix)
+    assert checked == set(expected)
+
+
+def test_layer_decay_is_refused_for_a_backbone_without_blocks():
+    raw = {"data": {"root": "x"}, "model": {"backbone": "small_cnn"}}
+    raw["train"] = {"optimizer": {"layer_decay": 0.65}}
+    with pytest.raises(
+        UserError, match=r"^train\.optimizer\.layer_decay: small_cnn has no"
+    ) as error:
+        config.resolve(raw)
+    assert "\n" not in str(error.value)
+    raw["train"]["optimizer"]["layer_decay"] = 1.5
+    with pytest.raises(UserError, match=r"^train\.optimizer\.layer_decay: 1\.5"):
+        config.resolve(raw)
+    for decay in (None, 1.0):  # no decay: fine for any backbone
+        raw["train"]["optimizer"]["layer_decay"] = decay
+        config.resolve(raw)
+
+
+def test_a_hub_run_with_layer_decay_resumes_exactly(data_dir, presets):
+    from runs import checkpoint
+    from training.trainer import train
+
+    def run(steps, name):
+        raw = config.resolve(
+            {
+                **tiny_config(
+                    model__backbone=presets["vit"],
+                    model__weights="pretrained",
+                    model__embedding_dim=8,
+                    train__steps=steps,
+                    train__checkpoint_every=2,
+                    train__validate_every=0,
+                    train__optimizer__layer_decay=0.65,
+                ),
+                "name": name,
+            }
+        )
+        return raw
+
+    train(run(2, "decay_resumed"))
+    resumed = train(run(4, "decay_resumed"))
+    straight = train(run(4, "decay_straight"))
+    assert resumed.step == straight.step == 4
+    a = checkpoint.latest(resumed.run.checkpoints)
+    b = checkpoint.latest(straight.run.checkpoints)
+    for group in ("model", "optimizer"):
+        assert len(a.groups[group]) == len(b.groups[group])
+        for x, y in zip(a.groups[group], b.groups[group]):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
 # --- heads -------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,9 @@
 """The optimiser and its learning-rate schedule, built from ``train.optimizer``/``lr_schedule``.
 
 Variables train in groups (:class:`VariableGroup`), each at its own multiple of the schedule's
-learning rate: the backbone at ``train.optimizer.backbone_lr_multiplier``, the head at 1, a loss's
-class vectors at the loss's ``lr_multiplier``. One optimiser serves every group: its update of a
+learning rate: the backbone at ``train.optimizer.backbone_lr_multiplier`` (a hub: tower's split by
+depth under ``train.optimizer.layer_decay``), the head at 1, a loss's class vectors at the loss's
+``lr_multiplier``. One optimiser serves every group: its update of a
 variable uses the learning rate times the variable's group multiplier, and so does its decoupled
 weight decay. For SGD, Adam and AdamW that is exactly what one optimiser per group would do (the
 same step counter and schedule), with one set of state to checkpoint and, under mixed precision,
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import keras
 from keras import ops
 
+from nets.hub import tower_parts
 from tfcbir import UserError
 
 
@@ -181,20 +183,30 @@ def trainable_groups(
     model, loss_fn, loss_variables: list, train_cfg: dict, others: tuple = ()
 ) -> list[VariableGroup]:
     """What trains, in the optimiser's order: the model's trainable variables (the backbone's
-    at ``backbone_lr_multiplier``, the head's at 1), then ``others`` (a dual encoder's text
+    at ``backbone_lr_multiplier``, split by depth under ``layer_decay``, see
+    :func:`layer_decay_groups`; the head's at 1), then ``others`` (a dual encoder's text
     tower, temperature), then the loss's class vectors at the loss's ``lr_multiplier``. Empty
     groups are left out; UserError when no model weight (image or text tower) would train."""
-    backbone = {id(v) for v in model.get_layer("backbone").trainable_variables}
+    backbone_model = model.get_layer("backbone")
+    backbone = {id(v) for v in backbone_model.trainable_variables}
     model_variables = list(model.trainable_variables)
     multiplier = train_cfg["optimizer"]["backbone_lr_multiplier"]
+    backbone_group = VariableGroup(
+        "backbone", [v for v in model_variables if id(v) in backbone], multiplier
+    )
+    decay = train_cfg["optimizer"].get("layer_decay")
     groups = [
-        VariableGroup("backbone", [v for v in model_variables if id(v) in backbone], multiplier),
+        *(
+            [backbone_group]
+            if decay is None or decay == 1.0
+            else layer_decay_groups(backbone_group, backbone_model, decay)
+        ),
         VariableGroup("head", [v for v in model_variables if id(v) not in backbone]),
         *others,
         VariableGroup("loss", list(loss_variables), getattr(loss_fn, "lr_multiplier", 1.0)),
     ]
     groups = [group for group in groups if group.variables]
-    if not any(group.name in ("backbone", "head", "text") for group in groups):
+    if not any(group.name.startswith(("backbone", "head", "text")) for group in groups):
         raise UserError(
             "model: nothing to train: the backbone is frozen (model.freeze_backbone: true) and "
             "the head has no weights; use a head with weights or unfreeze the backbone"
@@ -216,3 +228,43 @@ def pause_variables(optimizer, variables: list) -> Callable[[], None]:
         inner.lr_multipliers = before
 
     return resume
+
+
+def layer_decay_groups(
+    backbone: VariableGroup, tower: keras.Model, decay: float
+) -> list[VariableGroup]:
+    """``train.optimizer.layer_decay``: the backbone's variables split by depth, as BEiT and
+    timm do. With L transformer blocks numbered from 0, block i trains at
+    ``decay ** (L - i)``, the stem (patch and position embeddings) at ``decay ** (L + 1)``, the
+    layers after the last block (final norm, pooler, projection) at 1; every one times the
+    backbone's own ``lr_multiplier``. Groups are named ``backbone.embeddings``,
+    ``backbone.block<i>``, ``backbone.top``, shallowest first (empty ones left out).
+
+    tower: the model named "backbone" (a hub: image tower, :func:`nets.hub.tower_parts`).
+    UserError for a backbone without transformer blocks.
+    """
+    stem, blocks = tower_parts(tower)
+    if not blocks:
+        raise UserError(
+            f"train.optimizer.layer_decay: the backbone ({tower.name}) has no transformer "
+            "blocks to decay; layer decay is for hub: towers: set it to null"
+        )
+    depth = len(blocks)
+    # Layer id 0 is the stem, i + 1 block i, depth + 1 what follows: rate decay^(depth+1-id).
+    parts = [("embeddings", stem)] + [(f"block{i}", block) for i, block in enumerate(blocks)]
+    layer_id = {}
+    for index, (_, layers) in enumerate(parts):
+        for layer in layers:
+            for variable in layer.trainable_weights:
+                layer_id.setdefault(id(variable), index)
+    names = [name for name, _ in parts] + ["top"]
+    members: list[list] = [[] for _ in names]
+    for variable in backbone.variables:
+        members[layer_id.get(id(variable), depth + 1)].append(variable)
+    return [
+        VariableGroup(
+            f"backbone.{name}", variables, backbone.lr_multiplier * decay ** (depth + 1 - index)
+        )
+        for index, (name, variables) in enumerate(zip(names, members))
+        if variables
+    ]
