@@ -281,6 +281,29 @@ SCHEMA: dict = {
             "mixed_float16 on GPUs (embeddings and loss stay "
             "float32); ignored with a warning without a GPU.",
         ),
+        "memory": {
+            "size": Param(
+                int,
+                0,
+                "Cross-batch memory (XBM, Wang et al. 2020): the last this many training "
+                "embeddings (no gradient) serve as extra references of a pair-based loss "
+                "(triplet, contrastive, multi_similarity); at least P x K. 0: off.",
+                min=0,
+            ),
+            "start_step": Param(
+                int,
+                0,
+                "The memory fills from this step (0-based) on; before it, it stays empty.",
+                min=0,
+            ),
+            "weight": Param(
+                float,
+                1.0,
+                "Weight of the loss against the memory, added to the batch's own loss.",
+                min=0,
+                min_exclusive=True,
+            ),
+        },
     },
     "eval": {
         "protocol": Param(
@@ -397,6 +420,7 @@ def _check_cross_keys(config: dict) -> None:
             f"{data['image_size']}; the crop must fit inside the resized image"
         )
     losses.check_batch(config["loss"], train["batch"]["P"], train["batch"]["K"])
+    losses.check_memory(config["loss"], train["memory"], train["batch"]["P"], train["batch"]["K"])
     _check_text_tower(config)
     RerankSpec.parse(config["eval"]["rerank"], "eval.rerank")
     protocol = config["eval"]["protocol"]

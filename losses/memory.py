@@ -51,14 +51,20 @@ class CrossBatchMemory:
         filled = tf.cast(self.filled, tf.int32)
         return self.labels[:filled], self.embeddings[:filled]
 
-    def enqueue(self, labels, embeddings) -> None:
-        """Write labels (B,) and embeddings (B, D) (no gradient) over the oldest rows."""
+    def enqueue(self, labels, embeddings, active=True) -> None:
+        """Write labels (B,) and embeddings (B, D) (no gradient) over the oldest rows; nothing
+        when ``active`` (a bool tensor) is false. Without a branch: assignments inside a
+        ``tf.cond`` are not allowed in a replica of a MirroredStrategy."""
         labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
         embeddings = tf.stop_gradient(tf.cast(embeddings, tf.float32))
+        active = tf.convert_to_tensor(active)
         count = tf.shape(labels, out_type=tf.int64)[0]
         rows = ((self.pointer + tf.range(count)) % self.size)[:, None]
-        self.embeddings.assign(tf.tensor_scatter_nd_update(self.embeddings, rows, embeddings))
-        self.labels.assign(tf.tensor_scatter_nd_update(self.labels, rows, labels))
+        written = tf.tensor_scatter_nd_update(self.embeddings, rows, embeddings)
+        self.embeddings.assign(tf.where(active, written, self.embeddings))
+        written = tf.tensor_scatter_nd_update(self.labels, rows, labels)
+        self.labels.assign(tf.where(active, written, self.labels))
+        count = tf.where(active, count, tf.zeros_like(count))
         self.pointer.assign((self.pointer + count) % self.size)
         self.filled.assign(tf.minimum(self.filled + count, self.size))
 
@@ -79,9 +85,4 @@ class CrossBatchMemory:
 
     def enqueue_at(self, step, labels, embeddings) -> None:
         """Enqueue the batch of ``step`` (0-based) if it is ``start_step`` or later."""
-
-        def write():
-            self.enqueue(labels, embeddings)
-            return tf.constant(True)
-
-        tf.cond(tf.cast(step, tf.int64) >= self.start_step, write, lambda: tf.constant(False))
+        self.enqueue(labels, embeddings, tf.cast(step, tf.int64) >= self.start_step)
