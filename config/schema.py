@@ -287,7 +287,7 @@ SCHEMA: dict = {
                 0,
                 "Cross-batch memory (XBM, Wang et al. 2020): the last this many training "
                 "embeddings (no gradient) serve as extra references of a pair-based loss "
-                "(triplet, contrastive, multi_similarity); at least P x K. 0: off.",
+                "(triplet, contrastive, multi_similarity, npair); at least P x K. 0: off.",
                 min=0,
             ),
             "start_step": Param(

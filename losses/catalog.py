@@ -323,6 +323,7 @@ LOSSES.register(
     min_K=2,
     min_P=2,
     uses_proxies=False,
+    takes_references=True,
     geometry="cosine",
 )
 

@@ -87,17 +87,20 @@ class Triplets:
 class Miner:
     """Picks pairs (:meth:`pairs`) or triplets (:meth:`triplets`) of a :class:`PairwiseBatch`.
 
-    A miner that draws at random reads its stateless seed from ``draw_seed()``, a (2,) int64
+    A miner that draws at random reads its stateless seed from :meth:`draw_seed`, a (2,) int64
     tensor: (0, 0) until :meth:`seed_draws` ties it to the run's seed and training step, so that
     a draw is a function of (seed, step) and a resumed run draws what the uninterrupted one did.
     """
 
-    def __init__(self):
-        self.draw_seed = lambda: tf.constant([0, 0], tf.int64)
+    step_seed = None  # set by seed_draws: a function giving the (2,) seed
 
     def seed_draws(self, seed: int, step) -> None:
         """Draw from (seed, step()): step, a function giving the step as an integer tensor."""
-        self.draw_seed = lambda: tf.stack([tf.constant(seed, tf.int64), tf.cast(step(), tf.int64)])
+        self.step_seed = lambda: tf.stack([tf.constant(seed, tf.int64), tf.cast(step(), tf.int64)])
+
+    def draw_seed(self) -> tf.Tensor:
+        """(2,) int64: the stateless seed of this step's draws."""
+        return self.step_seed() if self.step_seed else tf.constant([0, 0], tf.int64)
 
     @property
     def name(self) -> str:
@@ -189,7 +192,6 @@ class MultiSimilarityMiner(Miner):
     c(a, n) + epsilon > min_p c(a, p); keep positive p if c(a, p) - epsilon < max_n c(a, n)."""
 
     def __init__(self, epsilon: float):
-        super().__init__()
         self.epsilon = float(epsilon)
 
     def pairs(self, batch):
@@ -245,7 +247,6 @@ class DistanceWeightedMiner(Miner):
     The draw is stateless, seeded by ``draw_seed()`` (the run's seed and step)."""
 
     def __init__(self, cutoff: float, nonzero_loss_cutoff: float):
-        super().__init__()
         self.cutoff = float(cutoff)
         self.nonzero_loss_cutoff = float(nonzero_loss_cutoff)
 

@@ -13,7 +13,12 @@ from losses.memory import CrossBatchMemory
 from runs import checkpoint
 from tests.conftest import tiny_config
 from tests.test_distribute import run_python
-from tests.test_losses_reference import ref_batch_all, ref_contrastive, ref_multi_similarity
+from tests.test_losses_reference import (
+    ref_batch_all,
+    ref_contrastive,
+    ref_multi_similarity,
+    ref_npair,
+)
 from tfcbir import UserError
 from training.trainer import train
 
@@ -63,10 +68,22 @@ def ref_multi_similarity_cross(labels, x, ref_labels, refs, alpha=2.0, beta=50.0
     return total / len(x)
 
 
+def ref_npair_cross(labels, x, ref_labels, refs):
+    s = x @ refs.T
+    terms = [
+        np.log1p(np.exp(s[a][ref_labels != labels[a]] - s[a, p]).sum())
+        for a in range(len(x))
+        for p in range(len(refs))
+        if ref_labels[p] == labels[a]
+    ]
+    return np.mean(terms) if terms else 0.0
+
+
 CASES = [
     ("batch_all_triplet", ref_batch_all, ref_batch_all_cross),
     ("contrastive", ref_contrastive, ref_contrastive_cross),
     ("multi_similarity", ref_multi_similarity, ref_multi_similarity_cross),
+    ("npair", ref_npair, ref_npair_cross),
 ]
 
 
@@ -121,7 +138,9 @@ def test_memory_losses_are_the_ones_taking_references():
         assert bool(entry.meta.get("takes_references")) == entry.builder.takes_references, name
 
 
-@pytest.mark.parametrize("name", ["npair", "ntxent", "angular", "proxy_anchor", "arcface"])
+@pytest.mark.parametrize(
+    "name", ["lifted_structure", "ntxent", "angular", "proxy_anchor", "arcface", "clip", "siglip"]
+)
 def test_losses_without_references_refuse_memory(name):
     raw = tiny_config(train__memory={"size": 64})
     raw["loss"] = {"name": name}

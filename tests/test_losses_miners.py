@@ -9,8 +9,10 @@ import config
 import losses
 from losses.distances import EuclideanDistance
 from losses.miners import DistanceWeightedMiner, PairwiseBatch, miner
+from runs import checkpoint
 from tests.conftest import tiny_config
 from tfcbir import UserError
+from training.trainer import train
 
 
 def ref_weights(labels, x, cutoff=0.5, nonzero_loss_cutoff=1.4):
@@ -135,3 +137,20 @@ def test_config_errors_in_one_line():
     raw["loss"] = {"name": "contrastive", "miner": "distance_weighted"}
     resolved = config.resolve(raw)["loss"]
     assert resolved["cutoff"] == 0.5 and resolved["nonzero_loss_cutoff"] == 1.4
+
+
+def test_a_resumed_run_draws_what_the_uninterrupted_one_did(data_dir):
+    def run(name, steps):
+        raw = tiny_config(train__steps=steps, train__checkpoint_every=4, train__validate_every=0)
+        raw["loss"] = {"name": "batch_all_triplet", "miner": "distance_weighted"}
+        return train(config.resolve({**raw, "name": name}))
+
+    straight = run("straight", 8)
+    assert run("halves", 4).step == 4
+    resumed = run("halves", 8)
+    assert resumed.step == 8
+    for result in (straight, resumed):
+        assert np.isfinite(result.loss)
+    a, b = (checkpoint.latest(r.run.checkpoints).groups["model"] for r in (straight, resumed))
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
