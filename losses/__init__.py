@@ -142,7 +142,14 @@ def resolve_image_loss(value, path: str = "loss.image_loss") -> dict | None:
         value.get("weight", IMAGE_LOSS_WEIGHT.default), IMAGE_LOSS_WEIGHT, f"{path}.weight"
     )
     rest = {k: v for k, v in value.items() if k not in ("name", "weight")}
-    return {"name": name, "weight": weight, **resolve({"name": name, **rest}, path)}
+    resolved = resolve({"name": name, **rest}, path)
+    if resolved.get("miner") == "distance_weighted":
+        # Its draws follow the training step, which only the image task passes to its loss.
+        raise UserError(
+            f"{path}.miner: distance_weighted is for image losses trained alone; give the image "
+            "loss of a dual encoder another miner"
+        )
+    return {"name": name, "weight": weight, **resolved}
 
 
 def check_batch(params: dict, P: int, K: int, path: str = "loss") -> None:

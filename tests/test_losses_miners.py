@@ -134,6 +134,8 @@ def test_config_errors_in_one_line():
     raw["loss"] = {"name": "multi_similarity", "miner": "distance_weighted"}
     with pytest.raises(UserError, match="loss.miner"):
         config.resolve(raw)
+    with pytest.raises(UserError, match="loss.image_loss.miner: distance_weighted is for"):
+        losses.resolve_image_loss({"name": "contrastive", "miner": "distance_weighted"})
     raw["loss"] = {"name": "contrastive", "miner": "distance_weighted"}
     resolved = config.resolve(raw)["loss"]
     assert resolved["cutoff"] == 0.5 and resolved["nonzero_loss_cutoff"] == 1.4
