@@ -310,6 +310,29 @@ SCHEMA: dict = {
             "variables) train; the backbone's weights and BatchNorm statistics stay fixed.",
             min=0,
         ),
+        "memory": {
+            "size": Param(
+                int,
+                0,
+                "Cross-batch memory (XBM, Wang et al. 2020): the last this many training "
+                "embeddings (no gradient) serve as extra references of a pair-based loss "
+                "(triplet, contrastive, multi_similarity, npair); at least P x K. 0: off.",
+                min=0,
+            ),
+            "start_step": Param(
+                int,
+                0,
+                "The memory fills from this step (0-based) on; before it, it stays empty.",
+                min=0,
+            ),
+            "weight": Param(
+                float,
+                1.0,
+                "Weight of the loss against the memory, added to the batch's own loss.",
+                min=0,
+                min_exclusive=True,
+            ),
+        },
     },
     "eval": {
         "protocol": Param(
@@ -446,6 +469,7 @@ def _check_cross_keys(config: dict) -> None:
     nets.check_model_options(model, train["optimizer"]["layer_decay"])
     losses.check_batch(config["loss"], train["batch"]["P"], train["batch"]["K"])
     train["ema"] = ema_settings(train["ema"])
+    losses.check_memory(config["loss"], train["memory"], train["batch"]["P"], train["batch"]["K"])
     _check_text_tower(config)
     protocol = config["eval"]["protocol"]
     # Under data.format auto the root may turn out to be In-shop, whose partition file gives the

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 
-from losses.catalog import DISTANCES, LOSSES, METRICS, MINERS, metric_param
+from losses.catalog import DISTANCES, LOSSES, METRICS, MINERS, check_miner_metric, metric_param
 from tfcbir import UserError
 from tfcbir.params import Param, check_value, fmt, validate
 
@@ -33,6 +33,7 @@ __all__ = [
     "get_dual",
     "resolve",
     "check_batch",
+    "check_memory",
     "geometry",
     "image_loss_names",
     "is_image_text",
@@ -57,6 +58,7 @@ def resolve(params: dict, path: str = "loss") -> dict:
         values["image_loss"] = resolve_image_loss(values["image_loss"], f"{path}.image_loss")
     if "check" in entry.meta:  # a rule across the loss's own keys
         entry.meta["check"](values, path)
+    check_miner_metric(values, path)
     return {"name": name, **values}
 
 
@@ -140,7 +142,14 @@ def resolve_image_loss(value, path: str = "loss.image_loss") -> dict | None:
         value.get("weight", IMAGE_LOSS_WEIGHT.default), IMAGE_LOSS_WEIGHT, f"{path}.weight"
     )
     rest = {k: v for k, v in value.items() if k not in ("name", "weight")}
-    return {"name": name, "weight": weight, **resolve({"name": name, **rest}, path)}
+    resolved = resolve({"name": name, **rest}, path)
+    if resolved.get("miner") == "distance_weighted":
+        # Its draws follow the training step, which only the image task passes to its loss.
+        raise UserError(
+            f"{path}.miner: distance_weighted is for image losses trained alone; give the image "
+            "loss of a dual encoder another miner"
+        )
+    return {"name": name, "weight": weight, **resolved}
 
 
 def check_batch(params: dict, P: int, K: int, path: str = "loss") -> None:
@@ -164,6 +173,25 @@ def check_batch(params: dict, P: int, K: int, path: str = "loss") -> None:
         image = resolve_image_loss(params.get("image_loss"), image_path)
         if image is not None:
             check_batch(image, P, K, image_path)
+
+
+def check_memory(params: dict, memory: dict, P: int, K: int, path: str = "train.memory") -> None:
+    """Raise UserError when the loss in ``params`` cannot use the cross-batch memory ``memory``
+    (``{"size", "start_step", "weight"}``, size 0: off) with batches of P x K."""
+    if not memory["size"]:
+        return
+    name = (params or {}).get("name", DEFAULT)
+    if not LOSSES.get(name, "loss.name").meta.get("takes_references"):
+        takes = ", ".join(n for n in LOSSES.names() if LOSSES.get(n).meta.get("takes_references"))
+        raise UserError(
+            f"{path}.size: {name} compares the batch with itself only and cannot use a "
+            f"cross-batch memory; set {path}.size: 0, or use one of {takes}"
+        )
+    if memory["size"] < P * K:
+        raise UserError(
+            f"{path}.size: {memory['size']} is smaller than a batch of P x K = {P * K} "
+            f"embeddings; give at least {P * K}"
+        )
 
 
 def geometry(params: dict) -> str:

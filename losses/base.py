@@ -197,6 +197,7 @@ class MetricLoss(CatalogParams, keras.losses.Loss):
                     else f"{self.name} compares the batch with itself only (no references)"
                 )
             ref_labels, ref_embeddings = prepare(ref_labels, ref_embeddings, embeddings.dtype)
+            ref_labels = tf.cast(ref_labels, labels.dtype)  # int32 batch, int64 memory
             return self.call(labels, embeddings, ref_labels, ref_embeddings)
 
     def call(self, labels, embeddings):

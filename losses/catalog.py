@@ -14,6 +14,8 @@ parameter's default: the classes read theirs from here (:func:`bind_params`). It
 - ``min_P``: the fewest classes per batch (pair and triplet losses need negatives: 2);
 - ``uses_proxies``: the loss learns one vector per class (a Keras layer whose
   ``trainable_variables`` train with the model); building it needs ``num_classes``;
+- ``takes_references``: the formula compares the batch's anchors with references other than
+  the batch (a cross-batch memory, ``train.memory``); absent: the batch with itself only;
 - ``geometry``: how the loss compares embeddings, and so how a trained model must be searched:
   ``cosine`` (angles: similarities of the embeddings, normalised or taken as they come) or
   ``metric`` (the distance its ``metric`` parameter names).
@@ -95,8 +97,35 @@ MINERS.register(
     gives=("pairs",),
 )
 
-TRIPLET_MINERS = ("semi_hard", "batch_hard", "all", "multi_similarity")
-PAIR_MINERS = ("all", "batch_hard", "multi_similarity")
+MINERS.register(
+    "distance_weighted",
+    "losses.miners:DistanceWeightedMiner",
+    params={
+        "cutoff": Param(
+            float,
+            0.5,
+            "Distances below this count as this in the distance_weighted miner's weights "
+            "(bounds their variance; the authors' 0.5).",
+            min=0,
+            min_exclusive=True,
+        ),
+        "nonzero_loss_cutoff": Param(
+            float,
+            1.4,
+            "The distance_weighted miner draws no negative this far or farther (it would add no "
+            "loss; the authors' 1.4).",
+            min=0,
+            min_exclusive=True,
+        ),
+    },
+    doc="One negative per positive pair, drawn with probability 1 / q(d), q the density of "
+    "distances on the unit sphere (Wu et al. 2017); seeded by the run's seed and step.",
+    gives=("triplets", "pairs"),
+    metric="euclidean",
+)
+
+TRIPLET_MINERS = ("semi_hard", "batch_hard", "all", "multi_similarity", "distance_weighted")
+PAIR_MINERS = ("all", "batch_hard", "multi_similarity", "distance_weighted")
 
 
 def miner_params(default: str, choices: tuple[str, ...]) -> dict[str, Param]:
@@ -108,6 +137,19 @@ def miner_params(default: str, choices: tuple[str, ...]) -> dict[str, Param]:
     for name in choices:
         params.update(MINERS.get(name).params)
     return params
+
+
+def check_miner_metric(params: dict, path: str) -> None:
+    """A miner defined on one distance (distance_weighted: Euclidean between unit vectors) needs
+    the loss's ``metric`` to be it."""
+    if "miner" not in params:
+        return
+    needed = MINERS.get(params["miner"]).meta.get("metric")
+    if needed is not None and params.get("metric") != needed:
+        raise UserError(
+            f"{path}.miner: {params['miner']} draws by Euclidean distances between unit vectors; "
+            f"set {path}.metric: {needed} (it is {params.get('metric')})"
+        )
 
 
 def _one_negative_for_soft_margin(params: dict, path: str) -> None:
@@ -173,6 +215,7 @@ LOSSES.register(
     min_K=2,
     min_P=2,
     uses_proxies=False,
+    takes_references=True,
     geometry="metric",
 )
 
@@ -214,6 +257,7 @@ LOSSES.register(
     min_K=2,
     min_P=2,
     uses_proxies=False,
+    takes_references=True,
     geometry="metric",
 )
 
@@ -229,6 +273,7 @@ LOSSES.register(
     min_K=2,
     min_P=2,
     uses_proxies=False,
+    takes_references=True,
     geometry="metric",
 )
 
@@ -245,6 +290,7 @@ LOSSES.register(
     min_K=2,
     min_P=2,
     uses_proxies=False,
+    takes_references=True,
     geometry="metric",
 )
 
@@ -277,6 +323,7 @@ LOSSES.register(
     min_K=2,
     min_P=2,
     uses_proxies=False,
+    takes_references=True,
     geometry="cosine",
 )
 
@@ -293,6 +340,7 @@ LOSSES.register(
     min_K=2,
     min_P=2,
     uses_proxies=False,
+    takes_references=True,
     geometry="cosine",
 )
 

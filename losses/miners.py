@@ -37,6 +37,7 @@ class PairwiseBatch:
     positives: tf.Tensor
     negatives: tf.Tensor
     larger_is_closer: bool = False
+    dim: tf.Tensor | int | None = None  # the embedding dimension D (the distance-weighted n)
 
     @classmethod
     def compare(
@@ -50,7 +51,9 @@ class PairwiseBatch:
             same = tf.equal(labels[:, None], ref_labels[None, :])
             positives, negatives = same, tf.logical_not(same)
         values = distance.pairwise(embeddings, ref_embeddings)
-        return cls(values, positives, negatives, distance.larger_is_closer)
+        return cls(
+            values, positives, negatives, distance.larger_is_closer, tf.shape(embeddings)[-1]
+        )
 
     @property
     def distances(self) -> tf.Tensor:
@@ -82,7 +85,22 @@ class Triplets:
 
 
 class Miner:
-    """Picks pairs (:meth:`pairs`) or triplets (:meth:`triplets`) of a :class:`PairwiseBatch`."""
+    """Picks pairs (:meth:`pairs`) or triplets (:meth:`triplets`) of a :class:`PairwiseBatch`.
+
+    A miner that draws at random reads its stateless seed from :meth:`draw_seed`, a (2,) int64
+    tensor: (0, 0) until :meth:`seed_draws` ties it to the run's seed and training step, so that
+    a draw is a function of (seed, step) and a resumed run draws what the uninterrupted one did.
+    """
+
+    step_seed = None  # set by seed_draws: a function giving the (2,) seed
+
+    def seed_draws(self, seed: int, step) -> None:
+        """Draw from (seed, step()): step, a function giving the step as an integer tensor."""
+        self.step_seed = lambda: tf.stack([tf.constant(seed, tf.int64), tf.cast(step(), tf.int64)])
+
+    def draw_seed(self) -> tf.Tensor:
+        """(2,) int64: the stateless seed of this step's draws."""
+        return self.step_seed() if self.step_seed else tf.constant([0, 0], tf.int64)
 
     @property
     def name(self) -> str:
@@ -187,6 +205,88 @@ class MultiSimilarityMiner(Miner):
         kept_negatives = tf.logical_and(batch.negatives, values + self.epsilon > hardest_positive)
         kept_positives = tf.logical_and(batch.positives, values - self.epsilon < hardest_negative)
         return Pairs(kept_positives, kept_negatives)
+
+
+def distance_weights(
+    distances, negatives, dim: int, cutoff: float, nonzero_loss_cutoff: float
+) -> tf.Tensor:
+    """Each anchor's probabilities of drawing each reference as its negative, (B, R), rows summing
+    to 1 (Wu et al. 2017, the authors' ``DistanceWeightedSampling``): proportional to 1 / q(d),
+    q(d) proportional to d^(n-2) (1 - d^2 / 4)^((n-3)/2) the density of the distance between two
+    points drawn uniformly on the unit sphere of R^n, d clipped below at ``cutoff``; 0 for the
+    references that are not negatives or are at ``nonzero_loss_cutoff`` or farther (they would
+    add no loss). A row without such a negative draws uniformly among its negatives (the
+    authors' fallback draws among all).
+
+    distances (B, R): Euclidean distances between unit vectors; negatives (B, R) bool; dim: n.
+    """
+    distances = tf.maximum(tf.stop_gradient(distances), cutoff)
+    dim = tf.cast(dim, distances.dtype)
+    eligible = tf.logical_and(negatives, distances < nonzero_loss_cutoff)
+    # -log q(d) on the eligible entries only: log(1 - d^2/4) is -inf at d = 2.
+    safe = tf.where(eligible, distances, tf.ones_like(distances))
+    log_weights = (2.0 - dim) * tf.math.log(safe) - (dim - 3.0) / 2.0 * tf.math.log(
+        1.0 - 0.25 * tf.square(safe)
+    )
+    some = tf.reduce_any(eligible, axis=1, keepdims=True)
+    kept = tf.where(some, eligible, negatives)
+    logits = tf.where(some, log_weights, tf.zeros_like(log_weights))
+    logits = tf.where(kept, logits, fill(-float("inf"), logits))
+    # A row without any negative gets zeros (no pair of it is kept).
+    has_negative = tf.reduce_any(negatives, axis=1, keepdims=True)
+    probabilities = tf.nn.softmax(tf.where(has_negative, logits, tf.zeros_like(logits)), axis=1)
+    return tf.where(has_negative, probabilities, tf.zeros_like(probabilities))
+
+
+class DistanceWeightedMiner(Miner):
+    """One negative per positive pair (a, p), drawn among a's negatives with probability
+    proportional to the inverse density of their distance on the unit sphere
+    (:func:`distance_weights`; Wu, Manmatha, Smola and Krahenbuhl, "Sampling Matters in Deep
+    Embedding Learning", ICCV 2017): hard and easy negatives alike, not only the hardest. The
+    distances must be Euclidean between unit vectors (metric euclidean, a normalising head).
+    The draw is stateless, seeded by ``draw_seed()`` (the run's seed and step)."""
+
+    def __init__(self, cutoff: float, nonzero_loss_cutoff: float):
+        self.cutoff = float(cutoff)
+        self.nonzero_loss_cutoff = float(nonzero_loss_cutoff)
+
+    def weights(self, batch) -> tf.Tensor:
+        """(B, R): each anchor's probabilities of drawing each reference."""
+        return distance_weights(
+            batch.distances, batch.negatives, batch.dim, self.cutoff, self.nonzero_loss_cutoff
+        )
+
+    def draw(self, batch) -> tf.Tensor:
+        """(B, R) int32: entry (a, p), the reference drawn as the negative of the pair (a, p)."""
+        probabilities = self.weights(batch)
+        drawable = probabilities > 0.0
+        # Never-drawn references get a huge negative logit (a row without negatives draws
+        # anything: its pairs are not kept).
+        logits = tf.where(
+            drawable,
+            tf.math.log(tf.where(drawable, probabilities, tf.ones_like(probabilities))),
+            fill(-1e30, probabilities),
+        )
+        size = tf.shape(probabilities)[1]
+        return tf.random.stateless_categorical(logits, size, self.draw_seed(), dtype=tf.int32)
+
+    def valid(self, batch) -> tf.Tensor:
+        """(B, R) bool: the positive pairs whose anchor has a negative."""
+        return tf.logical_and(batch.positives, tf.reduce_any(batch.negatives, axis=1)[:, None])
+
+    def triplets(self, batch):
+        distances = batch.distances
+        negative = tf.gather(distances, self.draw(batch), batch_dims=1)  # (B, R)
+        return Triplets(self.valid(batch), distances, negative)
+
+    def pairs(self, batch):
+        draws = self.draw(batch)
+        valid = self.valid(batch)
+        # Every drawn negative of a kept positive pair, marked by a scatter: O(B R).
+        rows = tf.broadcast_to(tf.range(tf.shape(draws)[0])[:, None], tf.shape(draws))
+        indices = tf.stack([tf.boolean_mask(rows, valid), tf.boolean_mask(draws, valid)], axis=1)
+        hits = tf.scatter_nd(indices, tf.ones(tf.shape(indices)[:1], tf.int32), tf.shape(draws))
+        return Pairs(valid, tf.logical_and(hits > 0, batch.negatives))
 
 
 def miner(name: str, params: dict | None = None) -> Miner:

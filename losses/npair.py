@@ -11,22 +11,31 @@ For K = 2 this is the softmax cross-entropy form of tf.contrib's ``npairs_loss``
 regulariser 0.25 * reg_lambda * (mean ||anchor||^2 + mean ||positive||^2) equals the term above,
 except that the negatives are every sample of another class (anchors and positives alike) rather
 than the other classes' positives only. 0 without a pair; pairs without negatives add 0. O(B^2).
+
+Against references (a cross-batch memory), p and n run over the references, and the L2 penalty,
+a term of the batch's own embeddings, is left to the batch's loss.
 """
 
 from __future__ import annotations
 
 import keras
 
-from losses.base import MetricLoss, class_masks, l2_penalty, pair_softmax_loss
+from losses.base import MetricLoss, l2_penalty, pair_softmax_loss
 from losses.distances import DotProductSimilarity
+from losses.miners import PairwiseBatch
 
 
 @keras.saving.register_keras_serializable(package="tfcbir")
 class NPairLoss(MetricLoss):
     """Multi-class N-pair loss over every same-class pair of the batch."""
 
-    def call(self, labels, embeddings):
-        similarities = DotProductSimilarity().pairwise(embeddings)  # (B, B)
-        positives, negatives = class_masks(labels)
-        loss = pair_softmax_loss(similarities, positives, negatives)
+    takes_references = True
+
+    def call(self, labels, embeddings, ref_labels=None, ref_embeddings=None):
+        batch = PairwiseBatch.compare(
+            DotProductSimilarity(), labels, embeddings, ref_labels, ref_embeddings
+        )  # (B, R)
+        loss = pair_softmax_loss(batch.values, batch.positives, batch.negatives)
+        if ref_embeddings is not None:
+            return loss
         return loss + l2_penalty(embeddings, self.l2_reg)

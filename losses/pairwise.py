@@ -36,6 +36,11 @@ class PairwiseLoss(MetricLoss):
             return None
         return miner(self.miner, self.param_config())
 
+    def seed_draws(self, seed: int, step) -> None:
+        """Tie a drawing miner's draws to (seed, step()) (:meth:`losses.miners.Miner.seed_draws`)."""
+        if self.mining is not None:
+            self.mining.seed_draws(seed, step)
+
     def call(self, labels, embeddings, ref_labels=None, ref_embeddings=None):
         batch = PairwiseBatch.compare(self.distance, labels, embeddings, ref_labels, ref_embeddings)
         return self.compute(batch)

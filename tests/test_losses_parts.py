@@ -142,7 +142,13 @@ def test_multi_similarity_miner_on_a_distance():
 
 
 def test_miners_come_from_the_catalog_with_its_defaults():
-    assert losses.MINERS.names() == ["semi_hard", "batch_hard", "all", "multi_similarity"]
+    assert losses.MINERS.names() == [
+        "semi_hard",
+        "batch_hard",
+        "all",
+        "multi_similarity",
+        "distance_weighted",
+    ]
     assert miner("multi_similarity").epsilon == 0.1
     assert miner("multi_similarity").name == "multi_similarity"
     with pytest.raises(UserError, match="'semi' is not one of semi_hard"):
@@ -387,7 +393,14 @@ MINIMAL = {
 def test_config_composes_a_loss():
     loss = {"name": "contrastive", "miner": "multi_similarity", "metric": "cosine"}
     resolved = resolve({**MINIMAL, "loss": loss})["loss"]
-    assert resolved == {**loss, "pos_margin": 0.0, "neg_margin": 1.0, "epsilon": 0.1}
+    assert resolved == {
+        **loss,
+        "pos_margin": 0.0,
+        "neg_margin": 1.0,
+        "epsilon": 0.1,
+        "cutoff": 0.5,
+        "nonzero_loss_cutoff": 1.4,
+    }
     assert losses.geometry(resolved) == "cosine"
     # An old config resolves to the same loss, its preset's miner filled in.
     old = resolve({**MINIMAL, "loss": {"name": "batch_hard_triplet", "margin": 0.5}})["loss"]
@@ -399,12 +412,13 @@ def test_config_composes_a_loss():
     [
         (
             {"name": "semi_hard_triplet", "miner": "semihard"},
-            "loss.miner: 'semihard' is not one of semi_hard, batch_hard, all, multi_similarity "
-            "(did you mean 'semi_hard'?)",
+            "loss.miner: 'semihard' is not one of semi_hard, batch_hard, all, multi_similarity, "
+            "distance_weighted (did you mean 'semi_hard'?)",
         ),
         (
             {"name": "contrastive", "miner": "semi_hard"},
-            "loss.miner: 'semi_hard' is not one of all, batch_hard, multi_similarity",
+            "loss.miner: 'semi_hard' is not one of all, batch_hard, multi_similarity, "
+            "distance_weighted",
         ),
         (
             {"name": "contrastive", "metric": "cosin"},
@@ -422,7 +436,7 @@ def test_config_composes_a_loss():
         (
             {"name": "batch_hard_triplet", "soft_margin": True, "miner": "all"},
             "loss.soft_margin: true needs a miner that picks one negative per positive pair "
-            "(semi_hard, batch_hard); loss.miner is all",
+            "(semi_hard, batch_hard, distance_weighted); loss.miner is all",
         ),
         (
             {"name": "multi_similarity", "epsilon": -1},
