@@ -152,11 +152,17 @@ def test_colour_adjustments_by_hand():
     np.testing.assert_array_equal(adjust_saturation(image, 1.0), image)
 
 
-def test_hue_turns_red_to_green_and_blue():
+def test_hue_turns_red_to_green_and_blue_and_keeps_greys():
     red = np.zeros((2, 2, 3), np.uint8)
     red[..., 0] = 255
-    np.testing.assert_allclose(adjust_hue(red, 1 / 3)[0, 0], [0, 255, 0], atol=6)
-    np.testing.assert_allclose(adjust_hue(red, -1 / 3)[0, 0], [0, 0, 255], atol=6)
+    np.testing.assert_array_equal(adjust_hue(red, 1 / 3)[0, 0], [0, 255, 0])
+    np.testing.assert_array_equal(adjust_hue(red, -1 / 3)[0, 0], [0, 0, 255])
+    grey = np.full((2, 3, 3), 117, np.uint8)
+    np.testing.assert_array_equal(adjust_hue(grey, 0.21), grey)
+    image = _random_image(low=60, high=190)  # no clipping: each pixel keeps its mean
+    turned = adjust_hue(image, 0.1)
+    np.testing.assert_allclose(turned.mean(-1), image.mean(-1), atol=0.5)
+    assert np.abs(turned.astype(int) - image).max() > 10
 
 
 def test_grayscale_is_pils_luma_in_three_channels():
