@@ -305,24 +305,31 @@ def sharpness(image: np.ndarray, factor: float) -> np.ndarray:
 
 def _blend(image: np.ndarray, other, factor: float) -> np.ndarray:
     """``other + factor * (image - other)``, rounded and clipped to uint8."""
-    mixed = other + factor * (image.astype(np.float32) - other)
+    mixed = other + np.float32(factor) * (image.astype(np.float32) - other)
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
+def _blend_table(image: np.ndarray, other: float, factor: float) -> np.ndarray:
+    """:func:`_blend` with one value ``other`` for all pixels, as a lookup table (the same
+    arithmetic on the 256 values, then PIL's table lookup: several times faster)."""
+    table = _blend(np.arange(256, dtype=np.uint8), np.float32(other), factor)
+    return np.asarray(Image.fromarray(image).point(np.tile(table, 3).tolist()), np.uint8)
+
+
 def luma(image: np.ndarray) -> np.ndarray:
-    """``(H, W, 1)`` float32 grey values, ITU-R 601-2 weights (as PIL's convert("L"))."""
-    weights = np.array([0.299, 0.587, 0.114], np.float32)
-    return (image.astype(np.float32) @ weights)[..., None]
+    """``(H, W, 1)`` float32 grey values: PIL's convert("L") (ITU-R 601-2 weights 0.299,
+    0.587, 0.114, rounded), the grey torchvision's jitter blends with."""
+    return np.asarray(Image.fromarray(image).convert("L"), np.float32)[..., None]
 
 
 def adjust_brightness(image: np.ndarray, factor: float) -> np.ndarray:
     """Values times ``factor`` (a blend with black)."""
-    return _blend(image, np.float32(0.0), factor)
+    return _blend_table(image, 0.0, factor)
 
 
 def adjust_contrast(image: np.ndarray, factor: float) -> np.ndarray:
     """A blend with the image's mean grey value."""
-    return _blend(image, np.float32(luma(image).mean()), factor)
+    return _blend_table(image, float(luma(image).mean()), factor)
 
 
 def adjust_saturation(image: np.ndarray, factor: float) -> np.ndarray:
