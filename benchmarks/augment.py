@@ -8,9 +8,9 @@
 2. With ``--train-steps N`` (default 60; 0 skips it): the demo config (trainings/demo.json)
    trained for N steps on a freshly generated demo set with each preset, in a temporary data
    folder; printed: the steps/s over the second half of the run (metrics.csv's step and
-   elapsed_s columns) and its ratio to the default (after an unreported warm-up run: the first run in a process pays
-   TensorFlow's start-up). The pipeline augments on its own threads while TensorFlow trains,
-   so a batch that augments faster than a step trains costs little.
+   elapsed_s columns) and its ratio to the default, after an unreported warm-up run (the first
+   run in a process pays TensorFlow's start-up). The pipeline augments on its own threads while
+   TensorFlow trains, so a batch that augments faster than a step trains costs little.
 
     python benchmarks/augment.py
     python benchmarks/augment.py --train-steps 0 --repeats 20
@@ -91,9 +91,9 @@ def train_demo(steps: int) -> None:
             result = train(config.resolve({**raw, "name": f"augment_{name}"}))
             wall = time.perf_counter() - began
             metrics = result.run.read_metrics()
-            steps, elapsed = metrics["step"], metrics["elapsed_s"]
-            middle = len(steps) // 2
-            rate = float((steps[-1] - steps[middle]) / (elapsed[-1] - elapsed[middle]))
+            logged, elapsed = metrics["step"], metrics["elapsed_s"]
+            middle = len(logged) // 2
+            rate = float((logged[-1] - logged[middle]) / (elapsed[-1] - elapsed[middle]))
             if name in warm_up:
                 continue
             base = base or rate

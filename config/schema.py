@@ -141,9 +141,15 @@ SCHEMA: dict = {
                 "beside it override it (docs/training.md). null: each key's own default.",
                 choices=list(PRESETS),
                 nullable=True,
+                allowed_text="one of none, light, strong, or null",
             ),
             "flip": Param(bool, True, "Random horizontal flips when training."),
-            "crop": Param(bool, True, "Random crops of image_size from resize when training."),
+            "crop": Param(
+                bool,
+                True,
+                "Random crops of image_size from resize when training (false: the centre); "
+                "unused with resized_crop.",
+            ),
             "resized_crop": Param(
                 bool,
                 False,
@@ -157,6 +163,7 @@ SCHEMA: dict = {
                 item=float,
                 length=2,
                 check=_range_ok(0, 1),
+                allowed_text="[min, max] with 0 < min <= max <= 1",
             ),
             "ratio": Param(
                 list,
@@ -166,6 +173,7 @@ SCHEMA: dict = {
                 item=float,
                 length=2,
                 check=_range_ok(0, None),
+                allowed_text="[min, max] with 0 < min <= max",
             ),
             "brightness": Param(
                 float, 0.0, "Colour jitter: brightness factor in [1 - x, 1 + x]; 0: off.", min=0
