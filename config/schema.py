@@ -11,6 +11,7 @@ import re
 
 import losses
 import nets
+from datasets.augment import DEFAULTS, PRESETS
 from datasets.captions import CAPTIONS_FILE, GROUP_BY, check_template
 from datasets.lists import CLASS_ORDERS, LAYOUTS, SPLIT_KINDS, VALIDATION_SOURCES
 from tfcbir import UserError
@@ -37,6 +38,19 @@ def _templates_ok(value: list) -> str | None:
         if problem:
             return f"holds {template!r}, which {problem}"
     return None
+
+
+def _range_ok(low: float, high: float | None):
+    """A check that a [min, max] pair lies in (low, high] with min <= max."""
+
+    def check(value: list) -> str | None:
+        first, second = value
+        if first <= low or (high is not None and second > high) or first > second:
+            bound = f" <= {high:g}" if high is not None else ""
+            return f"is not [min, max] with {low:g} < min <= max{bound}"
+        return None
+
+    return check
 
 
 def _size_pair(default, doc, nullable=False):
@@ -116,8 +130,77 @@ SCHEMA: dict = {
             nullable=True,
         ),
         "augment": {
+            "preset": Param(
+                str,
+                None,
+                "Training augmentation by name: none (centre crop, nothing random), light "
+                "(random resized crop of area 0.5-1, flips, colour jitter 0.1) or strong "
+                "(resized crop of area 0.08-1, flips, jitter 0.4/0.4/0.4/0.1, grayscale 0.2, "
+                "RandAugment 2 ops at magnitude 9); it sets every key below, and keys written "
+                "beside it override it (docs/training.md). null: each key's own default.",
+                choices=list(PRESETS),
+                nullable=True,
+                allowed_text="one of none, light, strong, or null",
+            ),
             "flip": Param(bool, True, "Random horizontal flips when training."),
-            "crop": Param(bool, True, "Random crops of image_size from resize when training."),
+            "crop": Param(
+                bool,
+                True,
+                "Random crops of image_size from resize when training (false: the centre); "
+                "unused with resized_crop.",
+            ),
+            "resized_crop": Param(
+                bool,
+                False,
+                "Random resized crops (torchvision's RandomResizedCrop) of the decoded image "
+                "(resize, or image_size) to image_size, in place of crop.",
+            ),
+            "scale": Param(
+                list,
+                DEFAULTS["scale"],
+                "resized_crop: [min, max] share of the image's area a crop covers.",
+                item=float,
+                length=2,
+                check=_range_ok(0, 1),
+                allowed_text="[min, max] with 0 < min <= max <= 1",
+            ),
+            "ratio": Param(
+                list,
+                DEFAULTS["ratio"],
+                "resized_crop: [min, max] aspect ratio (width / height) of a crop, drawn "
+                "log-uniformly.",
+                item=float,
+                length=2,
+                check=_range_ok(0, None),
+                allowed_text="[min, max] with 0 < min <= max",
+            ),
+            "brightness": Param(
+                float, 0.0, "Colour jitter: brightness factor in [1 - x, 1 + x]; 0: off.", min=0
+            ),
+            "contrast": Param(
+                float, 0.0, "Colour jitter: contrast factor in [1 - x, 1 + x]; 0: off.", min=0
+            ),
+            "saturation": Param(
+                float, 0.0, "Colour jitter: saturation factor in [1 - x, 1 + x]; 0: off.", min=0
+            ),
+            "hue": Param(
+                float, 0.0, "Colour jitter: hue shift in [-x, x] of a turn; 0: off.", min=0, max=0.5
+            ),
+            "grayscale": Param(
+                float, 0.0, "Probability that a training image is made grey.", min=0, max=1
+            ),
+            "randaugment_ops": Param(
+                int,
+                0,
+                "RandAugment: ops applied to each training image, drawn from rotate, shear_x, "
+                "shear_y, translate_x, translate_y, posterize, solarize, autocontrast, equalize "
+                "and sharpness; 0: off.",
+                min=0,
+                max=10,
+            ),
+            "randaugment_magnitude": Param(
+                int, 9, "RandAugment: strength of each op, 0 (none) to 30 (most).", min=0, max=30
+            ),
         },
         "cache_gb": Param(
             float,
@@ -412,11 +495,25 @@ def resolve(raw: dict) -> dict:
     if not isinstance(raw, dict):
         raise UserError(f"the config is {fmt(raw)}, not a mapping of sections")
     loss_raw = raw.get("loss", {})
-    raw = {k: v for k, v in raw.items() if k != "loss"}
+    raw = _with_augment_preset({k: v for k, v in raw.items() if k != "loss"})
     config = _validate_section(raw, {k: v for k, v in SCHEMA.items() if k != "loss"}, "")
     config["loss"] = resolve_loss(loss_raw)
     _check_cross_keys(config)
     return config
+
+
+def _with_augment_preset(raw: dict) -> dict:
+    """``raw`` with ``data.augment.preset`` expanded: the preset's value for every augmentation
+    key not written beside it (so a resolved config says what it does, and resolves again to
+    itself)."""
+    data = raw.get("data")
+    augment = data.get("augment") if isinstance(data, dict) else None
+    if not isinstance(augment, dict) or augment.get("preset") is None:
+        return raw
+    spec = SCHEMA["data"]["augment"]["preset"]
+    preset = check_value(augment["preset"], spec, "data.augment.preset")
+    augment = {**PRESETS[preset], **augment}
+    return {**raw, "data": {**data, "augment": augment}}
 
 
 def resolve_loss(loss_raw) -> dict:

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from datasets.augment import Augmentation
 from datasets.image_list import ImageList
 from datasets.images import (
     DEFAULT_MAX_PIXELS,
@@ -31,7 +32,6 @@ from datasets.images import (
     as_size,
     load_and_fit,
     load_image,
-    random_crop_flip,
 )
 from datasets.sampler import PKSampler, draw_without_repeats
 from tfcbir import UserError
@@ -42,6 +42,7 @@ log = logging.getLogger("tfcbir")
 
 _AUGMENT_STREAM = 1  # the augmentation draws of step s come from default_rng([seed, s, 1])
 _REPLACEMENT_STREAM = 3  # [seed, step, 3, slot]: images of a class replacing an unreadable one
+_IMAGE_AUGMENT_STREAM = 4  # [seed, step, 4, slot]: the draws of data.augment's newer keys
 _PROGRESS_SECONDS = 5.0
 _NAMED_WARNINGS = 100  # unreadable files named one by one; beyond that only counted
 _CHUNK = 16  # images per caching task: fewer futures for sets of millions of images
@@ -99,7 +100,11 @@ class TrainData:
       replaced by another class. Failures are warned about once and added to ``skipped``.
 
     Batch ``step`` is a pure function of ``(seed, step)`` (given the same files): the sampler's
-    indices, then crops and flips drawn from ``np.random.default_rng([seed, step, 1])``.
+    indices, then crops and flips drawn from ``np.random.default_rng([seed, step, 1])``, and
+    any further augmentation (``augment``: resized crops, colour jitter, grayscale,
+    RandAugment) of the image in batch slot ``i`` from ``default_rng([seed, step, 4, i])``.
+    ``augment`` (a :class:`~datasets.augment.Augmentation`), when given, replaces ``flip`` and
+    ``crop``. The decoded images are never changed: each batch augments copies of them.
 
     Attributes: ``skipped`` (relative paths of unreadable files), ``cached`` (bool),
     ``sampler`` (:class:`PKSampler` over the readable images), ``batch_size`` (P * K).
@@ -114,8 +119,9 @@ class TrainData:
         seed: int,
         image_size: tuple[int, int],
         resize: tuple[int, int] | None,
-        flip: bool,
-        crop: bool,
+        flip: bool = True,
+        crop: bool = True,
+        augment: Augmentation | None = None,
         cache_max_bytes: int = 4 << 30,
         workers: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -129,7 +135,8 @@ class TrainData:
         self.images = images
         self.image_size, self.resize = _check_sizes(image_size, resize)
         self.decode_size = self.resize or self.image_size
-        self.flip, self.crop, self.seed = bool(flip), bool(crop), int(seed)
+        self.augment = augment or Augmentation(flip=bool(flip), crop=bool(crop))
+        self.flip, self.crop, self.seed = self.augment.flip, self.augment.crop, int(seed)
         self.P, self.K = int(P), int(K)
         self.workers = workers or default_workers()
         self.max_pixels = max_pixels
@@ -203,9 +210,10 @@ class TrainData:
         rng = np.random.default_rng([self.seed, step, _AUGMENT_STREAM])
         out = np.empty((len(indices), *self.image_size, 3), dtype=np.uint8)
         for slot, source in enumerate(sources):
-            out[slot] = random_crop_flip(
-                source, self.image_size, rng, flip=self.flip, crop=self.crop
-            )
+            image_rng = None
+            if self.augment.per_image:
+                image_rng = np.random.default_rng([self.seed, step, _IMAGE_AUGMENT_STREAM, slot])
+            out[slot] = self.augment.apply(source, self.image_size, rng, image_rng)
         return out, labels.astype(np.int32), np.asarray(indices, np.int64)
 
     def dataset(self, start_step: int, stop_step: int):

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from datasets.augment import Augmentation
 from datasets.lists import ImageList, Splits, ValidationSplit
 from datasets.pipeline import TrainData
 from training.optim import VariableGroup
@@ -74,8 +75,7 @@ def make_train_data(config: dict, images: ImageList, P: int, K: int) -> TrainDat
         seed=config["seed"],
         image_size=tuple(data["image_size"]),
         resize=tuple(data["resize"]) if data["resize"] else None,
-        flip=data["augment"]["flip"],
-        crop=data["augment"]["crop"],
+        augment=Augmentation.from_config(data["augment"]),
         cache_max_bytes=int(data["cache_gb"] * (1 << 30)),
     )
 
