@@ -7,6 +7,10 @@ the training curves, as PNG files and one page, index.html. --compare other.json
 beside it on the same images (<split>-vs-<other>/); --baseline the model before training
 (<split>-vs-baseline/). Large sets are sampled (seeded) where a part would be slow; the report
 says where.
+
+--duplicates [--threshold t] instead groups the set's near-duplicate images (pairs scoring at or
+above t, default the run's same-item threshold from evaluation.py --verification) into
+<run>/analysis/duplicates-<split>.csv and duplicates-<split>.png; see docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from tfcbir.cli import add_checkpoint_argument, add_config_argument, import_tens
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.duplicates or args.threshold is not None:
+        return _duplicates(args)
     from report.build import Limits, analyze, summary  # matplotlib
 
     if args.compare and args.baseline:
@@ -51,6 +57,27 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _duplicates(args: argparse.Namespace) -> int:
+    """--duplicates: the near-duplicate groups of one set, instead of the report."""
+    from report.build import default_split
+    from report.duplicates import find_duplicates, summary
+
+    if not args.duplicates:
+        raise UserError("--threshold goes with --duplicates")
+    if args.compare or args.baseline:
+        raise UserError("--duplicates looks at one run; leave out --compare and --baseline")
+    cfg = config.load(args.config)
+    result = find_duplicates(
+        cfg,
+        args.split or default_split(cfg),
+        args.threshold,
+        config_path=args.config,
+        checkpoint=args.checkpoint,
+    )
+    print(json.dumps(result) if args.json else summary(result))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_argument(parser)
@@ -64,6 +91,18 @@ def _parser() -> argparse.ArgumentParser:
         "--baseline",
         action="store_true",
         help="put the untrained model (ImageNet or random init, per model.weights) beside it",
+    )
+    parser.add_argument(
+        "--duplicates",
+        action="store_true",
+        help="group the set's near-duplicate images (a CSV and a picture in <run>/analysis/) "
+        "instead of the report",
+    )
+    parser.add_argument(
+        "--threshold",
+        metavar="SCORE",
+        help="with --duplicates: pairs scoring at or above it are duplicates (cosine, or the "
+        "negative distance; default: the run's threshold from evaluation.py --verification)",
     )
     add_checkpoint_argument(parser)
     parser.add_argument("--out", help="report folder (default: <run>/analysis/<split>...)")
