@@ -111,9 +111,12 @@ def find_duplicates(
         "csv": str(write_groups(folder / f"duplicates-{split}.csv", gallery, groups)),
         "picture": None,
     }
+    picture_path = folder / f"duplicates-{split}.png"
     if groups:
         picture = groups_picture(gallery, groups, image_root(config, gallery))
-        result["picture"] = str(save_image(picture, folder / f"duplicates-{split}.png"))
+        result["picture"] = str(save_image(picture, picture_path))
+    else:  # a picture of an earlier threshold's groups would contradict the CSV
+        picture_path.unlink(missing_ok=True)
     return result
 
 

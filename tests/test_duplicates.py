@@ -181,6 +181,9 @@ def test_cli_writes_the_groups_csv_and_picture(own_run, capsys):
     code, out, _ = call("-c", path, "--duplicates", "--threshold", "1", "--json", capsys=capsys)
     result = json.loads(out)
     assert code == 0 and result["groups"] == 0 and result["picture"] is None
+    assert not picture.exists()  # the earlier threshold's picture is gone with its groups
+    with open(folder.analyses / "duplicates-test.csv", encoding="utf-8") as handle:
+        assert handle.read().splitlines() == ["group,size,path,class,score"]
 
 
 def test_cli_threshold_from_the_saved_verification_and_bad_thresholds(own_run, capsys):
