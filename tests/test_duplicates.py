@@ -115,6 +115,16 @@ def test_k_grows_past_a_group_larger_than_k_up_to_the_cap(caplog):
     assert len(groups[0]) == 30  # still one group: the copies link through each other
 
 
+def test_a_flat_faiss_index_finds_the_same_groups():
+    pytest.importorskip("faiss")
+    from retrieval.faiss_index import FaissIndex
+
+    embeddings = planted()
+    _, groups = brute_force(embeddings, 0.9, True)
+    index = FaissIndex.build(embeddings, normalized=True, factory="Flat")
+    assert [g.tolist() for g in duplicate_groups(index, embeddings, 0.9, k=4)] == groups
+
+
 def test_no_pair_and_tiny_galleries():
     embeddings = unit_rows(np.eye(4, dtype=np.float32))
     index = ExactIndex(embeddings, True)
@@ -207,3 +217,13 @@ def test_cli_threshold_from_the_saved_verification_and_bad_thresholds(own_run, c
     saved.write_text(json.dumps({"model_id": "other weights", "threshold": 0.5}))
     code, _, err = call("-c", path, "--duplicates", capsys=capsys)
     assert code == 2 and "other weights" in err and len(err.strip().splitlines()) == 1
+
+
+def test_threshold_is_checked_against_the_score_range():
+    from report.duplicates import check_threshold
+    from tfcbir import UserError
+
+    assert check_threshold("0.9", True) == 0.9 and check_threshold("-0.5", False) == -0.5
+    for text, normalized in [("0.1", False), ("-1.5", True), ("inf", False), ("", True)]:
+        with pytest.raises(UserError, match="--threshold"):
+            check_threshold(text, normalized)
