@@ -249,13 +249,16 @@ def _write_tflite(embedder: Embedder, folder: Path, info: ExportInfo, samples: l
     def tower(pixels):
         return tf.cast(model(tf.cast(pixels, input_dtype), training=False), tf.float32)
 
-    module = tf.Module()
-    module.model, module.tower = model, tower
-    source = folder / ".pixels_saved_model"  # converted from a SavedModel: variables frozen
-    tf.saved_model.save(module, str(source), signatures={"serving_default": tower})
+    # The converter leaves Keras 3's variables as READ_VARIABLE ops that nothing assigns (the
+    # model then gives NaN): freeze them into constants first.
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    frozen = convert_variables_to_constants_v2(tower.get_concrete_function())
     try:
         for name, quantize in ((TFLITE_FLOAT, False), (TFLITE_QUANTIZED, True)):
-            converter = tf.lite.TFLiteConverter.from_saved_model(str(source))
+            converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
             if quantize:
                 converter.optimizations = [tf.lite.Optimize.DEFAULT]
             (folder / name).write_bytes(converter.convert())
@@ -265,8 +268,6 @@ def _write_tflite(embedder: Embedder, folder: Path, info: ExportInfo, samples: l
             f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); export a SavedModel "
             "(--format savedmodel)"
         ) from None
-    finally:
-        shutil.rmtree(source, ignore_errors=True)
     info.files = [TFLITE_FLOAT, TFLITE_QUANTIZED]
     info.signatures = ["serving_default"]
     pixels = _sample_pixels(embedder, samples)
