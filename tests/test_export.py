@@ -209,3 +209,28 @@ def test_word_ids_equal_the_tokenizer():
     np.testing.assert_array_equal(
         encode(np.array(texts, dtype=object)).numpy(), tokenizer.encode(texts)
     )
+
+
+def test_dual_encoder_text_signature_equals_the_text_encoder(data_dir, tmp_path):
+    import tensorflow as tf
+
+    import config
+    from retrieval.embedder import load_text_encoder
+    from tests.test_training_dual import dual_config
+    from training.trainer import train
+
+    path = write_config(data_dir, "dual", dual_config(train__steps=2, train__validate_every=2))
+    cfg = config.load(path)
+    train(cfg)
+    out = tmp_path / "dual"
+    _export(path, data_dir, "-o", str(out))
+    info = json.loads((out / "export.json").read_text())
+    assert info["signatures"] == ["serving_default", "embed_images", "embed_texts"]
+    assert info["text_input"] == "strings"
+    texts = ["a red circle", "Blue SQUARE, small!", "words it never saw"]
+    model = tf.saved_model.load(str(out / "saved_model"))
+    rows = model.signatures["embed_texts"](texts=tf.constant(texts))["embeddings"].numpy()
+    expected = load_text_encoder(cfg).embed(texts)
+    difference = float(np.max(np.abs(rows - expected)))
+    print(f"max abs difference, embed_texts vs the text encoder: {difference:.2e}")
+    assert difference < 1e-5
