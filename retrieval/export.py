@@ -107,10 +107,16 @@ def export_model(
 
 
 def _writable_parent(out: Path) -> Path:
-    """The existing folder ``out`` is made in; UserError for a file in the way or a parent
-    that does not exist."""
+    """The existing folder ``out`` is made in; UserError for a file in the way, a folder of
+    other files (it would be replaced) or a parent that does not exist."""
     if out.exists() and not out.is_dir():
         raise UserError(f"-o {out}: a file is in the way; give a folder to export into")
+    if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
+        # Replacing is deleting: only an earlier export (or an empty folder) may go.
+        raise UserError(
+            f"-o {out}: the folder holds files that are not an export; give a new or empty "
+            "folder (an earlier export there is replaced)"
+        )
     parent = out.parent
     if not parent.is_dir():
         raise UserError(f"-o {out}: its parent folder {parent} does not exist; create it first")

@@ -161,6 +161,9 @@ def test_default_folder_is_the_runs_export(searchable_run, tmp_path):
         run = RunFolder.of(config.load(copied_config))
     assert (run.export / "saved_model" / "saved_model.pb").is_file()
     assert (run.export / "export.json").is_file()
+    _export(copied_config, copy)  # an earlier export is replaced
+    assert (run.export / "saved_model" / "saved_model.pb").is_file()
+    assert sorted(p.name for p in run.path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_untrained_run_gets_embed_py_message(data_dir, capsys):
@@ -190,6 +193,12 @@ def test_bad_output_is_one_line(searchable_run, tmp_path):
         with pytest.raises(UserError, match="a file is in the way") as error:
             main(["-c", str(path), "-o", str(blocker)])
         assert "\n" not in str(error.value)
+        other = tmp_path / "photos"
+        other.mkdir()
+        (other / "keep.jpg").write_bytes(b"x")
+        with pytest.raises(UserError, match="not an export") as error:
+            main(["-c", str(path), "-o", str(other)])
+        assert (other / "keep.jpg").is_file()
         with pytest.raises(UserError, match="does not exist") as error:
             main(["-c", str(path), "-o", str(tmp_path / "missing" / "model")])
         assert "\n" not in str(error.value)
