@@ -55,6 +55,7 @@ class RunFolder:
         self.evaluation = self.path / "evaluation"
         self.queries = self.path / "queries"
         self.analyses = self.path / "analysis"
+        self.export = self.path / "export"  # export.py's model for serving without tfcbir
 
     @classmethod
     def of(cls, config: dict) -> RunFolder:
