@@ -50,3 +50,16 @@ def test_docs_describe_every_recipe():
     page = (REPO / "docs" / "recipes.md").read_text(encoding="utf-8")
     for path in RECIPES:
         assert f"trainings/recipes/{path.name}" in page, path.name
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_checks_against_class_folders(path, data_dir):
+    """train.py --check's report on a class-folder set: every image readable, a holdout."""
+    from training.check import check
+
+    raw = config.load_raw(path)
+    raw["data"]["root"] = "datasets/shapes"
+    result = check(config.resolve(raw))
+    assert result["layout"] == "class_folders"
+    assert result["splits"]["validation"]["images"] > 0
+    assert result["unreadable"] == []
