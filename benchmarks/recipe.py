@@ -24,6 +24,8 @@ also scored with each query-time re-ranking method at its defaults (``retrieval.
     python benchmarks/recipe.py                              # every setting, 3 seeds
     python benchmarks/recipe.py --settings baseline,recipe   # a subset
     python benchmarks/recipe.py --quick                      # smoke run: tiny data, 30 steps
+    python benchmarks/recipe.py --settings loss,ema --json b.json     # part of it, saved
+    python benchmarks/recipe.py --table a.json b.json        # the table of saved parts
 
 The table and its command are in docs/recipes.md.
 """
@@ -174,6 +176,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, few steps")
     parser.add_argument("--data-dir", help="keep the data and runs here (default: a temp dir)")
     parser.add_argument("--json", help="write every run's scores to this JSON file as they come")
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: print the tables of runs saved with --json (merged, in order)",
+    )
     args = parser.parse_args(argv)
     args.settings = [name.strip() for name in args.settings.split(",") if name.strip()]
     unknown = [name for name in args.settings if name not in SETTINGS]
@@ -216,8 +224,30 @@ def run_all(args, folder: str) -> dict[str, list[dict]]:
     return results
 
 
+def print_tables(command: str, results: dict[str, list[dict]]) -> None:
+    print(f"\n$ {command}")
+    print("\n".join(table(results)))
+    if "recipe" in results:
+        print()
+        print("\n".join(rerank_table(results["recipe"])))
+
+
+def merged(paths: list[str]) -> dict[str, list[dict]]:
+    """The runs of several ``--json`` files, settings in ``SETTINGS`` order."""
+    found: dict[str, list[dict]] = {}
+    for path in paths:
+        for name, runs in read_json(path).items():
+            found.setdefault(name, []).extend(runs)
+    return {name: found[name] for name in SETTINGS if name in found}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.table:
+        print_tables(
+            f"python benchmarks/recipe.py --table {' '.join(args.table)}", merged(args.table)
+        )
+        return
     from tfcbir.cli import quiet_tensorflow
 
     quiet_tensorflow()
@@ -228,11 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory() as folder:
             results = run_all(args, folder)
-    print(f"\n$ {command.strip()}")
-    print("\n".join(table(results)))
-    if "recipe" in results:
-        print()
-        print("\n".join(rerank_table(results["recipe"])))
+    print_tables(command.strip(), results)
 
 
 if __name__ == "__main__":
