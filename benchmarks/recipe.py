@@ -233,12 +233,13 @@ def print_tables(command: str, results: dict[str, list[dict]]) -> None:
 
 
 def merged(paths: list[str]) -> dict[str, list[dict]]:
-    """The runs of several ``--json`` files, settings in ``SETTINGS`` order."""
-    found: dict[str, list[dict]] = {}
+    """The runs of several ``--json`` files, settings in ``SETTINGS`` order; a setting's seed
+    run twice (two files) counts once, the later file's."""
+    found: dict[str, dict[int, dict]] = {}
     for path in paths:
         for name, runs in read_json(path).items():
-            found.setdefault(name, []).extend(runs)
-    return {name: found[name] for name in SETTINGS if name in found}
+            found.setdefault(name, {}).update((run["seed"], run) for run in runs)
+    return {name: list(found[name].values()) for name in SETTINGS if name in found}
 
 
 def main(argv: list[str] | None = None) -> None:
