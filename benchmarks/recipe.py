@@ -1,0 +1,266 @@
+"""Benchmark: an ablation of the training tricks on a hard demo set, and re-ranking's effect.
+
+Data: ``datasets.demo.generate`` at a harder setting than the bundled demo (every one of its 16
+shapes, 400 images each at 32 x 32 px: small images, more classes; clutter as always), written to
+a temporary folder (or ``--data-dir``). Split by images (a quarter of each class for test), so
+4,800 images train (480 of them held out for validation, the rest trained on) and 1,600 are
+test queries against the 4,800 training images (train.py's and evaluation.py's defaults).
+
+Settings (``--settings``, comma-separated; default: all, in this order):
+
+- ``baseline``: trainings/demo.json as it is (the current defaults: small_cnn, 48 px crops,
+  semi-hard triplet, P x K = 8 x 4, 800 steps of adam at 1e-3 with a linear decay);
+- ``recipe``: trainings/recipes/small_from_scratch.json, every trick together;
+- each trick alone: the baseline with the recipe's value of one group of keys (``TRICKS``).
+
+Each setting trains once per seed (``--seeds``, default 0,1,2; the seed also draws the split, so
+the settings see the same splits seed for seed). The model is the run's best weights on the
+validation holdout (train.py's default: model selection never sees the test split); it is then
+scored on every test query: MAP@R, Recall@1 and mAP@10. Printed: the mean and the sample
+standard deviation over the seeds, and the training seconds (the ``train()`` call, validation
+included, TensorFlow's start-up not: an unreported warm-up run pays it). The recipe's models are
+also scored with each query-time re-ranking method at its defaults (``retrieval.rerank``).
+
+    python benchmarks/recipe.py                              # every setting, 3 seeds
+    python benchmarks/recipe.py --settings baseline,recipe   # a subset
+    python benchmarks/recipe.py --quick                      # smoke run: tiny data, 30 steps
+    python benchmarks/recipe.py --settings loss,ema --json b.json     # part of it, saved
+    python benchmarks/recipe.py --table a.json b.json        # the table of saved parts
+
+The table and its command are in docs/recipes.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BASELINE = os.path.join(ROOT, "trainings", "demo.json")
+RECIPE = os.path.join(ROOT, "trainings", "recipes", "small_from_scratch.json")
+DATA = {"classes": 16, "per_class": 400, "size": 32}
+QUICK_DATA = {"classes": 16, "per_class": 16, "size": 32}
+QUICK_STEPS = 30
+
+# Each trick: the key paths the baseline takes from the recipe to try it alone.
+TRICKS = {
+    "loss": [("loss",)],
+    "batch": [("train", "batch")],
+    "schedule": [("train", "steps"), ("train", "optimizer"), ("train", "lr_schedule")],
+    "size": [("data", "image_size"), ("data", "resize")],
+    "augment": [("data", "augment")],
+    "pooling": [("model", "pooling")],
+    "ema": [("train", "ema")],
+    "memory": [("train", "memory")],
+}
+SETTINGS = ("baseline", "recipe", *TRICKS)
+RERANK = ("alpha_qe", "dba", "dba_alpha_qe", "k_reciprocal")
+METRICS = ("MAP@R", "recall@1", "mAP@10")
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def setting_config(name: str, baseline: dict, recipe: dict) -> dict:
+    """The raw config of one setting: the baseline, the recipe, or the baseline with one
+    trick's keys set to the recipe's values."""
+    if name == "baseline":
+        return copy.deepcopy(baseline)
+    if name == "recipe":
+        return copy.deepcopy(recipe)
+    raw = copy.deepcopy(baseline)
+    for path in TRICKS[name]:
+        parent = raw
+        for key in path[:-1]:
+            parent = parent.setdefault(key, {})
+        value = recipe
+        for key in path:
+            value = value[key]
+        parent[path[-1]] = copy.deepcopy(value)
+    return raw
+
+
+def run_config(raw: dict, *, name: str, seed: int, root: str, steps: int | None) -> dict:
+    """``raw`` made a run: its data root, seed and name; ``steps`` (quick runs) shortens it,
+    with the schedule and the step-keyed keys scaled along."""
+    raw = copy.deepcopy(raw)
+    raw.update(name=name, seed=seed)
+    raw["data"]["root"] = root
+    if steps:
+        train = raw["train"]
+        train.update(steps=steps, checkpoint_every=steps, validate_every=steps // 2)
+        train.get("lr_schedule", {}).update(decay_start=steps // 2, warmup_steps=0)
+        if train.get("memory", {}).get("size"):
+            train["memory"]["start_step"] = 0
+    return raw
+
+
+def train_and_score(raw: dict, folder: str, rerank: bool) -> dict:
+    """Train ``raw`` from scratch (its config file written to ``folder``/configs), embed the
+    sets its protocol needs; its test metrics (and, with ``rerank``, each re-ranking method's,
+    under ``"<method>/<metric>"``) and ``seconds`` of training."""
+    import config
+    import embed
+    from retrieval import evaluate
+    from retrieval.rerank import RerankSpec
+    from training.trainer import train
+
+    path = os.path.join(folder, "configs", f"{raw['name']}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(raw, handle, indent=1)
+    resolved = config.load(path)
+    began = time.perf_counter()
+    train(resolved, restart=True)
+    scores = {"seconds": time.perf_counter() - began}
+    with contextlib.redirect_stdout(io.StringIO()):  # embed.py prints the galleries' paths
+        embed.main(["-c", path])
+    methods = ("none", *RERANK) if rerank else ("none",)
+    for method in methods:
+        spec = RerankSpec.parse(method)
+        result = evaluate.evaluate_run(
+            resolved, queries=0, r=10, nmi=False, config_path=path, rerank=spec
+        )
+        prefix = "" if method == "none" else f"{method}/"
+        scores.update({f"{prefix}{key}": result[key] for key in METRICS})
+    return scores
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {deviation:.3f}"
+
+
+def table(results: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: per setting, mean ± standard deviation over the seeds."""
+    lines = [
+        "| setting | seeds | MAP@R | Recall@1 | mAP@10 | train s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, runs in results.items():
+        cells = [spread([run[key] for run in runs]) for key in METRICS]
+        seconds = statistics.fmean(run["seconds"] for run in runs)
+        lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} | {seconds:.0f} |")
+    return lines
+
+
+def rerank_table(runs: list[dict]) -> list[str]:
+    lines = [
+        "| recipe + re-ranking | MAP@R | Recall@1 | mAP@10 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for method in ("none", *RERANK):
+        prefix = "" if method == "none" else f"{method}/"
+        cells = [spread([run[prefix + key] for run in runs]) for key in METRICS]
+        lines.append(f"| {method} | {' | '.join(cells)} |")
+    return lines
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, few steps")
+    parser.add_argument("--data-dir", help="keep the data and runs here (default: a temp dir)")
+    parser.add_argument("--json", help="write every run's scores to this JSON file as they come")
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        metavar="JSON",
+        help="train nothing: print the tables of runs saved with --json (merged, in order)",
+    )
+    args = parser.parse_args(argv)
+    args.settings = [name.strip() for name in args.settings.split(",") if name.strip()]
+    unknown = [name for name in args.settings if name not in SETTINGS]
+    if unknown:
+        parser.error(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+    args.seeds = [int(seed) for seed in args.seeds.split(",")]
+    return args
+
+
+def run_all(args, folder: str) -> dict[str, list[dict]]:
+    """Every setting and seed in ``folder`` (the data dir); prints each run as it ends."""
+    from datasets.demo import generate
+
+    os.environ["TFCBIR_DATA_DIR"] = folder
+    data = QUICK_DATA if args.quick else DATA
+    root = "shapes_{classes}x{per_class}_{size}px".format(**data)
+    generate(os.path.join(folder, root), **data)
+    steps = QUICK_STEPS if args.quick else None
+    baseline, recipe = read_json(BASELINE), read_json(RECIPE)
+    # The first run in a process pays TensorFlow's start-up: a short unreported one.
+    warm = run_config(baseline, name="warm_up", seed=0, root=root, steps=QUICK_STEPS)
+    train_and_score(warm, folder, rerank=False)
+    results: dict[str, list[dict]] = {}
+    for name in args.settings:
+        for seed in args.seeds:
+            raw = run_config(
+                setting_config(name, baseline, recipe),
+                name=f"{name}_seed{seed}",
+                seed=seed,
+                root=root,
+                steps=steps,
+            )
+            scores = train_and_score(raw, folder, rerank=name == "recipe")
+            results.setdefault(name, []).append({"seed": seed, **scores})
+            shown = ", ".join(f"{key} {scores[key]:.3f}" for key in METRICS)
+            print(f"  {name} seed {seed}: {shown}, {scores['seconds']:.0f} s", flush=True)
+            if args.json:  # after every run, so an interrupted benchmark keeps what it measured
+                with open(args.json, "w", encoding="utf-8") as handle:
+                    json.dump(results, handle, indent=1)
+    return results
+
+
+def print_tables(command: str, results: dict[str, list[dict]]) -> None:
+    print(f"\n$ {command}")
+    print("\n".join(table(results)))
+    if "recipe" in results:
+        print()
+        print("\n".join(rerank_table(results["recipe"])))
+
+
+def merged(paths: list[str]) -> dict[str, list[dict]]:
+    """The runs of several ``--json`` files, settings in ``SETTINGS`` order; a setting's seed
+    run twice (two files) counts once, the later file's."""
+    found: dict[str, dict[int, dict]] = {}
+    for path in paths:
+        for name, runs in read_json(path).items():
+            found.setdefault(name, {}).update((run["seed"], run) for run in runs)
+    return {name: list(found[name].values()) for name in SETTINGS if name in found}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.table:
+        print_tables(
+            f"python benchmarks/recipe.py --table {' '.join(args.table)}", merged(args.table)
+        )
+        return
+    from tfcbir.cli import quiet_tensorflow
+
+    quiet_tensorflow()
+    command = "python benchmarks/recipe.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"{command.strip()}\n{os.cpu_count()} CPUs", flush=True)
+    if args.data_dir:
+        results = run_all(args, os.path.abspath(args.data_dir))
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            results = run_all(args, folder)
+    print_tables(command.strip(), results)
+
+
+if __name__ == "__main__":
+    main()
