@@ -11,7 +11,6 @@ distance otherwise); by default the run's same-item threshold, which
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from report.baseline import image_root
 from report.figures import save_image
 from retrieval import sets
 from retrieval.duplicates import duplicate_groups
-from retrieval.evaluate import VERIFICATION_FILE, open_gallery
+from retrieval.evaluate import open_gallery, same_item_threshold
 from retrieval.faiss_index import open_index
 from retrieval.gallery import Gallery
 from retrieval.search import similarity
@@ -55,25 +54,6 @@ def check_threshold(text: str, normalized: bool) -> float:
     return threshold
 
 
-def saved_threshold(config: dict, gallery: Gallery, config_path: str | None) -> float:
-    """The run's same-item threshold (``evaluation.py --verification``) for the gallery's
-    weights; UserError saying how to get one when there is none."""
-    path = RunFolder.of(config).evaluation / VERIFICATION_FILE
-    measure = f"python evaluation.py -c {config_path or '<config>'} --verification"
-    if not path.is_file():
-        raise UserError(
-            f"--duplicates needs a threshold: give --threshold, or measure the run's same-item "
-            f"threshold ({path} does not exist): {measure}"
-        )
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    if saved.get("model_id") != gallery.model_id:
-        raise UserError(
-            f"{path} was measured with other weights than the gallery's: give --threshold, or "
-            f"measure it again: {measure}"
-        )
-    return float(saved["threshold"])
-
-
 def find_duplicates(
     config: dict,
     split: str,
@@ -88,7 +68,13 @@ def find_duplicates(
         raise UserError(f"--split {split}: unknown set; give one of {', '.join(sets.SET_NAMES)}")
     gallery = open_gallery(config, split, config_path, checkpoint=checkpoint)
     if threshold is None:
-        score = saved_threshold(config, gallery, config_path)
+        score = same_item_threshold(
+            config,
+            gallery.model_id,
+            needed_by="--duplicates",
+            config_path=config_path,
+            instead="give --threshold, or ",
+        )
     else:
         score = check_threshold(threshold, gallery.normalized)
     index = open_index(

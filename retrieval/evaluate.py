@@ -271,20 +271,30 @@ def verification_report(result: dict) -> str:
     )
 
 
-def same_item_threshold(config: dict, model_id: str) -> float:
+def same_item_threshold(
+    config: dict,
+    model_id: str,
+    *,
+    needed_by: str = "--same-item",
+    config_path=None,
+    instead: str = "",
+) -> float:
     """The threshold of the run's saved verification (``evaluation.py --verification``) for
-    the model ``model_id``; UserError when there is none, or it is of other weights."""
+    the model ``model_id``; UserError when there is none, or it is of other weights, naming
+    the flag that ``needed_by`` it and ``instead``, another way to give one (e.g. "give
+    --threshold, or ")."""
     path = RunFolder.of(config).evaluation / VERIFICATION_FILE
+    measure = f"python evaluation.py -c {config_path or '<config>'} --verification"
     if not path.is_file():
         raise UserError(
-            f"--same-item needs the run's verification threshold ({path} does not exist); "
-            "measure it first: python evaluation.py -c <config> --verification"
+            f"{needed_by} needs the run's verification threshold ({path} does not exist); "
+            f"{instead}measure it first: {measure}"
         )
     saved = json.loads(path.read_text(encoding="utf-8"))
     if saved.get("model_id") != model_id:
         raise UserError(
-            f"{path} was measured with other weights than the gallery's; measure it again: "
-            "python evaluation.py -c <config> --verification"
+            f"{path} was measured with other weights than the gallery's; {instead}measure it "
+            f"again: {measure}"
         )
     return float(saved["threshold"])
 
