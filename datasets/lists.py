@@ -454,7 +454,7 @@ def _existing(
         raise UserError(
             f"{file}: the list is empty; write one 'label,relative/path' line per image"
         )
-    normalised = [(label, _relative_to_root(relative, root)) for label, relative in rows]
+    normalised = [(label, relative_to_root(relative, root)) for label, relative in rows]
     present = existing_files(root, [path for _, path in normalised])
     kept = [row for row, ok in zip(normalised, present) if ok]
     missing = [path for (_, path), ok in zip(normalised, present) if not ok]
@@ -475,7 +475,7 @@ def _existing(
     return kept, missing
 
 
-def _relative_to_root(relative: str, root: Path) -> str:
+def relative_to_root(relative: str, root: Path) -> str:
     """A CSV path as posix text relative to root ('./a\\b.jpg' -> 'a/b.jpg'); absolute paths
     outside root stay absolute (``root / absolute`` is still the file)."""
     text = relative.replace("\\", "/")

@@ -34,7 +34,6 @@ from __future__ import annotations
 import difflib
 import operator
 import os
-import posixpath
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.lists import csv_rows
+from datasets.lists import csv_rows, relative_to_root
 from retrieval.search import ExactIndex, SearchIndex, exclusion_mask
 from tfcbir import UserError
 from tfcbir.text import shorten
@@ -529,13 +528,13 @@ def read_metadata(path: str | os.PathLike, paths: list[str]) -> dict[str, np.nda
             "one of them path (the image's path relative to the data root)"
         )
     header, rows = _metadata_rows(path)
-    root = os.path.abspath(path.parent)
-    position = {_normalised(p, root): i for i, p in enumerate(paths)}
+    root = path.parent.absolute()
+    position = {relative_to_root(p.strip(), root): i for i, p in enumerate(paths)}
     at = np.full(len(rows), -1, dtype=np.int64)  # each row's gallery item, -1: none
     first_line: dict[str, int] = {}
     path_field = header.index(PATH_COLUMN)
     for i, (line, fields) in enumerate(rows):
-        item = _normalised(fields[path_field], root)
+        item = relative_to_root(fields[path_field].strip(), root)
         if item in first_line:
             raise UserError(
                 f"{path}:{line}: a second row for {item!r} (the first is line "
@@ -597,16 +596,6 @@ def _checked_header(path: Path, line: int, names: list[str]) -> list[str]:
             "names the columns, one of them path"
         )
     return names
-
-
-def _normalised(text: str, root: str) -> str:
-    """A path as posix text relative to ``root`` ('./a\\b.jpg' -> 'a/b.jpg'); an absolute path
-    outside root stays absolute."""
-    text = posixpath.normpath(text.strip().replace("\\", "/"))
-    if posixpath.isabs(text):
-        relative = posixpath.relpath(text, root.replace("\\", "/"))
-        return text if relative.startswith("..") else relative
-    return text
 
 
 def _cell_kind(cells: list[str]) -> str:
