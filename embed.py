@@ -17,10 +17,21 @@ import sys
 from pathlib import Path
 
 import config
+from config.schema import LANCE_INDEX_TYPES
 from retrieval import sets
 from retrieval.embedder import embed_images, load_embedder, update_gallery
 from retrieval.faiss_index import build_index, update_index
 from retrieval.gallery import GalleryIdentity, read_gallery
+from retrieval.lance_gallery import (
+    finish_parts,
+    part_written,
+    publish_set,
+    store_of,
+    up_to_date,
+    update_set,
+    uses_lancedb,
+    write_part,
+)
 from retrieval.sets import SET_NAMES
 from retrieval.shards import (
     check_shards,
@@ -49,10 +60,16 @@ def main(argv: list[str]) -> int:
     made = None if args.split in ("query", "gallery") else sets.splits(cfg)
     names = _set_names(cfg, args.split, made)
     index = args.index or cfg["index"]["type"]
+    lance = uses_lancedb(cfg)
+    if lance:
+        _check_lance_flags(args, index)
     if args.merge:
         return _merge(args, cfg, names, made, index)
     embedder = load_embedder(cfg, args.checkpoint)
     for name in names:
+        if lance:
+            print(_lance_set(embedder, args, cfg, name, made, shard, index))
+            continue
         if args.update:
             path = _update_set(embedder, args, cfg, name, made, index)
         else:
@@ -71,6 +88,52 @@ def _check_update_flags(args, shard) -> None:
             "--update brings whole galleries up to date; embed shards without it (--shard, "
             "--merge), then update the merged gallery"
         )
+
+
+def _check_lance_flags(args, index: str) -> None:
+    if index not in LANCE_INDEX_TYPES:
+        raise UserError(
+            f"--index {index}: not a LanceDB index (index.backend lancedb); use one of "
+            f"{', '.join(LANCE_INDEX_TYPES)}"
+        )
+    if args.merge:
+        raise UserError(
+            "--merge: with index.backend lancedb each --shard worker writes its part into the "
+            "table, and the last one finishes the gallery; there is nothing to merge"
+        )
+
+
+def _lance_set(embedder, args, cfg: dict, name: str, made, shard, index: str) -> str:
+    """index.backend lancedb: embed set ``name`` (or part ``shard`` of it, or only its changes
+    with --update) into its table; the table's location."""
+    images = sets.images(cfg, name, made)
+    store = store_of(cfg, name)
+    identity = embedder.gallery_identity(images)
+    if args.update and store.record() is not None:
+        report = update_set(
+            embedder,
+            cfg,
+            name,
+            images,
+            verify=args.verify,
+            batch_size=args.batch_size,
+            progress=_progress,
+            config_path=args.config,
+        )
+        print(f"updated {store.location}: {report.summary()}", file=sys.stderr)
+    elif up_to_date(store, identity):
+        print(f"{store.location} is up to date: nothing to embed", file=sys.stderr)
+    elif shard is not None and part_written(store, shard, identity):
+        line = finish_parts(cfg, name, images, shard[1], index)
+        print(f"part {shard[0]}/{shard[1]} is in the table already; {line}", file=sys.stderr)
+    else:
+        path = _embed_set(embedder, args, cfg, name, made, shard)
+        if shard is None:
+            line = publish_set(cfg, name, path, images, index)
+        else:
+            line = write_part(cfg, name, path, shard, images, index)
+        print(line, file=sys.stderr)
+    return store.location
 
 
 def _update_set(embedder, args, cfg: dict, name: str, made, index: str) -> Path:

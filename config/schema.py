@@ -455,10 +455,44 @@ SCHEMA: dict = {
         "search_parameters": Param(
             str,
             "",
-            "FAISS search parameters, e.g. nprobe=64 or efSearch=128; empty: the index's defaults.",
+            "Search parameters: FAISS's, e.g. nprobe=64 or efSearch=128; LanceDB's, e.g. "
+            "nprobes=20,refine_factor=10 (ef for HNSW); empty: the index's defaults.",
+        ),
+        "backend": Param(
+            str,
+            "hdf5",
+            "Where galleries live: hdf5 (a file per set under the run, searched exactly or "
+            "with FAISS) or lancedb (one table per set in the LanceDB database at index.uri: "
+            "searched, filtered and updated in the engine; docs/deploy.md).",
+            choices=["hdf5", "lancedb"],
+        ),
+        "uri": Param(
+            str,
+            "",
+            "The LanceDB database (index.backend lancedb): a local folder (relative to "
+            "data_dir) or an object-store URI such as s3://bucket/galleries that many "
+            "servers read; empty: <run>/lancedb.",
+        ),
+        "build_parameters": Param(
+            str,
+            "",
+            "LanceDB index parameters, e.g. num_partitions=256,num_sub_vectors=16 (IVF_PQ) or "
+            "m=20,ef_construction=300 (HNSW); empty: LanceDB's defaults, num_partitions "
+            "sqrt(N).",
         ),
     },
 }
+
+#: index.type with index.backend lancedb: no ANN index (a flat, exact search) or LanceDB's.
+LANCE_INDEX_TYPES = (
+    "exact",
+    "IVF_FLAT",
+    "IVF_SQ",
+    "IVF_PQ",
+    "IVF_HNSW_SQ",
+    "IVF_HNSW_PQ",
+    "IVF_HNSW_FLAT",
+)
 
 # train.ema as a mapping: timm's ModelEmaV3 parameters (min_decay 0, update_after_step 0).
 EMA_PARAMS = {
@@ -562,6 +596,12 @@ def _check_cross_keys(config: dict) -> None:
         raise UserError(
             f"data.resize: {resize} is smaller than data.image_size "
             f"{data['image_size']}; the crop must fit inside the resized image"
+        )
+    index = config["index"]
+    if index["backend"] == "lancedb" and index["type"] not in LANCE_INDEX_TYPES:
+        raise UserError(
+            f"index.type: {index['type']!r} is not a LanceDB index (index.backend lancedb); "
+            f"use one of {', '.join(LANCE_INDEX_TYPES)}"
         )
     nets.check_model_options(model, train["optimizer"]["layer_decay"])
     losses.check_batch(config["loss"], train["batch"]["P"], train["batch"]["K"])

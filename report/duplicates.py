@@ -25,6 +25,7 @@ from retrieval.duplicates import duplicate_groups
 from retrieval.evaluate import open_gallery, same_item_threshold
 from retrieval.faiss_index import open_index
 from retrieval.gallery import Gallery
+from retrieval.lance_gallery import uses_lancedb
 from retrieval.search import similarity
 from retrieval.visualize import BACKGROUND, result_grid
 from runs.folder import RunFolder
@@ -77,9 +78,9 @@ def find_duplicates(
         )
     else:
         score = check_threshold(threshold, gallery.normalized)
-    index = open_index(
+    index = open_index(  # a LanceDB gallery's vectors are searched here exactly
         gallery,
-        config["index"]["type"],
+        "exact" if uses_lancedb(config) else config["index"]["type"],
         search_parameters=config["index"]["search_parameters"],
         config_path=config_path,
     )

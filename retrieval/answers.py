@@ -70,9 +70,12 @@ def rank(
 ) -> list[list[Answer]]:
     """The r best answers (Q lists) of queries (Q, D) whose labels may be unknown (None).
     mask: (N,) bool, the gallery items a filter keeps (:func:`retrieval.filters.filtered_topk`:
-    the r best of those, fewer only when fewer match); None: all."""
+    the r best of those, fewer only when fewer match), or a filter pushed to the index's
+    engine (:meth:`retrieval.lance_store.LanceIndex.pushed_filter`); None: all."""
     if mask is None:
         scores, indices = index.search(queries, r, exclude)
+    elif not isinstance(mask, np.ndarray):  # a filter the index's engine runs (LanceDB)
+        scores, indices = index.search_where(queries, r, mask, exclude)
     else:
         scores, indices = filtered_topk(index, queries, r, mask, exclude)
     answers = []

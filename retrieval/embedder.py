@@ -358,8 +358,8 @@ def update_gallery(
     files = stat_files(absolute, hashes=verify)
     plan = plan_update(old, images.paths, images.labels, images.classes, files, verify=verify)
     todo = plan.to_embed
-    files = _hashes_kept(files, old, plan.sources, absolute)
-    embedded, failed = _embed_items(embedder, absolute, todo, batch_size, progress)
+    files = hashes_kept(files, old, plan.sources, absolute)
+    embedded, failed = embed_items(embedder, absolute, todo, batch_size, progress)
     if len(images) and len(failed) == len(images):
         raise UserError(
             f"none of the {len(images)} images of the {split} set could be read; "
@@ -414,7 +414,7 @@ def _gallery_to_update(embedder: Embedder, out: Path, split: str, config_path) -
     return old
 
 
-def _hashes_kept(files: FileStats, old: Gallery, sources: np.ndarray, absolute: list[str]):
+def hashes_kept(files: FileStats, old: Gallery, sources: np.ndarray, absolute: list[str]):
     """``files`` with a complete hash column when the old gallery had one (the kept items' old
     hashes, the others' read now), so that a later ``verify`` needs no full embedding."""
     if files.sha256 is not None or old.files is None or old.files.sha256 is None:
@@ -427,7 +427,7 @@ def _hashes_kept(files: FileStats, old: Gallery, sources: np.ndarray, absolute: 
     return FileStats(files.sizes, files.mtimes, sha256)
 
 
-def _embed_items(
+def embed_items(
     embedder: Embedder,
     absolute: list[str],
     todo: np.ndarray,

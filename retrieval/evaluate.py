@@ -11,6 +11,7 @@ import config as cfg
 from datasets.lists import Splits
 from retrieval import sets
 from retrieval.gallery import Gallery, GalleryIdentity, items_hash, read_gallery
+from retrieval.lance_gallery import open_lance_gallery, uses_lancedb
 from retrieval.metrics import clustering_nmi, evaluate, map_key
 from retrieval.rerank import RerankSpec, evaluate_reranked
 from retrieval.verification import DEFAULT_FALSE_MATCH_RATE, verify
@@ -46,7 +47,10 @@ def expected_identity(
     Embedder's; else those of ``checkpoint``; else the run's best weights, refused when there
     are none), the config's model and the set's image list as the data set has it now (``made``:
     the data set's split already read by the caller, else read here)."""
-    images = sets.images(config, name, made)
+    return _identity_of(config, sets.images(config, name, made), model_id, checkpoint)
+
+
+def _identity_of(config: dict, images, model_id, checkpoint) -> GalleryIdentity:
     return GalleryIdentity(
         model_id=model_id or expected_model_id(config, checkpoint),
         config_hash=cfg.model_hash(config),
@@ -65,13 +69,20 @@ def open_gallery(
     """A run's gallery of set ``name``, refused (with the command that re-embeds it) unless it
     is of :func:`expected_identity`: other weights or config made it, or the set's images or
     lists changed since it was embedded. made: the data set's split if the caller has read it
-    (:func:`retrieval.sets.needs_splits`)."""
+    (:func:`retrieval.sets.needs_splits`). With ``index.backend: lancedb`` the gallery is
+    read from its table (:mod:`retrieval.lance_gallery`), its vectors when first needed."""
+    images = sets.images(config, name, made)
+    expect = _identity_of(config, images, model_id, checkpoint)
+    if uses_lancedb(config):
+        return open_lance_gallery(
+            config, name, expect=expect, order=images.paths, config_path=config_path
+        )
     command = f"python embed.py -c {config_path or '<config>'} --split {name}"
     if checkpoint is not None:
         command += f" --checkpoint {checkpoint}"
     return read_gallery(
         RunFolder.of(config).gallery(name),
-        expect=expected_identity(config, name, model_id=model_id, checkpoint=checkpoint, made=made),
+        expect=expect,
         config_path=config_path,
         advice=f"re-embed it: {command}",
     )

@@ -66,6 +66,8 @@ COMPARISONS = {
 KEYWORDS = ("and", "or", "not", "in", "true", "false")
 #: How deeply parentheses and ``not`` may nest: a bound on the parser's recursion.
 MAX_DEPTH = 100
+#: The metadata file, in the data root: per-image attributes for filters.
+METADATA_FILE = "metadata.csv"
 #: Gallery columns the metadata file must have.
 PATH_COLUMN = "path"
 #: The exact filtered search searches the matching items alone when they are at most this
@@ -490,11 +492,50 @@ class Filter:
             )
         return float(literal) if kind == "number" else literal
 
+    def sql(self, columns: Columns, names: Mapping[str, str]) -> str:
+        """The expression as an SQL condition (LanceDB's, DataFusion's dialect) with the same
+        meaning, missing values as NULL included; ``names`` maps each column to the SQL
+        column that holds it. Checked against ``columns`` first (empty columns of the right
+        kinds do): UserError (one line) as :meth:`mask` gives."""
+        self.mask(columns)
+        return self.sql_of(self.tree, columns, names)
+
+    def sql_of(self, node, columns: Columns, names: Mapping[str, str]) -> str:
+        if isinstance(node, Not):
+            return f"(NOT {self.sql_of(node.operand, columns, names)})"
+        if isinstance(node, Junction):
+            joined = f" {node.operator.upper()} ".join(
+                self.sql_of(operand, columns, names) for operand in node.operands
+            )
+            return f"({joined})"
+        column = columns.column(node.column)
+        name = names[node.column]
+        literals = [
+            _sql_literal(self.literal_for(node, column, literal)) for literal in node.literals
+        ]
+        if node.operator in ("in", "not in"):
+            if not literals:  # false (true for not in) where known, NULL where missing
+                return f"({name} {'<>' if node.operator == 'in' else '='} {name})"
+            return f"({name} {node.operator.upper()} ({', '.join(literals)}))"
+        operator = {"==": "=", "!=": "<>"}.get(node.operator, node.operator)
+        return f"({name} {operator} {literals[0]})"
+
     def unknown_column(self, name: str, names: list[str]) -> UserError:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         shown = shorten(names, 20)
         return UserError(f"{self.label}: no column {name!r}{hint} (columns: {shown or 'none'})")
+
+
+def _sql_literal(value) -> str:
+    """A literal (as :meth:`Filter.literal_for` gives it) in SQL."""
+    if isinstance(value, bool | np.bool_):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, np.datetime64):
+        return f"CAST('{value}' AS DATE)"
+    if isinstance(value, float):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 def parse_filter(text: str, *, label: str = "--where") -> Filter:

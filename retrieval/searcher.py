@@ -40,15 +40,15 @@ from retrieval.answers import Answer
 from retrieval.embedder import load_embedder, load_text_encoder, no_text_tower_error
 from retrieval.evaluate import open_gallery
 from retrieval.faiss_index import open_index
-from retrieval.filters import Columns, parse_filter, read_metadata
+from retrieval.filters import METADATA_FILE, Columns, parse_filter, read_metadata
 from retrieval.gallery import Gallery
+from retrieval.lance_gallery import lance_stamp, open_lance_index, uses_lancedb
 from retrieval.rerank import RerankSpec, rerank_index
 from retrieval.text_queries import open_text_gallery
 from runs.weights import has_text_tower, model_source
 from tfcbir import UserError
 
 log = logging.getLogger("tfcbir")
-METADATA_FILE = "metadata.csv"  # in the data root: per-image attributes for filters
 
 
 @dataclass
@@ -81,11 +81,14 @@ class Result:
         return answers.table(self.query, self.query_class, self.answers)
 
 
-def _search_index(config: dict, gallery: Gallery, index, config_path, rerank):
-    """The gallery's index: a re-ranking's (``rerank``, else the config's ``eval.rerank``), or
-    the exact or FAISS index ``index`` (default: ``index.type``)."""
+def _search_index(config: dict, name: str, gallery: Gallery, index, config_path, rerank):
+    """Set ``name``'s gallery's index: a re-ranking's (``rerank``, else the config's
+    ``eval.rerank``), the engine's for a LanceDB gallery, or the exact or FAISS index ``index``
+    (default: ``index.type``)."""
     rerank = rerank or RerankSpec.parse(config["eval"]["rerank"])
     index = index or config["index"]["type"]
+    if uses_lancedb(config) and not rerank.active:
+        return open_lance_index(config, name, gallery)
     if rerank.active:
         if index != "exact":
             log.info(
@@ -135,7 +138,9 @@ class _Opening:
             found = open_gallery(
                 config, self.gallery, self.config_path, model_id, self.checkpoint, made
             )
-        search_index = _search_index(config, found, self.index, self.config_path, self.rerank)
+        search_index = _search_index(
+            config, self.gallery, found, self.index, self.config_path, self.rerank
+        )
         return found, search_index
 
 
@@ -248,6 +253,14 @@ class Searcher:
     def __len__(self) -> int:
         return len(self.gallery)
 
+    def table_stamp(self) -> tuple | None:
+        """For a LanceDB gallery opened by :meth:`open`: its record's table version and
+        gallery id, which change with every write (None when it cannot be read now); None
+        for an HDF5 gallery."""
+        if self._opening is None or not uses_lancedb(self.config):
+            return None
+        return lance_stamp(self.config, self._opening.gallery)
+
     @property
     def can_reopen(self) -> bool:
         """Whether :meth:`reopen` can find the gallery again (made by :meth:`open`)."""
@@ -307,14 +320,18 @@ class Searcher:
             self._metadata = Columns(columns)
         return self._metadata
 
-    def where_mask(self, where: str | None, label: str = "--where") -> np.ndarray | None:
+    def where_mask(self, where: str | None, label: str = "--where"):
         """(N,) bool: the gallery items the filter expression ``where`` keeps (see
-        :mod:`retrieval.filters`); None without one. UserError (one line) for a malformed
-        expression, an unknown column or a comparison of the wrong kind; ``label`` names the
-        expression's field in it (``--where``, ``where``)."""
+        :mod:`retrieval.filters`); None without one; for an index that filters in its engine
+        (a LanceDB table), the expression as it runs there (``filters_in_engine``). UserError
+        (one line) for a malformed expression, an unknown column or a comparison of the wrong
+        kind; ``label`` names the expression's field in it (``--where``, ``where``)."""
         if where is None or not where.strip():
             return None
-        return parse_filter(where, label=label).mask(self.metadata())
+        expression = parse_filter(where, label=label)
+        if getattr(self.index, "filters_in_engine", False):
+            return self.index.pushed_filter(expression)
+        return expression.mask(self.metadata())
 
     # --- queries ------------------------------------------------------------------------------
 

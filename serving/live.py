@@ -5,7 +5,7 @@ file changes.
 Each request takes ``live.current()`` once and uses that Searcher to its end, so a swap is
 atomic: requests in flight finish on the old gallery, the next ones use the new. At most every
 ``check_every`` seconds a request first looks at the gallery file and its FAISS index file
-(their size, modification time and inode: two stats); when they changed, that request reopens
+(their size, modification time and inode: two stats), or at a LanceDB gallery's record; when they changed, that request reopens
 the gallery and its index (:meth:`retrieval.searcher.Searcher.reopen`: the models are kept
 unless the run's weights changed) and swaps, while requests arriving meanwhile go on with the
 old one. A gallery that cannot be opened (half written, stale, its index not rebuilt yet) is
@@ -42,6 +42,12 @@ def gallery_stamp(gallery_path) -> tuple:
     return file_stamp(gallery_path), file_stamp(index_path(gallery_path))
 
 
+def searcher_stamp(searcher: Searcher) -> tuple:
+    """What changes when ``searcher``'s gallery is rewritten: its files' stamps, or a LanceDB
+    gallery's record (:meth:`retrieval.searcher.Searcher.table_stamp`)."""
+    return searcher.table_stamp() or searcher_stamp(searcher)
+
+
 class LiveSearcher:
     """The current Searcher (see the module docstring). Each of ``on_swap`` (and those added
     with :meth:`when_swapped`) is called with each new one. ``check_every`` 0: only
@@ -58,7 +64,7 @@ class LiveSearcher:
         self.check_every = check_every
         self._listeners = [on_swap] if on_swap is not None else []
         self.last_error: str | None = None  # why the rewritten gallery was not swapped in
-        self._stamp = gallery_stamp(searcher.gallery.path)
+        self._stamp = searcher_stamp(searcher)
         self._checked = time.monotonic()
         self._reloading = threading.Lock()
 
@@ -86,7 +92,7 @@ class LiveSearcher:
             return self.searcher
         try:
             self._checked = time.monotonic()
-            stamp = gallery_stamp(self.searcher.gallery.path)
+            stamp = searcher_stamp(self.searcher)
             if stamp != self._stamp:
                 self._stamp = stamp  # a gallery that cannot be opened: tried again once changed
                 self._swap_quietly()
@@ -105,7 +111,7 @@ class LiveSearcher:
             return self._swap()
 
     def _swap(self) -> bool:
-        stamp = gallery_stamp(self.searcher.gallery.path)
+        stamp = searcher_stamp(self.searcher)
         found = self.searcher.reopen()
         self._stamp, self.last_error = stamp, None
         if found.gallery.gallery_id == self.searcher.gallery.gallery_id:
@@ -128,4 +134,4 @@ class LiveSearcher:
             self.last_error = message
 
 
-__all__ = ["LiveSearcher", "file_stamp", "gallery_stamp"]
+__all__ = ["LiveSearcher", "file_stamp", "gallery_stamp", "searcher_stamp"]
