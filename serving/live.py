@@ -45,7 +45,7 @@ def gallery_stamp(gallery_path) -> tuple:
 def searcher_stamp(searcher: Searcher) -> tuple:
     """What changes when ``searcher``'s gallery is rewritten: its files' stamps, or a LanceDB
     gallery's record (:meth:`retrieval.searcher.Searcher.table_stamp`)."""
-    return searcher.table_stamp() or searcher_stamp(searcher)
+    return searcher.table_stamp() or gallery_stamp(searcher.gallery.path)
 
 
 class LiveSearcher:
