@@ -25,11 +25,21 @@ temporaries.
 
 ``x exact`` is ExactIndex's batch time over the row's (how many times faster than exact).
 
+- ``--only ivfpq``: FAISS IVF-PQ against LanceDB IVF-PQ (``index.backend: lancedb``) side by
+  side, the same lists (about 4 sqrt(N)), 32 sub-quantizers of 8 bits and probes. Each index is
+  built in one process (timed) and searched in another that holds only what a server holds: the
+  FAISS index read from its file, or the Lance table opened from its folder with the gallery's
+  paths (``retrieval.lance_store.LanceIndex``, as the searcher uses it); its peak memory is the
+  ``peak MiB`` column. Both also re-score 10 x k candidates with the full vectors (LanceDB's
+  ``refine_factor``, read from the table; FAISS's ``IndexRefineFlat``, which must hold them in
+  memory), and LanceDB runs without an index too (its exact flat search).
+
     python benchmarks/search.py                    # 1M x 128, both kinds of data (~40 min,
                                                    # mostly building the indexes)
     python benchmarks/search.py --quick            # 100k gallery items, 300 queries
     python benchmarks/search.py --data clustered --n 300000 --queries 500
     python benchmarks/search.py --only exact       # ExactIndex against IndexFlatIP only
+    python benchmarks/search.py --only ivfpq --data clustered   # FAISS vs LanceDB IVF-PQ
 """
 
 from __future__ import annotations
@@ -188,6 +198,126 @@ def case_faiss(gallery, queries, args) -> dict:
     return {"rows": rows}
 
 
+def case_faiss_build(gallery, queries, args) -> dict:
+    """Train and fill FAISS's IVF-PQ, write it to a file for case_faiss_search."""
+    import faiss
+
+    from retrieval.faiss_index import FaissIndex
+
+    start = time.perf_counter()
+    index = FaissIndex.build(gallery, normalized=True, factory=args.factory)
+    build = time.perf_counter() - start
+    faiss.write_index(index.index, os.path.join(args.data_dir, "ivfpq.faiss"))
+    return {"build_s": build}
+
+
+def case_faiss_search(queries, args) -> dict:
+    """What a FAISS server holds: the index read from its file, searched at each setting."""
+    import faiss
+
+    from retrieval.faiss_index import FaissIndex
+
+    index = faiss.read_index(os.path.join(args.data_dir, "ivfpq.faiss"))
+    rows = []
+    for parameters in args.parameters:
+        searcher = FaissIndex(
+            index, normalized=True, factory=args.factory, search_parameters=parameters
+        )
+        seconds, (_, indices) = best_time(lambda s=searcher: s.search(queries, K), 1)
+        few = queries[: args.latency_queries]
+        rows.append(
+            {
+                "parameters": parameters,
+                "batch_s": seconds,
+                "ms": one_at_a_time(lambda q, s=searcher: s.search(q, K), few),
+                "recall": recall(indices, args),
+            }
+        )
+    return {"rows": rows}
+
+
+def case_faiss_refine(gallery, queries, args) -> dict:
+    """FAISS's counterpart of LanceDB's refine_factor: the IVF-PQ's candidates re-scored with
+    the full vectors, which the process must then hold (IndexRefineFlat over the gallery)."""
+    import faiss
+
+    index = faiss.read_index(os.path.join(args.data_dir, "ivfpq.faiss"))
+    refined = faiss.IndexRefineFlat(index, faiss.swig_ptr(gallery))
+    refined.k_factor = 10
+    rows = []
+    for probes in args.parameters:
+        faiss.extract_index_ivf(index).nprobe = probes
+        seconds, (_, indices) = best_time(lambda: refined.search(queries, K), 1)
+        few = queries[: args.latency_queries]
+        rows.append(
+            {
+                "parameters": f"nprobe={probes},k_factor=10",
+                "batch_s": seconds,
+                "ms": one_at_a_time(lambda q: refined.search(q, K), few),
+                "recall": recall(indices, args),
+            }
+        )
+    return {"rows": rows}
+
+
+def lance_paths(n: int) -> list[str]:
+    return [f"{i:07d}.png" for i in range(n)]
+
+
+def case_lance_build(gallery, queries, args) -> dict:
+    """Write the gallery to a Lance table and build its IVF-PQ (and an unindexed copy)."""
+    from retrieval.lance_store import LanceStore, Rows, connect
+
+    uri = os.path.join(args.data_dir, "lancedb")
+    store = LanceStore(connect(uri), uri, "bench")
+    n = len(gallery)
+    rows = Rows(lance_paths(n), ["c"] * n, np.arange(n), gallery, None, None, "benchmark")
+    start = time.perf_counter()
+    table = store.overwrite(rows)
+    written = time.perf_counter() - start
+    start = time.perf_counter()
+    store.build_index(table, "IVF_PQ", args.build, metric="dot")
+    build = time.perf_counter() - start
+    flat = LanceStore(store.db, uri, "bench_flat")
+    flat.overwrite(rows)
+    return {"write_s": written, "build_s": build}
+
+
+def case_lance_search(queries, args) -> dict:
+    """What a LanceDB server holds: the table opened, the gallery's paths, LanceIndex."""
+    from retrieval.lance_store import LanceIndex, connect
+
+    db = connect(os.path.join(args.data_dir, "lancedb"))
+    rows = []
+    for table_name, parameters in args.parameters:
+        table = db.open_table(table_name)
+        paths = table.search().select(["path"]).limit(None).to_arrow()["path"].to_pylist()
+        gallery = _Sized(sorted(paths))
+        index = LanceIndex(table, gallery, metric="dot", search_parameters=parameters, metadata=[])
+        seconds, (_, indices) = best_time(lambda i=index: i.search(queries, K), 1)
+        few = queries[: args.latency_queries]
+        label = ",".join(f"{k}={v}" for k, v in parameters.items())
+        rows.append(
+            {
+                "parameters": (label or "default") if table_name == "bench" else "no index",
+                "batch_s": seconds,
+                "ms": one_at_a_time(lambda q, i=index: i.search(q, K), few),
+                "recall": recall(indices, args),
+            }
+        )
+    return {"rows": rows}
+
+
+class _Sized:
+    """The paths LanceIndex maps answers to (a gallery's, without its vectors)."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+
 def recall(indices: np.ndarray, args) -> float | None:
     path = os.path.join(args.data_dir, f"{args.data}_truth.npy")
     if not os.path.exists(path):
@@ -203,22 +333,41 @@ def worker(args) -> None:
         np.save(os.path.join(args.data_dir, f"{args.data}_queries.npy"), queries)
         print("RESULT {}")
         return
-    gallery = np.load(os.path.join(args.data_dir, f"{args.data}_gallery.npy"))
     queries = np.load(os.path.join(args.data_dir, f"{args.data}_queries.npy"))
+    searches = {"faiss_search": case_faiss_search, "lance_search": case_lance_search}
+    if args.worker in searches:  # a server: no gallery in memory
+        loaded = peak_mib()
+        result = searches[args.worker](queries, args)
+        result.update({"peak_mib": peak_mib(), "loaded_mib": loaded})
+        print("RESULT " + json.dumps(result))
+        return
+    gallery = np.load(os.path.join(args.data_dir, f"{args.data}_gallery.npy"))
     loaded = peak_mib()
-    case = {"exact": case_exact, "flat": case_flat, "ratio": case_ratio, "faiss": case_faiss}
+    case = {
+        "exact": case_exact,
+        "flat": case_flat,
+        "ratio": case_ratio,
+        "faiss": case_faiss,
+        "faiss_build": case_faiss_build,
+        "faiss_refine": case_faiss_refine,
+        "lance_build": case_lance_build,
+    }
     result = case[args.worker](gallery, queries, args)
     result.update({"peak_mib": peak_mib(), "loaded_mib": loaded})
     print("RESULT " + json.dumps(result))
 
 
-def run_worker(name: str, args, data: str, factory: str = "", parameters=()) -> dict:
+def run_worker(name: str, args, data: str, factory: str = "", parameters=(), build=None) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data", data]
     command += ["--data-dir", args.data_dir, "--repeats", str(args.repeats)]
     command += ["--memory-mb", str(args.memory_mb), "--latency-queries", str(args.latency_queries)]
     command += ["--n", str(args.n), "--queries", str(args.queries), "--dim", str(args.dim)]
     if factory:
-        command += ["--factory", factory, "--parameters", json.dumps(list(parameters))]
+        command += ["--factory", factory]
+    if parameters:
+        command += ["--parameters", json.dumps(list(parameters))]
+    if build:
+        command += ["--build", json.dumps(build)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         sys.exit(
@@ -275,6 +424,9 @@ def run_data(data: str, args) -> None:
     print_row("ExactIndex", "", exact["rows"][0], exact, exact_s)
     flat = run_worker("flat", args, data)
     print_row("FAISS IndexFlatIP", "", flat["rows"][0], flat, exact_s)
+    if args.only == "ivfpq":
+        run_ivfpq(data, args, exact_s)
+        return
     ratio = run_worker("ratio", args, data)
     best_exact, best_faiss = min(ratio["exact"]), min(ratio["faiss"])
     verdict = "met" if best_exact <= GOAL_RATIO * best_faiss else "NOT met"
@@ -311,6 +463,36 @@ def run_data(data: str, args) -> None:
         )
 
 
+def run_ivfpq(data: str, args, exact_s: float) -> None:
+    """FAISS IVF-PQ and LanceDB IVF-PQ: the same lists, sub-quantizers and probes."""
+    nlist = 2 ** round(np.log2(4 * np.sqrt(args.n)))
+    probes = [max(1, nlist // d) for d in (128, 64, 32, 16)]
+    factory = f"IVF{nlist},PQ32"
+    built = run_worker("faiss_build", args, data, factory)
+    print(
+        f"{factory}: built in {built['build_s']:.1f} s (train + add; peak {built['peak_mib']:,.0f} MiB)"
+    )
+    served = run_worker("faiss_search", args, data, factory, [f"nprobe={p}" for p in probes])
+    for row in served["rows"]:
+        print_row(f"FAISS {factory}", row["parameters"], row, served, exact_s)
+    refined = run_worker("faiss_refine", args, data, factory, probes[1:3])
+    for row in refined["rows"]:
+        print_row(f"FAISS {factory}", row["parameters"], row, refined, exact_s)
+    build = {"num_partitions": nlist, "num_sub_vectors": 32}
+    built = run_worker("lance_build", args, data, build=build)
+    print(
+        f"LanceDB IVF_PQ (num_partitions={nlist}, num_sub_vectors=32): table written in "
+        f"{built['write_s']:.1f} s, index built in {built['build_s']:.1f} s (peak "
+        f"{built['peak_mib']:,.0f} MiB)"
+    )
+    settings = [("bench", {"nprobes": p}) for p in probes]
+    settings += [("bench", {"nprobes": p, "refine_factor": 10}) for p in probes[1:3]]
+    settings += [("bench_flat", {})]
+    served = run_worker("lance_search", args, data, parameters=settings)
+    for row in served["rows"]:
+        print_row("LanceDB IVF_PQ", row["parameters"], row, served, exact_s)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="gallery items (1,000,000)")
@@ -318,7 +500,11 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--data", choices=["random", "clustered", "both"], default="both")
     parser.add_argument("--quick", action="store_true", help="100,000 items, 300 queries")
-    parser.add_argument("--only", choices=["exact"], help="skip the approximate indexes")
+    parser.add_argument(
+        "--only",
+        choices=["exact", "ivfpq"],
+        help="exact: skip the approximate indexes; ivfpq: FAISS and LanceDB IVF-PQ only",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="batch searches timed (best)")
     parser.add_argument("--memory-mb", type=float, default=256, help="ExactIndex's budget")
     parser.add_argument(
@@ -328,6 +514,7 @@ def main() -> None:
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--factory", help=argparse.SUPPRESS)
     parser.add_argument("--parameters", type=json.loads, help=argparse.SUPPRESS)
+    parser.add_argument("--build", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
