@@ -463,7 +463,7 @@ SCHEMA: dict = {
             "hdf5",
             "Where galleries live: hdf5 (a file per set under the run, searched exactly or "
             "with FAISS) or lancedb (one table per set in the LanceDB database at index.uri: "
-            "searched, filtered and updated in the engine; docs/deploy.md).",
+            "searched, filtered and updated in the engine; docs/scaling.md).",
             choices=["hdf5", "lancedb"],
         ),
         "uri": Param(
