@@ -124,7 +124,7 @@ def _lance_set(embedder, args, cfg: dict, name: str, made, shard, index: str) ->
     elif up_to_date(store, identity):
         print(f"{store.location} is up to date: nothing to embed", file=sys.stderr)
     elif shard is not None and part_written(store, shard, identity):
-        line = finish_parts(cfg, name, images, shard[1], index)
+        line = finish_parts(cfg, name, images, shard, index)
         print(f"part {shard[0]}/{shard[1]} is in the table already; {line}", file=sys.stderr)
     else:
         path = _embed_set(embedder, args, cfg, name, made, shard)

@@ -173,9 +173,10 @@ def part_written(store: LanceStore, shard: tuple[int, int], identity: GalleryIde
     ) == (identity.model_id, identity.config_hash, identity.model_step, identity.items_hash)
 
 
-def finish_parts(config: dict, name: str, images, count: int, index_type=None) -> str:
-    """Finish set ``name``'s gallery if its ``count`` parts are all written (one line)."""
-    return _finish_parts(config, store_of(config, name), images, count, index_type)
+def finish_parts(config: dict, name: str, images, shard: tuple[int, int], index_type=None) -> str:
+    """Finish set ``name``'s gallery if all the parts of part ``shard``'s gallery (its model
+    and image list) are written (one line)."""
+    return _finish_parts(config, store_of(config, name), images, shard, index_type)
 
 
 def write_part(
@@ -193,28 +194,30 @@ def write_part(
     record["dropped"] = [start + int(i) for i in part.dropped]
     store.put_record(record, table.version, name=part_name(store, *shard))
     shard_file.unlink()
-    return _finish_parts(config, store, images, shard[1], index_type)
+    return _finish_parts(config, store, images, shard, index_type)
 
 
-def _finish_parts(config: dict, store: LanceStore, images, count: int, index_type) -> str:
-    """Finish the gallery when all ``count`` parts are recorded with one identity: drop the
+def _part_of(record: dict) -> tuple:
+    """What the parts of one gallery share: the model, the config and the whole image list."""
+    return (
+        record["model_id"],
+        record["config_hash"],
+        record["model_step"],
+        record["extra"]["shard"]["items"],
+    )
+
+
+def _finish_parts(
+    config: dict, store: LanceStore, images, shard: tuple[int, int], index_type
+) -> str:
+    """Finish the gallery when all the parts of part ``shard``'s gallery are recorded: drop the
     rows of other models or of images no longer listed, build the index, write the record."""
+    count = shard[1]
     parts = [
         r for r in store.records_like(f"{store.name}#part-") if r["name"].endswith(f"-of-{count}")
     ]
-    mine = parts[-1] if parts else None
-    same = [
-        r
-        for r in parts
-        if mine is not None
-        and (r["model_id"], r["config_hash"], r["model_step"], r["extra"]["shard"]["items"])
-        == (
-            mine["model_id"],
-            mine["config_hash"],
-            mine["model_step"],
-            mine["extra"]["shard"]["items"],
-        )
-    ]
+    mine = store.record(part_name(store, *shard)) | {"name": part_name(store, *shard)}
+    same = [r for r in parts if _part_of(r) == _part_of(mine)]
     indices = {r["extra"]["shard"]["index"] for r in same}
     if len(indices) < count:
         return f"part in {store.location}: {len(indices)} of {count} parts written"
