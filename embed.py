@@ -26,6 +26,7 @@ from retrieval.lance_gallery import (
     finish_parts,
     part_written,
     publish_set,
+    reindex,
     store_of,
     up_to_date,
     update_set,
@@ -123,6 +124,9 @@ def _lance_set(embedder, args, cfg: dict, name: str, made, shard, index: str) ->
         print(f"updated {store.location}: {report.summary()}", file=sys.stderr)
     elif up_to_date(store, identity):
         print(f"{store.location} is up to date: nothing to embed", file=sys.stderr)
+        line = reindex(cfg, name, index)
+        if line is not None:
+            print(line, file=sys.stderr)
     elif shard is not None and part_written(store, shard, identity):
         line = finish_parts(cfg, name, images, shard, index)
         print(f"part {shard[0]}/{shard[1]} is in the table already; {line}", file=sys.stderr)

@@ -136,6 +136,22 @@ def up_to_date(store: LanceStore, identity: GalleryIdentity) -> bool:
     return not identity.differences(found)
 
 
+def reindex(config: dict, name: str, index_type: str | None = None) -> str | None:
+    """Build set ``name``'s index again when the config asks for another one than the table
+    has (its type or build parameters); one line saying so, or None when it already has it."""
+    store = store_of(config, name)
+    record = store.record()
+    spec = index_spec(config, index_type)
+    if record is None or (record["index"]["type"], record["index"]["parameters"]) == spec:
+        return None
+    was = record["index"]["type"]
+    table = store.table()
+    built = store.build_index(table, *spec, metric=metric_of(record["normalized"]))
+    record["index"] = {"type": spec[0], "parameters": spec[1]}
+    store.put_record(record, table.version)
+    return f"{store.location}: {built}, in place of {was}"
+
+
 def _items(images, paths: list[str]) -> np.ndarray:
     position = {path: i for i, path in enumerate(images.paths)}
     return np.array([position[p] for p in paths], np.int64)

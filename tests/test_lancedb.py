@@ -316,6 +316,13 @@ def test_a_lancedb_run_embeds_evaluates_and_searches_as_an_hdf5_run(data, capsys
         assert searched(data, "lance", where) == searched(data, "files", where)
     assert embed(["-c", str(data / "lance.json")]) == 0
     assert "is up to date: nothing to embed" in capsys.readouterr().err
+    # another index asked for: built on the table as it is, nothing embedded
+    argv = ["-c", str(data / "lance.json"), "--index", "IVF_FLAT", "--split", "train"]
+    assert embed(argv) == 0
+    err = capsys.readouterr().err
+    assert (
+        "nothing to embed" in err and "IVF_FLAT index (num_partitions=8), in place of exact" in err
+    )
 
 
 def test_an_update_equals_a_full_embedding(data, capsys):
