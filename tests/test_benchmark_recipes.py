@@ -83,3 +83,19 @@ def test_finetune_settings_resolve(name, tmp_path):
     assert resolved["model"]["weights"] == ("none" if name == "scratch" else str(weights))
     assert resolved["model"]["freeze_batchnorm"] is ("freeze_batchnorm" in name)
     assert resolved["train"]["freeze_backbone_steps"] == (100 if "warmup" in name else 0)
+
+
+def test_rerank_trained_quick_reports_each_method_per_data_set(tmp_path, monkeypatch, capsys):
+    from benchmarks import rerank
+
+    monkeypatch.setenv("TFCBIR_DATA_DIR", str(tmp_path))
+    out = tmp_path / "rerank.json"
+    argv = ["--trained", "--quick", "--sets", "demo", "--seeds", "0", "--json", str(out)]
+    rerank.main([*argv, "--data-dir", str(tmp_path / "d")])
+    (run,) = json.loads(out.read_text())["demo"]
+    for method in rerank.METHODS[1:]:
+        assert 0 <= run[f"{method}/MAP@R"] <= 1
+    printed = capsys.readouterr().out
+    assert printed.count("| demo (1 seed) |") == len(rerank.METHODS)
+    rerank.main(["--table", str(out)])
+    assert "| demo (1 seed) | none | " in capsys.readouterr().out
