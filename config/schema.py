@@ -14,9 +14,9 @@ import nets
 from datasets.augment import DEFAULTS, PRESETS
 from datasets.captions import CAPTIONS_FILE, GROUP_BY, check_template
 from datasets.lists import CLASS_ORDERS, LAYOUTS, SPLIT_KINDS, VALIDATION_SOURCES
+from retrieval.metrics import SELECTION_METRICS
 from tfcbir import UserError
 from tfcbir.params import REQUIRED, Param, check_value, did_you_mean, fmt, validate
-from training.validation import VALIDATION_METRICS
 
 SPLIT_MODES = ["auto", *SPLIT_KINDS]
 DATA_FORMATS = ["auto", *LAYOUTS]
@@ -361,7 +361,7 @@ SCHEMA: dict = {
                 "The validation score that selects the best weights: recall@1, or map@r "
                 "(MAP@R: ranks the whole class, not only the first answer; logged as "
                 "val_map@r in metrics.csv and best.json).",
-                choices=list(VALIDATION_METRICS),
+                choices=list(SELECTION_METRICS),
             ),
         },
         "log_every": Param(

@@ -42,7 +42,7 @@ from datasets.lists import ImageList, Splits, ValidationSplit
 from datasets.pipeline import TrainData
 from datasets.tokenizer import WordTokenizer
 from nets.catalog import SCRATCH_MAX_LENGTH, text_tower_kind
-from retrieval.metrics import evaluate
+from retrieval.metrics import evaluate, selection_score
 from retrieval.search import unit_rows
 from runs.folder import DUAL_CSV_FIELDS, RunFolder
 from tfcbir import UserError
@@ -50,7 +50,7 @@ from tfcbir.files import atomic_output
 from training import distribute
 from training.optim import VariableGroup, create_loss_variables, trainable_groups
 from training.task import make_train_data, random_states
-from training.validation import DecodedImages, selection_score
+from training.validation import DecodedImages
 
 log = logging.getLogger("tfcbir")
 
@@ -326,7 +326,7 @@ class TextValidator:
         return self.score(model, text_model, "recall@1", batch_size)
 
     def score(self, model, text_model, metric: str, batch_size: int = 256) -> float:
-        """Text-to-image ``metric`` (a key of :data:`training.validation.VALIDATION_METRICS`)."""
+        """Text-to-image ``metric`` (a key of :data:`retrieval.metrics.SELECTION_METRICS`)."""
         images = self.images.embed(model, normalized=True)
         texts = np.concatenate(
             [

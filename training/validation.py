@@ -18,19 +18,14 @@ import numpy as np
 
 from datasets.lists import ImageList, Splits, ValidationSplit, validation_split
 from datasets.pipeline import iter_eval_batches
-from retrieval.metrics import Metrics, evaluate
+from retrieval.metrics import SELECTION_METRICS, Metrics, evaluate, selection_score
 from retrieval.search import unit_rows
 from tfcbir import UserError
 
 log = logging.getLogger("tfcbir")
 
 # train.validation.metric: its name -> (metrics.csv's and best.json's key, how logs show it).
-VALIDATION_METRICS = {"recall@1": ("val_recall@1", "Recall@1"), "map@r": ("val_map@r", "MAP@R")}
-
-
-def selection_score(metrics: Metrics, metric: str) -> float:
-    """The value of ``metric`` (a key of :data:`VALIDATION_METRICS`) in ``metrics``."""
-    return metrics.recall_at_k[1] if metric == "recall@1" else metrics.map_at_r
+VALIDATION_METRICS = {name: (f"val_{name}", shown) for name, shown in SELECTION_METRICS.items()}
 
 
 def choose_validation(config: dict, splits: Splits) -> ValidationSplit:
