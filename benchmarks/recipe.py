@@ -10,14 +10,19 @@ Settings (``--settings``, comma-separated; default: all, in this order):
 
 - ``baseline``: trainings/demo.json as it is (the current defaults: small_cnn, 48 px crops,
   semi-hard triplet, P x K = 8 x 4, 800 steps of adam at 1e-3 with a linear decay);
-- ``recipe``: trainings/recipes/small_from_scratch.json, every trick together;
-- each trick alone: the baseline with the recipe's value of one group of keys (``TRICKS``).
+- ``recipe``: trainings/recipes/small_from_scratch.json as it is;
+- each trick alone: the baseline with one group of keys set (``TRICKS``: the values of the first
+  recipe, and ``miner``, the distance-weighted miner on the baseline's loss);
+- tricks together: their names joined by ``+`` (``batch+pooling+memory``).
 
 Each setting trains once per seed (``--seeds``, default 0,1,2; the seed also draws the split, so
 the settings see the same splits seed for seed). The model is the run's best weights on the
-validation holdout (train.py's default: model selection never sees the test split); it is then
-scored on every test query: MAP@R, Recall@1 and mAP@10. Printed: the mean and the sample
-standard deviation over the seeds, and the training seconds (the ``train()`` call, validation
+validation holdout (train.py's default: model selection never sees the test split), chosen by
+the config's ``train.validation.metric`` or, with ``--select map@r``, by MAP@R for every setting
+(the rows are then named ``<setting> [map@r]``); it is then scored on every test query: MAP@R,
+Recall@1 and mAP@10. Printed: the holdout score at the best step (the selection metric, from
+best.json: what a choice between settings may look at), the test metrics (mean and sample
+standard deviation over the seeds) and the training seconds (the ``train()`` call, validation
 included, TensorFlow's start-up not: an unreported warm-up run pays it). The recipe's models are
 also scored with each query-time re-ranking method at its defaults (``retrieval.rerank``).
 
@@ -25,6 +30,7 @@ also scored with each query-time re-ranking method at its defaults (``retrieval.
     python benchmarks/recipe.py --settings baseline,recipe   # a subset
     python benchmarks/recipe.py --quick                      # smoke run: tiny data, 30 steps
     python benchmarks/recipe.py --settings loss,ema --json b.json     # part of it, saved
+    python benchmarks/recipe.py --select map@r --settings baseline,batch+pooling  # on MAP@R
     python benchmarks/recipe.py --table a.json b.json        # the table of saved parts
 
 The table and its command are in docs/recipes.md.
