@@ -160,3 +160,29 @@ def test_a_bad_metric_is_one_line():
     message = str(error.value)
     assert "train.validation.metric: 'ndcg' is not one of recall@1, map@r" in message
     assert "\n" not in message
+
+
+def test_a_dual_encoder_selects_on_text_to_image_map_at_r(data_dir, monkeypatch):
+    """The text-to-image validation takes the metric too: MAP@R of the same embeddings."""
+    from tests.test_training_dual import dual_config
+    from training import dual
+
+    seen = []
+    real = dual.TextValidator.score
+
+    def spy(self, model, text_model, metric, batch_size=256):
+        value = real(self, model, text_model, metric, batch_size)
+        seen.append((metric, value, real(self, model, text_model, "recall@1", batch_size)))
+        return value
+
+    monkeypatch.setattr(dual.TextValidator, "score", spy)
+    raw = dual_config(
+        train__steps=4, train__validate_every=2, train__validation={"metric": "map@r"}
+    )
+    result = train(config.resolve({**raw, "name": "dual_map"}))
+    assert [metric for metric, _, _ in seen] == ["map@r", "map@r"]
+    best = result.run.best()
+    assert set(best) == {"step", "val_map@r"}
+    assert best["val_map@r"] == max(value for _, value, _ in seen)
+    header = result.run.metrics.read_text().splitlines()[0].split(",")
+    assert "val_map@r" in header and "val_recall@1" not in header
