@@ -16,6 +16,7 @@ import config
 from tfcbir import UserError
 from tfcbir.cli import add_config_argument, import_tensorflow, run
 from training.check import check, report
+from training.validation import VALIDATION_METRICS
 
 
 def main(argv: list[str]) -> int:
@@ -44,17 +45,19 @@ def main(argv: list[str]) -> int:
     result = train(config.load(args.config), restart=args.restart)
     if result.interrupted:
         return 130
-    best = result.best or {}
     loss = "" if result.loss is None else f", loss {result.loss:.4f}"
     print(
-        f"done: step {result.step}{loss}, model {result.run.best_weights}"
-        + (
-            f" (validation Recall@1 {best['val_recall@1']:.4f} at step {best['step']})"
-            if best.get("val_recall@1") is not None
-            else ""
-        )
+        f"done: step {result.step}{loss}, model {result.run.best_weights}{_best_text(result.best)}"
     )
     return 0
+
+
+def _best_text(best: dict | None) -> str:
+    """`` (validation Recall@1 0.7750 at step 1500)`` (or MAP@R), or "" without a score."""
+    for key, name in VALIDATION_METRICS.values():
+        if (best or {}).get(key) is not None:
+            return f" (validation {name} {best[key]:.4f} at step {best['step']})"
+    return ""
 
 
 def _check(args) -> int:

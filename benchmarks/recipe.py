@@ -10,14 +10,19 @@ Settings (``--settings``, comma-separated; default: all, in this order):
 
 - ``baseline``: trainings/demo.json as it is (the current defaults: small_cnn, 48 px crops,
   semi-hard triplet, P x K = 8 x 4, 800 steps of adam at 1e-3 with a linear decay);
-- ``recipe``: trainings/recipes/small_from_scratch.json, every trick together;
-- each trick alone: the baseline with the recipe's value of one group of keys (``TRICKS``).
+- ``recipe``: trainings/recipes/small_from_scratch.json as it is;
+- each trick alone: the baseline with one group of keys set (``TRICKS``: the values of the first
+  recipe, and ``miner``, the distance-weighted miner on the baseline's loss);
+- tricks together: their names joined by ``+`` (``batch+pooling+memory``).
 
 Each setting trains once per seed (``--seeds``, default 0,1,2; the seed also draws the split, so
 the settings see the same splits seed for seed). The model is the run's best weights on the
-validation holdout (train.py's default: model selection never sees the test split); it is then
-scored on every test query: MAP@R, Recall@1 and mAP@10. Printed: the mean and the sample
-standard deviation over the seeds, and the training seconds (the ``train()`` call, validation
+validation holdout (train.py's default: model selection never sees the test split), chosen by
+the config's ``train.validation.metric`` or, with ``--select map@r``, by MAP@R for every setting
+(the rows are then named ``<setting> [map@r]``); it is then scored on every test query: MAP@R,
+Recall@1 and mAP@10. Printed: the holdout score at the best step (the selection metric, from
+best.json: what a choice between settings may look at), the test metrics (mean and sample
+standard deviation over the seeds) and the training seconds (the ``train()`` call, validation
 included, TensorFlow's start-up not: an unreported warm-up run pays it). The recipe's models are
 also scored with each query-time re-ranking method at its defaults (``retrieval.rerank``).
 
@@ -25,6 +30,7 @@ also scored with each query-time re-ranking method at its defaults (``retrieval.
     python benchmarks/recipe.py --settings baseline,recipe   # a subset
     python benchmarks/recipe.py --quick                      # smoke run: tiny data, 30 steps
     python benchmarks/recipe.py --settings loss,ema --json b.json     # part of it, saved
+    python benchmarks/recipe.py --select map@r --settings baseline,batch+pooling  # on MAP@R
     python benchmarks/recipe.py --table a.json b.json        # the table of saved parts
 
 The table and its command are in docs/recipes.md.
@@ -52,16 +58,24 @@ DATA = {"classes": 16, "per_class": 400, "size": 32}
 QUICK_DATA = {"classes": 16, "per_class": 16, "size": 32}
 QUICK_STEPS = 30
 
-# Each trick: the key paths the baseline takes from the recipe to try it alone.
+# Each trick: the keys (paths) the baseline takes to try it, with their values: the values of the
+# first small_from_scratch recipe (the one the ablation first measured), written out here so that
+# a row keeps its meaning when the recipe changes; "miner" is the distance-weighted miner on the
+# baseline's own loss (Wu et al. 2017: Euclidean distances between unit vectors, as its metric).
 TRICKS = {
-    "loss": [("loss",)],
-    "batch": [("train", "batch")],
-    "schedule": [("train", "steps"), ("train", "optimizer"), ("train", "lr_schedule")],
-    "size": [("data", "image_size"), ("data", "resize")],
-    "augment": [("data", "augment")],
-    "pooling": [("model", "pooling")],
-    "ema": [("train", "ema")],
-    "memory": [("train", "memory")],
+    "loss": {("loss",): {"name": "multi_similarity"}},
+    "batch": {("train", "batch"): {"P": 16, "K": 4}},
+    "schedule": {
+        ("train", "steps"): 1500,
+        ("train", "optimizer"): {"name": "adam", "lr": 0.002},
+        ("train", "lr_schedule"): {"name": "cosine", "warmup_steps": 100, "decay_start": 100},
+    },
+    "size": {("data", "image_size"): [32, 32], ("data", "resize"): [36, 36]},
+    "augment": {("data", "augment"): {"preset": "light"}},
+    "pooling": {("model", "pooling"): "gem"},
+    "ema": {("train", "ema"): True},
+    "memory": {("train", "memory"): {"size": 1024, "start_step": 300}},
+    "miner": {("loss", "miner"): "distance_weighted"},
 }
 SETTINGS = ("baseline", "recipe", *TRICKS)
 RERANK = ("alpha_qe", "dba", "dba_alpha_qe", "k_reciprocal")
@@ -74,22 +88,33 @@ def read_json(path: str) -> dict:
 
 
 def setting_config(name: str, baseline: dict, recipe: dict) -> dict:
-    """The raw config of one setting: the baseline, the recipe, or the baseline with one
-    trick's keys set to the recipe's values."""
+    """The raw config of one setting: the baseline, the recipe, or the baseline with the keys of
+    one trick or of several (``"batch+pooling"``) set to the tricks' values."""
     if name == "baseline":
         return copy.deepcopy(baseline)
     if name == "recipe":
         return copy.deepcopy(recipe)
     raw = copy.deepcopy(baseline)
-    for path in TRICKS[name]:
-        parent = raw
-        for key in path[:-1]:
-            parent = parent.setdefault(key, {})
-        value = recipe
-        for key in path:
-            value = value[key]
-        parent[path[-1]] = copy.deepcopy(value)
+    for trick in name.split("+"):
+        for path, value in TRICKS[trick].items():
+            parent = raw
+            for key in path[:-1]:
+                parent = parent.setdefault(key, {})
+            parent[path[-1]] = copy.deepcopy(value)
     return raw
+
+
+def with_selection(raw: dict, metric: str | None) -> dict:
+    """``raw`` with ``train.validation.metric`` set to ``metric`` (None: as it is)."""
+    raw = copy.deepcopy(raw)
+    if metric:
+        raw["train"].setdefault("validation", {})["metric"] = metric
+    return raw
+
+
+def known_setting(name: str) -> bool:
+    """A setting's name: baseline, recipe, a trick, or tricks joined by "+"."""
+    return name in ("baseline", "recipe") or all(part in TRICKS for part in name.split("+"))
 
 
 def run_config(raw: dict, *, name: str, seed: int, root: str, steps: int | None) -> dict:
@@ -123,8 +148,8 @@ def train_and_score(raw: dict, folder: str, rerank: bool) -> dict:
         json.dump(raw, handle, indent=1)
     resolved = config.load(path)
     began = time.perf_counter()
-    train(resolved, restart=True)
-    scores = {"seconds": time.perf_counter() - began}
+    result = train(resolved, restart=True)
+    scores = {"seconds": time.perf_counter() - began, **holdout_score(result.best)}
     with contextlib.redirect_stdout(io.StringIO()):  # embed.py prints the galleries' paths
         embed.main(["-c", path])
     methods = ("none", *RERANK) if rerank else ("none",)
@@ -138,6 +163,17 @@ def train_and_score(raw: dict, folder: str, rerank: bool) -> dict:
     return scores
 
 
+def holdout_score(best: dict | None) -> dict:
+    """The selection metric on the validation holdout at the best step (best.json):
+    ``holdout`` (None without validation) and ``holdout_metric`` ("recall@1" or "map@r")."""
+    from training.validation import VALIDATION_METRICS
+
+    for metric, (key, _) in VALIDATION_METRICS.items():
+        if (best or {}).get(key) is not None:
+            return {"holdout": best[key], "holdout_metric": metric, "best_step": best["step"]}
+    return {"holdout": None, "holdout_metric": None, "best_step": None}
+
+
 def spread(values: list[float]) -> str:
     mean = statistics.fmean(values)
     deviation = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -147,14 +183,28 @@ def spread(values: list[float]) -> str:
 def table(results: dict[str, list[dict]]) -> list[str]:
     """Markdown rows: per setting, mean ± standard deviation over the seeds."""
     lines = [
-        "| setting | seeds | MAP@R | Recall@1 | mAP@10 | train s |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| setting | seeds | holdout (selection metric) | MAP@R | Recall@1 | mAP@10 | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, runs in results.items():
         cells = [spread([run[key] for run in runs]) for key in METRICS]
         seconds = statistics.fmean(run["seconds"] for run in runs)
-        lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} | {seconds:.0f} |")
+        lines.append(
+            f"| {name} | {len(runs)} | {holdout_cell(runs)} | {' | '.join(cells)} | {seconds:.0f} |"
+        )
     return lines
+
+
+def holdout_cell(runs: list[dict]) -> str:
+    """The holdout score's mean ± deviation and its metric; "-" for runs measured before the
+    benchmark recorded it (or without validation), "mixed" across metrics."""
+    metrics = {run.get("holdout_metric") for run in runs}
+    if None in metrics:
+        return "-"
+    if len(metrics) > 1:
+        return "mixed"
+    shown = {"recall@1": "Recall@1", "map@r": "MAP@R"}[metrics.pop()]
+    return f"{shown} {spread([run['holdout'] for run in runs])}"
 
 
 def rerank_table(runs: list[dict]) -> list[str]:
@@ -177,6 +227,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", help="keep the data and runs here (default: a temp dir)")
     parser.add_argument("--json", help="write every run's scores to this JSON file as they come")
     parser.add_argument(
+        "--select",
+        choices=("recall@1", "map@r"),
+        help="select every setting's model on the holdout by this metric "
+        "(train.validation.metric; default: each config's own); its rows are named "
+        "<setting> [<metric>]",
+    )
+    parser.add_argument(
         "--table",
         nargs="+",
         metavar="JSON",
@@ -184,9 +241,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.settings = [name.strip() for name in args.settings.split(",") if name.strip()]
-    unknown = [name for name in args.settings if name not in SETTINGS]
+    unknown = [name for name in args.settings if not known_setting(name)]
     if unknown:
-        parser.error(f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
+        parser.error(
+            f"--settings: unknown {', '.join(unknown)}; choose from {', '.join(SETTINGS)} "
+            "or tricks joined by '+' (batch+pooling)"
+        )
     args.seeds = [int(seed) for seed in args.seeds.split(",")]
     return args
 
@@ -208,16 +268,19 @@ def run_all(args, folder: str) -> dict[str, list[dict]]:
     for name in args.settings:
         for seed in args.seeds:
             raw = run_config(
-                setting_config(name, baseline, recipe),
-                name=f"{name}_seed{seed}",
+                with_selection(setting_config(name, baseline, recipe), args.select),
+                name=f"{name.replace('+', '-')}_seed{seed}",
                 seed=seed,
                 root=root,
                 steps=steps,
             )
             scores = train_and_score(raw, folder, rerank=name == "recipe")
-            results.setdefault(name, []).append({"seed": seed, **scores})
+            row = f"{name} [{args.select}]" if args.select else name
+            results.setdefault(row, []).append({"seed": seed, **scores})
             shown = ", ".join(f"{key} {scores[key]:.3f}" for key in METRICS)
-            print(f"  {name} seed {seed}: {shown}, {scores['seconds']:.0f} s", flush=True)
+            holdout = scores["holdout"]
+            held = "" if holdout is None else f"holdout {scores['holdout_metric']} {holdout:.3f}, "
+            print(f"  {row} seed {seed}: {held}{shown}, {scores['seconds']:.0f} s", flush=True)
             if args.json:  # after every run, so an interrupted benchmark keeps what it measured
                 with open(args.json, "w", encoding="utf-8") as handle:
                     json.dump(results, handle, indent=1)
@@ -227,9 +290,12 @@ def run_all(args, folder: str) -> dict[str, list[dict]]:
 def print_tables(command: str, results: dict[str, list[dict]]) -> None:
     print(f"\n$ {command}")
     print("\n".join(table(results)))
-    if "recipe" in results:
-        print()
-        print("\n".join(rerank_table(results["recipe"])))
+    for name, runs in results.items():
+        if name.split(" ")[0] == "recipe" and "alpha_qe/MAP@R" in runs[0]:
+            print()
+            print(
+                "\n".join(rerank_table(runs)).replace("recipe + re-ranking", f"{name} + re-ranking")
+            )
 
 
 def merged(paths: list[str]) -> dict[str, list[dict]]:
@@ -239,7 +305,9 @@ def merged(paths: list[str]) -> dict[str, list[dict]]:
     for path in paths:
         for name, runs in read_json(path).items():
             found.setdefault(name, {}).update((run["seed"], run) for run in runs)
-    return {name: list(found[name].values()) for name in SETTINGS if name in found}
+    order = [name for name in SETTINGS if name in found]
+    order += [name for name in found if name not in order]  # combinations, [metric] rows
+    return {name: list(found[name].values()) for name in order}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,25 @@ float32 (the pool here is the gallery: the queries are its items) is printed abo
     python benchmarks/rerank.py                  # 60,000 x 128, 11,000 classes, every query
     python benchmarks/rerank.py --n 6000 --queries 1000
     python benchmarks/rerank.py --methods none,k_reciprocal --candidates 200
+
+``--trained``: re-ranking's gain (or loss) per data set the project makes, on trained models
+instead of synthetic vectors. Each data set of ``--sets`` (default demo,text) is drawn with
+``datasets.demo.generate`` into a temporary folder (or ``--data-dir``), its config trained once
+per seed (``--seeds``, default 0,1,2; the model chosen on the validation holdout), its galleries
+embedded, and every test query evaluated as evaluation.py does (the run's protocol: queries
+against the training images) with no re-ranking and with each method at its defaults:
+
+- ``demo``: the bundled demo (12 shapes, 60 images each at 64 px, ``make demo``'s) with
+  trainings/demo.json, as ``make demo`` trains it;
+- ``text``: the same images with trainings/demo_text.json (``make demo-text``'s dual encoder),
+  image queries through its image tower;
+- ``hard``: the ablation's set (16 shapes, 400 at 32 px: benchmarks/recipe.py) with
+  trainings/recipes/small_from_scratch.json (benchmarks/recipe.py's ``recipe`` rows print the same
+  table for it).
+
+    python benchmarks/rerank.py --trained                    # demo and text, 3 seeds
+    python benchmarks/rerank.py --trained --sets hard --seeds 0
+    python benchmarks/rerank.py --trained --quick            # smoke run: tiny data, 30 steps
 """
 
 from __future__ import annotations
@@ -113,7 +132,105 @@ def run_worker(method: str, args) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def trained_data_sets() -> dict[str, tuple[str, dict, str]]:
+    """``--trained``'s data sets: name -> (config file, datasets.demo.generate's arguments, the
+    data root they are drawn into, relative to the data dir)."""
+    from benchmarks.recipe import DATA, RECIPE
+
+    demo = {"classes": 12, "per_class": 60, "size": 64}  # datasets.demo's defaults: make demo
+    return {
+        "demo": (os.path.join(ROOT, "trainings", "demo.json"), demo, "datasets/demo_shapes"),
+        "text": (os.path.join(ROOT, "trainings", "demo_text.json"), demo, "datasets/demo_shapes"),
+        "hard": (RECIPE, DATA, "shapes_16x400_32px"),
+    }
+
+
+def trained_runs(args, folder: str) -> dict[str, list[dict]]:
+    """Every data set of ``args.sets`` trained once per seed in ``folder`` and scored with and
+    without each re-ranking method (benchmarks/recipe.py's train_and_score)."""
+    from benchmarks.recipe import QUICK_DATA, QUICK_STEPS, read_json, run_config, train_and_score
+    from datasets.demo import generate
+
+    os.environ["TFCBIR_DATA_DIR"] = folder
+    found = trained_data_sets()
+    results: dict[str, list[dict]] = {}
+    for name in args.sets:
+        path, data, root = found[name]
+        generate(os.path.join(folder, root), **(QUICK_DATA if args.quick else data))
+        for seed in args.seeds:
+            raw = run_config(
+                read_json(path),
+                name=f"rerank_{name}_seed{seed}",
+                seed=seed,
+                root=root,
+                steps=QUICK_STEPS if args.quick else None,
+            )
+            scores = train_and_score(raw, folder, rerank=True)
+            results.setdefault(name, []).append({"seed": seed, **scores})
+            shown = ", ".join(f"{m} MAP@R {scores[f'{m}/MAP@R']:.3f}" for m in METHODS[1:])
+            print(f"  {name} seed {seed}: none MAP@R {scores['MAP@R']:.3f}, {shown}", flush=True)
+            if args.json:
+                with open(args.json, "w", encoding="utf-8") as handle:
+                    json.dump(results, handle, indent=1)
+    return results
+
+
+def trained_table(results: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: per data set and method, mean ± deviation over the seeds, and the mean
+    change from no re-ranking (seed by seed)."""
+    from benchmarks.recipe import spread
+
+    keys = ("MAP@R", "recall@1", "mAP@10")
+    lines = [
+        "| data set | re-ranking | MAP@R | Recall@1 | mAP@10 | change in MAP@R | in Recall@1 "
+        "| in mAP@10 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, runs in results.items():
+        for method in METHODS:
+            prefix = "" if method == "none" else f"{method}/"
+            cells = [spread([run[prefix + key] for run in runs]) for key in keys]
+            changes = [
+                f"{np.mean([run[prefix + key] - run[key] for run in runs]):+.3f}" for key in keys
+            ]
+            lines.append(
+                f"| {name} ({len(runs)} seed{'s' * (len(runs) > 1)}) | {method} | {' | '.join(cells)} "
+                f"| {' | '.join(changes)} |"
+            )
+    return lines
+
+
+def trained_main(args, argv: list[str]) -> None:
+    import tempfile
+
+    from tfcbir.cli import quiet_tensorflow
+
+    quiet_tensorflow()
+    command = "python benchmarks/rerank.py " + " ".join(argv)
+    print(f"{command}\n{os.cpu_count()} CPUs", flush=True)
+    if args.data_dir:
+        results = trained_runs(args, os.path.abspath(args.data_dir))
+    else:
+        with tempfile.TemporaryDirectory() as folder:
+            results = trained_runs(args, folder)
+    print(f"\n$ {command}")
+    print("\n".join(trained_table(results)))
+
+
+def add_trained_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trained", action="store_true", help="per data set the project makes, trained models"
+    )
+    parser.add_argument("--sets", default="demo,text", help="--trained: demo, text, hard")
+    parser.add_argument("--seeds", default="0,1,2", help="--trained: comma-separated seeds")
+    parser.add_argument("--quick", action="store_true", help="--trained: tiny data, 30 steps")
+    parser.add_argument("--data-dir", help="--trained: keep data and runs here (default: temp)")
+    parser.add_argument("--json", help="--trained: write every run's scores here")
+    parser.add_argument("--table", nargs="+", help="--trained: print the table of --json files")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=60_000, help="embeddings (default 60000)")
     parser.add_argument(
@@ -130,7 +247,23 @@ def main() -> None:
     parser.add_argument("--lambda", dest="lambda_value", type=float)
     parser.add_argument("--candidates", type=int)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    add_trained_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.table:
+        merged: dict[str, list[dict]] = {}
+        for path in args.table:
+            with open(path, encoding="utf-8") as handle:
+                merged.update(json.load(handle))
+        print("\n".join(trained_table(merged)))
+        return
+    if args.trained:
+        args.sets = [name.strip() for name in args.sets.split(",") if name.strip()]
+        unknown = set(args.sets) - set(trained_data_sets())
+        if unknown:
+            parser.error(f"--sets: unknown {', '.join(sorted(unknown))}; give demo, text, hard")
+        args.seeds = [int(seed) for seed in args.seeds.split(",")]
+        trained_main(args, argv)
+        return
     if args.classes is None:
         args.classes = max(1, round(args.n * 11_000 / 60_000))
     if args.worker:

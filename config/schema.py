@@ -14,6 +14,7 @@ import nets
 from datasets.augment import DEFAULTS, PRESETS
 from datasets.captions import CAPTIONS_FILE, GROUP_BY, check_template
 from datasets.lists import CLASS_ORDERS, LAYOUTS, SPLIT_KINDS, VALIDATION_SOURCES
+from retrieval.metrics import SELECTION_METRICS
 from tfcbir import UserError
 from tfcbir.params import REQUIRED, Param, check_value, did_you_mean, fmt, validate
 
@@ -326,7 +327,7 @@ SCHEMA: dict = {
         "validate_every": Param(
             int,
             500,
-            "Measure validation Recall@1 every this many steps; "
+            "Measure the validation score (train.validation.metric) every this many steps; "
             "0: never (the last weights are then the model).",
             min=0,
         ),
@@ -353,6 +354,14 @@ SCHEMA: dict = {
             ),
             "max_images": Param(
                 int, 1000, "Validation uses at most this many images (seeded sample).", min=2
+            ),
+            "metric": Param(
+                str,
+                "recall@1",
+                "The validation score that selects the best weights: recall@1, or map@r "
+                "(MAP@R: ranks the whole class, not only the first answer; logged as "
+                "val_map@r in metrics.csv and best.json).",
+                choices=list(SELECTION_METRICS),
             ),
         },
         "log_every": Param(

@@ -268,23 +268,24 @@ def confusion_figure(
 
 
 def curves_figure(metrics: dict[str, np.ndarray], *, title: str):
-    """Training loss, learning rate and validation Recall@1 against step, from metrics.csv's
-    columns (:meth:`runs.folder.RunFolder.read_metrics`)."""
+    """Training loss, learning rate and the validation score (Recall@1, or MAP@R for a run
+    selected on it) against step, from metrics.csv's columns
+    (:meth:`runs.folder.RunFolder.read_metrics`)."""
     figure = Figure(figsize=(13, 3.6))
     panels = figure.subplots(1, 3)
     step = metrics["step"]
+    validation = (
+        ("val_map@r", "validation MAP@R")
+        if "val_map@r" in metrics
+        else ("val_recall@1", "validation Recall@1")
+    )
     for axes, (column, name) in zip(
-        panels,
-        [
-            ("loss", "training loss"),
-            ("lr", "learning rate"),
-            ("val_recall@1", "validation Recall@1"),
-        ],
+        panels, [("loss", "training loss"), ("lr", "learning rate"), validation]
     ):
         values = metrics[column]
         known = ~np.isnan(values) & ~np.isnan(step)
         if known.any():
-            marker = "o" if column == "val_recall@1" else None
+            marker = "o" if column == validation[0] else None
             axes.plot(step[known], values[known], marker=marker, markersize=4, linewidth=1.2)
             if column == "loss" and known.sum() >= 20:  # a smoothed line over the noisy batches
                 window = max(5, int(known.sum()) // 20)

@@ -154,6 +154,17 @@ class Metrics:
         return values
 
 
+# The metrics that can select a model on validation images (train.validation.metric): name ->
+# how messages write it.
+SELECTION_METRICS = {"recall@1": "Recall@1", "map@r": "MAP@R"}
+
+
+def selection_score(metrics: Metrics, name: str) -> float:
+    """The value in ``metrics`` of the selection metric ``name`` (a key of
+    :data:`SELECTION_METRICS`): Recall@1 or MAP@R."""
+    return metrics.recall_at_k[1] if name == "recall@1" else metrics.map_at_r
+
+
 def map_key(r: int | None) -> str:
     """The name of the mean of AP@r: ``mAP@<r>`` (``mAP@10``), or ``mAP`` for the whole ranking."""
     return "mAP" if r is None else f"mAP@{r}"

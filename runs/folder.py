@@ -111,14 +111,17 @@ class RunFolder:
     def read_metrics(self) -> dict[str, np.ndarray] | None:
         """The columns of metrics.csv (:data:`CSV_FIELDS`) as float64 arrays (R,), one value per
         row, NaN where a row has none (validation Recall@1 is only measured every
-        ``train.validate_every`` steps); None when the run has no metrics.csv."""
+        ``train.validate_every`` steps), and ``val_map@r`` when the run was selected on MAP@R
+        (``train.validation.metric``); None when the run has no metrics.csv."""
         if not self.metrics.is_file():
             return None
         with open(self.metrics, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            names = CSV_FIELDS + [f for f in ["val_map@r"] if f in (reader.fieldnames or [])]
         return {
             name: np.array([_number(row.get(name)) for row in rows], dtype=np.float64)
-            for name in CSV_FIELDS
+            for name in names
         }
 
     def open_metrics(self, resume_step: int, fields: list[str] = CSV_FIELDS):

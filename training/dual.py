@@ -15,7 +15,7 @@ image-text loss (``clip``, ``siglip``) on image-caption pairs:
 - :func:`build`: the text tower, the loss (an image-text loss, maybe with an image loss) and
   what trains at which rate;
 - :func:`make_step`: the training step (both towers, or a frozen text tower);
-- :class:`TextValidator`: text-to-image Recall@1 of held-out images' captions;
+- :class:`TextValidator`: text-to-image Recall@1 (or MAP@R) of held-out images' captions;
 - :class:`DualEncoderTask`: all of it as the training loop asks for it
   (:class:`training.task.TrainingTask`).
 """
@@ -42,7 +42,7 @@ from datasets.lists import ImageList, Splits, ValidationSplit
 from datasets.pipeline import TrainData
 from datasets.tokenizer import WordTokenizer
 from nets.catalog import SCRATCH_MAX_LENGTH, text_tower_kind
-from retrieval.metrics import evaluate
+from retrieval.metrics import evaluate, selection_score
 from retrieval.search import unit_rows
 from runs.folder import DUAL_CSV_FIELDS, RunFolder
 from tfcbir import UserError
@@ -323,6 +323,10 @@ class TextValidator:
             )
 
     def recall_at_1(self, model, text_model, batch_size: int = 256) -> float:
+        return self.score(model, text_model, "recall@1", batch_size)
+
+    def score(self, model, text_model, metric: str, batch_size: int = 256) -> float:
+        """Text-to-image ``metric`` (a key of :data:`retrieval.metrics.SELECTION_METRICS`)."""
         images = self.images.embed(model, normalized=True)
         texts = np.concatenate(
             [
@@ -340,7 +344,7 @@ class TextValidator:
             ks=(1,),
             nmi=False,
         )
-        return metrics.recall_at_k[1]
+        return selection_score(metrics, metric)
 
 
 def _sample_positions(n: int, max_images: int, seed: int) -> np.ndarray:
@@ -401,7 +405,7 @@ class DualEncoderTask:
         }
 
     def validation(self, chosen: ValidationSplit, splits: Splits):
-        """Text-to-image Recall@1 of the held-out images' captions (from the captions file the
+        """Text-to-image ``train.validation.metric`` of the held-out images' captions (from the captions file the
         training pairs came from, grouped as the training pairs are); None when none has a
         caption."""
         pairs = caption_pairs(self.config, chosen.validation, self.table, self.pairs.group_by)
@@ -419,7 +423,8 @@ class DualEncoderTask:
             self.config["seed"],
             tokenizer=self.text_tower.tokenizer,
         )
-        return lambda: validator.recall_at_1(self.model, self.text_tower.model)
+        metric = self.config["train"]["validation"]["metric"]
+        return lambda: validator.score(self.model, self.text_tower.model, metric)
 
     def describe(self) -> list[str]:
         return [

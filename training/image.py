@@ -68,8 +68,9 @@ class ImageTask:
             normalized=cfg.normalized_embeddings(config),
             # Mirror evaluation: class-disjoint splits leave one out, others search training.
             gallery=None if splits.class_disjoint else chosen.train,
+            metric=config["train"]["validation"]["metric"],
         )
-        return functools.partial(validator.recall_at_1, self.model)
+        return functools.partial(validator.score, self.model)
 
     def describe(self) -> list[str]:
         return []

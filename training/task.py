@@ -12,7 +12,7 @@ A task's life, in the loop's order (the order fixes what the random seed draws, 
    and what else it needs from the run folder before its models (a tokenizer);
 2. ``task.build(pretrained)`` inside the distribution strategy's scope: its models, its loss and
    the loss's variables, and ``variable_groups`` (what trains at which rate);
-3. ``task.validation(chosen, splits)``: a function measuring validation Recall@1, or None;
+3. ``task.validation(chosen, splits)``: a function measuring the validation score, or None;
 4. ``task.make_step(optimizer, strategy, mixed)`` and ``task.batches(start, stop)``; each step
    returns the floats ``[loss, *parts]``, and ``task.log_row`` turns them into a row's extra
    columns (``task.csv_fields``).
@@ -46,8 +46,8 @@ class TrainingTask(Protocol):
         "loss" (the loss's weights), "rng" (random states), and any other model's weights."""
 
     def validation(self, chosen: ValidationSplit, splits: Splits) -> Callable[[], float] | None:
-        """A function measuring the current weights' validation Recall@1 (None: no validation
-        is possible; the last weights are the model)."""
+        """A function measuring the current weights' validation score, ``train.validation.metric``
+        (higher is better; None: no validation is possible; the last weights are the model)."""
 
     def describe(self) -> list[str]:
         """Lines logged after the summary: what else this kind trains."""

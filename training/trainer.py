@@ -41,7 +41,7 @@ from training.ema import WeightAverage
 from training.image import ImageTask
 from training.optim import VariableGroup, build_optimizer, pause_variables
 from training.task import TrainingTask
-from training.validation import choose_validation
+from training.validation import VALIDATION_METRICS, choose_validation
 
 log = logging.getLogger("tfcbir")
 
@@ -236,6 +236,10 @@ class TrainingLoop:
         self.task, self.groups, self.optimizer = task, groups, optimizer
         self.validation, self.step, self.best = validation, step, best
         self.average = average
+        # The validation score's column of metrics.csv and key of best.json: val_recall@1 or
+        # val_map@r (train.validation.metric).
+        metric = self.train_cfg["validation"]["metric"]
+        self.score_key, self.score_name = VALIDATION_METRICS[metric]
 
     def run(self, steps: StepFunctions, batches, strategy) -> Result:
         """Run the step functions of ``steps`` on each of ``batches``, split over the
@@ -243,7 +247,8 @@ class TrainingLoop:
         (``interrupted``)."""
         run = self.run_folder
         self.writer = tf.summary.create_file_writer(str(run.logs))
-        fields = self.task.csv_fields + (["val_recall@1_ema"] if self.average else [])
+        fields = [self.score_key if f == "val_recall@1" else f for f in self.task.csv_fields]
+        fields += [f"{self.score_key}_ema"] if self.average else []
         self.csv_handle, self.csv_writer = run.open_metrics(self.step, fields)
         self.progress = Progress(self.train_cfg["steps"], start=self.step)
         signal_handler = _raise_on_sigterm()
@@ -290,9 +295,9 @@ class TrainingLoop:
         if self.validation is not None and self._due(self.train_cfg["validate_every"]):
             row = row or {"step": step, "loss": f"{loss_value:.6g}"}
             scores = self._validate()
-            row["val_recall@1"] = f"{scores['raw']:.6g}"
+            row[self.score_key] = f"{scores['raw']:.6g}"
             if "ema" in scores:
-                row["val_recall@1_ema"] = f"{scores['ema']:.6g}"
+                row[f"{self.score_key}_ema"] = f"{scores['ema']:.6g}"
         if row is not None:
             self.csv_writer.writerow(row)
             self.csv_handle.flush()
@@ -318,40 +323,43 @@ class TrainingLoop:
             "loss": f"{loss_value:.6g}",
             "lr": f"{lr:.6g}",
             "steps_per_s": f"{rate:.4g}",
-            "val_recall@1": "",
+            self.score_key: "",
             "elapsed_s": f"{now - self.t_start:.1f}",
         }
         row.update(self.task.log_row(step, values, self.writer))
         return row
 
     def _validate(self) -> dict[str, float]:
-        """The validation Recall@1 of the current weights ("raw") and, with ``train.ema``, of
-        their moving average ("ema"); the better (the raw weights on a tie) is kept as the best
-        weights when it improved on them."""
+        """The validation score (``train.validation.metric``) of the current weights ("raw") and,
+        with ``train.ema``, of their moving average ("ema"); the better (the raw weights on a tie)
+        is kept as the best weights when it improved on them."""
         step, scores = self.step, {"raw": self.validation()}
         if self.average is not None:
             with self.average.swapped_in():
                 scores["ema"] = self.validation()
         with self.writer.as_default(step=step):
-            tf.summary.scalar("val_recall@1", scores["raw"])
+            tf.summary.scalar(self.score_key, scores["raw"])
             if "ema" in scores:
-                tf.summary.scalar("val_recall@1_ema", scores["ema"])
+                tf.summary.scalar(f"{self.score_key}_ema", scores["ema"])
         choice = max(scores, key=lambda name: (scores[name], name == "raw"))
-        recall = scores[choice]
-        improved = self.best is None or recall > self.best["val_recall@1"]
+        score = scores[choice]
+        # A best of another metric (a checkpoint of a run that selected on it) is replaced.
+        previous = None if self.best is None else self.best.get(self.score_key)
+        improved = previous is None or score > previous
         ema_text = f" (EMA {scores['ema']:.4f})" if "ema" in scores else ""
         self.progress.note(
-            f"step {step}: validation Recall@1 {scores['raw']:.4f}{ema_text}"
+            f"step {step}: validation {self.score_name} {scores['raw']:.4f}{ema_text}"
             + (" (best so far)" if improved else "")
         )
         if improved:
-            self._save_best(step, recall, choice)
+            self._save_best(step, score, choice)
         return scores
 
-    def _save_best(self, step: int, recall: float | None, weights: str) -> None:
+    def _save_best(self, step: int, score: float | None, weights: str) -> None:
         """Save the raw weights or (weights "ema") their moving average as the best, and
-        best.json (which of the two it is only with ``train.ema``)."""
-        best = {"step": step, "val_recall@1": recall}
+        best.json: the step, the validation score under its key (``val_recall@1`` or
+        ``val_map@r``) and, only with ``train.ema``, which of the two weights it is."""
+        best = {"step": step, self.score_key: score}
         if self.average is not None:
             best["weights"] = weights
         self.best = best

@@ -1,12 +1,13 @@
 """Validation during training: which images select the model (:func:`choose_validation`), and
-their Recall@1, decoded once (:class:`Validator`). No TensorFlow here: ``train.py --check`` uses it.
+their score, decoded once (:class:`Validator`). No TensorFlow here: ``train.py --check`` uses it.
 
 The validation mirrors the evaluation protocol of the split: for a class-disjoint split the
 held-out images are searched among themselves (leave-one-out, as the test classes will be); for a
 split by images they are queries against (a sample of) the training images, the gallery the test
-queries will search. Recall@1 is :mod:`retrieval.metrics`' (in the run's search geometry; a query
-without a relevant item is left out), so the number that selects the model is the one
-evaluation.py reports.
+queries will search. The score is ``train.validation.metric`` (:data:`VALIDATION_METRICS`):
+Recall@1 (the default) or MAP@R, which ranks the whole class, both :mod:`retrieval.metrics`' (in
+the run's search geometry; a query without a relevant item is left out), so the number that
+selects the model is the one evaluation.py reports.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ import numpy as np
 
 from datasets.lists import ImageList, Splits, ValidationSplit, validation_split
 from datasets.pipeline import iter_eval_batches
-from retrieval.metrics import evaluate
+from retrieval.metrics import SELECTION_METRICS, Metrics, evaluate, selection_score
 from retrieval.search import unit_rows
 from tfcbir import UserError
 
 log = logging.getLogger("tfcbir")
+
+# train.validation.metric: its name -> (metrics.csv's and best.json's key, how logs show it).
+VALIDATION_METRICS = {name: (f"val_{name}", shown) for name, shown in SELECTION_METRICS.items()}
 
 
 def choose_validation(config: dict, splits: Splits) -> ValidationSplit:
@@ -39,7 +43,8 @@ def choose_validation(config: dict, splits: Splits) -> ValidationSplit:
 
 
 class Validator:
-    """Recall@1 of a model: ``queries`` against ``gallery`` (None: leave-one-out on queries).
+    """A model's ``metric`` (a key of :data:`VALIDATION_METRICS`: Recall@1 or MAP@R):
+    ``queries`` against ``gallery`` (None: leave-one-out on queries).
 
     Each set is cut to ``max_images`` (a seeded sample). normalized: compare unit vectors by
     cosine (config.normalized_embeddings), else by Euclidean distance. Labels of both sets must
@@ -54,8 +59,9 @@ class Validator:
         seed: int,
         normalized: bool,
         gallery: ImageList | None = None,
+        metric: str = "recall@1",
     ):
-        self.normalized = normalized
+        self.normalized, self.metric = normalized, metric
         leave_one_out = gallery is None
         self.queries = DecodedImages(
             _sample(queries, max_images, seed, by_class=leave_one_out), data
@@ -77,12 +83,20 @@ class Validator:
             )
 
     def recall_at_1(self, model) -> float:
+        return selection_score(self.metrics(model), "recall@1")
+
+    def score(self, model) -> float:
+        """The model's validation ``metric``: the number that selects the best weights."""
+        return selection_score(self.metrics(model), self.metric)
+
+    def metrics(self, model) -> Metrics:
+        """:func:`retrieval.metrics.evaluate` of the model's validation embeddings."""
         queries = self.queries.embed(model, self.normalized)
         if self.gallery is None:
             gallery, exclude = queries, np.arange(len(queries))
         else:
             gallery, exclude = self.gallery.embed(model, self.normalized), None
-        metrics = evaluate(
+        return evaluate(
             queries,
             self.queries.labels,
             gallery,
@@ -93,7 +107,6 @@ class Validator:
             ks=(1,),
             nmi=False,
         )
-        return metrics.recall_at_k[1]
 
 
 def _sample(images: ImageList, max_images: int, seed: int, by_class: bool = False) -> ImageList:
