@@ -27,6 +27,7 @@ saved to a file (``pretrained_vit.weights.h5``), and fine-tuning loads it (``mod
 with the same loss and optimiser on the CNN's schedule, and ``backbone_lr_multiplier`` 0.3
 (trainings/recipes/finetune_vit.json's):
 
+- ``vit_scratch``: the same fine-tuning from the preset's random weights, for reference;
 - ``vit_pretrained``: every block at the backbone's rate;
 - ``vit_layer_decay``: the same with ``train.optimizer.layer_decay: 0.75`` (the recipe's).
 
@@ -79,7 +80,7 @@ FINETUNE = {
 }
 WARMUP_STEPS = 100  # train.freeze_backbone_steps of the warm-up settings (quick: a third)
 CNN_SETTINGS = ("scratch", "pretrained", "freeze_batchnorm", "warmup", "freeze_batchnorm+warmup")
-VIT_SETTINGS = ("vit_pretrained", "vit_layer_decay")
+VIT_SETTINGS = ("vit_scratch", "vit_pretrained", "vit_layer_decay")
 SETTINGS = CNN_SETTINGS + VIT_SETTINGS
 # The tiny ViT (keras_hub.models.ViTBackbone's arguments): 16 patches of 8 px, 4 blocks, so that
 # depth matters to layer decay; small enough to train in about a minute on a CPU.
@@ -179,8 +180,10 @@ def pretrain(folder: str, root: str, steps: int | None, raw: dict, saved: str) -
     model.load_weights(result.run.best_weights)
     weights = os.path.join(folder, saved)
     model.get_layer("backbone").save_weights(weights)
+    backbone = raw["model"]["backbone"]  # named when a hub: preset (small_cnn's line as before)
+    shown = f" {os.path.basename(backbone)}" if backbone.startswith("hub:") else ""
     print(
-        f"pretrained {raw['model']['backbone'].split('/')[-1]} on {root} "
+        f"pretrained{shown} on {root} "
         f"({len(os.listdir(os.path.join(folder, root)))} classes): "
         f"{result.step} steps, {time.perf_counter() - began:.0f} s, backbone saved",
         flush=True,
@@ -194,7 +197,7 @@ def setting_config(name: str, weights: str, quick: bool, vit: str | None = None)
     if name in VIT_SETTINGS:
         raw = vit_config(vit)
         raw["train"].update(copy.deepcopy(FINETUNE))
-        raw["model"]["weights"] = weights
+        raw["model"]["weights"] = "pretrained" if name == "vit_scratch" else weights
         raw["train"]["optimizer"]["backbone_lr_multiplier"] = VIT_BACKBONE_LR_MULTIPLIER
         if name == "vit_layer_decay":
             raw["train"]["optimizer"]["layer_decay"] = VIT_LAYER_DECAY
@@ -236,6 +239,8 @@ def pretrained_backbones(args, folder: str, roots: tuple[str, str]) -> dict:
         print(f"layer_decay 0.75 on small_cnn: {layer_decay_refusal(made['cnn'])}", flush=True)
     if any(name in VIT_SETTINGS for name in args.settings):
         made["vit_preset"] = make_vit_preset(folder)
+        made["vit"] = "pretrained"  # vit_scratch: the preset's random weights
+    if any(name in VIT_SETTINGS[1:] for name in args.settings):
         made["vit"] = pretrain(
             folder, roots[0], steps, vit_config(made["vit_preset"]), "pretrained_vit.weights.h5"
         )

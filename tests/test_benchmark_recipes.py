@@ -86,10 +86,10 @@ def test_finetune_quick_fine_tunes_the_pretrained_vit_with_and_without_layer_dec
     monkeypatch.setenv("TFCBIR_DATA_DIR", str(tmp_path))
     folder = tmp_path / "d"
     results = finetune.main(
-        ["--quick", "--settings", "vit_pretrained,vit_layer_decay", "--seeds", "0"]
+        ["--quick", "--settings", ",".join(finetune.VIT_SETTINGS), "--seeds", "0"]
         + ["--data-dir", str(folder)]
     )
-    assert set(results) == {"vit_pretrained", "vit_layer_decay"}
+    assert set(results) == {"vit_scratch", "vit_pretrained", "vit_layer_decay"}
     for runs in results.values():
         (run,) = runs
         assert all(math.isfinite(run[key]) and 0 <= run[key] <= 1 for key in recipe.METRICS)
@@ -99,11 +99,12 @@ def test_finetune_quick_fine_tunes_the_pretrained_vit_with_and_without_layer_dec
         name: config.load(str(folder / "configs" / f"{name}_seed0.json"))
         for name in finetune.VIT_SETTINGS
     }
-    for cfg in resolved.values():
+    for name, cfg in resolved.items():
         assert cfg["model"]["backbone"] == f"hub:{folder / 'vit_preset'}"
-        assert cfg["model"]["weights"] == str(weights)
+        assert cfg["model"]["weights"] == ("pretrained" if name == "vit_scratch" else str(weights))
         assert cfg["train"]["optimizer"]["backbone_lr_multiplier"] == 0.3
-    assert resolved["vit_pretrained"]["train"]["optimizer"]["layer_decay"] is None
+    for name in ("vit_scratch", "vit_pretrained"):
+        assert resolved[name]["train"]["optimizer"]["layer_decay"] is None
     assert resolved["vit_layer_decay"]["train"]["optimizer"]["layer_decay"] == 0.75
     # Fine-tuning starts from the pretrained tower, not the preset's random weights.
     cfg = resolved["vit_layer_decay"]
