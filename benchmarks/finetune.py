@@ -158,14 +158,13 @@ def vit_config(backbone: str) -> dict:
     return raw
 
 
-def pretrain(folder: str, root: str, steps: int | None, raw: dict, saved: str) -> str:
-    """Train ``raw`` on ``root`` and save its best weights' backbone to ``folder``/``saved``;
-    the file's path."""
+def pretrain(folder: str, root: str, steps: int | None, raw: dict, name: str, saved: str) -> str:
+    """Train ``raw`` on ``root`` as run ``name`` and save its best weights' backbone to
+    ``folder``/``saved``; the file's path."""
     import config
     import nets
     from training.trainer import train
 
-    name = saved.split(".")[0]
     raw = run_config(raw, name=name, seed=PRETRAIN_SEED, root=root, steps=steps)
     path = os.path.join(folder, "configs", f"{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -228,21 +227,28 @@ def layer_decay_refusal(weights: str) -> str:
 
 
 def pretrained_backbones(args, folder: str, roots: tuple[str, str]) -> dict:
-    """The pretrained files the settings need: ``cnn`` (small_cnn's backbone weights) and
-    ``vit`` (the ViT tower's weights, ``vit_preset`` the ``hub:`` backbone they fit)."""
+    """The pretrained files the settings need: ``cnn`` (small_cnn's backbone weights file),
+    ``vit_preset`` (the random ViT's ``hub:`` backbone) and ``vit`` (its tower's weights file
+    once pretrained; "pretrained", the preset's random weights, when only vit_scratch runs)."""
     steps = QUICK_STEPS if args.quick else None
     made: dict[str, str] = {}
     if any(name in CNN_SETTINGS for name in args.settings):
         made["cnn"] = pretrain(
-            folder, roots[0], steps, read_json(BASELINE), "pretrained_backbone.weights.h5"
+            folder,
+            roots[0],
+            steps,
+            read_json(BASELINE),
+            "pretrain",
+            "pretrained_backbone.weights.h5",
         )
         print(f"layer_decay 0.75 on small_cnn: {layer_decay_refusal(made['cnn'])}", flush=True)
     if any(name in VIT_SETTINGS for name in args.settings):
         made["vit_preset"] = make_vit_preset(folder)
         made["vit"] = "pretrained"  # vit_scratch: the preset's random weights
     if any(name in VIT_SETTINGS[1:] for name in args.settings):
+        raw = vit_config(made["vit_preset"])
         made["vit"] = pretrain(
-            folder, roots[0], steps, vit_config(made["vit_preset"]), "pretrained_vit.weights.h5"
+            folder, roots[0], steps, raw, "pretrained_vit", "pretrained_vit.weights.h5"
         )
     return made
 
