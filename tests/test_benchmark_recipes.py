@@ -72,7 +72,66 @@ def test_finetune_quick_pretrains_and_fine_tunes(tmp_path, monkeypatch, capsys):
     assert "layer_decay 0.75 on small_cnn: train.optimizer.layer_decay: small_cnn has no" in printed
 
 
-@pytest.mark.parametrize("name", finetune.SETTINGS)
+def test_finetune_quick_fine_tunes_the_pretrained_vit_with_and_without_layer_decay(
+    tmp_path, monkeypatch
+):
+    import math
+
+    import numpy as np
+
+    import config
+    import nets
+    from training.optim import trainable_groups
+
+    monkeypatch.setenv("TFCBIR_DATA_DIR", str(tmp_path))
+    folder = tmp_path / "d"
+    results = finetune.main(
+        ["--quick", "--settings", ",".join(finetune.VIT_SETTINGS), "--seeds", "0"]
+        + ["--data-dir", str(folder)]
+    )
+    assert set(results) == {"vit_scratch", "vit_pretrained", "vit_layer_decay"}
+    for runs in results.values():
+        (run,) = runs
+        assert all(math.isfinite(run[key]) and 0 <= run[key] <= 1 for key in recipe.METRICS)
+    assert not (folder / "pretrained_backbone.weights.h5").exists()  # no CNN setting asked
+    weights = folder / "pretrained_vit.weights.h5"
+    resolved = {
+        name: config.load(str(folder / "configs" / f"{name}_seed0.json"))
+        for name in finetune.VIT_SETTINGS
+    }
+    for name, cfg in resolved.items():
+        assert cfg["model"]["backbone"] == f"hub:{folder / 'vit_preset'}"
+        assert cfg["model"]["weights"] == ("pretrained" if name == "vit_scratch" else str(weights))
+        assert cfg["train"]["optimizer"]["backbone_lr_multiplier"] == 0.3
+    for name in ("vit_scratch", "vit_pretrained"):
+        assert resolved[name]["train"]["optimizer"]["layer_decay"] is None
+    assert resolved["vit_layer_decay"]["train"]["optimizer"]["layer_decay"] == 0.75
+    # Fine-tuning starts from the pretrained tower, not the preset's random weights.
+    cfg = resolved["vit_layer_decay"]
+    model = nets.build_embedding_model(cfg["model"], (32, 32))
+    random = nets.build_embedding_model({**cfg["model"], "weights": "pretrained"}, (32, 32))
+    saved = nets.build_embedding_model(cfg["model"], (32, 32), pretrained=False)
+    saved.get_layer("backbone").load_weights(str(weights))
+    tower, random_tower = model.get_layer("backbone"), random.get_layer("backbone")
+    for got, want in zip(tower.get_weights(), saved.get_layer("backbone").get_weights()):
+        np.testing.assert_array_equal(got, want)
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(tower.get_weights(), random_tower.get_weights())
+    )
+    # The decay is in force: the 4 blocks and the stem at 0.3 * 0.75^(5 - id); without it one
+    # backbone group at 0.3.
+    rates = {
+        group.name: group.lr_multiplier for group in trainable_groups(model, None, [], cfg["train"])
+    }
+    for index, part in enumerate(["embeddings", "block0", "block1", "block2", "block3"]):
+        assert rates[f"backbone.{part}"] == pytest.approx(0.3 * 0.75 ** (5 - index))
+    assert rates["head"] == 1.0
+    plain = trainable_groups(model, None, [], resolved["vit_pretrained"]["train"])
+    assert [group.name for group in plain] == ["backbone", "head"]
+    assert plain[0].lr_multiplier == 0.3
+
+
+@pytest.mark.parametrize("name", finetune.CNN_SETTINGS)
 def test_finetune_settings_resolve(name, tmp_path):
     import config
 
