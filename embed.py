@@ -109,11 +109,12 @@ def _lance_set(embedder, args, cfg: dict, name: str, made, shard, index: str) ->
     with --update) into its table; the table's location."""
     images = sets.images(cfg, name, made)
     store = store_of(cfg, name)
+    record = store.record()  # read once: what the table holds now
     identity = embedder.gallery_identity(images)
-    if args.update and store.record() is not None:
+    if args.update and record is not None:
         report = update_set(
             embedder,
-            cfg,
+            store,
             name,
             images,
             verify=args.verify,
@@ -122,20 +123,20 @@ def _lance_set(embedder, args, cfg: dict, name: str, made, shard, index: str) ->
             config_path=args.config,
         )
         print(f"updated {store.location}: {report.summary()}", file=sys.stderr)
-    elif up_to_date(store, identity):
+    elif up_to_date(record, identity):
         print(f"{store.location} is up to date: nothing to embed", file=sys.stderr)
-        line = reindex(cfg, name, index)
+        line = reindex(cfg, store, record, index)
         if line is not None:
             print(line, file=sys.stderr)
     elif shard is not None and part_written(store, shard, identity):
-        line = finish_parts(cfg, name, images, shard, index)
+        line = finish_parts(cfg, store, images, shard, index)
         print(f"part {shard[0]}/{shard[1]} is in the table already; {line}", file=sys.stderr)
     else:
         path = _embed_set(embedder, args, cfg, name, made, shard)
         if shard is None:
-            line = publish_set(cfg, name, path, images, index)
+            line = publish_set(cfg, store, path, images, index)
         else:
-            line = write_part(cfg, name, path, shard, images, index)
+            line = write_part(cfg, store, path, shard, images, index)
         print(line, file=sys.stderr)
     return store.location
 

@@ -61,7 +61,9 @@ sys.path.insert(0, ROOT)
 from benchmarks.recipe import (  # noqa: E402 - after the path fix, as the other benchmarks
     BASELINE,
     METRICS,
+    add_run_arguments,
     read_json,
+    record_run,
     run_config,
     spread,
     train_and_score,
@@ -270,12 +272,9 @@ def run_all(args, folder: str) -> dict[str, list[dict]]:
                 steps=steps,
             )
             scores = train_and_score(raw, folder, rerank=False)
-            results.setdefault(name, []).append({"seed": seed, **scores})
+            record_run(results, name, seed, scores, args.json)
             shown = ", ".join(f"{key} {scores[key]:.3f}" for key in METRICS)
             print(f"  {name} seed {seed}: {shown}, {scores['seconds']:.0f} s", flush=True)
-            if args.json:
-                with open(args.json, "w", encoding="utf-8") as handle:
-                    json.dump(results, handle, indent=1)
     return results
 
 
@@ -294,11 +293,7 @@ def table(results: dict[str, list[dict]]) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, few steps")
-    parser.add_argument("--data-dir", help="keep the data, weights and runs here (default: temp)")
-    parser.add_argument("--json", help="write every run's scores to this JSON file as they come")
+    add_run_arguments(parser, SETTINGS)
     args = parser.parse_args(argv)
     args.settings = [name.strip() for name in args.settings.split(",") if name.strip()]
     unknown = [name for name in args.settings if name not in SETTINGS]

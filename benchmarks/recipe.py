@@ -219,13 +219,19 @@ def rerank_table(runs: list[dict]) -> list[str]:
     return lines
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated")
+def add_run_arguments(parser: argparse.ArgumentParser, settings) -> None:
+    """The arguments of a benchmark that trains settings x seeds: --settings, --seeds, --quick,
+    --data-dir, --json."""
+    parser.add_argument("--settings", default=",".join(settings), help="comma-separated")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, few steps")
     parser.add_argument("--data-dir", help="keep the data and runs here (default: a temp dir)")
     parser.add_argument("--json", help="write every run's scores to this JSON file as they come")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_run_arguments(parser, SETTINGS)
     parser.add_argument(
         "--select",
         choices=("recall@1", "map@r"),
@@ -276,15 +282,21 @@ def run_all(args, folder: str) -> dict[str, list[dict]]:
             )
             scores = train_and_score(raw, folder, rerank=name == "recipe")
             row = f"{name} [{args.select}]" if args.select else name
-            results.setdefault(row, []).append({"seed": seed, **scores})
+            record_run(results, row, seed, scores, args.json)
             shown = ", ".join(f"{key} {scores[key]:.3f}" for key in METRICS)
             holdout = scores["holdout"]
             held = "" if holdout is None else f"holdout {scores['holdout_metric']} {holdout:.3f}, "
             print(f"  {row} seed {seed}: {held}{shown}, {scores['seconds']:.0f} s", flush=True)
-            if args.json:  # after every run, so an interrupted benchmark keeps what it measured
-                with open(args.json, "w", encoding="utf-8") as handle:
-                    json.dump(results, handle, indent=1)
     return results
+
+
+def record_run(results: dict, row: str, seed: int, scores: dict, path: str | None) -> None:
+    """Add one run's scores to ``results`` (row -> runs); with ``path``, save them all there
+    after every run, so that an interrupted benchmark keeps what it measured."""
+    results.setdefault(row, []).append({"seed": seed, **scores})
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=1)
 
 
 def print_tables(command: str, results: dict[str, list[dict]]) -> None:

@@ -148,7 +148,14 @@ def trained_data_sets() -> dict[str, tuple[str, dict, str]]:
 def trained_runs(args, folder: str) -> dict[str, list[dict]]:
     """Every data set of ``args.sets`` trained once per seed in ``folder`` and scored with and
     without each re-ranking method (benchmarks/recipe.py's train_and_score)."""
-    from benchmarks.recipe import QUICK_DATA, QUICK_STEPS, read_json, run_config, train_and_score
+    from benchmarks.recipe import (
+        QUICK_DATA,
+        QUICK_STEPS,
+        read_json,
+        record_run,
+        run_config,
+        train_and_score,
+    )
     from datasets.demo import generate
 
     os.environ["TFCBIR_DATA_DIR"] = folder
@@ -166,12 +173,9 @@ def trained_runs(args, folder: str) -> dict[str, list[dict]]:
                 steps=QUICK_STEPS if args.quick else None,
             )
             scores = train_and_score(raw, folder, rerank=True)
-            results.setdefault(name, []).append({"seed": seed, **scores})
+            record_run(results, name, seed, scores, args.json)
             shown = ", ".join(f"{m} MAP@R {scores[f'{m}/MAP@R']:.3f}" for m in METHODS[1:])
             print(f"  {name} seed {seed}: none MAP@R {scores['MAP@R']:.3f}, {shown}", flush=True)
-            if args.json:
-                with open(args.json, "w", encoding="utf-8") as handle:
-                    json.dump(results, handle, indent=1)
     return results
 
 

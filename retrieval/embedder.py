@@ -26,6 +26,7 @@ from retrieval.gallery import (
     Gallery,
     GalleryIdentity,
     GalleryWriter,
+    UpdatePlan,
     UpdateReport,
     check_identity,
     hash_files,
@@ -354,23 +355,15 @@ def update_gallery(
     :func:`retrieval.faiss_index.update_index`.
     """
     old = _gallery_to_update(embedder, Path(out), split, config_path)
-    absolute = images.absolute_paths()
-    files = stat_files(absolute, hashes=verify)
-    plan = plan_update(old, images.paths, images.labels, images.classes, files, verify=verify)
+    changes = embed_changes(
+        embedder, old, images, split=split, verify=verify, batch_size=batch_size, progress=progress
+    )
+    plan, files, failed, keep = changes.plan, changes.files, changes.failed, changes.keep
     todo = plan.to_embed
-    files = hashes_kept(files, old, plan.sources, absolute)
-    embedded, failed = embed_items(embedder, absolute, todo, batch_size, progress)
-    if len(images) and len(failed) == len(images):
-        raise UserError(
-            f"none of the {len(images)} images of the {split} set could be read; "
-            f"check {images.root}"
-        )
     embeddings = np.zeros((len(images), old.dim), np.float32)
     kept = np.flatnonzero(plan.sources >= 0)
     embeddings[kept] = old.embeddings[plan.sources[kept]]  # no pixels read for these
-    embeddings[todo] = embedded
-    keep = np.ones(len(images), bool)
-    keep[failed] = False
+    embeddings[todo] = changes.embedded
     identity = embedder.gallery_identity(images)
     written = not (
         len(todo) == 0
@@ -396,6 +389,49 @@ def update_gallery(
     return UpdateReport.of_plan(plan, old, keep, path=Path(out), written=written)
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What an update found and embedded (:func:`embed_changes`) for a list of N items."""
+
+    plan: UpdatePlan
+    files: FileStats  # (N,) the items' files now (hashes kept from the gallery when it had them)
+    embedded: np.ndarray  # (T, D): the embeddings of plan.to_embed (zeros for unreadable ones)
+    failed: np.ndarray  # positions (ascending) of the items that could not be read
+
+    @property
+    def keep(self) -> np.ndarray:
+        """(N,) bool: the items the new gallery holds (the unreadable ones left out)."""
+        keep = np.ones(len(self.plan.sources), bool)
+        keep[self.failed] = False
+        return keep
+
+
+def embed_changes(
+    embedder: Embedder,
+    old: Gallery,
+    images,
+    *,
+    split: str,
+    verify: bool = False,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> Changes:
+    """Compare gallery ``old`` with ``images`` as they are now
+    (:func:`retrieval.gallery.plan_update`) and embed the added and changed ones; UserError
+    when none of the list's images can be read. An update's first half, for any store."""
+    absolute = images.absolute_paths()
+    files = stat_files(absolute, hashes=verify)
+    plan = plan_update(old, images.paths, images.labels, images.classes, files, verify=verify)
+    files = _hashes_kept(files, old, plan.sources, absolute)
+    embedded, failed = _embed_items(embedder, absolute, plan.to_embed, batch_size, progress)
+    if len(images) and len(failed) == len(images):
+        raise UserError(
+            f"none of the {len(images)} images of the {split} set could be read; "
+            f"check {images.root}"
+        )
+    return Changes(plan, files, embedded, failed)
+
+
 def _gallery_to_update(embedder: Embedder, out: Path, split: str, config_path) -> Gallery:
     """The gallery ``out`` as it is, refused (one line) when missing, a shard, or embedded by
     another model or config than ``embedder`` (today's refusal: re-embed it whole)."""
@@ -414,7 +450,7 @@ def _gallery_to_update(embedder: Embedder, out: Path, split: str, config_path) -
     return old
 
 
-def hashes_kept(files: FileStats, old: Gallery, sources: np.ndarray, absolute: list[str]):
+def _hashes_kept(files: FileStats, old: Gallery, sources: np.ndarray, absolute: list[str]):
     """``files`` with a complete hash column when the old gallery had one (the kept items' old
     hashes, the others' read now), so that a later ``verify`` needs no full embedding."""
     if files.sha256 is not None or old.files is None or old.files.sha256 is None:
@@ -427,7 +463,7 @@ def hashes_kept(files: FileStats, old: Gallery, sources: np.ndarray, absolute: l
     return FileStats(files.sizes, files.mtimes, sha256)
 
 
-def embed_items(
+def _embed_items(
     embedder: Embedder,
     absolute: list[str],
     todo: np.ndarray,

@@ -511,7 +511,7 @@ class Filter:
         column = columns.column(node.column)
         name = names[node.column]
         literals = [
-            _sql_literal(self.literal_for(node, column, literal)) for literal in node.literals
+            sql_literal(self.literal_for(node, column, literal)) for literal in node.literals
         ]
         if node.operator in ("in", "not in"):
             if not literals:  # false (true for not in) where known, NULL where missing
@@ -527,7 +527,7 @@ class Filter:
         return UserError(f"{self.label}: no column {name!r}{hint} (columns: {shown or 'none'})")
 
 
-def _sql_literal(value) -> str:
+def sql_literal(value) -> str:
     """A literal (as :meth:`Filter.literal_for` gives it) in SQL."""
     if isinstance(value, bool | np.bool_):
         return "TRUE" if value else "FALSE"

@@ -24,16 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from config.settings import data_dir
-from retrieval.embedder import Embedder, embed_items, hashes_kept
+from retrieval.embedder import Embedder, embed_changes
 from retrieval.filters import METADATA_FILE, read_metadata
 from retrieval.gallery import (
     Gallery,
     GalleryIdentity,
     UpdateReport,
     check_identity,
-    plan_update,
     read_gallery,
-    stat_files,
 )
 from retrieval.lance_store import (
     BUILD_PARAMETERS,
@@ -43,14 +41,15 @@ from retrieval.lance_store import (
     Metadata,
     Rows,
     connect,
+    engine_index,
     gallery_record,
     metric_of,
     model_key,
     parse_parameters,
     paths_condition,
+    stored_record,
 )
 from runs.folder import RunFolder
-from tfcbir import UserError
 from tfcbir.files import hash_file
 
 #: Delete rows by path in batches of this many (one SQL condition each).
@@ -99,20 +98,20 @@ def open_lance_gallery(
     )
 
 
-def open_lance_index(config: dict, name: str, gallery: Gallery) -> LanceIndex:
-    """The engine's search over set ``name``'s table, as ``gallery`` was read from it."""
+def open_lance_index(config: dict, gallery: Gallery) -> LanceIndex:
+    """The engine's search over the table ``gallery`` was read from, at its version."""
     parameters = parse_parameters(
         config["index"]["search_parameters"], SEARCH_PARAMETERS, "index.search_parameters"
     )
-    return store_of(config, name).search_index(gallery, parameters)
+    return engine_index(gallery, parameters)
 
 
-def lance_stamp(config: dict, name: str) -> tuple | None:
-    """Set ``name``'s record's (table version, gallery id): they change with every write;
-    None when it cannot be read now."""
+def lance_stamp(store: LanceStore) -> tuple | None:
+    """The table's record's (table version, gallery id): they change with every write; None
+    when it cannot be read now."""
     try:
-        record = store_of(config, name).record()
-    except UserError:
+        record = store.record()
+    except Exception:  # noqa: BLE001 - an unreachable store now: looked at again later
         return None
     return None if record is None else (record["table_version"], record["gallery_id"])
 
@@ -125,10 +124,9 @@ def metadata_of(root, paths: list[str]) -> Metadata | None:
     return Metadata(read_metadata(found, list(paths)), hash_file(found))
 
 
-def up_to_date(store: LanceStore, identity: GalleryIdentity) -> bool:
-    """Whether the table holds a finished gallery of ``identity``."""
-    record = store.record()
-    if record is None or not store.exists():
+def up_to_date(record: dict | None, identity: GalleryIdentity) -> bool:
+    """Whether a table's record (None: none) is of a finished gallery of ``identity``."""
+    if record is None:
         return False
     found = GalleryIdentity(
         record["model_id"], record["config_hash"], record["items_hash"], record["model_step"]
@@ -136,11 +134,9 @@ def up_to_date(store: LanceStore, identity: GalleryIdentity) -> bool:
     return not identity.differences(found)
 
 
-def reindex(config: dict, name: str, index_type: str | None = None) -> str | None:
-    """Build set ``name``'s index again when the config asks for another one than the table
-    has (its type or build parameters); one line saying so, or None when it already has it."""
-    store = store_of(config, name)
-    record = store.record()
+def reindex(config: dict, store: LanceStore, record: dict, index_type=None) -> str | None:
+    """Build the table's index again when the config asks for another one than its record
+    says (type or build parameters); one line saying so, or None when it already has it."""
     spec = index_spec(config, index_type)
     if record is None or (record["index"]["type"], record["index"]["parameters"]) == spec:
         return None
@@ -157,16 +153,13 @@ def _items(images, paths: list[str]) -> np.ndarray:
     return np.array([position[p] for p in paths], np.int64)
 
 
-def publish_set(config: dict, name: str, staging: Path, images, index_type=None) -> str:
-    """Write the gallery embedded into ``staging`` (an HDF5 file) to set ``name``'s table with
-    its metadata and index, then remove ``staging``; one line saying what was written."""
+def publish_set(config: dict, store: LanceStore, staging: Path, images, index_type=None) -> str:
+    """Write the gallery embedded into ``staging`` (an HDF5 file) to the table with its
+    metadata and index, then remove ``staging``; one line saying what was written."""
     gallery = read_gallery(staging)
     metadata = metadata_of(images.root, gallery.paths)
-    store = store_of(config, name)
     spec = index_spec(config, index_type)
-    record = gallery_record(
-        replace(gallery, gallery_id=uuid.uuid4().hex), metadata=metadata, index=spec
-    )
+    record = gallery_record(gallery, metadata=metadata, index=spec)
     line = store.publish(
         gallery, record, Rows.of_gallery(gallery, metadata, _items(images, gallery.paths)), spec
     )
@@ -181,28 +174,26 @@ def part_name(store: LanceStore, index: int, count: int) -> str:
 def part_written(store: LanceStore, shard: tuple[int, int], identity: GalleryIdentity) -> bool:
     """Whether part ``shard`` of ``identity``'s gallery is in the table already."""
     record = store.record(part_name(store, *shard))
-    return record is not None and (
-        record["model_id"],
-        record["config_hash"],
-        record["model_step"],
-        record["extra"]["shard"]["items"],
-    ) == (identity.model_id, identity.config_hash, identity.model_step, identity.items_hash)
-
-
-def finish_parts(config: dict, name: str, images, shard: tuple[int, int], index_type=None) -> str:
-    """Finish set ``name``'s gallery if all the parts of part ``shard``'s gallery (its model
-    and image list) are written (one line)."""
-    return _finish_parts(config, store_of(config, name), images, shard, index_type)
+    return record is not None and _part_of(record) == (
+        identity.model_id,
+        identity.config_hash,
+        identity.model_step,
+        identity.items_hash,
+    )
 
 
 def write_part(
-    config: dict, name: str, shard_file: Path, shard: tuple[int, int], images, index_type=None
+    config: dict,
+    store: LanceStore,
+    shard_file: Path,
+    shard: tuple[int, int],
+    images,
+    index_type=None,
 ) -> str:
-    """``embed.py --shard i/n``: upsert the part embedded into ``shard_file`` into set
-    ``name``'s table, record the part, remove the file; finish the gallery when every part
-    of this model is in. One line saying where it stands."""
+    """``embed.py --shard i/n``: upsert the part embedded into ``shard_file`` into the table,
+    record the part, remove the file; finish the gallery when every part of this model is in.
+    One line saying where it stands."""
     part = read_gallery(shard_file)
-    store = store_of(config, name)
     metadata = metadata_of(images.root, part.paths)
     table = store.upsert(Rows.of_gallery(part, metadata, _items(images, part.paths)))
     record = gallery_record(part, metadata=metadata, index=index_spec(config, index_type))
@@ -210,7 +201,7 @@ def write_part(
     record["dropped"] = [start + int(i) for i in part.dropped]
     store.put_record(record, table.version, name=part_name(store, *shard))
     shard_file.unlink()
-    return _finish_parts(config, store, images, shard, index_type)
+    return finish_parts(config, store, images, shard, index_type)
 
 
 def _part_of(record: dict) -> tuple:
@@ -223,8 +214,8 @@ def _part_of(record: dict) -> tuple:
     )
 
 
-def _finish_parts(
-    config: dict, store: LanceStore, images, shard: tuple[int, int], index_type
+def finish_parts(
+    config: dict, store: LanceStore, images, shard: tuple[int, int], index_type=None
 ) -> str:
     """Finish the gallery when all the parts of part ``shard``'s gallery are recorded: drop the
     rows of other models or of images no longer listed, build the index, write the record."""
@@ -272,7 +263,7 @@ def _delete_paths(table, paths: list[str]) -> None:
 
 def update_set(
     embedder: Embedder,
-    config: dict,
+    store: LanceStore,
     name: str,
     images,
     *,
@@ -281,11 +272,10 @@ def update_set(
     progress: Callable[[int, int], None] | None = None,
     config_path=None,
 ) -> UpdateReport:
-    """``embed.py --update`` of set ``name``'s table: as
+    """``embed.py --update`` of set ``name``'s table ``store``: as
     :func:`retrieval.embedder.update_gallery` does for a file, with upserts and deletes; the
     index follows (``optimize``). A changed metadata.csv rewrites every row's attributes (no
     image is embedded again for it)."""
-    store = store_of(config, name)
     command = f"python embed.py -c {config_path or '<config>'} --split {name}"
     old = store.read(
         order=images.paths, advice=f"re-embed it: {command}", missing=f"embed it: {command}"
@@ -294,19 +284,12 @@ def update_set(
         embedder.model_id, embedder.config_hash, old.items_hash, embedder.model_step
     )
     check_identity(old, expect, f"re-embed it whole: {command}")
-    absolute = images.absolute_paths()
-    files = stat_files(absolute, hashes=verify)
-    plan = plan_update(old, images.paths, images.labels, images.classes, files, verify=verify)
-    files = hashes_kept(files, old, plan.sources, absolute)
-    embedded, failed = embed_items(embedder, absolute, plan.to_embed, batch_size, progress)
-    if len(images) and len(failed) == len(images):
-        raise UserError(
-            f"none of the {len(images)} images of the {name} set could be read; check {images.root}"
-        )
-    keep = np.ones(len(images), bool)
-    keep[failed] = False
+    changes = embed_changes(
+        embedder, old, images, split=name, verify=verify, batch_size=batch_size, progress=progress
+    )
+    plan, keep = changes.plan, changes.keep
     identity = embedder.gallery_identity(images)
-    record = store.record()
+    record = stored_record(old)  # as read, at the version the plan was made against
     metadata = metadata_of(images.root, list(images.paths))
     changed_metadata = (metadata.source if metadata else "") != record["metadata_source"]
     written = bool(
@@ -317,13 +300,13 @@ def update_set(
         or identity.differences(old.identity)
     )
     if written:
-        rows = _new_rows(images, plan, embedded, files, metadata, identity)
+        rows = _new_rows(images, changes, metadata, identity)
         table = _apply(store, old, images, plan, rows, keep, changed_metadata)
         new = replace(
             old,
             items_hash=identity.items_hash,
             classes=list(images.classes),
-            dropped=np.asarray(failed, np.int64),
+            dropped=changes.failed,
             gallery_id=uuid.uuid4().hex,
         )
         spec = (record["index"]["type"], record["index"]["parameters"])
@@ -333,17 +316,17 @@ def update_set(
     return UpdateReport.of_plan(plan, old, keep, path=Path(store.location), written=written)
 
 
-def _new_rows(images, plan, embedded, files, metadata, identity) -> Rows:
+def _new_rows(images, changes, metadata, identity) -> Rows:
     """The rows of the list's items (all N, in list order): the embedded ones' vectors in
     place, the kept ones' zero (only written when every row is rewritten, from the table)."""
-    vectors = np.zeros((len(images), embedded.shape[1]), np.float32)
-    vectors[plan.to_embed] = embedded
+    vectors = np.zeros((len(images), changes.embedded.shape[1]), np.float32)
+    vectors[changes.plan.to_embed] = changes.embedded
     return Rows(
         list(images.paths),
         [images.classes[int(label)] for label in images.labels],
         np.arange(len(images)),
         vectors,
-        files,
+        changes.files,
         metadata,
         model_key(identity),
     )
@@ -354,7 +337,7 @@ def _apply(store, old: Gallery, images, plan, rows: Rows, keep, rewrite: bool):
     kept vectors read from the table), else deletes, upserts and class renames alone."""
     kept = np.flatnonzero(plan.sources >= 0)
     table = store.table()
-    spec = store.record()["index"]
+    spec = stored_record(old)["index"]
     if rewrite:
         vectors = rows.vectors.copy()
         vectors[kept] = old.embeddings[plan.sources[kept]]

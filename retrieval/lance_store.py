@@ -43,10 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.filters import Columns, Filter
+from retrieval.filters import Columns, Filter, sql_literal
 from retrieval.gallery import FileStats, Gallery, GalleryIdentity, check_identity
 from retrieval.search import check_embeddings, exclusion_mask
 from tfcbir import UserError, __version__
+from tfcbir.text import one_line
 
 log = logging.getLogger("tfcbir")
 
@@ -95,11 +96,10 @@ def import_lancedb():
     return lancedb
 
 
-def first_line(error: BaseException) -> str:
-    """An error's first line without the Rust source locations lance appends."""
-    text = str(error).strip().splitlines()
-    line = text[0] if text else type(error).__name__
-    return re.sub(r",? */\S+\.rs:\d+:\d+", "", line)[:300]
+def engine_message(error: BaseException) -> str:
+    """A LanceDB error on one line (:func:`tfcbir.text.one_line`), without the Rust source
+    locations the engine appends."""
+    return one_line(RuntimeError(re.sub(r",? */\S+\.rs:\d+:\d+", "", str(error))), 300)
 
 
 def parse_parameters(text: str, allowed: Sequence[str], key: str) -> dict[str, int]:
@@ -129,7 +129,7 @@ def connect(uri: str):
         db.list_tables()  # an object store is only reached on the first request
     except Exception as error:  # noqa: BLE001 - any failure to reach it is the user's to fix
         raise UserError(
-            f"index.uri {uri}: cannot open the LanceDB database ({first_line(error)}); check "
+            f"index.uri {uri}: cannot open the LanceDB database ({engine_message(error)}); check "
             "the URI, the network and the credentials (AWS_*, GOOGLE_*, AZURE_* variables)"
         ) from None
     return db
@@ -234,13 +234,9 @@ class Rows:
         return pa.table(columns)
 
 
-def _sql_text(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
 def paths_condition(paths: Sequence[str]) -> str:
     """SQL: ``path`` is one of ``paths``."""
-    return "path IN (" + ", ".join(_sql_text(p) for p in paths) + ")"
+    return "path IN (" + ", ".join(sql_literal(p) for p in paths) + ")"
 
 
 class LanceStore:
@@ -254,10 +250,11 @@ class LanceStore:
     # --- records ----------------------------------------------------------------------------
 
     def _records(self, create: bool = False):
-        if RECORDS in self._table_names():
+        try:
             return self.db.open_table(RECORDS)
-        if not create:
-            return None
+        except ValueError:  # not created yet
+            if not create:
+                return None
         import pyarrow as pa
 
         schema = pa.schema(
@@ -275,7 +272,7 @@ class LanceStore:
         if records is None:
             return None
         key = name or self.name
-        found = records.search().where(f"name = {_sql_text(key)}").limit(None).to_arrow()
+        found = records.search().where(f"name = {sql_literal(key)}").limit(None).to_arrow()
         if not found.num_rows:
             return None
         record = json.loads(found["record"][0].as_py())
@@ -288,7 +285,7 @@ class LanceStore:
         if records is None:
             return []
         pattern = prefix.replace("%", r"\%").replace("_", r"\_")
-        found = records.search().where(f"name LIKE {_sql_text(pattern + '%')}").limit(None)
+        found = records.search().where(f"name LIKE {sql_literal(pattern + '%')}").limit(None)
         rows = found.to_arrow().to_pylist()
         return [json.loads(row["record"]) | {"name": row["name"]} for row in rows]
 
@@ -310,7 +307,7 @@ class LanceStore:
     def drop_records(self, names: Sequence[str]) -> None:
         records = self._records()
         if records is not None and names:
-            records.delete("name IN (" + ", ".join(_sql_text(n) for n in names) + ")")
+            records.delete("name IN (" + ", ".join(sql_literal(n) for n in names) + ")")
 
     # --- the data table ---------------------------------------------------------------------
 
@@ -364,7 +361,7 @@ class LanceStore:
         except Exception as error:  # noqa: BLE001 - lance's errors for a misfit index
             raise UserError(
                 f"cannot build the LanceDB index {index_type} ({', '.join(f'{k}={v}' for k, v in options.items())}) "
-                f"on {table.count_rows()} rows: {first_line(error)}; change index.type or "
+                f"on {table.count_rows()} rows: {engine_message(error)}; change index.type or "
                 "index.build_parameters (e.g. fewer num_partitions, num_sub_vectors dividing "
                 "the dimension), or use exact"
             ) from None
@@ -393,14 +390,17 @@ class LanceStore:
         are :class:`LazyVectors`. UserError (one line) when there is none (``missing``: how to
         make it), it is of another format, or not of ``expect`` (``advice``: the fix)."""
         record = self.record()
-        if record is None or not self.exists():
+        if record is None:
             raise UserError(f"{self.location}: no gallery there; {missing}")
         if record.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"{self.location} was written by another tfcbir (format "
                 f"{record.get('format_version')}); {advice}"
             )
-        table = self.table(record["table_version"])
+        try:
+            table = self.table(record["table_version"])
+        except ValueError:  # the record outlived its table (dropped by hand)
+            raise UserError(f"{self.location}: no gallery there; {missing}") from None
         found = (
             table.search()
             .select(["path", "class", "item", "file_size", "file_mtime", "file_sha256"])
@@ -449,25 +449,34 @@ class LanceStore:
             data_root=record["data_root"],
             split=record["split"],
             gallery_id=record["gallery_id"],
-            extra=dict(record.get("extra", {})) | {"lancedb": self.location},
+            # the record read, at its version: what the engine's index and an update need
+            extra=dict(record.get("extra", {}))
+            | {"lancedb": {"location": self.location, **record}},
             dropped=np.asarray(record.get("dropped", []), np.int64),
             files=files,
-        )
-
-    def search_index(self, gallery: Gallery, search_parameters: dict) -> LanceIndex:
-        """A :class:`LanceIndex` over this table at the version ``gallery`` was read from."""
-        record = self.record()
-        return LanceIndex(
-            self.table(record["table_version"]),
-            gallery,
-            metric=metric_of(gallery.normalized),
-            search_parameters=search_parameters,
-            metadata=record.get("metadata", []),
         )
 
 
 def metric_of(normalized: bool) -> str:
     return "dot" if normalized else "l2"
+
+
+def stored_record(gallery: Gallery) -> dict:
+    """The record a gallery was read with (:meth:`LanceStore.read`); KeyError for a gallery
+    not read from a table."""
+    return gallery.extra["lancedb"]
+
+
+def engine_index(gallery: Gallery, search_parameters: dict) -> LanceIndex:
+    """The engine's search over the table ``gallery`` was read from, at the same version (its
+    positions are the gallery's)."""
+    return LanceIndex(
+        gallery.embeddings.table,
+        gallery,
+        metric=metric_of(gallery.normalized),
+        search_parameters=search_parameters,
+        metadata=stored_record(gallery).get("metadata", []),
+    )
 
 
 def gallery_record(
@@ -507,7 +516,7 @@ class LazyVectors:
     ndim = 2
 
     def __init__(self, table, paths: list[str], dim: int):
-        self._table, self._paths = table, paths
+        self.table, self._paths = table, paths  # the table at the gallery's version
         self.shape = (len(paths), int(dim))
         self._all: np.ndarray | None = None
 
@@ -517,7 +526,7 @@ class LazyVectors:
     def load(self) -> np.ndarray:
         """Every vector (N, D), read once."""
         if self._all is None:
-            found = self._table.search().select(["path", "vector"]).limit(None).to_arrow()
+            found = self.table.search().select(["path", "vector"]).limit(None).to_arrow()
             self._all = self._in_order(found, self._paths)
         return self._all
 
@@ -538,7 +547,7 @@ class LazyVectors:
                 paths = [self._paths[int(i)] for i in flat]
                 condition = paths_condition(sorted(set(paths))) if paths else "FALSE"
                 found = (
-                    self._table.search().where(condition).select(["path", "vector"]).limit(None)
+                    self.table.search().where(condition).select(["path", "vector"]).limit(None)
                 ).to_arrow()
                 return self._in_order(found, paths).reshape(*picked.shape, self.shape[1])
         return self.load()[key]

@@ -42,7 +42,7 @@ from retrieval.evaluate import open_gallery
 from retrieval.faiss_index import open_index
 from retrieval.filters import METADATA_FILE, Columns, parse_filter, read_metadata
 from retrieval.gallery import Gallery
-from retrieval.lance_gallery import lance_stamp, open_lance_index, uses_lancedb
+from retrieval.lance_gallery import lance_stamp, open_lance_index, store_of, uses_lancedb
 from retrieval.rerank import RerankSpec, rerank_index
 from retrieval.text_queries import open_text_gallery
 from runs.weights import has_text_tower, model_source
@@ -81,14 +81,14 @@ class Result:
         return answers.table(self.query, self.query_class, self.answers)
 
 
-def _search_index(config: dict, name: str, gallery: Gallery, index, config_path, rerank):
-    """Set ``name``'s gallery's index: a re-ranking's (``rerank``, else the config's
-    ``eval.rerank``), the engine's for a LanceDB gallery, or the exact or FAISS index ``index``
-    (default: ``index.type``)."""
+def _search_index(config: dict, gallery: Gallery, index, config_path, rerank):
+    """The gallery's index: a re-ranking's (``rerank``, else the config's ``eval.rerank``), the
+    engine's for a LanceDB gallery, or the exact or FAISS index ``index`` (default:
+    ``index.type``)."""
     rerank = rerank or RerankSpec.parse(config["eval"]["rerank"])
     index = index or config["index"]["type"]
     if uses_lancedb(config) and not rerank.active:
-        return open_lance_index(config, name, gallery)
+        return open_lance_index(config, gallery)
     if rerank.active:
         if index != "exact":
             log.info(
@@ -138,9 +138,7 @@ class _Opening:
             found = open_gallery(
                 config, self.gallery, self.config_path, model_id, self.checkpoint, made
             )
-        search_index = _search_index(
-            config, self.gallery, found, self.index, self.config_path, self.rerank
-        )
+        search_index = _search_index(config, found, self.index, self.config_path, self.rerank)
         return found, search_index
 
 
@@ -170,6 +168,7 @@ class Searcher:
         self._opening: _Opening | None = None  # how open() found the gallery: for reopen()
         self._positions = {path: i for i, path in enumerate(gallery.paths)}
         self._metadata: Columns | None = None  # read on the first filtered query
+        self._table = None  # a LanceDB gallery's store, for table_stamp
 
     @classmethod
     def open(
@@ -259,7 +258,12 @@ class Searcher:
         for an HDF5 gallery."""
         if self._opening is None or not uses_lancedb(self.config):
             return None
-        return lance_stamp(self.config, self._opening.gallery)
+        if self._table is None:  # connected once: a live service asks every few seconds
+            try:
+                self._table = store_of(self.config, self._opening.gallery)
+            except UserError:
+                return None
+        return lance_stamp(self._table)
 
     @property
     def can_reopen(self) -> bool:

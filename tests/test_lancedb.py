@@ -22,6 +22,7 @@ from retrieval.lance_store import (
     Metadata,
     Rows,
     connect,
+    engine_index,
     gallery_record,
     parse_parameters,
 )
@@ -131,7 +132,7 @@ def test_refusals_are_one_line(tmp_path):
 def test_the_engines_exact_search_equals_ours(tmp_path, normalized):
     gallery = make_gallery(tmp_path, normalized=normalized)
     store = published(tmp_path, gallery)
-    index = store.search_index(store.read(advice="", missing=""), {})
+    index = engine_index(store.read(advice="", missing=""), {})
     exact = ExactIndex(gallery.embeddings, normalized)
     queries = np.random.default_rng(1).normal(size=(9, gallery.dim)).astype(np.float32)
     queries[0] = gallery.embeddings[3]  # its tie (rows 3 and 5) goes to the lower position
@@ -168,7 +169,7 @@ def test_a_pushed_filter_keeps_what_the_mask_keeps(tmp_path, expression):
     gallery = make_gallery(tmp_path, n=80)
     metadata = metadata_for(80)
     store = published(tmp_path, gallery, metadata)
-    index = store.search_index(store.read(advice="", missing=""), {})
+    index = engine_index(store.read(advice="", missing=""), {})
     columns = dict(metadata.columns)
     columns["class"] = np.array(gallery.classes, dtype=object)[gallery.labels]
     expression_ = parse_filter(expression)
@@ -186,7 +187,7 @@ def test_a_pushed_filter_keeps_what_the_mask_keeps(tmp_path, expression):
 def test_a_bad_filter_is_refused_as_over_the_metadata(tmp_path):
     gallery = make_gallery(tmp_path)
     store = published(tmp_path, gallery, metadata_for(len(gallery)))
-    index = store.search_index(store.read(advice="", missing=""), {})
+    index = engine_index(store.read(advice="", missing=""), {})
     with pytest.raises(UserError, match=r"^--where: no column 'prise'; did you mean 'price'\?"):
         index.pushed_filter(parse_filter("prise < 3"))
     with pytest.raises(UserError, match=r"price is a number column; compare it with a number"):
@@ -204,7 +205,7 @@ def test_an_ivf_pq_index_finds_most_of_the_exact_answers(tmp_path):
     queries = gallery.embeddings[:50]
     exact = ExactIndex(gallery.embeddings, True).search(queries, 10)[1]
     for parameters, floor in [({"nprobes": 8, "refine_factor": 5}, 0.95), ({"nprobes": 2}, 0.3)]:
-        approximate = store.search_index(found, parameters).search(queries, 10)[1]
+        approximate = engine_index(found, parameters).search(queries, 10)[1]
         recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate, exact)])
         assert recall >= floor
     bad = ("IVF_PQ", {"num_partitions": 8, "num_sub_vectors": 5})  # 5 does not divide 16
